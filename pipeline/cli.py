@@ -1,0 +1,264 @@
+"""`pipeline` command line: one sub-command per job, each with --help; errors are one line, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline import __version__
+from pipeline.config import Config, ConfigError, load_config
+
+log = logging.getLogger("pipeline")
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one line with exit code 2."""
+
+
+def _add_config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML config (default: the packaged pipeline.yaml defaults)")
+    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="overrides daemon.log_level")
+
+
+def _config_from(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> Config:
+    config = load_config(args.config)
+    wanted = {key: value for key, value in (overrides or {}).items() if value is not None}
+    if getattr(args, "log_level", None):
+        wanted["daemon.log_level"] = args.log_level
+    return config.with_overrides(wanted) if wanted else config
+
+
+def _setup_logging(config: Config) -> None:
+    from pipeline.logs import setup_logging
+
+    setup_logging(config.daemon.log_level, config.daemon.log_file)
+
+
+# -- run -------------------------------------------------------------------------------------
+
+
+def _stop_on_signals() -> threading.Event:
+    """First SIGINT/SIGTERM: drain and stop. Second: stop at once (stores stay consistent, unfinished frames stay not done)."""
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: Any) -> None:
+        if stop.is_set():
+            log.warning("second %s: stopping now", signal.Signals(signum).name)
+            os._exit(130)
+        log.info("%s: draining frames in flight, then stopping (send again to stop at once)", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, lambda *_: log.warning("SIGHUP: config reload is not supported; restart the daemon to apply a new config"))
+    return stop
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.daemon import Daemon
+
+    config = _config_from(args, {
+        "watch.dirs": [str(Path(d).resolve()) for d in args.watch] if args.watch else None,
+        "output.root": str(Path(args.output_root).resolve()) if args.output_root else None,
+        "workers.local": args.workers,
+        "workers.device": args.device,
+    })
+    if not config.watch.dirs:
+        raise UserError("nothing to watch: give --watch DIR or set watch.dirs in the config")
+    _setup_logging(config)
+    stop = _stop_on_signals()
+    daemon = Daemon(config).start()
+    log.info("watching %s; workers connect to %s; status at %s", ", ".join(map(str, config.watch.dirs)), daemon.dispatcher.endpoint,
+             config.daemon.control)
+    stop.wait()
+    daemon.shutdown(drain=True)
+    return 0
+
+
+# -- worker ----------------------------------------------------------------------------------
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from pipeline.worker import run_worker
+
+    config = _config_from(args)
+    _setup_logging(config)
+    if args.parent:
+        _exit_with_parent(args.parent)
+    signal.signal(signal.SIGTERM, _interrupt)
+    return run_worker(args.connect, config, device=args.device or config.workers.device, name=args.name, threads=args.threads)
+
+
+def _interrupt(_signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt  # the worker's loop finishes its batch and says bye
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A local worker must not outlive the daemon that started it."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+# -- process ---------------------------------------------------------------------------------
+
+
+def cmd_process(args: argparse.Namespace) -> int:
+    import shutil
+
+    from pipeline.daemon import Daemon, store_status
+    from pipeline.sink import store_path_for
+
+    scans = [Path(p).resolve() for p in args.scans]
+    for scan in scans:
+        if not scan.is_file():
+            raise UserError(f"{scan}: no such scan file")
+    config = _config_from(args, {
+        "output.root": str(Path(args.output_root).resolve()) if args.output_root else None,
+        "workers.local": args.workers,
+        "workers.device": args.device,
+        "follow.idle_timeout_s": args.idle_timeout,
+    })
+    _setup_logging(config)
+    daemon = Daemon(config, watch=False).start()
+    try:
+        for scan in scans:
+            store = store_path_for(scan, config.output.root)
+            if args.force and store.exists():
+                shutil.rmtree(store)
+            daemon.add_scan(scan)
+        daemon.wait_idle()
+    finally:
+        daemon.shutdown(drain=True)
+    worst = 0
+    for scan in scans:
+        store = store_path_for(scan, config.output.root)
+        status = store_status(store)
+        print(f"{scan.name}: {status} -> {store}")
+        worst = max(worst, 0 if status == "complete" else 1)
+    return worst
+
+
+# -- status ----------------------------------------------------------------------------------
+
+
+def query_status(endpoint: str, timeout_s: float = 2.0) -> dict[str, Any] | None:
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    try:
+        sock.send(b"status")
+        if not sock.poll(int(timeout_s * 1000)):
+            return None
+        return json.loads(sock.recv())
+    finally:
+        sock.close()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = _config_from(args)
+    endpoint = args.endpoint or config.daemon.control
+    status = query_status(endpoint)
+    if status is None:
+        print(f"no daemon answers at {endpoint} (is `pipeline run` running with this config?)", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    dispatch = status["dispatch"]
+    print(f"daemon pid {status['pid']}, up {status['uptime_s']:.0f} s, workers at {dispatch['endpoint']}")
+    print(f"queue: {dispatch['queued']} waiting, {dispatch['in_flight']} in flight; {dispatch['results']} results, "
+          f"{dispatch['rejected']} rejected, {dispatch['redispatched']} re-dispatched")
+    for worker in dispatch["workers"]:
+        print(f"  worker {worker['name']} on {worker['device']}: {worker['frames_done']} frames, {worker['in_flight']} in flight")
+    for scan in status["scans"]:
+        reason = f" ({scan['reason']})" if scan["reason"] else ""
+        print(f"  {scan['scan']}: {scan['status']}{reason}, {scan['frames_done']}/{scan['frames_read']} frames done, {scan['fps']} frames/s")
+    return 0
+
+
+# -- the parser ------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipeline", description="Live peak segmentation for beamline scans.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = sub.add_parser("run", help="the daemon: watch directories, process every new scan live")
+    _add_config_argument(run)
+    run.add_argument("--watch", action="append", metavar="DIR", help="directory to watch (repeatable; overrides watch.dirs)")
+    run.add_argument("--output-root", metavar="DIR", help="write stores here instead of beside each scan")
+    run.add_argument("--workers", type=int, metavar="N", help="local worker processes (overrides workers.local)")
+    run.add_argument("--device", metavar="DEV", help="auto | cpu | cuda | cuda:N (overrides workers.device)")
+    run.set_defaults(func=cmd_run)
+
+    worker = sub.add_parser("worker", help="a worker that joins a daemon (locally or from another host)")
+    _add_config_argument(worker)
+    worker.add_argument("--connect", required=True, metavar="ENDPOINT", help="the daemon's worker endpoint, e.g. tcp://host:5555")
+    worker.add_argument("--device", metavar="DEV", help="auto | cpu | cuda | cuda:N")
+    worker.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    worker.add_argument("--name", help="name shown in `pipeline status`")
+    worker.add_argument("--parent", type=int, default=0, help=argparse.SUPPRESS)
+    worker.set_defaults(func=cmd_worker)
+
+    process = sub.add_parser("process", help="run existing scan files through the same path as the daemon")
+    _add_config_argument(process)
+    process.add_argument("scans", nargs="+", metavar="SCAN.nxs")
+    process.add_argument("--output-root", metavar="DIR")
+    process.add_argument("--workers", type=int, metavar="N")
+    process.add_argument("--device", metavar="DEV")
+    process.add_argument("--idle-timeout", type=float, default=5.0, metavar="S",
+                         help="a file with no end marker is taken as ended after this long without a new frame (default 5)")
+    process.add_argument("--force", action="store_true", help="rebuild a store that is already complete")
+    process.set_defaults(func=cmd_process)
+
+    status = sub.add_parser("status", help="what a running daemon is doing")
+    _add_config_argument(status)
+    status.add_argument("--endpoint", help="the daemon's control endpoint (default: daemon.control)")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=cmd_status)
+
+    from pipeline import demo, simulate
+    from pipeline.models import commands as model_commands
+
+    simulate.add_parser(sub)
+    demo.add_parser(sub)
+    model_commands.add_parsers(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, UserError) as error:
+        print(f"pipeline {args.command}: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:  # a known failure kind (bad scan, bad weights) is still one line for the user
+        from pipeline.follow import ScanError
+        from pipeline.models.card import WeightsError
+
+        if isinstance(error, (ScanError, WeightsError, PermissionError, FileNotFoundError)):
+            print(f"pipeline {args.command}: {str(error).splitlines()[0]}", file=sys.stderr)
+            return 1
+        raise

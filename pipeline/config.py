@@ -1,0 +1,172 @@
+"""The daemon's configuration: loaded from YAML and validated once, at the edge.
+
+Every section is a strict pydantic model (unknown keys are errors). `load_config` turns any
+problem into a `ConfigError` whose message is one line naming the file, the key and the value.
+Relative paths in a config file are resolved against that file's directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message is one line for the user."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WatchSettings(Strict):
+    dirs: list[Path] = Field(default_factory=list, description="directories watched for new scan files")
+    patterns: list[str] = Field(default_factory=lambda: ["*.nxs"])
+    recursive: bool = True
+    mode: Literal["auto", "events", "polling"] = "auto"  # polling for network mounts
+    poll_interval_s: float = Field(1.0, gt=0)
+    rescan_interval_s: float = Field(10.0, gt=0)  # catches events the observer missed
+    resume_existing: bool = True  # at start-up, finish scans whose store is not complete
+
+
+class FollowSettings(Strict):
+    detector: str = "pil3_100k"
+    entries: list[str] = Field(default_factory=lambda: ["entry", "entry1"])
+    frame_shape: tuple[int, int] = (195, 487)
+    poll_interval_s: float = Field(0.05, gt=0)
+    settle_s: float = Field(0.5, ge=0)  # no keys: the newest frame counts once the shape held this long
+    idle_timeout_s: float = Field(30.0, gt=0)  # no new frame this long and no end marker: incomplete
+    link_timeout_s: float = Field(60.0, gt=0)  # external-link target must appear within this
+    open_timeout_s: float = Field(30.0, gt=0)
+
+
+class WorkerSettings(Strict):
+    local: int = Field(2, ge=0)  # worker processes the daemon starts itself
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    batch_size: int = Field(4, ge=1)
+    credit: int = Field(8, ge=1)  # frames a worker may hold at once
+    bind: str = "tcp://127.0.0.1:0"  # where workers connect; port 0 = any free port
+    heartbeat_s: float = Field(1.0, gt=0)
+    timeout_s: float = Field(30.0, gt=0)  # a worker silent this long is dead; its frames go elsewhere
+    threads: int = Field(0, ge=0)  # torch threads per worker, 0 = torch's default
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {value!r}")
+
+
+class TLMSettings(Strict):
+    enabled: bool = True
+    weights: Path | None = None  # None: the shipped weights/tlm.safetensors
+    backbone: str | None = None  # None: from the weights' model card
+    min_size: int | None = Field(None, ge=32)
+    max_size: int | None = Field(None, ge=32)
+    score_threshold: float | None = Field(None, ge=0, le=1)
+    nms_iou: float | None = Field(None, gt=0, le=1)
+
+
+class SSLMSettings(Strict):
+    enabled: bool = True
+    weights: Path | None = None  # None: the shipped weights/sslm.safetensors
+    peak_channels: list[int] | None = None  # None: from the weights' model card
+
+
+class ModelSettings(Strict):
+    tlm: TLMSettings = TLMSettings()
+    sslm: SSLMSettings = SSLMSettings()
+
+
+class VolumeSettings(Strict):
+    source: Literal["union", "tlm", "sslm"] = "tlm"  # which per-frame mask is linked into 3D peaks
+
+
+class OutputSettings(Strict):
+    root: Path | None = None  # None: <scan>.zarr beside <scan>.nxs
+    refresh_tables_s: float = Field(2.0, gt=0)  # how often the live peaks/detections tables are rewritten
+
+
+class DaemonSettings(Strict):
+    control: str = "tcp://127.0.0.1:5557"  # `pipeline status` asks here
+    max_active_scans: int = Field(4, ge=1)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_file: Path | None = None
+
+
+class Config(Strict):
+    watch: WatchSettings = WatchSettings()
+    follow: FollowSettings = FollowSettings()
+    workers: WorkerSettings = WorkerSettings()
+    models: ModelSettings = ModelSettings()
+    volume: VolumeSettings = VolumeSettings()
+    output: OutputSettings = OutputSettings()
+    daemon: DaemonSettings = DaemonSettings()
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "Config":
+        """A copy with dotted keys replaced (`{"workers.local": 4}`), validated like a file."""
+        data = self.model_dump()
+        for dotted, value in overrides.items():
+            node = data
+            *parents, leaf = dotted.split(".")
+            for key in parents:
+                node = node[key]
+            node[leaf] = value
+        return _validate(data, source="command line")
+
+
+def _one_line(error: ValidationError, source: str) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{key}'"
+    value = first.get("input")
+    return f"{source}: {key}: {first['msg']} (got {value!r})"
+
+
+def _validate(data: Any, source: str) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_one_line(error, source)) from None
+
+
+def _resolve_paths(config: Config, base: Path) -> Config:
+    def resolve(path: Path | None) -> Path | None:
+        return None if path is None else (path if path.is_absolute() else (base / path).resolve())
+
+    data = config.model_dump()
+    data["watch"]["dirs"] = [resolve(Path(p)) for p in data["watch"]["dirs"]]
+    data["output"]["root"] = resolve(data["output"]["root"])
+    data["daemon"]["log_file"] = resolve(data["daemon"]["log_file"])
+    for model in ("tlm", "sslm"):
+        weights = data["models"][model]["weights"]
+        data["models"][model]["weights"] = resolve(weights)
+        if weights is not None and not data["models"][model]["weights"].is_file():
+            raise ConfigError(f"models.{model}.weights: file not found: {data['models'][model]['weights']}")
+    return Config.model_validate(data)
+
+
+def load_config(path: Path | None = None) -> Config:
+    """The validated config from `path`; None gives the built-in defaults (which `pipeline.yaml` spells out)."""
+    if path is None:
+        return Config()
+    source = Path(path)
+    try:
+        text = source.read_text()
+    except OSError as error:
+        raise ConfigError(f"{source}: cannot read config ({error.strerror})") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{source}:{where} not valid YAML") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    return _resolve_paths(_validate(data, source=str(source)), source.resolve().parent)

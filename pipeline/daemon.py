@@ -1,0 +1,250 @@
+"""The daemon: watcher, scan sessions, dispatcher, local workers and the sink, wired together.
+
+Threads: the watcher reports new files; each scan's session thread follows its file and submits
+frames; the dispatcher thread owns the workers' socket; the sink thread alone writes stores; the
+control thread answers `pipeline status`. Local workers are child processes, restarted if they die.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from pipeline import __version__
+from pipeline.config import Config
+from pipeline.dispatch import Dispatch, Dispatcher
+from pipeline.provenance import describe_models
+from pipeline.session import ScanSession
+from pipeline.sink import STATUS_COMPLETE, STATUS_FAILED, store_path_for
+from pipeline.watch import Watcher, find_scans
+from pipeline.wire import FrameResult
+
+log = logging.getLogger(__name__)
+
+
+def store_status(store: Path) -> str | None:
+    """The status recorded in an existing store, or None when there is no readable store."""
+    try:
+        return json.loads((store / "zarr.json").read_text()).get("attributes", {}).get("status")
+    except (OSError, ValueError):
+        return None
+
+
+class Daemon:
+    def __init__(self, config: Config, watch: bool = True) -> None:
+        self.config = config
+        self.watch = watch
+        self.started = time.time()
+        self.sessions: dict[str, ScanSession] = {}
+        self.waiting_scans: "queue.Queue[Path]" = queue.Queue()
+        self.sink_events: "queue.Queue[tuple]" = queue.Queue(maxsize=256)
+        self.stopping = threading.Event()
+        self.dispatcher = Dispatcher(config.workers, self._on_result, max_queued=max(16, config.workers.credit * 2))
+        self.watcher = Watcher(config.watch, self.add_scan) if watch else None
+        self.workers: list[subprocess.Popen] = []
+        self._config_file: Path | None = None
+        self._lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._sink_loop, name="sink", daemon=True),
+            threading.Thread(target=self._scheduler_loop, name="scheduler", daemon=True),
+            threading.Thread(target=self._control_loop, name="control", daemon=True),
+        ]
+        self.provenance: dict[str, Any] = {"models": self._model_provenance(), "device": config.workers.device}
+
+    # -- set-up ---------------------------------------------------------------------------
+
+    def _model_provenance(self) -> dict[str, Any]:
+        """Weights hashes and settings, recorded in every store (computed once, not per scan)."""
+        return describe_models(self.config.models)
+
+    def start(self) -> "Daemon":
+        self.dispatcher.start()
+        for thread in self._threads:
+            thread.start()
+        self._start_local_workers()
+        if self.watcher is not None:
+            if not self.config.watch.resume_existing:
+                self._ignore_existing_scans()
+            self.watcher.start()  # its first rescan offers every existing scan; add_scan skips finished ones
+        return self
+
+    def _ignore_existing_scans(self) -> None:
+        """With `resume_existing: false`, files already there at start-up are left alone."""
+        for path in find_scans(self.watcher.roots, self.config.watch.patterns, self.config.watch.recursive):
+            self.watcher.mark_seen(path)
+
+    def _start_local_workers(self) -> None:
+        n = self.config.workers.local
+        if not n:
+            return
+        handle, name = tempfile.mkstemp(prefix="pipeline-worker-", suffix=".json")
+        with os.fdopen(handle, "w") as out:
+            json.dump(self.config.model_dump(mode="json"), out)
+        self._config_file = Path(name)
+        threads = self.config.workers.threads or max(1, (os.cpu_count() or 1) // n)
+        for index in range(n):
+            self.workers.append(self._spawn_worker(index, threads))
+
+    def _spawn_worker(self, index: int, threads: int) -> subprocess.Popen:
+        command = [sys.executable, "-m", "pipeline", "worker", "--connect", self.dispatcher.endpoint, "--config", str(self._config_file),
+                   "--device", self.config.workers.device, "--threads", str(threads), "--name", f"local-{index}", "--parent", str(os.getpid()),
+                   "--log-level", self.config.daemon.log_level]
+        return subprocess.Popen(command, stdin=subprocess.DEVNULL)
+
+    def _supervise_workers(self) -> None:
+        threads = self.config.workers.threads or max(1, (os.cpu_count() or 1) // max(1, len(self.workers)))
+        for index, process in enumerate(self.workers):
+            if process.poll() is not None and not self.stopping.is_set():
+                log.warning("local worker %d (pid %d) exited with %s; starting another", index, process.pid, process.returncode)
+                self.workers[index] = self._spawn_worker(index, threads)
+
+    # -- scans ----------------------------------------------------------------------------
+
+    def add_scan(self, path: Path) -> None:
+        """Queue a scan unless its store is already complete or failed (rerun those with `pipeline process --force`)."""
+        status = store_status(store_path_for(path, self.config.output.root))
+        if status in (STATUS_COMPLETE, STATUS_FAILED):
+            log.debug("%s: store already %s; skipped", path.name, status)
+            return
+        self.waiting_scans.put(path)
+
+    def _scheduler_loop(self) -> None:
+        while not self.stopping.is_set():
+            active = sum(1 for s in self.sessions.values() if not s.finished.is_set())
+            if active < self.config.daemon.max_active_scans:
+                try:
+                    path = self.waiting_scans.get(timeout=0.2)
+                except queue.Empty:
+                    path = None
+                if path is not None:
+                    self._start_session(path)
+                    continue
+            else:
+                time.sleep(0.1)
+            self._supervise_workers()
+
+    def _start_session(self, path: Path) -> None:
+        key = str(path)
+        previous = self.sessions.get(key)
+        if previous is not None and not previous.finished.is_set():
+            return
+        session = ScanSession(path, self.config, self.dispatcher.submit, self.provenance, self._post)
+        with self._lock:
+            self.sessions[key] = session
+        log.info("%s: following", path)
+        session.thread.start()
+
+    def _post(self, event: tuple) -> None:
+        self.sink_events.put(event)
+
+    def _on_result(self, dispatch: Dispatch, result: FrameResult | None, error: str | None) -> None:
+        self.sink_events.put(("result", dispatch, result, error))
+
+    def _sink_loop(self) -> None:
+        while True:
+            event = self.sink_events.get()
+            if event[0] == "quit":
+                return
+            try:
+                self._handle(event)
+            except Exception as error:  # one scan's broken store must not stop the others
+                session = event[1] if isinstance(event[1], ScanSession) else event[1].context[0]
+                log.exception("%s: writing the store failed", session.nexus_path)
+                session.stop.set()
+                session.fail(f"{session.store_path}: writing failed ({str(error).splitlines()[0] if str(error) else type(error).__name__})")
+
+    def _handle(self, event: tuple) -> None:
+        kind, subject = event[0], event[1]
+        if kind == "result":
+            dispatch, result, error = subject, event[2], event[3]
+            session, axis_value = dispatch.context
+            if session.finished.is_set():
+                return
+            if error is not None:
+                log.error("%s frame %d: %s", session.nexus_path.name, dispatch.task.frame, error)
+            session.accept(dispatch.task.frame, dispatch.task.data, axis_value, None if result is None else result.prediction)
+        elif kind == "end":
+            subject.end(event[2])
+        elif kind == "failed":
+            subject.fail(event[2])
+
+    # -- status -----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            sessions = list(self.sessions.values())
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started, 1),
+            "scans": [
+                {"scan": s.nexus_path.name, "path": s.key, "store": str(s.store_path), "status": s.state.status, "reason": s.state.reason,
+                 "frames_read": s.state.frames_read, "frames_done": s.state.frames_done,
+                 "fps": round(s.state.frames_done / max(time.time() - s.state.started, 1e-6), 2)}
+                for s in sessions
+            ],
+            "waiting_scans": self.waiting_scans.qsize(),
+            "dispatch": self.dispatcher.stats(),
+        }
+
+    def _control_loop(self) -> None:
+        sock = zmq.Context.instance().socket(zmq.REP)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, 4096)
+        try:
+            sock.bind(self.config.daemon.control)
+        except zmq.ZMQError as error:
+            log.warning("status socket %s not available (%s); `pipeline status` will not reach this daemon", self.config.daemon.control, error)
+            return
+        try:
+            while not self.stopping.is_set():
+                if sock.poll(200):
+                    sock.recv()
+                    sock.send(json.dumps(self.status()).encode())
+        finally:
+            sock.close()
+
+    # -- stopping ---------------------------------------------------------------------------
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """True once no scan is waiting or in progress (used by `process`, `demo` and tests)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while deadline is None or time.monotonic() < deadline:
+            with self._lock:
+                busy = any(not s.finished.is_set() for s in self.sessions.values())
+            if not busy and self.waiting_scans.empty():
+                return True
+            time.sleep(0.05)
+        return False
+
+    def shutdown(self, drain: bool = True, timeout: float = 60.0) -> None:
+        """Stop following; with `drain`, let frames already read reach their stores first."""
+        if self.watcher is not None:
+            self.watcher.stop()
+        for session in list(self.sessions.values()):
+            session.stop.set()
+        if drain:
+            self.wait_idle(timeout)
+        self.stopping.set()
+        self.dispatcher.stop()
+        self.sink_events.put(("quit", None))
+        for thread in self._threads:
+            thread.join(timeout=5)
+        for process in self.workers:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        if self._config_file is not None:
+            self._config_file.unlink(missing_ok=True)

@@ -1,0 +1,257 @@
+"""Hand frames to workers over ZeroMQ with credit-based flow control, and take their results back.
+
+One thread owns the ROUTER socket. Workers say hello with the number of frames they can hold;
+each frame sent spends one credit and each valid result returns it, so a slow worker is simply
+sent less, and nothing queues without bound: `submit` blocks once `max_queued` frames wait.
+A worker that stays silent past `timeout_s` (or says bye) is dropped and its frames in flight are
+sent again to another; a result for a task that is no longer in flight (late, replayed, from a
+stranger) is rejected and counted, never written.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zmq
+
+from pipeline import wire
+from pipeline.config import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 3  # a frame whose worker dies this many times is given up as failed
+POLL_MS = 20
+
+
+@dataclass
+class WorkerState:
+    identity: bytes
+    name: str
+    device: str
+    pid: int | None
+    credit: int
+    last_seen: float
+    in_flight: set[int] = field(default_factory=set)
+    frames_done: int = 0
+
+
+@dataclass
+class Dispatch:
+    """A frame as the daemon knows it while a worker has it."""
+
+    task: wire.FrameTask
+    context: Any  # what the submitter needs back with the result (e.g. axis value)
+    attempts: int = 0
+    worker: bytes | None = None
+    sent_at: float = 0.0
+    queued_at: float = field(default_factory=time.monotonic)
+
+
+ResultHandler = Callable[[Dispatch, "wire.FrameResult | None", str | None], None]
+
+
+class Dispatcher:
+    def __init__(self, settings: WorkerSettings, on_result: ResultHandler, max_queued: int = 64,
+                 context: zmq.Context | None = None) -> None:
+        self.settings = settings
+        self.on_result = on_result
+        self.context = context or zmq.Context.instance()
+        self.queue: queue.Queue[Dispatch] = queue.Queue(maxsize=max_queued)
+        self.retry: deque[Dispatch] = deque()
+        self.in_flight: dict[int, Dispatch] = {}
+        self.workers: dict[bytes, WorkerState] = {}
+        self.task_ids = itertools.count(1)
+        self.counters = {"sent": 0, "results": 0, "rejected": 0, "redispatched": 0, "failed": 0, "workers_lost": 0}
+        self._stop = threading.Event()
+        self._socket = self.context.socket(zmq.ROUTER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._socket.setsockopt(zmq.MAXMSGSIZE, 64 * 1024 * 1024)  # a hostile peer cannot make us buffer more
+        self._socket.bind(settings.bind)
+        self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._thread = threading.Thread(target=self._loop, name="dispatch", daemon=True)
+        self._lock = threading.Lock()  # guards the snapshots that `stats` reads
+
+    def start(self) -> "Dispatcher":
+        self._thread.start()
+        log.info("dispatcher listening on %s", self.endpoint)
+        return self
+
+    # -- called from other threads ----------------------------------------------------------
+
+    def submit(self, scan: str, frame: int, data: np.ndarray, context: Any = None, stop: threading.Event | None = None) -> bool:
+        """Queue one frame; blocks while the queue is full. False if stopping before it was queued."""
+        item = Dispatch(task=wire.FrameTask(task=0, scan=scan, frame=frame, data=data), context=context)
+        while not self._stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                if stop is not None and stop.is_set():
+                    return False
+        return False
+
+    def pending(self) -> int:
+        return self.queue.qsize() + len(self.retry) + len(self.in_flight)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "endpoint": self.endpoint,
+                "queued": self.queue.qsize() + len(self.retry),
+                "in_flight": len(self.in_flight),
+                "workers": [
+                    {"name": w.name, "device": w.device, "pid": w.pid, "credit": w.credit, "in_flight": len(w.in_flight),
+                     "frames_done": w.frames_done, "silent_s": round(time.monotonic() - w.last_seen, 1)}
+                    for w in self.workers.values()
+                ],
+                **self.counters,
+            }
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    # -- the dispatch thread ---------------------------------------------------------------
+
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                for _ in range(256):  # drain what has arrived, bounded so sending is not starved
+                    if not poller.poll(0 if _ else POLL_MS):
+                        break
+                    self._receive(self._socket.recv_multipart(copy=True))
+                self._expire_silent_workers()
+                self._send_frames()
+        finally:
+            for identity in list(self.workers):
+                self._send(identity, wire.encode_control(wire.STOP))
+            self._socket.close(linger=200)
+
+    def _send(self, identity: bytes, parts: list[bytes]) -> bool:
+        try:
+            self._socket.send_multipart([identity, *parts], flags=zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError:
+            return False
+
+    def _reject(self, identity: bytes, reason: str) -> None:
+        self.counters["rejected"] += 1
+        if self.counters["rejected"] <= 20 or self.counters["rejected"] % 1000 == 0:
+            log.warning("rejected message from %r: %s (%d rejected so far)", identity[:16], reason, self.counters["rejected"])
+
+    def _receive(self, parts: list[bytes]) -> None:
+        if len(parts) < 2:
+            return self._reject(b"?", "empty message")
+        identity, body = parts[0], parts[1:]
+        kind = body[0]
+        worker = self.workers.get(identity)
+        try:
+            if kind == wire.HELLO:
+                _, hello = wire.decode_control(body)
+                credit = wire.credit_of(hello, limit=self.settings.credit * 16)
+                with self._lock:
+                    self.workers[identity] = WorkerState(identity, str(hello.get("name", "?"))[:64], str(hello.get("device", "?"))[:32],
+                                                         hello.get("pid") if isinstance(hello.get("pid"), int) else None, credit, time.monotonic())
+                log.info("worker %s joined (%s, credit %d)", self.workers[identity].name, self.workers[identity].device, credit)
+                return
+            if worker is None:
+                return self._reject(identity, f"{kind[:16]!r} from a worker that never said hello")
+            worker.last_seen = time.monotonic()
+            if kind == wire.RESULT:
+                self._accept_result(worker, wire.decode_result(body))
+            elif kind == wire.HEARTBEAT:
+                wire.decode_control(body)
+            elif kind == wire.BYE:
+                self._drop_worker(worker, "said bye")
+            elif kind == wire.CREDIT:
+                _, message = wire.decode_control(body)
+                worker.credit = min(worker.credit + wire.credit_of(message, self.settings.credit), self.settings.credit * 16)
+            else:
+                self._reject(identity, f"unknown message kind {kind[:16]!r}")
+        except wire.WireError as error:
+            self._reject(identity, str(error))
+
+    def _accept_result(self, worker: WorkerState, result: wire.FrameResult) -> None:
+        dispatch = self.in_flight.get(result.task)
+        if dispatch is None or dispatch.worker != worker.identity:
+            return self._reject(worker.identity, f"result for task {result.task} that this worker does not hold (late or replayed)")
+        task = dispatch.task
+        if (result.scan, result.frame) != (task.scan, task.frame) or result.prediction.tlm_labels.shape != task.data.shape:
+            return self._reject(worker.identity, f"result for task {result.task} does not match its frame")
+        with self._lock:
+            del self.in_flight[result.task]
+            worker.in_flight.discard(result.task)
+            worker.credit += 1
+            worker.frames_done += 1
+        self.counters["results"] += 1
+        result.worker = worker.name
+        self._deliver(dispatch, result, None)
+
+    def _deliver(self, dispatch: Dispatch, result: wire.FrameResult | None, error: str | None) -> None:
+        try:
+            self.on_result(dispatch, result, error)
+        except Exception:  # the sink must not take the dispatcher down with it
+            log.exception("result handler failed for %s frame %d", dispatch.task.scan, dispatch.task.frame)
+
+    def _drop_worker(self, worker: WorkerState, why: str) -> None:
+        with self._lock:
+            self.workers.pop(worker.identity, None)
+            lost = [self.in_flight.pop(task) for task in sorted(worker.in_flight) if task in self.in_flight]
+        log.warning("worker %s left (%s); %d frame(s) in flight go to another worker", worker.name, why, len(lost))
+        self.counters["workers_lost"] += why != "said bye"
+        for dispatch in reversed(lost):
+            if dispatch.attempts >= MAX_ATTEMPTS:
+                self.counters["failed"] += 1
+                self._deliver(dispatch, None, f"gave up after {dispatch.attempts} workers failed on it")
+            else:
+                self.counters["redispatched"] += 1
+                self.retry.appendleft(dispatch)
+
+    def _expire_silent_workers(self) -> None:
+        now = time.monotonic()
+        for worker in list(self.workers.values()):
+            if now - worker.last_seen > self.settings.timeout_s:
+                self._drop_worker(worker, f"silent for {now - worker.last_seen:.1f} s")
+
+    def _next_dispatch(self) -> Dispatch | None:
+        if self.retry:
+            return self.retry.popleft()
+        try:
+            return self.queue.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _send_frames(self) -> None:
+        while True:
+            ready = [w for w in self.workers.values() if w.credit > 0]
+            if not ready:
+                return
+            dispatch = self._next_dispatch()
+            if dispatch is None:
+                return
+            worker = max(ready, key=lambda w: (w.credit, -len(w.in_flight)))
+            task = wire.FrameTask(task=next(self.task_ids), scan=dispatch.task.scan, frame=dispatch.task.frame, data=dispatch.task.data)
+            if not self._send(worker.identity, wire.encode_frame(task)):
+                self.retry.appendleft(dispatch)
+                self._drop_worker(worker, "unreachable")
+                continue
+            with self._lock:
+                dispatch.task, dispatch.worker, dispatch.sent_at = task, worker.identity, time.monotonic()
+                dispatch.attempts += 1
+                self.in_flight[task.task] = dispatch
+                worker.in_flight.add(task.task)
+                worker.credit -= 1
+            self.counters["sent"] += 1

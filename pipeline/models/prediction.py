@@ -1,0 +1,27 @@
+"""What a model pair says about one frame: the contract between models, workers and the sink."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One TLM instance: box in pixel coordinates (x0, y0, x1, y1), its score and its id in `tlm_labels`."""
+
+    box: tuple[float, float, float, float]
+    score: float
+    instance_id: int
+
+
+@dataclass
+class FramePrediction:
+    """Both models' output for one frame, all arrays of the frame's (y, x) shape."""
+
+    tlm_labels: np.ndarray  # uint16, instance id per pixel, 0 = background
+    detections: list[Detection]
+    ssl_clusters: np.ndarray  # uint8, argmax channel per pixel
+    ssl_mask: np.ndarray  # uint8, 1 where the cluster is a peak channel
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, per frame

@@ -1,0 +1,138 @@
+"""Link per-frame peak masks into 3D peaks, one frame at a time, without holding the scan in memory.
+
+Frames must be linked in index order. A 2D component (8-connected) of frame k continues the 3D
+peak of frame k-1 that it overlaps most (ties: the lower id); a component that overlaps nothing
+starts a new peak. Ids are assigned in order of first appearance, so the same masks always give
+the same ids, whether linked live or offline or resumed half-way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+PEAK_COLUMNS = (
+    "id", "first_frame", "last_frame", "centroid_frame", "centroid_y", "centroid_x",
+    "voxels", "intensity_sum", "intensity_max", "axis_value",
+)
+
+
+@dataclass
+class PeakStats:
+    """Running sums from which the peaks table is derived; centroids are intensity-weighted."""
+
+    id: int
+    first_frame: int
+    last_frame: int
+    voxels: int = 0
+    intensity_sum: float = 0.0
+    intensity_max: float = 0.0
+    weighted_frame: float = 0.0
+    weighted_y: float = 0.0
+    weighted_x: float = 0.0
+    plain_frame: float = 0.0
+    plain_y: float = 0.0
+    plain_x: float = 0.0
+
+    def centroid(self) -> tuple[float, float, float]:
+        if self.intensity_sum > 0:
+            w = self.intensity_sum
+            return self.weighted_frame / w, self.weighted_y / w, self.weighted_x / w
+        n = max(self.voxels, 1)
+        return self.plain_frame / n, self.plain_y / n, self.plain_x / n
+
+
+class VolumeLinker:
+    """Incremental 3D labelling; see the module docstring for the rule."""
+
+    def __init__(self) -> None:
+        self.next_frame = 0
+        self.next_id = 1
+        self.previous: np.ndarray | None = None
+        self.peaks: dict[int, PeakStats] = {}
+        self.axis_values: dict[int, float] = {}
+
+    def link(self, index: int, mask: np.ndarray, raw: np.ndarray, axis_value: float | None = None) -> np.ndarray:
+        """The uint32 3D labels of frame `index`, which must be the next frame in order."""
+        if index != self.next_frame:
+            raise ValueError(f"frame {index} linked out of order (expected {self.next_frame})")
+        components, count = ndimage.label(mask.astype(bool), structure=EIGHT_CONNECTED)
+        labels = np.zeros(mask.shape, dtype=np.uint32)
+        if count:
+            labels = self._assign(components, count)
+        self.record(index, labels, raw, axis_value)
+        return labels
+
+    def _assign(self, components: np.ndarray, count: int) -> np.ndarray:
+        ids = np.zeros(count + 1, dtype=np.uint32)
+        if self.previous is not None:
+            overlap = (components > 0) & (self.previous > 0)
+            if overlap.any():
+                pairs = np.stack([components[overlap], self.previous[overlap]], axis=1)
+                unique, counts = np.unique(pairs, axis=0, return_counts=True)
+                # most overlap first, then lowest previous id: np.lexsort sorts by the last key first
+                order = np.lexsort((unique[:, 1], -counts))
+                for component, previous_id in unique[order]:
+                    if ids[component] == 0:
+                        ids[component] = previous_id
+        for component in range(1, count + 1):
+            if ids[component] == 0:
+                ids[component] = self.next_id
+                self.next_id += 1
+        return ids[components]
+
+    def record(self, index: int, labels: np.ndarray, raw: np.ndarray, axis_value: float | None) -> None:
+        """Add a frame's already-assigned labels to the running sums (also used to replay on resume)."""
+        if axis_value is not None:
+            self.axis_values[index] = axis_value
+        present = np.unique(labels[labels > 0])
+        if present.size:
+            self.next_id = max(self.next_id, int(present.max()) + 1)
+            weights = np.clip(raw.astype(np.float64), 0, None)
+            ys, xs = np.nonzero(labels)
+            ids = labels[ys, xs]
+            w = weights[ys, xs]
+            n_max = int(ids.max()) + 1
+            voxels = np.bincount(ids, minlength=n_max)
+            w_sum = np.bincount(ids, weights=w, minlength=n_max)
+            wy = np.bincount(ids, weights=w * ys, minlength=n_max)
+            wx = np.bincount(ids, weights=w * xs, minlength=n_max)
+            py = np.bincount(ids, weights=ys, minlength=n_max)
+            px = np.bincount(ids, weights=xs, minlength=n_max)
+            w_max = np.zeros(n_max)
+            np.maximum.at(w_max, ids, w)
+            for peak_id in present.tolist():
+                stats = self.peaks.setdefault(peak_id, PeakStats(peak_id, index, index))
+                stats.last_frame = index
+                stats.voxels += int(voxels[peak_id])
+                stats.intensity_sum += float(w_sum[peak_id])
+                stats.intensity_max = max(stats.intensity_max, float(w_max[peak_id]))
+                stats.weighted_frame += float(w_sum[peak_id]) * index
+                stats.weighted_y += float(wy[peak_id])
+                stats.weighted_x += float(wx[peak_id])
+                stats.plain_frame += float(voxels[peak_id]) * index
+                stats.plain_y += float(py[peak_id])
+                stats.plain_x += float(px[peak_id])
+        self.previous = labels
+        self.next_frame = index + 1
+
+    def table(self) -> dict[str, np.ndarray]:
+        """The peaks table, one row per 3D peak, ordered by id."""
+        rows = [self.peaks[k] for k in sorted(self.peaks)]
+        centroids = np.array([p.centroid() for p in rows], dtype=np.float64).reshape(-1, 3)
+        axis = [self.axis_values.get(int(round(c[0])), np.nan) for c in centroids]
+        return {
+            "id": np.array([p.id for p in rows], dtype=np.uint32),
+            "first_frame": np.array([p.first_frame for p in rows], dtype=np.int64),
+            "last_frame": np.array([p.last_frame for p in rows], dtype=np.int64),
+            "centroid_frame": centroids[:, 0],
+            "centroid_y": centroids[:, 1],
+            "centroid_x": centroids[:, 2],
+            "voxels": np.array([p.voxels for p in rows], dtype=np.int64),
+            "intensity_sum": np.array([p.intensity_sum for p in rows], dtype=np.float64),
+            "intensity_max": np.array([p.intensity_max for p in rows], dtype=np.float64),
+            "axis_value": np.array(axis, dtype=np.float64),
+        }

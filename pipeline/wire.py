@@ -1,0 +1,200 @@
+"""Messages between the daemon and its workers: multipart ZeroMQ, a JSON header and raw array bytes.
+
+Nothing here unpickles anything. Every message from a socket is untrusted: `decode_*` checks the
+part count, the JSON, every header field's type and range, and that the byte count matches the
+claimed dtype and shape, and raises `WireError` with a one-line reason otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipeline.models.prediction import Detection, FramePrediction
+
+PROTOCOL = 1
+MAX_HEADER_BYTES = 64 * 1024
+MAX_SIDE = 8192  # no detector we serve has a side longer than this
+MAX_DETECTIONS = 1000
+FRAME_DTYPES = {"int32", "uint32", "int16", "uint16", "float32"}
+
+# Message kinds, the first part of every multipart message.
+HELLO = b"hello"  # worker -> daemon: who it is and how many frames it can hold
+CREDIT = b"credit"  # worker -> daemon: room for n more frames
+RESULT = b"result"  # worker -> daemon: one frame's predictions
+HEARTBEAT = b"heartbeat"  # worker -> daemon: still alive
+BYE = b"bye"  # worker -> daemon: leaving cleanly
+FRAME = b"frame"  # daemon -> worker: one frame to segment
+STOP = b"stop"  # daemon -> worker: finish what you hold, then leave
+
+
+class WireError(ValueError):
+    """A message that breaks the protocol; the message says why in one line."""
+
+
+@dataclass(frozen=True)
+class FrameTask:
+    """One frame sent to a worker. `task` is unique per dispatch, so a late or replayed result is recognisable."""
+
+    task: int
+    scan: str
+    frame: int
+    data: np.ndarray
+
+
+@dataclass
+class FrameResult:
+    task: int
+    scan: str
+    frame: int
+    worker: str
+    prediction: FramePrediction
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _json(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def parse_header(raw: bytes) -> dict[str, Any]:
+    """The JSON object in `raw`, or WireError."""
+    if len(raw) > MAX_HEADER_BYTES:
+        raise WireError(f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise WireError("header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise WireError(f"header is a JSON {type(header).__name__}, not an object")
+    return header
+
+
+def _field(header: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    value = header.get(name)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise WireError(f"header field {name!r} missing or not {getattr(kind, '__name__', kind)}: {value!r}"[:200])
+    return value
+
+
+def _shape(header: dict[str, Any]) -> tuple[int, int]:
+    shape = header.get("shape")
+    if (
+        not isinstance(shape, list)
+        or len(shape) != 2
+        or not all(isinstance(n, int) and not isinstance(n, bool) and 0 < n <= MAX_SIDE for n in shape)
+    ):
+        raise WireError(f"header field 'shape' must be two sides in 1..{MAX_SIDE}: {shape!r}"[:200])
+    return shape[0], shape[1]
+
+
+def _array(payload: bytes, dtype: str, shape: tuple[int, int], what: str) -> np.ndarray:
+    expected = int(np.dtype(dtype).itemsize) * shape[0] * shape[1]
+    if len(payload) != expected:
+        raise WireError(f"{what}: {len(payload)} bytes, but {dtype} {shape} needs {expected}")
+    return np.frombuffer(payload, dtype=dtype).reshape(shape)
+
+
+def encode_frame(task: FrameTask) -> list[bytes]:
+    data = np.ascontiguousarray(task.data)
+    header = {"task": task.task, "scan": task.scan, "frame": task.frame, "dtype": str(data.dtype), "shape": list(data.shape)}
+    return [FRAME, _json(header), data.tobytes()]
+
+
+def decode_frame(parts: list[bytes]) -> FrameTask:
+    if len(parts) != 3 or parts[0] != FRAME:
+        raise WireError(f"frame message needs 3 parts starting {FRAME!r}, got {len(parts)}")
+    header = parse_header(parts[1])
+    dtype = _field(header, "dtype", str)
+    if dtype not in FRAME_DTYPES:
+        raise WireError(f"frame dtype {dtype!r} not one of {sorted(FRAME_DTYPES)}"[:200])
+    shape = _shape(header)
+    return FrameTask(
+        task=_field(header, "task", int),
+        scan=_field(header, "scan", str),
+        frame=_field(header, "frame", int),
+        data=_array(parts[2], dtype, shape, "frame"),
+    )
+
+
+def encode_result(result: FrameResult) -> list[bytes]:
+    prediction = result.prediction
+    header = {
+        "task": result.task,
+        "scan": result.scan,
+        "frame": result.frame,
+        "worker": result.worker,
+        "shape": list(prediction.tlm_labels.shape),
+        "detections": [[*d.box, d.score, d.instance_id] for d in prediction.detections],
+        "timings": prediction.timings,
+        **({"extra": result.extra} if result.extra else {}),
+    }
+    return [
+        RESULT,
+        _json(header),
+        np.ascontiguousarray(prediction.tlm_labels, dtype=np.uint16).tobytes(),
+        np.ascontiguousarray(prediction.ssl_clusters, dtype=np.uint8).tobytes(),
+        np.ascontiguousarray(prediction.ssl_mask, dtype=np.uint8).tobytes(),
+    ]
+
+
+def _detections(raw: Any) -> list[Detection]:
+    if not isinstance(raw, list) or len(raw) > MAX_DETECTIONS:
+        raise WireError(f"'detections' must be a list of at most {MAX_DETECTIONS}")
+    detections = []
+    for row in raw:
+        if (
+            not isinstance(row, list)
+            or len(row) != 6
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in row)
+            or not all(np.isfinite(row))
+            or not (isinstance(row[5], int) and 0 < row[5] <= 65535)
+        ):
+            raise WireError(f"detection must be [x0, y0, x1, y1, score, id]: {row!r}"[:200])
+        detections.append(Detection(box=(float(row[0]), float(row[1]), float(row[2]), float(row[3])), score=float(row[4]), instance_id=row[5]))
+    return detections
+
+
+def decode_result(parts: list[bytes]) -> FrameResult:
+    if len(parts) != 5 or parts[0] != RESULT:
+        raise WireError(f"result message needs 5 parts starting {RESULT!r}, got {len(parts)}")
+    header = parse_header(parts[1])
+    shape = _shape(header)
+    timings = header.get("timings", {})
+    if not isinstance(timings, dict) or not all(isinstance(v, (int, float)) for v in timings.values()):
+        raise WireError("'timings' must map stage names to seconds")
+    prediction = FramePrediction(
+        tlm_labels=_array(parts[2], "uint16", shape, "tlm labels"),
+        detections=_detections(header.get("detections")),
+        ssl_clusters=_array(parts[3], "uint8", shape, "ssl clusters"),
+        ssl_mask=_array(parts[4], "uint8", shape, "ssl mask"),
+        timings={str(k): float(v) for k, v in timings.items()},
+    )
+    return FrameResult(
+        task=_field(header, "task", int),
+        scan=_field(header, "scan", str),
+        frame=_field(header, "frame", int),
+        worker=str(header.get("worker", ""))[:100],
+        prediction=prediction,
+    )
+
+
+def encode_control(kind: bytes, body: dict[str, Any] | None = None) -> list[bytes]:
+    """A small message of one kind and a JSON body (hello, credit, heartbeat, bye, stop)."""
+    return [kind, _json(body or {})]
+
+
+def decode_control(parts: list[bytes]) -> tuple[bytes, dict[str, Any]]:
+    if len(parts) != 2:
+        raise WireError(f"control message needs 2 parts, got {len(parts)}")
+    return parts[0], parse_header(parts[1])
+
+
+def credit_of(body: dict[str, Any], limit: int) -> int:
+    """The credit a hello/credit message grants, bounded so a hostile peer cannot claim the queue."""
+    n = _field(body, "n", int)
+    if not 0 <= n <= limit:
+        raise WireError(f"credit {n} outside 0..{limit}")
+    return n

@@ -1,0 +1,122 @@
+"""A worker process: connects to the daemon, segments the frames it is sent, sends results back.
+
+Two threads: the I/O thread alone touches the ZeroMQ socket (frames in, results and heartbeats
+out), the main thread runs the models on whatever frames are waiting, up to `batch_size` at once.
+The worker asks for no more frames than `credit`, so its memory is bounded by that.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+
+import numpy as np
+import zmq
+
+from pipeline import wire
+from pipeline.config import Config
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> str:
+    """`auto` means the first CUDA GPU when there is one."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} asked for, but CUDA is not available here")
+    return device
+
+
+class _Link(threading.Thread):
+    """The socket's thread: moves frames into `inbox` and results from `outbox` onto the wire."""
+
+    def __init__(self, endpoint: str, hello: dict, heartbeat_s: float, inbox: queue.Queue, outbox: queue.Queue) -> None:
+        super().__init__(name="worker-link", daemon=True)
+        self.endpoint, self.hello, self.heartbeat_s = endpoint, hello, heartbeat_s
+        self.inbox, self.outbox = inbox, outbox
+        self.stopping = threading.Event()  # the daemon said stop, or we are shutting down
+        self.closed = threading.Event()
+
+    def run(self) -> None:
+        context = zmq.Context.instance()
+        sock = context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 2000)
+        sock.setsockopt(zmq.MAXMSGSIZE, 64 * 1024 * 1024)
+        sock.connect(self.endpoint)
+        sock.send_multipart(wire.encode_control(wire.HELLO, self.hello))
+        last_beat = time.monotonic()
+        try:
+            while True:
+                while True:
+                    try:
+                        sock.send_multipart(self.outbox.get_nowait())
+                    except queue.Empty:
+                        break
+                if self.closed.is_set() and self.outbox.empty():
+                    sock.send_multipart(wire.encode_control(wire.BYE))
+                    return
+                if time.monotonic() - last_beat >= self.heartbeat_s:
+                    sock.send_multipart(wire.encode_control(wire.HEARTBEAT, {"held": self.inbox.qsize()}))
+                    last_beat = time.monotonic()
+                if sock.poll(20):
+                    parts = sock.recv_multipart()
+                    if parts and parts[0] == wire.STOP:
+                        self.stopping.set()
+                        continue
+                    try:
+                        self.inbox.put(wire.decode_frame(parts))
+                    except wire.WireError as error:
+                        log.warning("ignored a bad message from the daemon: %s", error)
+        finally:
+            sock.close()
+
+
+def run_worker(endpoint: str, config: Config, device: str = "auto", name: str | None = None, threads: int = 0) -> int:
+    """Serve frames until the daemon says stop (or goes away for good); returns an exit code."""
+    import torch
+
+    from pipeline.models.joint import JointPredictor
+
+    if threads:
+        torch.set_num_threads(threads)
+    device = resolve_device(device)
+    name = name or f"{socket.gethostname()}:{os.getpid()}"
+    predictor = JointPredictor.from_settings(config.models, device=device)
+    settings = config.workers
+    inbox: queue.Queue[wire.FrameTask] = queue.Queue()
+    outbox: queue.Queue[list[bytes]] = queue.Queue()
+    hello = {"name": name, "pid": os.getpid(), "device": device, "n": settings.credit, "protocol": wire.PROTOCOL}
+    link = _Link(endpoint, hello, settings.heartbeat_s, inbox, outbox)
+    link.start()
+    log.info("worker %s on %s connected to %s", name, device, endpoint)
+    try:
+        while not (link.stopping.is_set() and inbox.empty()):
+            try:
+                batch = [inbox.get(timeout=0.1)]
+            except queue.Empty:
+                continue
+            while len(batch) < settings.batch_size:
+                try:
+                    batch.append(inbox.get_nowait())
+                except queue.Empty:
+                    break
+            frames = np.stack([task.data for task in batch])
+            started = time.perf_counter()
+            predictions = predictor.predict_batch(frames)
+            elapsed = (time.perf_counter() - started) / len(batch)
+            for task, prediction in zip(batch, predictions):
+                prediction.timings.setdefault("worker_total", elapsed)
+                outbox.put(wire.encode_result(wire.FrameResult(task.task, task.scan, task.frame, name, prediction)))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        link.closed.set()
+        link.join(timeout=5)
+    return 0

@@ -1,0 +1,62 @@
+"""3D linking: one id per peak across consecutive frames, the same ids offline, live and resumed."""
+
+import numpy as np
+
+from pipeline.volume import VolumeLinker
+
+
+def _disc(shape, cy, cx, r):
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+
+
+def test_a_peak_spanning_frames_keeps_one_id_and_stats_are_exact():
+    shape = (40, 60)
+    linker = VolumeLinker()
+    raw = np.full(shape, 10, dtype=np.int32)
+    frames = []
+    for index in range(8):
+        mask = np.zeros(shape, bool)
+        if 2 <= index <= 5:
+            mask |= _disc(shape, 10, 10 + index, 4)  # drifting peak A
+        if 4 <= index <= 6:
+            mask |= _disc(shape, 30, 45, 3)  # peak B appears later
+        frames.append(linker.link(index, mask, raw, axis_value=10.0 + 0.1 * index))
+    volume = np.stack(frames)
+    assert sorted(np.unique(volume).tolist()) == [0, 1, 2]
+    table = linker.table()
+    assert table["id"].tolist() == [1, 2]
+    assert table["first_frame"].tolist() == [2, 4]
+    assert table["last_frame"].tolist() == [5, 6]
+    assert table["voxels"].tolist() == [int((volume == 1).sum()), int((volume == 2).sum())]
+    assert table["intensity_sum"].tolist() == [10.0 * (volume == 1).sum(), 10.0 * (volume == 2).sum()]
+    np.testing.assert_allclose(table["centroid_frame"], [3.5, 5.0])
+    np.testing.assert_allclose(table["axis_value"], [10.0 + 0.1 * 4, 10.5])  # frame 3.5 rounds to 4
+
+
+def test_replaying_recorded_labels_resumes_with_the_same_ids():
+    shape = (30, 30)
+    rng = np.random.default_rng(3)
+    masks = [_disc(shape, 15, 15, 3 + (i % 3)) if i % 4 else np.zeros(shape, bool) for i in range(10)]
+    raws = [rng.integers(0, 100, shape) for _ in masks]
+    full = VolumeLinker()
+    expected = [full.link(i, m, r) for i, (m, r) in enumerate(zip(masks, raws))]
+    resumed = VolumeLinker()
+    for i in range(5):
+        resumed.record(i, expected[i], raws[i], None)
+    rest = [resumed.link(i, masks[i], raws[i]) for i in range(5, 10)]
+    for got, want in zip(rest, expected[5:]):
+        np.testing.assert_array_equal(got, want)
+    for key, column in full.table().items():
+        np.testing.assert_allclose(resumed.table()[key], column)
+
+
+def test_frames_must_come_in_order():
+    linker = VolumeLinker()
+    linker.link(0, np.zeros((4, 4), bool), np.zeros((4, 4)))
+    try:
+        linker.link(2, np.zeros((4, 4), bool), np.zeros((4, 4)))
+    except ValueError as error:
+        assert "out of order" in str(error)
+    else:
+        raise AssertionError("linking frame 2 after 0 must fail")
