@@ -91,7 +91,7 @@ class ScanFollower:
         while True:
             try:
                 return attempt()
-            except (OSError, KeyError) as error:
+            except (OSError, KeyError, RuntimeError) as error:  # RuntimeError: a file caught mid-creation
                 if time.monotonic() > deadline:
                     raise ScanError(f"{self.nexus_path}: {what} within {timeout_s:g} s ({error})") from None
             if self.stop.wait(min(0.2, timeout_s / 10)):
@@ -176,7 +176,7 @@ class ScanFollower:
 
     def _find_axis(self, nexus: h5py.File, entry: str, data_path: str) -> str | None:
         """The scan axis: a 1-D float dataset beside the frames (NXdata `axes`) or in `measurement`."""
-        for group_path in (data_path.rsplit("/", 1)[0], f"{entry}/measurement"):
+        for group_path in (data_path.rsplit("/", 1)[0], f"{entry}/{self.settings.detector}", f"{entry}/measurement"):
             group = nexus.get(group_path)
             if not isinstance(group, h5py.Group):
                 continue
@@ -215,10 +215,11 @@ class ScanFollower:
         """Close and reopen the NeXus file (not the detector file) so new objects become visible."""
         if self._source is self._nexus:
             return  # frames live in it: SWMR refresh already sees all we need
+        keys_path = None if self._keys is None else self._keys.name
         self._nexus.close()
         self._nexus = open_hdf5(self.nexus_path)
-        if self._keys is not None:
-            self._keys = self._nexus[self._keys.name]
+        if keys_path is not None:
+            self._keys = self._nexus[keys_path]
 
     def _end_marker(self) -> str | None:
         entry = self.info.entry

@@ -15,5 +15,6 @@ def setup_logging(level: str = "INFO", log_file: Path | None = None) -> None:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.handlers.RotatingFileHandler(log_file, maxBytes=10 * 1024 * 1024, backupCount=5))
     logging.basicConfig(level=getattr(logging, level), format=FORMAT, datefmt="%H:%M:%S", handlers=handlers, force=True)
-    for noisy in ("watchdog", "h5py", "matplotlib", "PIL"):
+    for noisy in ("h5py", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("watchdog").setLevel(logging.CRITICAL)  # its shutdown races log errors that mean nothing

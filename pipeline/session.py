@@ -89,6 +89,9 @@ class ScanSession:
         except (ScanError, PermissionError, OSError, ValueError) as error:
             message = str(error).splitlines()[0] if str(error) else type(error).__name__
             self.post(("failed", self, message))
+        except Exception as error:  # a bug must cost one scan, never the daemon or its drain
+            log.exception("%s: unexpected error while following", self.nexus_path)
+            self.post(("failed", self, f"{self.nexus_path}: internal error {type(error).__name__}: {error}"))
         finally:
             self.follower.close()
 

@@ -28,21 +28,30 @@ def is_inside(path: Path, roots: list[Path]) -> bool:
     return any(resolved == root or root in resolved.parents for root in roots)
 
 
-def find_scans(roots: list[Path], patterns: list[str], recursive: bool) -> Iterator[Path]:
-    """Every file under `roots` whose name matches a pattern, without leaving the roots through links."""
-    resolved_roots = [root.resolve() for root in roots]
+def _skipped(name: str) -> bool:
+    """Our own stores and detector-file folders hold no scans, only thousands of subfolders."""
+    return name.endswith(".zarr") or name.endswith("-files")
+
+
+def walk_scan_dirs(roots: list[Path], recursive: bool) -> Iterator[tuple[Path, list[str]]]:
+    """(directory, file names) for every directory that may hold scans, never through links."""
     for root in roots:
         if not root.is_dir():
             continue
         for directory, subdirs, files in os.walk(root, followlinks=False):
-            if not recursive:
-                subdirs.clear()
-            subdirs[:] = sorted(d for d in subdirs if not d.endswith(".zarr"))
-            for name in sorted(files):
-                if any(fnmatch.fnmatch(name, pattern) for pattern in patterns):
-                    path = Path(directory) / name
-                    if is_inside(path, resolved_roots):
-                        yield path
+            subdirs[:] = sorted(d for d in subdirs if not _skipped(d)) if recursive else []
+            yield Path(directory), sorted(files)
+
+
+def find_scans(roots: list[Path], patterns: list[str], recursive: bool) -> Iterator[Path]:
+    """Every file under `roots` whose name matches a pattern, without leaving the roots through links."""
+    resolved_roots = [root.resolve() for root in roots]
+    for directory, files in walk_scan_dirs(roots, recursive):
+        for name in files:
+            if any(fnmatch.fnmatch(name, pattern) for pattern in patterns):
+                path = directory / name
+                if is_inside(path, resolved_roots):
+                    yield path
 
 
 class _Handler(FileSystemEventHandler):
@@ -68,6 +77,7 @@ class Watcher:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._observer: Observer | None = None
+        self._watched: set[Path] = set()
         self._thread = threading.Thread(target=self._rescan_loop, name="watch-rescan", daemon=True)
 
     def offer(self, path: Path) -> None:
@@ -93,30 +103,36 @@ class Watcher:
             self._seen.discard(path.absolute())
 
     def rescan(self) -> None:
-        for path in find_scans(self.roots, self.settings.patterns, self.settings.recursive):
-            self.offer(path)
+        for directory, files in walk_scan_dirs(self.roots, self.settings.recursive):
+            self._watch_directory(directory)
+            for name in files:
+                self.offer(directory / name)
+
+    def _watch_directory(self, directory: Path) -> None:
+        """One non-recursive watch per scan directory: a recursive one would also watch every store's chunk folders."""
+        if self._observer is None or directory in self._watched:
+            return
+        try:
+            self._observer.schedule(_Handler(self), str(directory), recursive=False)
+            self._watched.add(directory)
+        except OSError as error:  # e.g. out of inotify watches: the rescan still finds its scans
+            log.warning("%s: cannot watch for events (%s); found by rescans only", directory, error)
 
     def _start_observer(self) -> None:
+        self._watched: set[Path] = set()
         if self.settings.mode == "polling":
+            self._observer = None
             return
         observer = Observer()
-        handler = _Handler(self)
-        watched = 0
-        for root in self.roots:
-            if root.is_dir():
-                observer.schedule(handler, str(root), recursive=self.settings.recursive)
-                watched += 1
-        if watched:
-            observer.daemon = True
-            observer.start()
-            self._observer = observer
+        observer.daemon = True
+        observer.start()
+        self._observer = observer
 
     def _rescan_loop(self) -> None:
         interval = self.settings.poll_interval_s if self.settings.mode == "polling" else self.settings.rescan_interval_s
         while not self._stop.wait(interval):
             if self.settings.mode != "polling" and (self._observer is None or not self._observer.is_alive()):
-                if self._observer is not None:
-                    log.warning("file-event observer died; restarting it")
+                log.warning("file-event observer died; restarting it")
                 try:
                     self._start_observer()
                 except OSError as error:  # e.g. a watched mount that has gone away: the rescan still runs
