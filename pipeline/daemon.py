@@ -25,7 +25,7 @@ from pipeline import __version__
 from pipeline.config import Config
 from pipeline.dispatch import Dispatch, Dispatcher
 from pipeline.provenance import describe_models
-from pipeline.session import ScanSession
+from pipeline.session import FrameDoneHook, ScanSession
 from pipeline.sink import STATUS_COMPLETE, STATUS_FAILED, store_path_for
 from pipeline.watch import Watcher, find_scans
 from pipeline.wire import FrameResult
@@ -42,8 +42,9 @@ def store_status(store: Path) -> str | None:
 
 
 class Daemon:
-    def __init__(self, config: Config, watch: bool = True) -> None:
+    def __init__(self, config: Config, watch: bool = True, on_frame_done: FrameDoneHook | None = None) -> None:
         self.config = config
+        self.on_frame_done = on_frame_done
         self.watch = watch
         self.started = time.time()
         self.sessions: dict[str, ScanSession] = {}
@@ -139,7 +140,7 @@ class Daemon:
         previous = self.sessions.get(key)
         if previous is not None and not previous.finished.is_set():
             return
-        session = ScanSession(path, self.config, self.dispatcher.submit, self.provenance, self._post)
+        session = ScanSession(path, self.config, self.dispatcher.submit, self.provenance, self._post, self.on_frame_done)
         with self._lock:
             self.sessions[key] = session
         log.info("%s: following", path)
@@ -173,7 +174,10 @@ class Daemon:
                 return
             if error is not None:
                 log.error("%s frame %d: %s", session.nexus_path.name, dispatch.task.frame, error)
-            session.accept(dispatch.task.frame, dispatch.task.data, axis_value, None if result is None else result.prediction)
+            timings = {"queued_at": dispatch.queued_at, "sent_at": dispatch.sent_at, "received_at": time.time()}
+            if result is not None:
+                timings.update(result.prediction.timings)
+            session.accept(dispatch.task.frame, dispatch.task.data, axis_value, None if result is None else result.prediction, timings)
         elif kind == "end":
             subject.end(event[2])
         elif kind == "failed":

@@ -52,8 +52,8 @@ class Dispatch:
     context: Any  # what the submitter needs back with the result (e.g. axis value)
     attempts: int = 0
     worker: bytes | None = None
-    sent_at: float = 0.0
-    queued_at: float = field(default_factory=time.monotonic)
+    sent_at: float = 0.0  # wall clock (time.time), comparable across processes for latency figures
+    queued_at: float = field(default_factory=time.time)
 
 
 ResultHandler = Callable[[Dispatch, "wire.FrameResult | None", str | None], None]
@@ -249,7 +249,7 @@ class Dispatcher:
                 self._drop_worker(worker, "unreachable")
                 continue
             with self._lock:
-                dispatch.task, dispatch.worker, dispatch.sent_at = task, worker.identity, time.monotonic()
+                dispatch.task, dispatch.worker, dispatch.sent_at = task, worker.identity, time.time()
                 dispatch.attempts += 1
                 self.in_flight[task.task] = dispatch
                 worker.in_flight.add(task.task)

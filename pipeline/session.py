@@ -26,6 +26,7 @@ from pipeline.volume import VolumeLinker
 log = logging.getLogger(__name__)
 
 COMPLETE_ENDINGS = ("finished", "end_time")
+FrameDoneHook = Callable[[str, int, dict[str, float]], None]  # (scan key, frame, timings): for benchmarks and metrics
 
 
 def combined_mask(prediction: FramePrediction, source: str) -> np.ndarray:
@@ -48,13 +49,14 @@ class SessionState:
 
 class ScanSession:
     def __init__(self, nexus_path: Path, config: Config, submit: Callable[..., bool], provenance: dict[str, Any],
-                 post: Callable[[tuple], None]) -> None:
+                 post: Callable[[tuple], None], on_frame_done: "FrameDoneHook | None" = None) -> None:
         self.nexus_path = nexus_path
         self.key = str(nexus_path)
         self.config = config
         self.submit = submit
         self.provenance = provenance
         self.post = post  # hands an event to the sink thread
+        self.on_frame_done = on_frame_done
         self.store_path = store_path_for(nexus_path, config.output.root)
         self.stop = threading.Event()
         self.finished = threading.Event()
@@ -63,7 +65,7 @@ class ScanSession:
         self.info: ScanInfo | None = None
         self.store: ScanStore | None = None
         self.linker = VolumeLinker()
-        self.waiting: dict[int, tuple[np.ndarray, np.ndarray, float | None]] = {}
+        self.waiting: dict[int, tuple[np.ndarray, np.ndarray, float | None, dict[str, float]]] = {}
         self.submitted = 0
         self.received = 0
         self.max_index = -1
@@ -113,15 +115,20 @@ class ScanSession:
 
     # -- called by the sink thread ---------------------------------------------------------
 
-    def accept(self, index: int, raw: np.ndarray, axis_value: float | None, prediction: FramePrediction | None) -> None:
+    def accept(self, index: int, raw: np.ndarray, axis_value: float | None, prediction: FramePrediction | None,
+               timings: dict[str, float] | None = None) -> None:
+        """A worker's result for frame `index` (None: no worker could do it); `timings` travel to `on_frame_done`."""
         self.received += 1
+        timings = dict(timings or {})
+        write_started = time.perf_counter()
         if prediction is None:  # no worker could segment it: keep the place, leave it not done
             self.failed_frames.append(index)
             mask = np.zeros(raw.shape, dtype=bool)
         else:
             self.store.write_prediction(index, prediction)
             mask = combined_mask(prediction, self.config.volume.source)
-        self.waiting[index] = (mask, raw, axis_value)
+        timings["write_s"] = time.perf_counter() - write_started
+        self.waiting[index] = (mask, raw, axis_value, timings)
         self._link_ready()
         if time.monotonic() - self.last_tables >= self.config.output.refresh_tables_s:
             self._write_tables()
@@ -132,15 +139,21 @@ class ScanSession:
         while True:
             index = self.linker.next_frame
             if index in self.waiting:
-                mask, raw, axis = self.waiting.pop(index)
+                mask, raw, axis, timings = self.waiting.pop(index)
                 done = index not in self.failed_frames
             elif fill_gaps and index <= self.max_index:
-                mask, raw, axis, done = np.zeros(self.config.follow.frame_shape, bool), np.zeros(self.config.follow.frame_shape), None, False
+                shape = self.config.follow.frame_shape
+                mask, raw, axis, timings, done = np.zeros(shape, bool), np.zeros(shape), None, {}, False
             else:
                 return
+            started = time.perf_counter()
             labels = self.linker.link(index, mask, raw, axis)
+            linked = time.perf_counter()
             self.store.write_volume(index, labels, axis, done=done)
             self.state.frames_done += done
+            if done and self.on_frame_done is not None:
+                timings.update(link_s=linked - started, write_s=timings.get("write_s", 0.0) + time.perf_counter() - linked, done_at=time.time())
+                self.on_frame_done(self.key, index, timings)
 
     def _write_tables(self) -> None:
         self.store.write_tables(self.linker.table(), range(self.linker.next_frame))

@@ -120,10 +120,11 @@ class ScanStore:
         """Keep the detections of frames already done; later frames will be written again."""
         done = self.done_prefix()
         table = self.group["tlm/detections"]
-        if "frame" not in table:
+        rows = int(table.attrs.get("rows", 0))  # rows past this may be from a write the crash cut short
+        if rows == 0:
             return
-        columns = {name: table[name][:] for name in DETECTION_COLUMNS}
-        for row in range(columns["frame"].shape[0]):
+        columns = {name: table[name][:rows] for name in DETECTION_COLUMNS}
+        for row in range(rows):
             frame = int(columns["frame"][row])
             if frame < done:
                 box = tuple(float(columns[k][row]) for k in ("x0", "y0", "x1", "y1"))
@@ -186,6 +187,8 @@ class ScanStore:
             self._write_columns("peaks", peaks)
 
     def _write_columns(self, group_name: str, columns: dict[str, np.ndarray]) -> None:
+        """Columns first, then the group's `rows` attribute: rows below it are always valid, even after a crash
+        (new rows only ever follow the old ones, because done frames only grow)."""
         group = self.group[group_name]
         for name, values in columns.items():
             values = np.asarray(values)
@@ -197,6 +200,7 @@ class ScanStore:
                                            dimension_names=("row",), overwrite=True)
             if values.size:
                 array[:] = values
+        group.attrs["rows"] = int(next(iter(columns.values())).shape[0]) if columns else 0
 
     def finish(self, status: str, reason: str, frames_total: int, extra: dict[str, Any] | None = None) -> None:
         """Trim to the frames the scan has, record how it ended, and consolidate the metadata."""

@@ -1,0 +1,108 @@
+"""Crashes mid-scan, for real: the finished store equals an undisturbed run, with no frame lost or doubled."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import psutil
+
+from pipeline.simulate import ScanPlan, ScanWriter
+from pipeline.sink import open_live
+from tests.conftest import write_config
+from tests.test_live import _daemon, _stop, _wait_for_status, assert_stores_equal, wait_for_workers
+
+
+def _done_count(store) -> int:
+    try:
+        return int(open_live(store)["frames/done"][:].sum())
+    except Exception:
+        return 0
+
+
+def _offline(config, plan, root) -> None:
+    result = subprocess.run([sys.executable, "-m", "pipeline", "process", "--config", str(config), "--output-root", str(root),
+                             str(plan.nxs_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_daemon_killed_mid_scan_resumes_to_the_same_store(tmp_path, untrained_weights):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    config = write_config(tmp_path / "config.yaml", untrained_weights, follow={"idle_timeout_s": 20.0})
+    plan = ScanPlan(directory=scans, name="crash", layout="gda9", n_frames=16, rate_hz=3.0, seed=11)
+    store = plan.nxs_path.with_suffix(".zarr")
+    daemon = _daemon(config, scans, tmp_path / "first.log")
+    wait_for_workers(config, 1)
+    writer = ScanWriter(plan).start()
+    deadline = time.monotonic() + 120
+    while _done_count(store) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    done_at_kill = _done_count(store)
+    children = psutil.Process(daemon.pid).children(recursive=True)
+    daemon.send_signal(signal.SIGKILL)
+    daemon.wait()
+    assert 4 <= done_at_kill < 16, done_at_kill
+    psutil.wait_procs(children, timeout=10)  # local workers leave with their daemon
+    assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
+    assert open_live(store).attrs["status"] == "running"  # the crash left it unfinished, not lying
+    writer.join(timeout=60)
+
+    restarted = _daemon(config, scans, tmp_path / "second.log")
+    try:
+        _wait_for_status([store], timeout=180)
+    finally:
+        _stop(restarted)
+    log = (tmp_path / "second.log").read_text()
+    assert "resuming at frame" in log
+    group = open_live(store)
+    assert group.attrs["status"] == "complete", dict(group.attrs)
+    assert group["frames/done"][:].tolist() == [1] * 16
+    _offline(config, plan, tmp_path / "offline")
+    assert_stores_equal(store, tmp_path / "offline" / store.name)
+
+
+def test_worker_killed_mid_scan_its_frames_go_elsewhere(tmp_path, untrained_weights):
+    from pipeline.config import load_config
+    from pipeline.daemon import Daemon
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    config_path = write_config(tmp_path / "config.yaml", untrained_weights, watch={"dirs": [str(scans)]},
+                               workers={"local": 2, "timeout_s": 3.0, "heartbeat_s": 0.5, "credit": 4})
+    config = load_config(config_path)
+    frames_done: list[tuple[str, int]] = []
+    daemon = Daemon(config, on_frame_done=lambda scan, index, timings: frames_done.append((scan, index))).start()
+    plan = ScanPlan(directory=scans, name="worker-crash", layout="nexus", n_frames=16, rate_hz=4.0, seed=12)
+    store = plan.nxs_path.with_suffix(".zarr")
+    try:
+        deadline = time.monotonic() + 120
+        while len(daemon.dispatcher.stats()["workers"]) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        writer = ScanWriter(plan).start()
+        while time.monotonic() < deadline:
+            busy = [w for w in daemon.dispatcher.stats()["workers"] if w["in_flight"] > 0]
+            if busy and _done_count(store) >= 2:
+                break
+            time.sleep(0.02)
+        victim = busy[0]
+        os.kill(victim["pid"], signal.SIGKILL)
+        writer.join(timeout=60)
+        _wait_for_status([store], timeout=180)
+        stats = daemon.dispatcher.stats()
+    finally:
+        daemon.shutdown()
+    assert stats["workers_lost"] >= 1
+    assert stats["redispatched"] >= 1
+    indices = [index for _, index in frames_done]
+    lost, doubled = set(range(16)) - set(indices), len(indices) - len(set(indices))
+    assert (lost, doubled) == (set(), 0)
+    group = open_live(store)
+    assert group.attrs["status"] == "complete"
+    assert group["frames/done"][:].tolist() == [1] * 16
+    _offline(config_path, plan, tmp_path / "offline")
+    assert_stores_equal(store, tmp_path / "offline" / store.name)
