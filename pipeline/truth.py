@@ -15,6 +15,18 @@ from pipeline.sink import open_live
 
 
 @dataclass(frozen=True)
+class PeakMatch:
+    """A true 3D peak and the store's peak that overlaps it most."""
+
+    truth_id: int
+    store_id: int
+    iou: float
+    truth_frames: tuple[int, int]
+    store_frames: tuple[int, int]
+    split: bool  # the truth peak is spread over several store ids
+
+
+@dataclass(frozen=True)
 class TruthComparison:
     frames: int
     truth_peaks: int
@@ -23,6 +35,7 @@ class TruthComparison:
     mean_frame_iou: float  # IoU of the combined per-frame masks, empty vs empty counts 1
     frame_ranges_equal: int  # matched peaks whose first..last frames equal the truth's
     one_id_per_peak: int  # matched truth peaks covered by a single store id (not split)
+    matches: tuple[PeakMatch, ...] = ()  # every truth peak that overlaps any store peak
 
     @property
     def recall(self) -> float:
@@ -57,15 +70,19 @@ def compare_store_to_truth(store_path: Path, truth_path: Path, iou_threshold: fl
                 for (ti, pi), count in zip(pairs.T.tolist(), counts.tolist()):
                     pair_counts[(ti, pi)] = pair_counts.get((ti, pi), 0) + count
     matched = ranges_equal = single = 0
-    for truth_id, truth_size in truth_sizes.items():
+    matches = []
+    for truth_id, truth_size in sorted(truth_sizes.items()):
         overlaps = {pi: c for (ti, pi), c in pair_counts.items() if ti == truth_id}
         if not overlaps:
             continue
         best, inter = max(overlaps.items(), key=lambda item: (item[1], -item[0]))
-        if inter / (truth_size + store_sizes[best] - inter) >= iou_threshold:
+        iou = inter / (truth_size + store_sizes[best] - inter)
+        split = inter < split_fraction * sum(overlaps.values())
+        matches.append(PeakMatch(truth_id, best, iou, tuple(truth_ranges[truth_id]), tuple(store_ranges[best]), split))
+        if iou >= iou_threshold:
             matched += 1
             ranges_equal += truth_ranges[truth_id] == store_ranges[best]
-            single += inter >= split_fraction * sum(overlaps.values())
+            single += not split
     return TruthComparison(
         frames=frames,
         truth_peaks=len(truth_sizes),
@@ -74,4 +91,5 @@ def compare_store_to_truth(store_path: Path, truth_path: Path, iou_threshold: fl
         mean_frame_iou=float(np.mean(ious)) if ious else 1.0,
         frame_ranges_equal=ranges_equal,
         one_id_per_peak=single,
+        matches=tuple(matches),
     )

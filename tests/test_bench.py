@@ -1,0 +1,74 @@
+"""`pipeline bench` for real on a tiny scan: a live writer, the real daemon and worker, DiPID's way beside it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.bench import add_parser, percentiles_ms, run_bench, worker_counts
+from tests.conftest import write_config
+
+FRAMES = 6
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="pipeline")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(["bench", *argv])
+
+
+def test_bench_measures_a_live_scan(tmp_path: Path, untrained_weights: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path / "c.yaml", untrained_weights)
+    figures, trace = tmp_path / "bench.json", tmp_path / "rss.csv"
+    args = _parse(["--config", str(config), "--frames", str(FRAMES), "--workers", "1", "--scale", "1",
+                   "--baseline-frames", "2", "--json", str(figures), "--memory-trace", str(trace), "--no-progress"])
+    assert run_bench(args) == 0
+
+    printed = capsys.readouterr().out
+    for heading in ("throughput", "latency (ms)", "time per frame", "peak memory", "scaling", "machine:"):
+        assert heading in printed
+    report = json.loads(figures.read_text())
+    baseline, pipeline = report["baseline"], report["pipeline"]
+
+    assert baseline["frames"] == 2 and baseline["fps"] > 0
+    assert pipeline["frames_written"] == FRAMES and pipeline["frames_done"] == FRAMES
+    assert pipeline["fps"] > 0
+    assert report["ratio"] == pytest.approx(pipeline["fps"] / baseline["fps"], rel=1e-2)
+    for latency in pipeline["latency_ms"].values():
+        assert 0 <= latency["p50"] <= latency["p95"] <= latency["p99"]
+    for stages in (pipeline["stages_ms"], baseline["stages_ms"]):
+        assert all(value is not None and value >= 0 for value in stages.values()), stages
+    memory = pipeline["memory"]
+    assert memory["daemon_peak_rss_mib"] > 0
+    assert len(memory["workers"]) == 1 and memory["workers"][0]["peak_rss_mib"] > 0
+    assert memory["daemon_rss_at_10pct_mib"] > 0 and memory["daemon_rss_at_100pct_mib"] > 0
+    assert [entry["workers"] for entry in report["scaling"]] == [1] and report["scaling"][0]["fps"] > 0
+    assert sorted(row["frame"] for row in pipeline["per_frame"]) == list(range(FRAMES))
+    assert report["machine"]["cores"] >= 1 and report["machine"]["cpu"]
+    rows = trace.read_text().splitlines()
+    assert rows[0] == "time_s,frames_done,process,pid,rss_mib" and len(rows) > 2
+
+
+@pytest.mark.parametrize("argv", [["--frames", "0"], ["--scale", "1,x"], ["--rate", "-3"], ["--workers", "two"]])
+def test_bad_arguments_give_one_line_and_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        _parse(argv)
+    assert stopped.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_bad_settings_give_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["--frames", "3", "--baseline-frames", "5"], ["--config", str(tmp_path / "missing.yaml")],
+                 ["--json", str(tmp_path / "no" / "such" / "dir.json")]):
+        assert run_bench(_parse(argv)) == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_figures_helpers() -> None:
+    assert worker_counts("1, 2,4,2") == [1, 2, 4]
+    figures = percentiles_ms([0.001 * i for i in range(1, 101)])
+    assert figures["p50"] <= figures["p95"] <= figures["p99"]
+    assert percentiles_ms([]) == {"p50": None, "p95": None, "p99": None}
