@@ -235,13 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=cmd_status)
 
-    from pipeline import bench, demo, simulate
+    from pipeline import bench, demo, simulate, view
     from pipeline.models import commands as model_commands
 
     simulate.add_parser(sub)
     demo.add_parser(sub)
     model_commands.add_parsers(sub)
     bench.add_parser(sub)
+    view.add_parsers(sub)
     return parser
 
 

@@ -174,6 +174,12 @@ class ScanSession:
         complete = self.end_reason in COMPLETE_ENDINGS and done == frames_total and (expected is None or frames_total == expected)
         status = STATUS_COMPLETE if complete else STATUS_INCOMPLETE
         self.store.finish(status, self.end_reason, frames_total, {"failed_frames": self.failed_frames})
+        try:
+            from pipeline.quicklook import write_quicklook  # matplotlib: imported only when a scan ends
+
+            log.info("%s: quick look %s", self.nexus_path.name, write_quicklook(self.store_path))
+        except Exception as error:  # a picture must never fail the scan
+            log.warning("%s: no quick look (%s)", self.nexus_path.name, str(error).splitlines()[0])
         self.state.status, self.state.reason = status, self.end_reason
         log.info("%s: %s (%s), %d/%d frames done, %d peaks -> %s", self.nexus_path.name, status, self.end_reason, done,
                  frames_total, len(self.linker.peaks), self.store_path)

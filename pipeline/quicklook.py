@@ -1,0 +1,533 @@
+"""Pictures of a scan's store that a person opens first: the quick-look PNG and one frame's overlay.
+
+The quick look (`<scan>.quicklook.png`, beside the store) shows where the 3D peaks are on the
+detector (maximum projection of the raw counts, log scale, each peak's footprint outlined and
+numbered) and how each peak rises and falls along the scan (its rocking curve). The frame overlay
+is DiPID's viewer: one raw frame with the TLM instances, the SSLM mask and the TLM boxes on it.
+
+Both read a store that may still be written, so they open it without consolidated metadata and
+use only frames whose `frames/done` is 1. Raw frames come from the scan's own HDF5 file (the
+store's `source_file` and `source_dataset` attributes), one frame at a time, so memory does not
+grow with the scan. Figures use matplotlib's object API on the Agg canvas (no pyplot), so they can
+be drawn from any thread without a display.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import h5py
+import numpy as np
+import zarr
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import LogNorm, Normalize
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from matplotlib.patheffects import withStroke
+from scipy import ndimage
+
+from pipeline.follow import open_hdf5
+from pipeline.sink import open_live
+
+DPI = 100
+QUICKLOOK_FIGSIZE = (10.0, 8.5)  # inches: a 1000 x 850 PNG
+OVERLAY_FIGSIZE = (10.0, 4.7)  # inches: a 1000 x 470 PNG
+VOLUME_FIGSIZE = (9.0, 7.0)  # inches: a 900 x 700 PNG
+MAX_LABELLED_PEAKS = 40  # more than this many outlines and numbers make the projection unreadable
+MAX_CURVES = 20  # rocking curves drawn (the brightest peaks); the legend stays readable
+MAX_VOLUME_POINTS = 20_000  # voxels drawn in the static 3D picture
+_READABLE = [withStroke(linewidth=2.5, foreground="black")]  # numbers stay legible on bright pixels
+
+
+class StoreError(ValueError):
+    """A store, frame or raw file that cannot be shown; the message is one line for the user."""
+
+
+# -- reading a store and its raw frames ----------------------------------------------------
+
+
+def open_scan_store(store_path: Path) -> zarr.Group:
+    """The store's root group, opened as a live store; a clear StoreError if it is not a scan store."""
+    store_path = Path(store_path)
+    if not (store_path / "zarr.json").is_file():
+        raise StoreError(f"{store_path}: not a Zarr store (no zarr.json there)")
+    try:
+        group = open_live(store_path)
+    except (ValueError, KeyError, OSError) as error:  # an array, not a group; a damaged zarr.json
+        raise StoreError(f"{store_path}: not a scan store ({str(error).splitlines()[0]})") from None
+    missing = [name for name in ("frames/done", "volume/labels") if name not in group]
+    if missing:
+        status = group.attrs.get("status", "unknown")
+        reason = group.attrs.get("end_reason")
+        why = f" (status {status}: {reason})" if reason else f" (status {status})"
+        raise StoreError(f"{store_path}: a store without {', '.join(missing)}; nothing to show{why}")
+    return group
+
+
+def scan_name(store_path: Path) -> str:
+    """`scan1` for `.../scan1.zarr`."""
+    return Path(store_path).name.removesuffix(".zarr")
+
+
+def output_path(store_path: Path, suffix: str) -> Path:
+    """`<scan><suffix>` in the folder that holds the store, e.g. `scan1.quicklook.png`."""
+    store_path = Path(store_path)
+    return store_path.parent / f"{scan_name(store_path)}{suffix}"
+
+
+def done_frames(group: zarr.Group) -> np.ndarray:
+    """Indices of the frames whose every output is written (the only ones a live reader may trust)."""
+    return np.flatnonzero(group["frames/done"][:] == 1)
+
+
+def source_path(store_path: Path, group: zarr.Group) -> Path:
+    """The raw frames' file; also found when scan and store were moved together to another folder."""
+    recorded = group.attrs.get("source_file")
+    if not recorded:
+        raise StoreError(f"{store_path}: the store does not name its raw file (attribute source_file)")
+    recorded_path = Path(recorded)
+    candidates = [recorded_path if recorded_path.is_absolute() else Path(store_path).parent / recorded_path]
+    nexus = group.attrs.get("source_nexus")
+    if nexus and recorded_path.is_absolute():
+        try:  # keep the raw file's place relative to the .nxs, next to where the store is now
+            candidates.append(Path(store_path).parent / recorded_path.relative_to(Path(nexus).parent))
+        except ValueError:
+            pass
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise StoreError(f"{store_path}: raw file {recorded} not found (moved or deleted?)")
+
+
+@contextmanager
+def raw_frames(store_path: Path, group: zarr.Group) -> Iterator[h5py.Dataset]:
+    """The raw frame dataset, opened without locks so the detector's writer is never blocked."""
+    path = source_path(store_path, group)
+    dataset_name = group.attrs.get("source_dataset")
+    try:
+        handle = open_hdf5(path)
+    except OSError as error:
+        raise StoreError(f"{path}: cannot read the raw file ({str(error).splitlines()[0]})") from None
+    try:
+        if not dataset_name or dataset_name not in handle:
+            raise StoreError(f"{store_path}: raw dataset {dataset_name!r} not in {path}")
+        dataset = handle[dataset_name]
+        if handle.swmr_mode:
+            dataset.refresh()  # a file still being written: see its current length
+        yield dataset
+    finally:
+        handle.close()
+
+
+def read_raw_frame(dataset: h5py.Dataset, index: int) -> np.ndarray:
+    """One raw frame as float64 counts, dead pixels (-2) and other negatives clipped to 0."""
+    if index >= dataset.shape[0]:
+        raise StoreError(f"frame {index} is not in the raw file ({dataset.shape[0]} frames there)")
+    return np.clip(np.asarray(dataset[index], dtype=np.float64), 0, None)
+
+
+def scan_axis(group: zarr.Group, frames: np.ndarray) -> tuple[str, np.ndarray]:
+    """The scan axis name and its value at `frames`; the frame index where the axis is missing."""
+    axis = group["frames/axis"] if "frames/axis" in group else None
+    if axis is not None and frames.size:
+        values = axis[:][frames]
+        if np.isfinite(values).all():
+            return str(axis.attrs.get("name") or "scan axis"), values.astype(np.float64)
+    return "frame", frames.astype(np.float64)
+
+
+# -- the quick-look data -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """A peak's footprint projected along the scan: `mask` is its bounding box, top-left at (y0, x0)."""
+
+    y0: int
+    x0: int
+    mask: np.ndarray  # bool
+
+
+@dataclass(frozen=True)
+class RockingCurve:
+    """A peak's summed raw intensity (dead pixels as 0) in each frame where it has voxels."""
+
+    frames: np.ndarray  # int64 frame indices
+    axis_values: np.ndarray  # float64, the scan axis at those frames
+    sums: np.ndarray  # float64
+
+    @property
+    def total(self) -> float:
+        return float(self.sums.sum())
+
+
+@dataclass(frozen=True)
+class QuicklookData:
+    """Everything the quick look draws, computed in one pass over the done frames."""
+
+    scan: str
+    status: str
+    frames_total: int  # frames the store holds (done or not)
+    frames: np.ndarray  # the done frames used, ascending
+    axis_name: str  # "frame" when the store has no usable scan axis
+    axis_values: np.ndarray  # per used frame
+    projection: np.ndarray  # float64 (y, x): max over used frames of the raw counts, clipped at 0
+    footprints: dict[int, Footprint]  # peak id -> projected footprint
+    curves: dict[int, RockingCurve]  # peak id -> rocking curve
+
+    @property
+    def peak_ids(self) -> list[int]:
+        return sorted(self.curves)
+
+
+class _FootprintBuilder:
+    """Union of a peak's per-frame footprints, kept to its bounding box so memory follows peak size."""
+
+    def __init__(self, window: tuple[slice, slice], piece: np.ndarray) -> None:
+        self.y0, self.x0 = window[0].start, window[1].start
+        self.mask = piece.copy()
+
+    def add(self, window: tuple[slice, slice], piece: np.ndarray) -> None:
+        y0, x0 = min(self.y0, window[0].start), min(self.x0, window[1].start)
+        y1 = max(self.y0 + self.mask.shape[0], window[0].stop)
+        x1 = max(self.x0 + self.mask.shape[1], window[1].stop)
+        if (y0, x0, y1 - y0, x1 - x0) != (self.y0, self.x0, *self.mask.shape):
+            grown = np.zeros((y1 - y0, x1 - x0), dtype=bool)
+            grown[self.y0 - y0:self.y0 - y0 + self.mask.shape[0], self.x0 - x0:self.x0 - x0 + self.mask.shape[1]] = self.mask
+            self.mask, self.y0, self.x0 = grown, y0, x0
+        oy, ox = window[0].start - self.y0, window[1].start - self.x0
+        self.mask[oy:oy + piece.shape[0], ox:ox + piece.shape[1]] |= piece
+
+    def footprint(self) -> Footprint:
+        return Footprint(self.y0, self.x0, self.mask)
+
+
+def quicklook_data(store_path: Path) -> QuicklookData:
+    """Projection, footprints and rocking curves of a (possibly live) store, reading one frame at a time."""
+    store_path = Path(store_path)
+    group = open_scan_store(store_path)
+    volume = group["volume/labels"]
+    frames = done_frames(group)
+    axis_name, axis_values = scan_axis(group, frames)
+    height, width = volume.shape[1:]
+    projection = np.zeros((height, width), dtype=np.float64)
+    builders: dict[int, _FootprintBuilder] = {}
+    curve_parts: dict[int, list[tuple[int, float, float]]] = {}
+    if frames.size:
+        with raw_frames(store_path, group) as dataset:
+            if tuple(dataset.shape[1:]) != (height, width):
+                raise StoreError(f"{store_path}: raw frames are {tuple(dataset.shape[1:])}, the store's are {(height, width)}")
+            for frame, axis_value in zip(frames.tolist(), axis_values.tolist()):
+                raw = read_raw_frame(dataset, frame)
+                np.maximum(projection, raw, out=projection)
+                _add_frame(frame, axis_value, volume[frame], raw, builders, curve_parts)
+    curves = {
+        peak_id: RockingCurve(np.array([p[0] for p in parts], dtype=np.int64), np.array([p[1] for p in parts]),
+                              np.array([p[2] for p in parts]))
+        for peak_id, parts in sorted(curve_parts.items())
+    }
+    return QuicklookData(
+        scan=scan_name(store_path),
+        status=str(group.attrs.get("status", "unknown")),
+        frames_total=int(group["frames/done"].shape[0]),
+        frames=frames,
+        axis_name=axis_name,
+        axis_values=axis_values,
+        projection=projection,
+        footprints={peak_id: builder.footprint() for peak_id, builder in sorted(builders.items())},
+        curves=curves,
+    )
+
+
+def _add_frame(frame: int, axis_value: float, labels: np.ndarray, raw: np.ndarray, builders: dict[int, _FootprintBuilder],
+               curve_parts: dict[int, list[tuple[int, float, float]]]) -> None:
+    """One frame's contribution to every peak present in it: its intensity sum and its footprint."""
+    present = labels > 0
+    if not present.any():
+        return
+    ids, inverse = np.unique(labels[present], return_inverse=True)
+    sums = np.bincount(inverse, weights=raw[present], minlength=ids.size)
+    compact = np.zeros(labels.shape, dtype=np.int32)  # 1..k: the k peaks of this frame
+    compact[present] = inverse + 1
+    for k, window in enumerate(ndimage.find_objects(compact)):
+        peak_id = int(ids[k])
+        piece = compact[window] == k + 1
+        if peak_id in builders:
+            builders[peak_id].add(window, piece)
+        else:
+            builders[peak_id] = _FootprintBuilder(window, piece)
+        curve_parts.setdefault(peak_id, []).append((frame, axis_value, float(sums[k])))
+
+
+# -- drawing -------------------------------------------------------------------------------
+
+
+def _new_figure(figsize: tuple[float, float]) -> Figure:
+    figure = Figure(figsize=figsize, dpi=DPI)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _save(figure: Figure, out: Path) -> Path:
+    """Write the PNG next to its final name, then rename: a reader never opens half a picture."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
+    os.close(handle)
+    try:
+        figure.savefig(temporary, format="png", dpi=DPI)
+        os.replace(temporary, out)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def _log_norm(image: np.ndarray) -> LogNorm:
+    return LogNorm(vmin=1.0, vmax=max(2.0, float(image.max())), clip=True)
+
+
+def _colour(peak_id: int) -> tuple[float, float, float, float]:
+    from matplotlib import colormaps
+
+    return colormaps["tab10"](peak_id % 10)
+
+
+def quicklook_title(data: QuicklookData) -> str:
+    """Scan, status (with progress while running) and peak count: the first line a person reads."""
+    progress = "" if data.frames.size == data.frames_total else f", {data.frames.size}/{data.frames_total} frames done"
+    peaks = "no peaks found" if not data.curves else f"{len(data.curves)} peak{'s' if len(data.curves) != 1 else ''}"
+    return f"{data.scan}: {data.status}{progress}, {peaks}"
+
+
+def _outline(axes, y0: int, x0: int, mask: np.ndarray, colour, linewidth: float = 1.0) -> None:  # type: ignore[no-untyped-def]
+    """Contour of a cropped mask placed at (y0, x0); padded so one-pixel masks get an outline too."""
+    padded = np.pad(mask.astype(np.float32), 1)
+    ys = np.arange(y0 - 1, y0 + mask.shape[0] + 1)
+    xs = np.arange(x0 - 1, x0 + mask.shape[1] + 1)
+    axes.contour(xs, ys, padded, levels=[0.5], colors=[colour], linewidths=linewidth)
+
+
+def draw_quicklook(data: QuicklookData, out: Path) -> Path:
+    """The quick-look PNG of `data`: projection with numbered peak outlines above, rocking curves below."""
+    figure = _new_figure(QUICKLOOK_FIGSIZE)
+    figure.suptitle(quicklook_title(data), fontsize=13)
+    image_axes = figure.add_axes((0.06, 0.47, 0.82, 0.42))
+    colorbar_axes = figure.add_axes((0.90, 0.52, 0.015, 0.32))
+    curve_axes = figure.add_axes((0.08, 0.07, 0.70, 0.31))
+
+    brightest = sorted(data.curves, key=lambda peak_id: -data.curves[peak_id].total)
+    labelled = set(brightest[:MAX_LABELLED_PEAKS])
+    shown = np.clip(data.projection, 1.0, None)
+    picture = image_axes.imshow(shown, cmap="gray", norm=_log_norm(shown), interpolation="nearest", aspect="equal")
+    figure.colorbar(picture, cax=colorbar_axes, label="counts (max over frames)")
+    for peak_id, footprint in data.footprints.items():
+        if peak_id not in labelled:
+            continue
+        _outline(image_axes, footprint.y0, footprint.x0, footprint.mask, _colour(peak_id))
+        image_axes.text(footprint.x0 + footprint.mask.shape[1] + 3, footprint.y0 + footprint.mask.shape[0] / 2, str(peak_id),
+                        color=_colour(peak_id), fontsize=10, fontweight="bold", va="center", ha="left", path_effects=_READABLE)
+    more = f"; outlined: the {MAX_LABELLED_PEAKS} brightest" if len(data.curves) > MAX_LABELLED_PEAKS else ""
+    image_axes.set_title(f"maximum projection of the raw counts over {data.frames.size} frames (log scale){more}", fontsize=10)
+    image_axes.set_xlabel("x (pixel)")
+    image_axes.set_ylabel("y (pixel)")
+
+    for peak_id in brightest[:MAX_CURVES]:
+        curve = data.curves[peak_id]
+        curve_axes.plot(curve.axis_values, curve.sums, "o-", markersize=3, color=_colour(peak_id), label=f"peak {peak_id}")
+    if len(data.curves) > MAX_CURVES:
+        curve_axes.set_title(f"rocking curves of the {MAX_CURVES} brightest of {len(data.curves)} peaks", fontsize=10)
+    else:
+        curve_axes.set_title("rocking curve of each peak: summed raw counts inside its voxels", fontsize=10)
+    if data.curves:
+        many = len(data.curves) > 10
+        curve_axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7 if many else 8, ncols=2 if many else 1,
+                          frameon=False, handlelength=1.2, columnspacing=0.8)
+        peak_maxima = [float(c.sums.max()) for c in data.curves.values() if c.sums.max() > 0]
+        if peak_maxima and max(peak_maxima) > 100 * min(peak_maxima):
+            curve_axes.set_yscale("log")  # peaks of very different brightness all stay visible
+    else:
+        curve_axes.text(0.5, 0.5, "no peaks found", transform=curve_axes.transAxes, ha="center", va="center", fontsize=12)
+    if data.axis_values.size:
+        low, high = float(data.axis_values.min()), float(data.axis_values.max())
+        pad = (high - low) * 0.02 or 0.5
+        curve_axes.set_xlim(low - pad, high + pad)
+    curve_axes.set_xlabel(data.axis_name)
+    curve_axes.set_ylabel("summed counts")
+    curve_axes.grid(alpha=0.3)
+    return _save(figure, out)
+
+
+def write_quicklook(store_path: Path, out: Path | None = None) -> Path:
+    """Make `<scan>.quicklook.png` beside the store (or at `out`) and return its path."""
+    store_path = Path(store_path)
+    return draw_quicklook(quicklook_data(store_path), out if out is not None else output_path(store_path, ".quicklook.png"))
+
+
+# -- one frame's overlay -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FrameDetections:
+    """The TLM table rows of one frame."""
+
+    boxes: np.ndarray  # float32 (n, 4): x0, y0, x1, y1
+    scores: np.ndarray  # float32 (n,)
+    instance_ids: np.ndarray  # (n,)
+
+
+def frame_detections(group: zarr.Group, frame: int) -> FrameDetections:
+    """Rows of `tlm/detections` for `frame` (empty when the table is missing or has none)."""
+    table = group["tlm/detections"] if "tlm/detections" in group else None
+    if table is None or "frame" not in table:
+        return FrameDetections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.uint16))
+    rows = np.flatnonzero(table["frame"][:] == frame)
+    boxes = np.stack([table[name][:][rows] for name in ("x0", "y0", "x1", "y1")], axis=1).astype(np.float32).reshape(-1, 4)
+    return FrameDetections(boxes, table["score"][:][rows], table["instance_id"][:][rows])
+
+
+def check_frame(store_path: Path, group: zarr.Group, frame: int) -> None:
+    """A StoreError naming the problem unless `frame` exists in the store and is done."""
+    total = int(group["frames/done"].shape[0])
+    if not 0 <= frame < total:
+        raise StoreError(f"{Path(store_path).name}: frame {frame} is out of range (the store has frames 0..{total - 1})"
+                         if total else f"{Path(store_path).name}: frame {frame} is out of range (the store has no frames yet)")
+    if group["frames/done"][frame] != 1:
+        raise StoreError(f"{Path(store_path).name}: frame {frame} is not done yet (its outputs are not final)")
+
+
+def save_frame_overlay(store_path: Path, frame: int, out: Path, scale: Literal["linear", "log"] = "log") -> Path:
+    """One raw frame with TLM instance outlines, the SSLM mask outline and TLM boxes with scores, as a PNG."""
+    if scale not in ("linear", "log"):
+        raise StoreError(f"scale must be 'linear' or 'log', not {scale!r}")
+    store_path = Path(store_path)
+    group = open_scan_store(store_path)
+    check_frame(store_path, group, frame)
+    with raw_frames(store_path, group) as dataset:
+        raw = read_raw_frame(dataset, frame)
+    tlm_labels = group["tlm/labels"][frame] if "tlm/labels" in group else np.zeros(raw.shape, np.uint16)
+    ssl_mask = group["ssl/mask"][frame] if "ssl/mask" in group else np.zeros(raw.shape, np.uint8)
+    detections = frame_detections(group, frame)
+    axis_name, axis_values = scan_axis(group, np.array([frame]))
+
+    figure = _new_figure(OVERLAY_FIGSIZE)
+    axes = figure.add_axes((0.07, 0.10, 0.82, 0.74))
+    colorbar_axes = figure.add_axes((0.91, 0.13, 0.015, 0.68))
+    if scale == "log":
+        shown = np.clip(raw, 1.0, None)
+        norm: Normalize = _log_norm(shown)
+    else:
+        shown, norm = raw, Normalize(vmin=0.0, vmax=max(1.0, float(raw.max())))
+    picture = axes.imshow(shown, cmap="gray", norm=norm, interpolation="nearest", aspect="equal")
+    figure.colorbar(picture, cax=colorbar_axes, label=f"counts ({scale})")
+    instances = [int(i) for i in np.unique(tlm_labels) if i]
+    for window_index, window in enumerate(ndimage.find_objects(tlm_labels.astype(np.int64))):
+        instance = window_index + 1
+        if window is not None and instance in instances:
+            _outline(axes, window[0].start, window[1].start, tlm_labels[window] == instance, "orange", linewidth=1.2)
+    if ssl_mask.any():
+        axes.contour(ssl_mask > 0, levels=[0.5], colors=["cyan"], linewidths=0.8)
+    for (x0, y0, x1, y1), score, instance in zip(detections.boxes.tolist(), detections.scores.tolist(), detections.instance_ids.tolist()):
+        axes.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="yellow", linewidth=0.9))
+        axes.text(x0, y0 - 1, f"{instance}: {score:.2f}", color="yellow", fontsize=8, va="bottom", path_effects=_READABLE)
+    where = "" if axis_name == "frame" else f", {axis_name} = {axis_values[0]:.6g}"
+    figure.suptitle(f"{scan_name(store_path)} frame {frame}{where} ({scale} scale)", fontsize=12)
+    axes.set_title(f"TLM: {len(instances)} instance outlines (orange), {len(detections.scores)} boxes with scores (yellow); "
+                   f"SSLM mask outline (cyan)", fontsize=9)
+    axes.set_xlabel("x (pixel)")
+    axes.set_ylabel("y (pixel)")
+    return _save(figure, out)
+
+
+def busiest_frame(store_path: Path) -> tuple[int, str]:
+    """The done frame with the most peak pixels in `volume/labels` (the brightest raw frame if none has any), and why."""
+    store_path = Path(store_path)
+    group = open_scan_store(store_path)
+    frames = done_frames(group)
+    if not frames.size:
+        raise StoreError(f"{store_path.name}: no frame is done yet")
+    volume = group["volume/labels"]
+    counts = [int(np.count_nonzero(volume[frame])) for frame in frames.tolist()]
+    best = int(np.argmax(counts))
+    if counts[best] > 0:
+        return int(frames[best]), f"the most peak pixels ({counts[best]})"
+    with raw_frames(store_path, group) as dataset:
+        maxima = [float(read_raw_frame(dataset, frame).max()) for frame in frames.tolist()]
+    best = int(np.argmax(maxima))
+    return int(frames[best]), f"no peak pixels in any frame; the brightest raw frame (max {maxima[best]:.0f} counts)"
+
+
+# -- the static 3D picture of the peak volume ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VolumeSample:
+    """Voxels of the 3D peaks, every `stride`-th one in frame order (so the sample stays small)."""
+
+    frame: np.ndarray
+    y: np.ndarray
+    x: np.ndarray
+    peak_id: np.ndarray
+    stride: int
+    voxels_total: int
+    peak_ids: list[int]  # every 3D peak id in the done frames, also those the sample skipped
+
+
+def sample_volume(store_path: Path, max_points: int = MAX_VOLUME_POINTS) -> VolumeSample:
+    """Every `stride`-th peak voxel of the done frames; the stride doubles whenever the sample outgrows `max_points`."""
+    group = open_scan_store(Path(store_path))
+    volume = group["volume/labels"]
+    parts: list[np.ndarray] = []  # rows of (frame, y, x, id), for voxel numbers 0, stride, 2 * stride, ...
+    kept, stride, total = 0, 1, 0
+    ids: set[int] = set()
+    for frame in done_frames(group).tolist():
+        labels = volume[frame]
+        ys, xs = np.nonzero(labels)
+        if not ys.size:
+            continue
+        take = (np.arange(total, total + ys.size) % stride) == 0
+        ids.update(np.unique(labels[ys, xs]).tolist())
+        rows = np.stack([np.full(ys.size, frame), ys, xs, labels[ys, xs]], axis=1).astype(np.int64)[take]
+        parts.append(rows)
+        kept += rows.shape[0]
+        total += ys.size
+        while kept > max_points:  # voxel numbers that are multiples of 2 * stride: every other row kept so far
+            merged = np.concatenate(parts)[::2]
+            parts, kept, stride = [merged], merged.shape[0], stride * 2
+    rows = np.concatenate(parts) if parts else np.zeros((0, 4), np.int64)
+    return VolumeSample(rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3], stride, total, sorted(ids))
+
+
+def draw_volume(store_path: Path, out: Path | None = None) -> Path:
+    """A static 3D scatter of the peak voxels (frame, y, x), coloured by peak id: the viewer without napari."""
+    store_path = Path(store_path)
+    group = open_scan_store(store_path)
+    sample = sample_volume(store_path)
+    n_frames, height, width = group["volume/labels"].shape
+    figure = _new_figure(VOLUME_FIGSIZE)
+    axes = figure.add_subplot(projection="3d")
+    if sample.frame.size:
+        for peak_id in np.unique(sample.peak_id).tolist():
+            here = sample.peak_id == peak_id
+            label = f"peak {peak_id}" if peak_id in sample.peak_ids[:MAX_CURVES] else None
+            axes.scatter(sample.x[here], sample.frame[here], sample.y[here], color=_colour(peak_id), s=2, depthshade=False, label=label)
+        more = f" (first {MAX_CURVES} of {len(sample.peak_ids)})" if len(sample.peak_ids) > MAX_CURVES else ""
+        axes.legend(loc="upper left", fontsize=8, frameon=False, markerscale=4, title=f"3D peak id{more}")
+    else:
+        axes.text2D(0.5, 0.5, "no peaks found", transform=axes.transAxes, ha="center", fontsize=12)
+    axes.set_xlim(0, width)
+    axes.set_ylim(0, max(n_frames - 1, 1))
+    axes.set_zlim(height, 0)  # detector row 0 at the top, as in the frame pictures
+    axes.set_xlabel("x (pixel)")
+    axes.set_ylabel("frame")
+    axes.set_zlabel("y (pixel)")
+    peaks = len(sample.peak_ids)
+    drawn = "" if sample.stride == 1 else f", every {sample.stride}th voxel drawn"
+    figure.suptitle(f"{scan_name(store_path)}: 3D peaks ({peaks} ids, {sample.voxels_total} voxels{drawn})", fontsize=12)
+    return _save(figure, out if out is not None else output_path(store_path, ".volume3d.png"))

@@ -1,0 +1,326 @@
+"""The quick-look PNG and the frame overlay, on stores made by the real pipeline from a simulated scan.
+
+The pipeline runs on untrained weights here, so its own masks are not peaks; a copy of its store
+gets the simulator's ground-truth labels instead, so that the peaks, their footprints and their
+rocking curves are known and can be checked against a direct numpy computation. The stores are
+built once per test session (cached under pytest's session temp dir) and shared with
+test_view.py and test_readme_outputs.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import zarr
+from PIL import Image
+from scipy import ndimage
+
+from pipeline.quicklook import (
+    DPI,
+    OVERLAY_FIGSIZE,
+    QUICKLOOK_FIGSIZE,
+    StoreError,
+    quicklook_data,
+    quicklook_title,
+    sample_volume,
+    save_frame_overlay,
+    write_quicklook,
+)
+from pipeline.simulate import ScanPlan, write_scan
+from pipeline.volume import VolumeLinker
+from tests.conftest import write_config
+
+N_FRAMES = 8
+SCAN = "ql-scan"
+DETECTION_COLUMNS = {"frame": "int64", "x0": "float32", "y0": "float32", "x1": "float32", "y1": "float32", "score": "float32",
+                     "instance_id": "uint16"}
+
+
+@dataclass(frozen=True)
+class BuiltScan:
+    nxs: Path
+    store: Path  # the real pipeline's store, beside the scan
+    truth: Path  # the simulator's <scan>.truth.h5
+    config: Path
+
+
+def _store_status(store: Path) -> str | None:
+    try:
+        return json.loads((store / "zarr.json").read_text())["attributes"].get("status")
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def build_processed_scan(directory: Path, weights: dict[str, Path]) -> BuiltScan:
+    """A simulated gda9 scan (2 peaks) run through `pipeline process`; reused if an earlier test already built it."""
+    plan = ScanPlan(directory=directory / "scans", name=SCAN, layout="gda9", n_frames=N_FRAMES, rate_hz=100.0, seed=4, n_peaks=2)
+    built = BuiltScan(plan.nxs_path, plan.nxs_path.with_suffix(".zarr"), plan.truth_path, directory / "config.yaml")
+    if _store_status(built.store) == "complete":
+        return built
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    write_config(built.config, weights)
+    write_scan(plan)
+    result = subprocess.run([sys.executable, "-m", "pipeline", "process", "--config", str(built.config), str(built.nxs)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert _store_status(built.store) == "complete"
+    return built
+
+
+def read_raw(store: Path) -> np.ndarray:
+    """All raw frames of the (small) test scan, straight from the source file the store names."""
+    group = zarr.open_group(store, mode="r", use_consolidated=False)
+    with h5py.File(group.attrs["source_file"], "r", locking=False) as handle:
+        return handle[group.attrs["source_dataset"]][()]
+
+
+def read_truth(truth: Path) -> np.ndarray:
+    with h5py.File(truth, "r", locking=False) as handle:
+        return handle["labels"][()].astype(np.uint32)
+
+
+def make_truth_store(built: BuiltScan, directory: Path) -> Path:
+    """A copy of the pipeline's store whose masks, detections and peaks table come from the ground truth."""
+    store = directory / f"{SCAN}.zarr"
+    if _store_status(store) == "complete" and (directory / "ready").exists():
+        return store
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    shutil.copytree(built.store, store)
+    truth = read_truth(built.truth)
+    raw = read_raw(store)
+    group = zarr.open_group(store, mode="r+", use_consolidated=False)
+    group["volume/labels"][:] = truth
+    group["tlm/labels"][:] = truth.astype(np.uint16)
+    group["ssl/mask"][:] = np.stack([ndimage.binary_dilation(t > 0, iterations=2) for t in truth]).astype(np.uint8)
+    rows = [(frame, window[1].start, window[0].start, window[1].stop, window[0].stop, 0.5 + 0.1 * k, k + 1)
+            for frame in range(N_FRAMES)
+            for k, window in enumerate(ndimage.find_objects(truth[frame].astype(np.int64))) if window is not None]
+    table = np.array(rows, dtype=np.float64).reshape(-1, len(DETECTION_COLUMNS))
+    for index, (name, dtype) in enumerate(DETECTION_COLUMNS.items()):
+        group["tlm/detections"].create_array(name, data=table[:, index].astype(dtype), dimension_names=("row",), overwrite=True)
+    linker = VolumeLinker()  # the pipeline's own peaks table for these labels: an independent sum to compare with
+    axis = group["frames/axis"][:]
+    for frame in range(N_FRAMES):
+        linker.record(frame, truth[frame], raw[frame], float(axis[frame]))
+    for name, values in linker.table().items():
+        group["peaks"].create_array(name, data=values, dimension_names=("row",), overwrite=True)
+    with warnings.catch_warnings():  # zarr warns that consolidated metadata is not in the v3 spec (yet)
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(store)
+    (directory / "ready").touch()
+    return store
+
+
+@pytest.fixture(scope="session")
+def processed_scan(tmp_path_factory, untrained_weights) -> BuiltScan:
+    return build_processed_scan(tmp_path_factory.getbasetemp() / "quicklook-scan", untrained_weights)
+
+
+@pytest.fixture(scope="session")
+def truth_store(tmp_path_factory, processed_scan) -> Path:
+    return make_truth_store(processed_scan, tmp_path_factory.getbasetemp() / "quicklook-truth")
+
+
+def copy_store(store: Path, directory: Path) -> Path:
+    """A private copy for a test that changes it."""
+    copy = directory / store.name
+    shutil.copytree(store, copy)
+    return copy
+
+
+def png_size(figsize: tuple[float, float]) -> tuple[int, int]:
+    return round(figsize[0] * DPI), round(figsize[1] * DPI)
+
+
+def assert_picture(path: Path, size: tuple[int, int]) -> None:
+    """A real PNG of the expected size, with something drawn on it."""
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        assert image.size == size
+        grey = np.asarray(image.convert("L"), dtype=np.float64)
+    assert grey.std() > 20, f"{path.name} looks blank (std {grey.std():.1f})"
+
+
+# -- the quick look ---------------------------------------------------------------------------
+
+
+def test_quicklook_values_equal_a_direct_computation(truth_store, processed_scan):
+    data = quicklook_data(truth_store)
+    truth = read_truth(processed_scan.truth)
+    raw = np.clip(read_raw(truth_store).astype(np.float64), 0, None)  # dead pixels (-2) count as 0
+
+    assert data.scan == SCAN and data.status == "complete"
+    assert data.frames.tolist() == list(range(N_FRAMES))
+    assert data.axis_name == "eta"
+    np.testing.assert_allclose(data.axis_values, 10.0 + 0.02 * np.arange(N_FRAMES))
+    np.testing.assert_array_equal(data.projection, raw.max(axis=0))
+
+    truth_ids = sorted(int(i) for i in np.unique(truth) if i)
+    assert truth_ids and data.peak_ids == truth_ids
+    for peak_id in truth_ids:
+        in_peak = truth == peak_id
+        frames = np.flatnonzero(in_peak.any(axis=(1, 2)))
+        curve = data.curves[peak_id]
+        assert curve.frames.tolist() == frames.tolist()
+        np.testing.assert_allclose(curve.sums, [raw[f][in_peak[f]].sum() for f in frames])
+        np.testing.assert_allclose(curve.axis_values, 10.0 + 0.02 * frames)
+        footprint = data.footprints[peak_id]
+        projected = in_peak.any(axis=0)
+        ys, xs = np.nonzero(projected)
+        assert (footprint.y0, footprint.x0) == (ys.min(), xs.min())
+        np.testing.assert_array_equal(footprint.mask, projected[ys.min():ys.max() + 1, xs.min():xs.max() + 1])
+
+    peaks = zarr.open_group(truth_store, mode="r", use_consolidated=False)["peaks"]  # the 3D linker's own sums
+    for peak_id, intensity in zip(peaks["id"][:].tolist(), peaks["intensity_sum"][:].tolist()):
+        assert data.curves[peak_id].total == pytest.approx(intensity)
+
+
+def test_quicklook_png_beside_the_store(truth_store):
+    path = write_quicklook(truth_store)
+    assert path == truth_store.parent / f"{SCAN}.quicklook.png"
+    assert_picture(path, png_size(QUICKLOOK_FIGSIZE))
+    assert quicklook_title(quicklook_data(truth_store)) == f"{SCAN}: complete, 2 peaks"
+
+
+def test_quicklook_of_the_pipeline_store_matches_its_peaks_table(processed_scan):
+    data = quicklook_data(processed_scan.store)
+    peaks = zarr.open_group(processed_scan.store, mode="r", use_consolidated=False)["peaks"]
+    assert data.peak_ids == sorted(peaks["id"][:].tolist())
+    for peak_id, intensity in zip(peaks["id"][:].tolist(), peaks["intensity_sum"][:].tolist()):
+        assert data.curves[peak_id].total == pytest.approx(intensity)
+    assert_picture(write_quicklook(processed_scan.store, processed_scan.store.parent / "pipeline-store.png"), png_size(QUICKLOOK_FIGSIZE))
+
+
+def test_quicklook_with_no_peaks(truth_store, tmp_path):
+    store = copy_store(truth_store, tmp_path)
+    zarr.open_group(store, mode="r+", use_consolidated=False)["volume/labels"][:] = 0
+    data = quicklook_data(store)
+    assert data.curves == {} and data.footprints == {}
+    assert quicklook_title(data) == f"{SCAN}: complete, no peaks found"
+    assert data.projection.max() > 0  # the raw counts are still there to look at
+    assert_picture(write_quicklook(store), png_size(QUICKLOOK_FIGSIZE))
+
+
+def test_quicklook_of_a_running_scan_uses_done_frames_only(truth_store, processed_scan, tmp_path):
+    store = copy_store(truth_store, tmp_path)
+    group = zarr.open_group(store, mode="r+", use_consolidated=False)
+    group["frames/done"][4:] = 0
+    group.attrs["status"] = "running"
+    data = quicklook_data(store)
+    assert data.frames.tolist() == [0, 1, 2, 3]
+    assert quicklook_title(data).startswith(f"{SCAN}: running, 4/{N_FRAMES} frames done, ")
+    truth = read_truth(processed_scan.truth)[:4]
+    raw = np.clip(read_raw(store)[:4].astype(np.float64), 0, None)
+    np.testing.assert_array_equal(data.projection, raw.max(axis=0))
+    for peak_id, curve in data.curves.items():
+        assert curve.frames.max() < 4
+        np.testing.assert_allclose(curve.sums, [raw[f][truth[f] == peak_id].sum() for f in curve.frames])
+    assert_picture(write_quicklook(store), png_size(QUICKLOOK_FIGSIZE))
+
+
+def test_quicklook_without_a_scan_axis_uses_the_frame_index(truth_store, tmp_path):
+    store = copy_store(truth_store, tmp_path)
+    zarr.open_group(store, mode="r+", use_consolidated=False)["frames/axis"][2] = np.nan
+    data = quicklook_data(store)
+    assert data.axis_name == "frame"
+    assert data.axis_values.tolist() == list(range(N_FRAMES))
+
+
+def test_raw_file_found_after_scan_and_store_moved_together(truth_store, processed_scan, tmp_path):
+    store = copy_store(truth_store, tmp_path)
+    shutil.copytree(processed_scan.nxs.parent / f"{SCAN}-pilatus3_100k-files", tmp_path / f"{SCAN}-pilatus3_100k-files")
+    group = zarr.open_group(store, mode="r+", use_consolidated=False)
+    group.attrs.update({"source_nexus": "/beamline/old/place/ql-scan.nxs",
+                        "source_file": f"/beamline/old/place/{SCAN}-pilatus3_100k-files/{SCAN}.hdf"})
+    assert quicklook_data(store).peak_ids == [1, 2]
+    shutil.rmtree(tmp_path / f"{SCAN}-pilatus3_100k-files")
+    with pytest.raises(StoreError, match="raw file .* not found"):
+        quicklook_data(store)
+
+
+def test_not_a_store_is_one_clear_error(tmp_path):
+    with pytest.raises(StoreError, match="not a Zarr store"):
+        quicklook_data(tmp_path / "missing.zarr")
+    bare = tmp_path / "failed.zarr"
+    zarr.open_group(bare, mode="w").attrs.update({"status": "failed", "end_reason": "no detector dataset"})
+    with pytest.raises(StoreError, match="nothing to show .status failed: no detector dataset"):
+        quicklook_data(bare)
+
+
+# -- the frame overlay and the 3D sample ---------------------------------------------------------
+
+
+def test_frame_overlay_log_and_linear(truth_store, tmp_path):
+    log_png = save_frame_overlay(truth_store, 3, tmp_path / "log.png")
+    linear_png = save_frame_overlay(truth_store, 3, tmp_path / "linear.png", scale="linear")
+    for path in (log_png, linear_png):
+        assert_picture(path, png_size(OVERLAY_FIGSIZE))
+    with Image.open(log_png) as a, Image.open(linear_png) as b:
+        assert np.asarray(a).tobytes() != np.asarray(b).tobytes()
+
+
+def test_frame_overlay_rejects_bad_frames(truth_store, tmp_path):
+    with pytest.raises(ValueError, match=f"frame {N_FRAMES} is out of range .the store has frames 0..{N_FRAMES - 1}.") as error:
+        save_frame_overlay(truth_store, N_FRAMES, tmp_path / "x.png")
+    assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match="out of range"):
+        save_frame_overlay(truth_store, -1, tmp_path / "x.png")
+    store = copy_store(truth_store, tmp_path)
+    zarr.open_group(store, mode="r+", use_consolidated=False)["frames/done"][5] = 0
+    with pytest.raises(ValueError, match="frame 5 is not done yet"):
+        save_frame_overlay(store, 5, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="scale must be"):
+        save_frame_overlay(truth_store, 1, tmp_path / "x.png", scale="sqrt")  # type: ignore[arg-type]
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_volume_sample_keeps_every_stride_th_voxel(truth_store, processed_scan):
+    truth = read_truth(processed_scan.truth)
+    voxels = int(np.count_nonzero(truth))
+    everything = sample_volume(truth_store, max_points=10 * voxels)
+    assert everything.stride == 1 and everything.frame.size == voxels and everything.voxels_total == voxels
+    sample = sample_volume(truth_store, max_points=voxels // 10)
+    assert sample.stride > 1 and 0 < sample.frame.size <= voxels // 10
+    assert sample.voxels_total == voxels and sample.peak_ids == [1, 2]
+    frames, ys, xs = np.nonzero(truth)  # C order = the order the sampler walks frames and pixels
+    np.testing.assert_array_equal(sample.frame, frames[::sample.stride])
+    np.testing.assert_array_equal(sample.peak_id, truth[frames, ys, xs][::sample.stride])
+
+
+def test_a_zarr_array_or_damaged_store_is_one_clear_error(tmp_path):
+    zarr.create_array(tmp_path / "array.zarr", shape=(2,), dtype="int32")
+    with pytest.raises(StoreError, match="not a scan store"):
+        quicklook_data(tmp_path / "array.zarr")
+    (tmp_path / "damaged.zarr").mkdir()
+    (tmp_path / "damaged.zarr" / "zarr.json").write_text("{not json")
+    with pytest.raises(StoreError, match="not a scan store"):
+        quicklook_data(tmp_path / "damaged.zarr")
+
+
+def test_quicklook_with_many_peaks(truth_store, tmp_path):
+    """More peaks than are outlined or get a curve: still one readable picture, and every peak in the data."""
+    store = copy_store(truth_store, tmp_path)
+    volume = zarr.open_group(store, mode="r+", use_consolidated=False)["volume/labels"]
+    n_peaks = 45
+    for frame in range(N_FRAMES):
+        labels = np.zeros(volume.shape[1:], dtype=np.uint32)
+        for peak in range(n_peaks):
+            y, x = 10 + 40 * (peak % 4), 10 + 10 * peak
+            labels[y:y + 6 + frame, x:x + 5] = peak + 1
+        volume[frame] = labels
+    data = quicklook_data(store)
+    assert data.peak_ids == list(range(1, n_peaks + 1))
+    assert all(curve.frames.tolist() == list(range(N_FRAMES)) for curve in data.curves.values())
+    assert data.footprints[1].mask.shape == (6 + N_FRAMES - 1, 5)  # grown frame by frame
+    assert_picture(write_quicklook(store), png_size(QUICKLOOK_FIGSIZE))

@@ -1,0 +1,102 @@
+"""Every ```python snippet of the README's "Reading the outputs" section runs on a real finished store.
+
+The section lives in README.md once pasted there (under "## Reading the outputs"), and in
+docs/reading-outputs.md until then. Each snippet's first line must be `store = "..."`; the test
+puts a real store's path there, runs the snippet, and checks what it produced. dask and pandas are
+in the project's test dependencies, so every snippet runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.volume import PEAK_COLUMNS
+from tests.test_quicklook import N_FRAMES, processed_scan, truth_store  # noqa: F401 (fixtures)
+
+REPO = Path(__file__).resolve().parents[1]
+HEADING = "## Reading the outputs"
+FIRST_LINE = re.compile(r'^store = "[^"]*"$')
+
+
+def section_text() -> tuple[Path, str]:
+    """The section from README.md if it is there, else the docs file it is pasted from."""
+    for path in (REPO / "README.md", REPO / "docs" / "reading-outputs.md"):
+        if not path.is_file():
+            continue
+        lines = path.read_text().splitlines()
+        if HEADING in lines:
+            start = lines.index(HEADING) + 1
+            end = next((i for i in range(start, len(lines)) if lines[i].startswith("## ")), len(lines))
+            return path, "\n".join(lines[start:end])
+    raise AssertionError(f"no '{HEADING}' section in README.md or docs/reading-outputs.md")
+
+
+def snippets() -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", section_text()[1], flags=re.S | re.M)
+
+
+SNIPPETS = snippets()
+
+
+def test_the_section_has_snippets_for_each_way_in():
+    text = "\n".join(SNIPPETS)
+    assert len(SNIPPETS) >= 5
+    for needed in ("use_consolidated=False", "frames/done", "xr.open_zarr", "dask.array", "peaks", "pandas"):
+        assert needed in text, needed
+    for snippet in SNIPPETS:
+        assert FIRST_LINE.match(snippet.splitlines()[0]), snippet.splitlines()[0]
+
+
+def check_results(namespace: dict) -> list[str]:
+    """Assert what a snippet's variables should hold; returns what was checked."""
+    import xarray as xr
+
+    checked = []
+    for name, value in namespace.items():
+        if isinstance(value, xr.Dataset) and "peak_id" in value:
+            assert value["peak_id"].dims == ("frame", "y", "x")
+            assert value.sizes["y"] == 195 and value.sizes["x"] == 487
+            checked.append(name)
+        elif hasattr(xr, "DataTree") and isinstance(value, xr.DataTree):
+            assert value["volume"]["labels"].dims == ("frame", "y", "x")
+            assert value["tlm"]["labels"].sizes["frame"] == N_FRAMES
+            checked.append(name)
+    if "final" in namespace:
+        assert namespace["final"].sizes["frame"] == N_FRAMES  # a finished scan: every frame done
+    if "peak_pixels" in namespace:
+        assert np.asarray(namespace["peak_pixels"]).shape == (N_FRAMES,)
+        checked.append("peak_pixels")
+    peaks = namespace.get("peaks")
+    if isinstance(peaks, dict):
+        assert set(peaks) == set(PEAK_COLUMNS) and all(isinstance(v, np.ndarray) for v in peaks.values())
+        checked.append("peaks")
+    elif peaks is not None and hasattr(peaks, "columns"):  # a pandas DataFrame
+        assert set(peaks.columns) | {peaks.index.name} == set(PEAK_COLUMNS)
+        checked.append("peaks")
+    if "raw" in namespace:
+        assert namespace["raw"].shape == (195, 487)
+        checked.append("raw")
+    return checked
+
+
+@pytest.mark.parametrize("which", ["pipeline", "truth"])
+@pytest.mark.parametrize("index", range(len(SNIPPETS)))
+def test_snippet_runs_on_a_finished_store(index, which, processed_scan, truth_store):
+    """On the pipeline's own store (untrained models: few or no peaks) and on its ground-truth copy (2 peaks)."""
+    store = processed_scan.store if which == "pipeline" else truth_store
+    lines = SNIPPETS[index].splitlines()
+    code = "\n".join([f"store = {str(store)!r}", *lines[1:]])
+    namespace: dict = {}
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        exec(compile(code, f"snippet {index + 1} of {section_text()[0].name}", "exec"), namespace)
+    assert output.getvalue().strip(), "the snippet printed nothing"
+    assert check_results(namespace), f"nothing recognisable to check after snippet {index + 1}"
+    if which == "truth" and "n_peaks" in namespace:
+        assert namespace["n_peaks"] == 2
