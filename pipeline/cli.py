@@ -193,6 +193,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- keys ------------------------------------------------------------------------------------
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from pipeline.security import generate_keys
+
+    if not args.name.replace("-", "").replace("_", "").isalnum():
+        raise UserError(f"key name {args.name!r}: use letters, digits, '-' and '_' only")
+    public, secret = generate_keys(args.out, args.name)
+    print(f"public key (share; put workers' keys in the daemon's workers.authorized_keys directory): {public}")
+    print(f"secret key (keep private; set as workers.curve_secret_key): {secret}")
+    return 0
+
+
 # -- the parser ------------------------------------------------------------------------------
 
 
@@ -234,6 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--endpoint", help="the daemon's control endpoint (default: daemon.control)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=cmd_status)
+
+    keys = sub.add_parser("keys", help="CurveZMQ key pairs for authenticating workers")
+    keys_sub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    generate = keys_sub.add_parser("generate", help="make a key pair: NAME.key (public) and NAME.key_secret")
+    generate.add_argument("name", help="e.g. daemon, or the worker's host name")
+    generate.add_argument("--out", type=Path, default=Path("keys"), help="directory for the key files (default ./keys)")
+    generate.set_defaults(func=cmd_keys)
 
     from pipeline import bench, demo, simulate, view
     from pipeline.models import commands as model_commands

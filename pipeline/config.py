@@ -53,6 +53,9 @@ class WorkerSettings(Strict):
     heartbeat_s: float = Field(1.0, gt=0)
     timeout_s: float = Field(30.0, gt=0)  # a worker silent this long is dead; its frames go elsewhere
     threads: int = Field(0, ge=0)  # torch threads per worker, 0 = torch's default
+    curve_secret_key: Path | None = None  # set to require CurveZMQ: this side's `.key_secret` file
+    authorized_keys: Path | None = None  # daemon: directory of workers' public `.key` files
+    server_public_key: Path | None = None  # remote worker: the daemon's public `.key` file
 
     @field_validator("device")
     @classmethod
@@ -144,6 +147,10 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     data["watch"]["dirs"] = [resolve(Path(p)) for p in data["watch"]["dirs"]]
     data["output"]["root"] = resolve(data["output"]["root"])
     data["daemon"]["log_file"] = resolve(data["daemon"]["log_file"])
+    for key in ("curve_secret_key", "authorized_keys", "server_public_key"):
+        data["workers"][key] = resolve(data["workers"][key])
+        if data["workers"][key] is not None and not data["workers"][key].exists():
+            raise ConfigError(f"workers.{key}: not found: {data['workers'][key]}")
     for model in ("tlm", "sslm"):
         weights = data["models"][model]["weights"]
         data["models"][model]["weights"] = resolve(weights)

@@ -25,6 +25,7 @@ import zmq
 
 from pipeline import wire
 from pipeline.config import WorkerSettings
+from pipeline.security import CurveServer
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,9 @@ class Dispatcher:
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._socket.setsockopt(zmq.MAXMSGSIZE, 64 * 1024 * 1024)  # a hostile peer cannot make us buffer more
+        self._curve = CurveServer(settings, self.context) if settings.curve_secret_key is not None else None
+        if self._curve is not None:
+            self._curve.apply(self._socket)
         self._socket.bind(settings.bind)
         self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._thread = threading.Thread(target=self._loop, name="dispatch", daemon=True)
@@ -139,6 +143,8 @@ class Dispatcher:
             for identity in list(self.workers):
                 self._send(identity, wire.encode_control(wire.STOP))
             self._socket.close(linger=200)
+            if self._curve is not None:
+                self._curve.stop()
 
     def _send(self, identity: bytes, parts: list[bytes]) -> bool:
         try:

@@ -18,7 +18,8 @@ import numpy as np
 import zmq
 
 from pipeline import wire
-from pipeline.config import Config
+from pipeline.config import Config, WorkerSettings
+from pipeline.security import apply_client
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +38,9 @@ def resolve_device(device: str) -> str:
 class _Link(threading.Thread):
     """The socket's thread: moves frames into `inbox` and results from `outbox` onto the wire."""
 
-    def __init__(self, endpoint: str, hello: dict, heartbeat_s: float, inbox: queue.Queue, outbox: queue.Queue) -> None:
+    def __init__(self, endpoint: str, hello: dict, settings: WorkerSettings, inbox: queue.Queue, outbox: queue.Queue) -> None:
         super().__init__(name="worker-link", daemon=True)
-        self.endpoint, self.hello, self.heartbeat_s = endpoint, hello, heartbeat_s
+        self.endpoint, self.hello, self.settings = endpoint, hello, settings
         self.inbox, self.outbox = inbox, outbox
         self.stopping = threading.Event()  # the daemon said stop, or we are shutting down
         self.closed = threading.Event()
@@ -49,6 +50,7 @@ class _Link(threading.Thread):
         sock = context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 2000)
         sock.setsockopt(zmq.MAXMSGSIZE, 64 * 1024 * 1024)
+        apply_client(sock, self.settings)
         sock.connect(self.endpoint)
         sock.send_multipart(wire.encode_control(wire.HELLO, self.hello))
         last_beat = time.monotonic()
@@ -62,7 +64,7 @@ class _Link(threading.Thread):
                 if self.closed.is_set() and self.outbox.empty():
                     sock.send_multipart(wire.encode_control(wire.BYE))
                     return
-                if time.monotonic() - last_beat >= self.heartbeat_s:
+                if time.monotonic() - last_beat >= self.settings.heartbeat_s:
                     sock.send_multipart(wire.encode_control(wire.HEARTBEAT, {"held": self.inbox.qsize()}))
                     last_beat = time.monotonic()
                 if sock.poll(20):
@@ -93,7 +95,7 @@ def run_worker(endpoint: str, config: Config, device: str = "auto", name: str | 
     inbox: queue.Queue[wire.FrameTask] = queue.Queue()
     outbox: queue.Queue[list[bytes]] = queue.Queue()
     hello = {"name": name, "pid": os.getpid(), "device": device, "n": settings.credit, "protocol": wire.PROTOCOL}
-    link = _Link(endpoint, hello, settings.heartbeat_s, inbox, outbox)
+    link = _Link(endpoint, hello, settings, inbox, outbox)
     link.start()
     log.info("worker %s on %s connected to %s", name, device, endpoint)
     try:

@@ -1,0 +1,76 @@
+"""CurveZMQ between the daemon and its workers: who may take frames, and who may send results.
+
+Off by default (sockets listen on localhost only). When `workers.curve_secret_key` is set, the
+daemon's worker socket is a CURVE server that accepts only the public keys in
+`workers.authorized_keys` (a directory of `*.key` files from `pipeline keys generate`) plus its
+own, which its local workers use. An unlisted peer fails the handshake: it is sent no frame and
+nothing it sends reaches the dispatcher.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from pipeline.config import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+
+def generate_keys(directory: Path, name: str) -> tuple[Path, Path]:
+    """A new key pair: `<name>.key` (public, to share) and `<name>.key_secret` (keep private)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    public, secret = zmq.auth.create_certificates(directory, name)
+    Path(secret).chmod(0o600)
+    return Path(public), Path(secret)
+
+
+def _keys(secret_file: Path) -> tuple[bytes, bytes]:
+    public, secret = zmq.auth.load_certificate(secret_file)
+    if secret is None:
+        raise ValueError(f"{secret_file}: holds no secret key (use the .key_secret file)")
+    return public, secret
+
+
+class CurveServer:
+    """Authentication for the daemon's worker socket; keeps its authenticator thread."""
+
+    def __init__(self, settings: WorkerSettings, context: zmq.Context) -> None:
+        self.public, self.secret = _keys(settings.curve_secret_key)
+        self._allowed = Path(tempfile.mkdtemp(prefix="pipeline-allowed-keys-"))
+        if settings.authorized_keys is not None:
+            for key in sorted(Path(settings.authorized_keys).glob("*.key")):
+                shutil.copy(key, self._allowed / key.name)
+        # the daemon's own public key, in ZeroMQ's certificate format, so its local workers get in
+        (self._allowed / "daemon-itself.key").write_text(f'metadata\ncurve\n    public-key = "{self.public.decode()}"\n')
+        allowed = len(zmq.auth.load_certificates(self._allowed))
+        self.authenticator = ThreadAuthenticator(context)
+        self.authenticator.start()
+        self.authenticator.configure_curve(domain="*", location=str(self._allowed))
+        log.info("CurveZMQ on: %d public key(s) allowed (the daemon's own included)", allowed)
+
+    def apply(self, sock: zmq.Socket) -> None:
+        sock.curve_secretkey = self.secret
+        sock.curve_publickey = self.public
+        sock.curve_server = True
+
+    def stop(self) -> None:
+        self.authenticator.stop()
+        shutil.rmtree(self._allowed, ignore_errors=True)
+
+
+def apply_client(sock: zmq.Socket, settings: WorkerSettings) -> None:
+    """A worker's side: its own keys, and the daemon's public key (its own, for local workers)."""
+    if settings.curve_secret_key is None:
+        return
+    public, secret = _keys(settings.curve_secret_key)
+    sock.curve_secretkey = secret
+    sock.curve_publickey = public
+    server_key = settings.server_public_key or settings.curve_secret_key
+    sock.curve_serverkey = zmq.auth.load_certificate(server_key)[0]

@@ -1,0 +1,121 @@
+"""CurveZMQ: with authentication on, only workers whose public keys are listed get frames, and
+nothing an unlisted peer sends is accepted."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+import zmq
+import zmq.auth
+
+from pipeline import wire
+from pipeline.config import WorkerSettings
+from pipeline.dispatch import Dispatcher
+from pipeline.models.prediction import FramePrediction
+from pipeline.security import apply_client
+
+
+def _client(endpoint: str, secret_file=None, server_public=None) -> zmq.Socket:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDTIMEO, 500)  # a peer whose handshake failed has nobody to send to
+    if secret_file is not None:
+        apply_client(sock, WorkerSettings(curve_secret_key=secret_file, server_public_key=server_public))
+    sock.connect(endpoint)
+    return sock
+
+
+def _try_send(sock: zmq.Socket, parts: list[bytes]) -> bool:
+    try:
+        sock.send_multipart(parts)
+        return True
+    except zmq.Again:
+        return False
+
+
+def test_keys_generate_writes_a_loadable_pair(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "pipeline", "keys", "generate", "beamline-node", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    public, secret = zmq.auth.load_certificate(tmp_path / "beamline-node.key_secret")
+    assert len(public) == 40 and len(secret) == 40
+    assert zmq.auth.load_certificate(tmp_path / "beamline-node.key") == (public, None)
+    assert (tmp_path / "beamline-node.key_secret").stat().st_mode & 0o077 == 0
+
+
+def test_only_listed_workers_get_frames_and_have_results_accepted(tmp_path):
+    from pipeline.security import generate_keys
+
+    _, daemon_secret = generate_keys(tmp_path / "daemon", "daemon")
+    daemon_public = tmp_path / "daemon" / "daemon.key"
+    allowed = tmp_path / "allowed"
+    generate_keys(allowed, "trusted")
+    _, stranger_secret = generate_keys(tmp_path / "elsewhere", "stranger")
+    trusted_secret = (allowed / "trusted.key_secret").rename(tmp_path / "trusted.key_secret")  # the daemon holds public keys only
+
+    results = []
+    settings = WorkerSettings(credit=2, curve_secret_key=daemon_secret, authorized_keys=allowed)
+    dispatcher = Dispatcher(settings, lambda d, r, e: results.append(r)).start()
+    stranger = _client(dispatcher.endpoint, stranger_secret, daemon_public)
+    plain = _client(dispatcher.endpoint)  # no CURVE at all
+    trusted = _client(dispatcher.endpoint, trusted_secret, daemon_public)
+    try:
+        for sock, name in ((stranger, "stranger"), (plain, "plain")):
+            _try_send(sock, wire.encode_control(wire.HELLO, {"name": name, "n": 2}))
+        for index in range(2):
+            dispatcher.submit("scan", index, np.full((4, 5), index, np.int32))
+        time.sleep(1.0)
+        assert dispatcher.stats()["workers"] == []  # neither handshake succeeded: no hello arrived
+        assert not stranger.poll(200) and not plain.poll(200)  # and no frame went out
+
+        trusted.send_multipart(wire.encode_control(wire.HELLO, {"name": "trusted", "n": 2}))
+        received = []
+        deadline = time.monotonic() + 10
+        while len(received) < 2 and time.monotonic() < deadline:
+            if trusted.poll(200):
+                received.append(wire.decode_frame(trusted.recv_multipart()))
+        assert sorted(t.frame for t in received) == [0, 1]
+        assert [w["name"] for w in dispatcher.stats()["workers"]] == ["trusted"]
+
+        # a stranger replaying the trusted worker's result is never heard
+        prediction = FramePrediction(np.zeros((4, 5), np.uint16), [], np.zeros((4, 5), np.uint8), np.zeros((4, 5), np.uint8))
+        reply = wire.encode_result(wire.FrameResult(received[0].task, "scan", received[0].frame, "x", prediction))
+        _try_send(stranger, reply)
+        time.sleep(0.5)
+        assert results == [] and dispatcher.stats()["rejected"] == 0
+        trusted.send_multipart(reply)
+        deadline = time.monotonic() + 5
+        while not results and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(results) == 1 and results[0].frame == received[0].frame
+    finally:
+        for sock in (stranger, plain, trusted):
+            sock.close(linger=0)
+        dispatcher.stop()
+
+
+def test_daemon_with_curve_on_serves_its_own_local_workers(tmp_path, untrained_weights):
+    from pipeline.config import load_config
+    from pipeline.daemon import Daemon
+    from pipeline.security import generate_keys
+    from pipeline.simulate import ScanPlan, write_scan
+    from pipeline.sink import open_live
+    from tests.conftest import write_config
+
+    _, secret = generate_keys(tmp_path / "keys", "daemon")
+    config = load_config(write_config(tmp_path / "c.yaml", untrained_weights, workers={"curve_secret_key": str(secret)},
+                                      follow={"idle_timeout_s": 2.0}))
+    plan = ScanPlan(directory=tmp_path, name="curve", layout="nexus", n_frames=4, rate_hz=100.0, seed=3)
+    write_scan(plan)
+    daemon = Daemon(config, watch=False).start()
+    try:
+        daemon.add_scan(plan.nxs_path)
+        assert daemon.wait_idle(timeout=120)
+    finally:
+        daemon.shutdown()
+    store = open_live(plan.nxs_path.with_suffix(".zarr"))
+    assert store.attrs["status"] == "complete"
+    assert store["frames/done"][:].tolist() == [1, 1, 1, 1]
