@@ -100,6 +100,8 @@ class DaemonSettings(Strict):
     max_active_scans: int = Field(4, ge=1)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_file: Path | None = None
+    metrics_port: int | None = Field(None, ge=0, le=65535)  # Prometheus endpoint; None: off, 0: any free port
+    metrics_address: str = "127.0.0.1"
 
 
 class Config(Strict):

@@ -24,6 +24,7 @@ import zmq
 from pipeline import __version__
 from pipeline.config import Config
 from pipeline.dispatch import Dispatch, Dispatcher
+from pipeline.metrics import Metrics
 from pipeline.provenance import describe_models
 from pipeline.session import FrameDoneHook, ScanSession
 from pipeline.sink import STATUS_COMPLETE, STATUS_FAILED, store_path_for
@@ -62,6 +63,18 @@ class Daemon:
             threading.Thread(target=self._control_loop, name="control", daemon=True),
         ]
         self.provenance: dict[str, Any] = {"models": self._model_provenance(), "device": config.workers.device}
+        self.metrics: Metrics | None = None
+        self.metrics_port: int | None = None
+        if config.daemon.metrics_port is not None:
+            self.metrics = Metrics(self.status)
+            user_hook = on_frame_done
+
+            def both(scan: str, index: int, timings: dict[str, float]) -> None:
+                self.metrics.frame_done(scan, index, timings)
+                if user_hook is not None:
+                    user_hook(scan, index, timings)
+
+            self.on_frame_done = both
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -70,6 +83,9 @@ class Daemon:
         return describe_models(self.config.models)
 
     def start(self) -> "Daemon":
+        if self.metrics is not None:
+            self.metrics_port = self.metrics.serve(self.config.daemon.metrics_port, self.config.daemon.metrics_address)
+            log.info("Prometheus metrics on http://%s:%d/metrics", self.config.daemon.metrics_address, self.metrics_port)
         self.dispatcher.start()
         for thread in self._threads:
             thread.start()
@@ -252,3 +268,5 @@ class Daemon:
                 process.kill()
         if self._config_file is not None:
             self._config_file.unlink(missing_ok=True)
+        if self.metrics is not None:
+            self.metrics.stop()
