@@ -1,0 +1,259 @@
+"""Held-out evaluation of TLM, SSLM, their union and a classical baseline, on the same frames.
+
+The held-out set is made with another seed AND other generator settings than training
+(`HELD_OUT_SETTINGS`: a brighter diffuse background, more streaks and hot pixels), plus a few
+rocking scans for 3D recall. Figures, per method:
+
+- mean IoU: per frame, IoU of the binary peak mask against the truth mask; a frame whose truth
+  and prediction are both empty counts 1 (nothing to find, nothing claimed); then the mean.
+- instance precision / recall / F1 at IoU 0.5: predicted instances are TLM instances, or the
+  8-connected components (>= `MIN_COMPONENT_PX` pixels) of a mask for SSLM, union and baseline;
+  matched to truth peaks greedily by decreasing IoU, one-to-one, pairs with IoU >= 0.5.
+- 3D recall: per rocking scan the per-frame masks are linked into 3D components
+  (`JointPredictor.compile_volume`, 26-connectivity); a true 3D peak counts as found when one
+  component has voxel IoU >= 0.5 with it.
+- baseline: threshold on the normalised frame (`to_model_input`) + connected components, its
+  threshold tuned for mean IoU on training-distribution frames, never on the held-out set.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from pipeline import synth
+from pipeline.models.joint import JointPredictor
+from pipeline.preprocess import prepare
+
+MATCH_IOU = 0.5
+MIN_COMPONENT_PX = 5
+METHODS = ("tlm", "sslm", "union", "baseline")
+HELD_OUT_SETTINGS = synth.SynthSettings(
+    background=3.0, diffuse_amplitude=18.0, streak_probability=0.5, hot_pixels_mean=4.0, dead_pixel_fraction=1e-3
+)
+_EIGHT = np.ones((3, 3), dtype=bool)
+
+
+@dataclass
+class Tally:
+    """Running sums for one method."""
+
+    ious: list[float] = field(default_factory=list)
+    matched: int = 0
+    predicted: int = 0
+    truths: int = 0
+    found_3d: int = 0
+    peaks_3d: int = 0
+    components_3d: int = 0
+
+    def add_frame(self, predicted_instances: np.ndarray, truth: np.ndarray) -> None:
+        self.ious.append(mask_iou(predicted_instances > 0, truth > 0))
+        matched, predicted, truths = match_instances(predicted_instances, truth)
+        self.matched += matched
+        self.predicted += predicted
+        self.truths += truths
+
+    def summary(self) -> dict[str, float]:
+        precision = self.matched / self.predicted if self.predicted else 1.0
+        recall = self.matched / self.truths if self.truths else 1.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        return {
+            "mean_iou": float(np.mean(self.ious)) if self.ious else float("nan"),
+            "precision": precision, "recall": recall, "f1": f1,
+            "recall_3d": self.found_3d / self.peaks_3d if self.peaks_3d else float("nan"),
+            "frames": len(self.ious), "predicted_instances": self.predicted, "true_instances": self.truths,
+            "true_peaks_3d": self.peaks_3d, "predicted_components_3d": self.components_3d,
+        }
+
+
+def mask_iou(predicted: np.ndarray, truth: np.ndarray) -> float:
+    """IoU of two binary masks; 1.0 when both are empty."""
+    union = np.logical_or(predicted, truth).sum()
+    if union == 0:
+        return 1.0
+    return float(np.logical_and(predicted, truth).sum() / union)
+
+
+def components(mask: np.ndarray, min_pixels: int = MIN_COMPONENT_PX) -> np.ndarray:
+    """8-connected components of a binary mask as instance labels, dropping those under `min_pixels`."""
+    labels, count = ndimage.label(mask > 0, structure=_EIGHT)
+    if count == 0:
+        return labels
+    sizes = np.bincount(labels.ravel())
+    small = sizes < min_pixels
+    small[0] = False
+    labels[small[labels]] = 0
+    _, relabelled = np.unique(labels, return_inverse=True)
+    return relabelled.reshape(labels.shape)
+
+
+def pairwise_iou(predicted: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(IoU matrix [truth x predicted], truth ids, predicted ids) of two label images or volumes."""
+    truth_ids = np.unique(truth)
+    truth_ids = truth_ids[truth_ids > 0]
+    predicted_ids = np.unique(predicted)
+    predicted_ids = predicted_ids[predicted_ids > 0]
+    if len(truth_ids) == 0 or len(predicted_ids) == 0:
+        return np.zeros((len(truth_ids), len(predicted_ids))), truth_ids, predicted_ids
+    t_index = np.searchsorted(truth_ids, truth.ravel())
+    p_index = np.searchsorted(predicted_ids, predicted.ravel())
+    t_valid = truth.ravel() > 0
+    p_valid = predicted.ravel() > 0
+    both = t_valid & p_valid
+    overlap = np.zeros((len(truth_ids), len(predicted_ids)))
+    np.add.at(overlap, (t_index[both], p_index[both]), 1)
+    t_area = np.bincount(t_index[t_valid], minlength=len(truth_ids))
+    p_area = np.bincount(p_index[p_valid], minlength=len(predicted_ids))
+    union = t_area[:, None] + p_area[None, :] - overlap
+    return overlap / np.maximum(union, 1), truth_ids, predicted_ids
+
+
+def match_instances(predicted: np.ndarray, truth: np.ndarray, threshold: float = MATCH_IOU) -> tuple[int, int, int]:
+    """(matched, predicted count, truth count): greedy one-to-one matching by decreasing IoU >= threshold."""
+    ious, truth_ids, predicted_ids = pairwise_iou(predicted, truth)
+    matched = 0
+    if ious.size:
+        used_t, used_p = set(), set()
+        order = np.argsort(-ious, axis=None, kind="stable")
+        for flat in order:
+            t, p = divmod(int(flat), ious.shape[1])
+            if ious[t, p] < threshold:
+                break
+            if t in used_t or p in used_p:
+                continue
+            used_t.add(t)
+            used_p.add(p)
+            matched += 1
+    return matched, len(predicted_ids), len(truth_ids)
+
+
+def tune_baseline_threshold(seed: int = 0, frames: int = 48) -> float:
+    """The threshold on the normalised frame with the best mean IoU on training-distribution frames."""
+    from pipeline.models.train import training_frames
+
+    inputs, labels = [], []
+    for index in range(frames):
+        frame_inputs, frame_labels = training_frames(seed, 2_000_000 + index, 1)
+        inputs.append(frame_inputs[0])
+        labels.append(frame_labels[0])
+    candidates = np.round(np.arange(0.10, 0.60, 0.01), 3)
+    scores = [
+        np.mean([mask_iou(components(x > t) > 0, y > 0) for x, y in zip(inputs, labels)]) for t in candidates
+    ]
+    return float(candidates[int(np.argmax(scores))])
+
+
+def model_settings(config: Path | None, tlm: Path | None, sslm: Path | None) -> Any:
+    """The `models` section of `config` (default: the packaged config), with weights paths overridden."""
+    from pipeline.config import ModelSettings, load_config
+
+    settings = load_config(config).models if config is not None else ModelSettings()
+    data = settings.model_dump()
+    for name, path in (("tlm", tlm), ("sslm", sslm)):
+        if path is not None:
+            if not Path(path).is_file():
+                raise ValueError(f"{path}: weights file not found")
+            data[name]["weights"] = Path(path)
+    return ModelSettings.model_validate(data)
+
+
+def _instances(prediction: Any, method: str, threshold: float, frame_input: np.ndarray) -> np.ndarray:
+    if method == "tlm":
+        return prediction.tlm_labels
+    if method == "sslm":
+        return components(prediction.ssl_mask)
+    if method == "union":
+        return components((prediction.tlm_labels > 0) | (prediction.ssl_mask > 0))
+    return components(frame_input > threshold)
+
+
+def evaluate(
+    settings: Any, frames: int = 200, scans: int = 4, scan_frames: int = 30, seed: int = 12345,
+    device: str = "cpu", batch_size: int = 4, baseline_threshold: float | None = None,
+) -> dict[str, Any]:
+    """Figures for every method on the held-out set; see the module docstring for definitions."""
+    predictor = JointPredictor.from_settings(settings, device=device)
+    threshold = tune_baseline_threshold() if baseline_threshold is None else baseline_threshold
+    tallies = {method: Tally() for method in METHODS}
+    seconds = {"preprocess": 0.0, "tlm": 0.0, "sslm": 0.0}
+    timed_frames = 0
+    for start in range(0, frames, batch_size):
+        chunk = [
+            synth.training_sample(np.random.default_rng([seed, index]), HELD_OUT_SETTINGS)
+            for index in range(start, min(start + batch_size, frames))
+        ]
+        predictions = predictor.predict_batch(np.stack([counts for counts, _ in chunk]))
+        for (counts, truth), prediction in zip(chunk, predictions):
+            frame_input = prepare(counts)
+            for method in METHODS:
+                tallies[method].add_frame(_instances(prediction, method, threshold, frame_input), truth)
+            for stage in seconds:
+                seconds[stage] += prediction.timings.get(stage, 0.0)
+            timed_frames += 1
+    for scan_index in range(scans):
+        scan = synth.RockingScan(scan_frames, seed=seed + 1000 + scan_index, settings=HELD_OUT_SETTINGS)
+        counts_and_truth = [scan.frame(i) for i in range(scan_frames)]
+        predictions = list(predictor.predict_scan((c for c, _ in counts_and_truth), batch_size=batch_size))
+        truth_volume = np.stack([truth for _, truth in counts_and_truth])
+        for method in METHODS:
+            masks = [
+                _instances(prediction, method, threshold, prepare(counts)) > 0
+                for prediction, (counts, _) in zip(predictions, counts_and_truth)
+            ]
+            volume = JointPredictor.compile_volume(masks)
+            matched, predicted, truths = match_instances(volume, truth_volume)
+            tallies[method].found_3d += matched
+            tallies[method].peaks_3d += truths
+            tallies[method].components_3d += predicted
+    provenance = predictor.provenance()
+    return {
+        "held_out": {
+            "frames": frames, "seed": seed, "scans": scans, "scan_frames": scan_frames,
+            "scan_seeds": [seed + 1000 + i for i in range(scans)], "settings": asdict(HELD_OUT_SETTINGS),
+        },
+        "baseline_threshold": threshold,
+        "methods": {method: tally.summary() for method, tally in tallies.items()},
+        "seconds_per_frame": {stage: value / max(timed_frames, 1) for stage, value in seconds.items()},
+        "models": provenance,
+        "definitions": __doc__,
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The table `pipeline evaluate` prints."""
+    held = report["held_out"]
+    names = {
+        "tlm": "TLM", "sslm": "SSLM", "union": "joint (TLM | SSLM)",
+        "baseline": f"baseline (threshold {report['baseline_threshold']:.2f})",
+    }
+    any_method = report["methods"]["tlm"]
+    lines = [
+        f"held-out: {held['frames']} frames (seed {held['seed']}), {held['scans']} rocking scans x "
+        f"{held['scan_frames']} frames ({any_method['true_peaks_3d']} 3D peaks), settings differ from training",
+        f"{'method':<28} {'mean IoU':>8} {'precision':>9} {'recall':>7} {'F1':>6} {'3D recall':>9}",
+    ]
+    for method, summary in report["methods"].items():
+        lines.append(
+            f"{names[method]:<28} {summary['mean_iou']:>8.3f} {summary['precision']:>9.3f} "
+            f"{summary['recall']:>7.3f} {summary['f1']:>6.3f} {summary['recall_3d']:>9.3f}"
+        )
+    timing = report["seconds_per_frame"]
+    lines.append(
+        "seconds per frame: " + ", ".join(f"{stage} {value * 1000:.1f} ms" for stage, value in timing.items())
+    )
+    for name in ("tlm", "sslm"):
+        model = report["models"][name]
+        if model.get("enabled"):
+            lines.append(f"{name}: {model['weights']} sha256 {model['sha256'][:16]}...")
+    return "\n".join(lines)
+
+
+def write_json(report: dict[str, Any], path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=str) + "\n")

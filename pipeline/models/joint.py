@@ -1,0 +1,226 @@
+"""The joint predictor: both models on a frame, the contract the workers and users call.
+
+`predict_batch` is what workers run; DiPID's four user functions (predict an image, predict a
+scan, compile a 3D volume, save an overlay) are kept as typed methods. Predictions do not depend
+on how frames are batched (see `predict_batch`), so live and offline runs give the same store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from pipeline.models import sslm as sslm_module
+from pipeline.models import tlm as tlm_module
+from pipeline.models.card import (
+    DIPID_SSLM_PEAK_CHANNELS,
+    DIPID_TLM,
+    ModelCard,
+    WeightsError,
+    default_weights_path,
+    load_into,
+    load_weights,
+)
+from pipeline.models.prediction import FramePrediction
+from pipeline.preprocess import prepare
+
+if TYPE_CHECKING:
+    from pipeline.config import ModelSettings, SSLMSettings, TLMSettings
+
+FRAME_SHAPE = (195, 487)
+
+
+@dataclass(frozen=True)
+class LoadedWeights:
+    """Where a model came from and the settings it runs with."""
+
+    path: Path
+    sha256: str
+    card: ModelCard
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" -> cuda when available else cpu; "cpu", "cuda", "cuda:N" as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return torch.device(device)
+
+
+def load_tlm(settings: "TLMSettings") -> tuple[torch.nn.Module, LoadedWeights]:
+    """The TLM from the settings' weights (default: the shipped file), config values over the card."""
+    path = Path(settings.weights) if settings.weights is not None else default_weights_path("tlm")
+    state_dict, card, sha256 = load_weights(path)
+    if card is None:  # a DiPID checkpoint: DiPID's settings
+        card = ModelCard(architecture="tlm", notes="DiPID checkpoint without a card: DiPID's settings", **DIPID_TLM)
+    if card.architecture != "tlm":
+        raise WeightsError(f"{path}: holds a {card.architecture} model, not a TLM")
+    card = card.replace(
+        backbone=settings.backbone, min_size=settings.min_size, max_size=settings.max_size,
+        score_threshold=settings.score_threshold, nms_iou=settings.nms_iou,
+    )
+    try:
+        model = tlm_module.build_tlm(card)
+    except ValueError as error:
+        raise WeightsError(f"{path}: {error}") from None
+    load_into(path, model, state_dict)
+    return model.eval(), LoadedWeights(path, sha256, card)
+
+
+def load_sslm(settings: "SSLMSettings") -> tuple[torch.nn.Module, LoadedWeights]:
+    """The SSLM from the settings' weights (default: the shipped file), config peak channels over the card."""
+    path = Path(settings.weights) if settings.weights is not None else default_weights_path("sslm")
+    state_dict, card, sha256 = load_weights(path)
+    if card is None:
+        card = ModelCard(
+            architecture="sslm", peak_channels=list(DIPID_SSLM_PEAK_CHANNELS),
+            notes="DiPID checkpoint without a card: DiPID's peak channels",
+        )
+    if card.architecture != "sslm":
+        raise WeightsError(f"{path}: holds a {card.architecture} model, not an SSLM")
+    card = card.replace(peak_channels=settings.peak_channels)
+    model = sslm_module.SSLM()
+    load_into(path, model, state_dict)
+    bad = [c for c in card.peak_channels or [] if not 0 <= c < sslm_module.CHANNELS]
+    if bad:
+        raise WeightsError(f"{path}: peak channel {bad[0]} outside 0..{sslm_module.CHANNELS - 1}")
+    return model.eval(), LoadedWeights(path, sha256, card)
+
+
+class JointPredictor:
+    """TLM and SSLM together on raw frames; either may be disabled (its outputs are then zeros)."""
+
+    def __init__(
+        self,
+        tlm: torch.nn.Module | None = None,
+        tlm_weights: LoadedWeights | None = None,
+        sslm: torch.nn.Module | None = None,
+        sslm_weights: LoadedWeights | None = None,
+        device: str = "cpu",
+    ) -> None:
+        self.device = resolve_device(device)
+        if self.device.type == "cuda":  # no autotuned kernel choice: the same frame gives the same masks
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
+        self.tlm = None if tlm is None else tlm.to(self.device).eval()
+        self.sslm = None if sslm is None else sslm.to(self.device).eval()
+        self.tlm_weights = tlm_weights
+        self.sslm_weights = sslm_weights
+        self.peak_channels = list(sslm_weights.card.peak_channels or []) if sslm_weights else []
+
+    @classmethod
+    def from_settings(cls, settings: "ModelSettings", device: str = "cpu") -> "JointPredictor":
+        """Both models from the config's `models` section; a bad weights file raises one-line WeightsError."""
+        tlm, tlm_weights = load_tlm(settings.tlm) if settings.tlm.enabled else (None, None)
+        sslm, sslm_weights = load_sslm(settings.sslm) if settings.sslm.enabled else (None, None)
+        return cls(tlm, tlm_weights, sslm, sslm_weights, device=device)
+
+    def provenance(self) -> dict[str, Any]:
+        """Per model: enabled, weights path, SHA-256 and effective settings; JSON-serialisable."""
+
+        def describe(weights: LoadedWeights | None) -> dict[str, Any]:
+            if weights is None:
+                return {"enabled": False}
+            return {
+                "enabled": True, "weights": str(weights.path), "sha256": weights.sha256,
+                "settings": dataclasses.asdict(weights.card),
+            }
+
+        return {"tlm": describe(self.tlm_weights), "sslm": describe(self.sslm_weights), "device": str(self.device)}
+
+    def predict_batch(self, frames: np.ndarray) -> list[FramePrediction]:
+        """Raw (B, 195, 487) counts -> one prediction per frame, with per-frame timings.
+
+        Dead pixels are fixed and frames normalised here. Each model runs on the whole batch
+        under inference_mode; the result for a frame is the same whatever else is in the batch.
+        """
+        frames = np.asarray(frames)
+        if frames.ndim == 2:
+            frames = frames[None]
+        if frames.ndim != 3:
+            raise ValueError(f"expected frames of shape (B, H, W), got {frames.shape}")
+        count, shape = frames.shape[0], tuple(frames.shape[1:])
+        if count == 0:
+            return []
+        started = time.perf_counter()
+        inputs = torch.from_numpy(np.stack([prepare(frame) for frame in frames])).to(self.device)
+        preprocess_s = (time.perf_counter() - started) / count
+
+        started = time.perf_counter()
+        tlm_results = self._run_tlm(inputs, shape)
+        tlm_s = (time.perf_counter() - started) / count
+
+        started = time.perf_counter()
+        clusters, mask = self._run_sslm(inputs, shape)
+        sslm_s = (time.perf_counter() - started) / count
+
+        timings = {"preprocess": preprocess_s, "tlm": tlm_s, "sslm": sslm_s}
+        return [
+            FramePrediction(
+                tlm_labels=labels, detections=detections, ssl_clusters=clusters[i], ssl_mask=mask[i],
+                timings=dict(timings),
+            )
+            for i, (labels, detections) in enumerate(tlm_results)
+        ]
+
+    def _run_tlm(self, inputs: torch.Tensor, shape: tuple[int, ...]) -> list[tuple[np.ndarray, list]]:
+        if self.tlm is None:
+            return [(np.zeros(shape, dtype=np.uint16), []) for _ in range(inputs.shape[0])]
+        with torch.inference_mode():
+            outputs = self.tlm(tlm_module.to_images(inputs))
+        return [tlm_module.paint_instances(output, shape) for output in outputs]  # type: ignore[arg-type]
+
+    def _run_sslm(self, inputs: torch.Tensor, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        if self.sslm is None:
+            zeros = np.zeros((inputs.shape[0], *shape), dtype=np.uint8)
+            return zeros, zeros.copy()
+        with torch.inference_mode():
+            response = self.sslm(inputs[:, None])
+        return sslm_module.clusters_and_mask(response, self.peak_channels)
+
+    # DiPID's user functions -------------------------------------------------------------------
+
+    def predict_image(self, frame: np.ndarray) -> FramePrediction:
+        """Both models on one raw frame."""
+        return self.predict_batch(np.asarray(frame)[None])[0]
+
+    def predict_scan(self, frames: Iterable[np.ndarray], batch_size: int = 4) -> Iterator[FramePrediction]:
+        """Predictions for a scan's frames in order, computed `batch_size` at a time."""
+        pending: list[np.ndarray] = []
+        for frame in frames:
+            pending.append(np.asarray(frame))
+            if len(pending) == batch_size:
+                yield from self.predict_batch(np.stack(pending))
+                pending = []
+        if pending:
+            yield from self.predict_batch(np.stack(pending))
+
+    @staticmethod
+    def compile_volume(masks: Sequence[np.ndarray]) -> np.ndarray:
+        """Per-frame binary masks of a scan -> uint32 3D peak labels (0 background).
+
+        Full 3D connectivity (26 neighbours): a peak that drifts by a pixel diagonally between
+        consecutive frames stays one peak.
+        """
+        if len(masks) == 0:
+            return np.zeros((0, *FRAME_SHAPE), dtype=np.uint32)
+        stack = np.stack([np.asarray(mask) > 0 for mask in masks])
+        labels, _ = ndimage.label(stack, structure=np.ones((3, 3, 3), dtype=bool))
+        return labels.astype(np.uint32)
+
+    def save_overlay(
+        self, frame: np.ndarray, prediction: FramePrediction, path: Path, scale: Literal["linear", "log"] = "log"
+    ) -> Path:
+        """A PNG of the frame with TLM instances (filled, boxes, scores) and the SSLM mask (outline)."""
+        from pipeline.models.overlay import render_overlay
+
+        return render_overlay(frame, prediction, Path(path), scale=scale)

@@ -1,0 +1,119 @@
+"""SSLM: DiPID's self-supervised segmentation network (after Kim & Kanezaki's unsupervised segmentation).
+
+conv3x3 1->100, ReLU, BatchNorm; conv3x3 100->100, ReLU, BatchNorm; conv1x1 100->100, BatchNorm.
+The per-pixel argmax over the 100 channels is a cluster id; some clusters mean "peak". Which
+ones is not learnt from labels: after training, `choose_peak_channels` looks at training frames
+with known peaks and keeps the clusters that best cover them; the list travels in the model card.
+State-dict keys are DiPID's: conv1, norm1, conv2.0, norm2.0, conv3, norm3.
+
+Note: the design notes list a ReLU after conv3 as well; Kanezaki's network, which DiPID follows,
+has none there (the output is BatchNorm of a linear 1x1 conv), and that is what is built here.
+The layer holds no parameters, so either way DiPID's state dicts load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CHANNELS = 100
+
+
+class SSLM(nn.Module):
+    """The network; `forward` returns the (B, 100, H, W) response whose argmax is the cluster."""
+
+    def __init__(self, in_channels: int = 1, channels: int = CHANNELS, n_conv: int = 2) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, kernel_size=3, padding=1)
+        self.norm1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.ModuleList(nn.Conv2d(channels, channels, kernel_size=3, padding=1) for _ in range(n_conv - 1))
+        self.norm2 = nn.ModuleList(nn.BatchNorm2d(channels) for _ in range(n_conv - 1))
+        self.conv3 = nn.Conv2d(channels, channels, kernel_size=1)
+        self.norm3 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm1(F.relu(self.conv1(x)))
+        for conv, norm in zip(self.conv2, self.norm2):
+            x = norm(F.relu(conv(x)))
+        return self.norm3(self.conv3(x))
+
+
+def losses(response: torch.Tensor) -> dict[str, torch.Tensor]:
+    """DiPID's three self-supervised losses of a (B, C, H, W) response.
+
+    similarity: cross-entropy against the response's own argmax (pixels that look alike share a cluster);
+    continuity: L1 of vertical and horizontal neighbour differences (clusters are spatially smooth);
+    context: mean per-channel spatial variance (weight 0 by default, as in DiPID).
+    """
+    target = response.argmax(dim=1).detach()
+    similarity = F.cross_entropy(response, target)
+    vertical = (response[:, :, 1:, :] - response[:, :, :-1, :]).abs().mean()
+    horizontal = (response[:, :, :, 1:] - response[:, :, :, :-1]).abs().mean()
+    context = response.flatten(2).var(dim=2).mean()
+    return {"similarity": similarity, "continuity": vertical + horizontal, "context": context}
+
+
+def total_loss(
+    parts: dict[str, torch.Tensor], similarity: float = 1.0, continuity: float = 1.0, context: float = 0.0
+) -> torch.Tensor:
+    """The weighted sum DiPID trained on."""
+    return similarity * parts["similarity"] + continuity * parts["continuity"] + context * parts["context"]
+
+
+def clusters_and_mask(response: torch.Tensor, peak_channels: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(B, C, H, W) response -> (uint8 clusters, uint8 peak mask), each (B, H, W)."""
+    clusters = response.argmax(dim=1).to(torch.uint8).cpu().numpy()
+    mask = np.isin(clusters, np.asarray(list(peak_channels), dtype=np.int64)).astype(np.uint8)
+    return clusters, mask
+
+
+def choose_peak_channels(
+    clusters: np.ndarray, truth: np.ndarray, channels: int = CHANNELS, min_purity: float = 0.0
+) -> tuple[list[int], float]:
+    """Peak clusters from training frames with known peaks; returns (channels, mean per-frame IoU).
+
+    `clusters` and `truth` are (frames, H, W); an array of fewer dimensions counts as one frame. Greedy:
+    start from no cluster, repeatedly add the cluster (among those whose pixels are at least
+    `min_purity` peak pixels) that most improves the mean per-frame IoU of the union mask against
+    the truth (a frame with empty truth and empty mask counts 1, as in the evaluation); stop when
+    no cluster improves it. Per-frame, per-cluster pixel counts make each trial a few array sums.
+    """
+    clusters = np.asarray(clusters)
+    truth = np.asarray(truth)
+    if clusters.ndim < 3:
+        clusters, truth = clusters.reshape(1, -1), truth.reshape(1, -1)
+    frames = clusters.shape[0]
+    flat = clusters.reshape(frames, -1).astype(np.int64)
+    peak = (truth.reshape(frames, -1) > 0).astype(np.float64)
+    offsets = (np.arange(frames) * channels)[:, None]
+    pixels = np.bincount((flat + offsets).ravel(), minlength=frames * channels).reshape(frames, channels)
+    hits = np.bincount((flat + offsets).ravel(), weights=peak.ravel(), minlength=frames * channels)
+    hits = hits.reshape(frames, channels)
+    truth_total = peak.sum(axis=1)
+    totals = pixels.sum(axis=0)
+    purity = np.divide(hits.sum(axis=0), totals, out=np.zeros(channels), where=totals > 0)
+    candidates = [c for c in range(channels) if totals[c] > 0 and purity[c] >= min_purity]
+
+    def mean_iou(tp: np.ndarray, predicted: np.ndarray) -> float:
+        union = predicted + truth_total - tp
+        return float(np.mean(np.where(union > 0, tp / np.maximum(union, 1), 1.0)))
+
+    chosen: list[int] = []
+    tp, predicted = np.zeros(frames), np.zeros(frames)
+    best = mean_iou(tp, predicted)
+    while True:
+        step_best, step_channel = best, None
+        for channel in candidates:
+            if channel in chosen:
+                continue
+            iou = mean_iou(tp + hits[:, channel], predicted + pixels[:, channel])
+            if iou > step_best + 1e-9:
+                step_best, step_channel = iou, channel
+        if step_channel is None:
+            return chosen, best
+        chosen.append(step_channel)
+        best, tp, predicted = step_best, tp + hits[:, step_channel], predicted + pixels[:, step_channel]

@@ -1,0 +1,103 @@
+"""The joint predictor: batch-invariance, disabled models, scans, volumes, overlays, provenance."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import synth
+from pipeline.config import ModelSettings, SSLMSettings, TLMSettings
+from pipeline.models.card import ModelCard, save_weights
+from pipeline.models.joint import JointPredictor
+from pipeline.models.sslm import SSLM
+from pipeline.models.tlm import build_tlm, light_card
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> dict:
+    """Untrained light TLM and SSLM weights with cards (a low TLM threshold so it detects plenty)."""
+    root = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    card = light_card(score_threshold=0.0)
+    save_weights(root / "tlm.safetensors", build_tlm(card).state_dict(), card)
+    save_weights(root / "sslm.safetensors", SSLM().state_dict(), ModelCard(architecture="sslm", peak_channels=[0, 1]))
+    return {"tlm": root / "tlm.safetensors", "sslm": root / "sslm.safetensors"}
+
+
+@pytest.fixture(scope="module")
+def predictor(weights) -> JointPredictor:
+    return JointPredictor.from_settings(
+        ModelSettings(tlm=TLMSettings(weights=weights["tlm"]), sslm=SSLMSettings(weights=weights["sslm"])))
+
+
+@pytest.fixture(scope="module")
+def frames() -> np.ndarray:
+    rng = np.random.default_rng(7)
+    return np.stack([synth.training_sample(rng)[0] for _ in range(4)])
+
+
+def test_batch_equals_single(predictor, frames) -> None:
+    batched = predictor.predict_batch(frames)
+    for frame, in_batch in zip(frames, batched):
+        alone = predictor.predict_image(frame)
+        assert np.array_equal(alone.tlm_labels, in_batch.tlm_labels)
+        assert np.array_equal(alone.ssl_clusters, in_batch.ssl_clusters)
+        assert np.array_equal(alone.ssl_mask, in_batch.ssl_mask)
+        assert alone.detections == in_batch.detections
+    assert any(p.detections for p in batched)  # the check compared real detections
+    assert set(batched[0].timings) == {"preprocess", "tlm", "sslm"}
+
+
+def test_disabled_models_give_zeros(weights, frames) -> None:
+    only_sslm = JointPredictor.from_settings(
+        ModelSettings(tlm=TLMSettings(enabled=False), sslm=SSLMSettings(weights=weights["sslm"])))
+    prediction = only_sslm.predict_image(frames[0])
+    assert prediction.tlm_labels.dtype == np.uint16 and not prediction.tlm_labels.any()
+    assert prediction.detections == []
+    nothing = JointPredictor.from_settings(
+        ModelSettings(tlm=TLMSettings(enabled=False), sslm=SSLMSettings(enabled=False)))
+    prediction = nothing.predict_image(frames[0])
+    assert not prediction.ssl_clusters.any() and not prediction.ssl_mask.any()
+    assert nothing.provenance()["tlm"] == {"enabled": False}
+
+
+def test_predict_scan_batches_in_order(predictor, frames) -> None:
+    scan = list(predictor.predict_scan(iter(frames), batch_size=3))
+    assert len(scan) == 4
+    assert np.array_equal(scan[3].ssl_clusters, predictor.predict_image(frames[3]).ssl_clusters)
+
+
+def test_compile_volume_links_frames_in_3d() -> None:
+    masks = np.zeros((3, 195, 487), dtype=np.uint8)
+    masks[0, 10:12, 10:12] = 1
+    masks[1, 12, 12] = 1  # diagonal neighbour of the previous frame's block: same peak
+    masks[2, 100, 100] = 1  # elsewhere: another peak
+    volume = JointPredictor.compile_volume(list(masks))
+    assert volume.dtype == np.uint32
+    assert volume[0, 10, 10] == volume[1, 12, 12] != volume[2, 100, 100]
+    assert volume.max() == 2
+
+
+def test_overlay_png(predictor, frames, tmp_path) -> None:
+    prediction = predictor.predict_image(frames[0])
+    for scale in ("log", "linear"):
+        path = predictor.save_overlay(frames[0], prediction, tmp_path / f"overlay_{scale}.png", scale=scale)
+        with Image.open(path) as image:
+            assert image.format == "PNG"
+            assert image.size[0] >= 487 and image.size[1] >= 195
+
+
+def test_provenance_is_json(predictor, weights) -> None:
+    provenance = json.loads(json.dumps(predictor.provenance()))
+    assert provenance["tlm"]["weights"] == str(weights["tlm"])
+    assert len(provenance["sslm"]["sha256"]) == 64
+    assert provenance["tlm"]["settings"]["min_size"] == 195
+
+
+def test_missing_default_weights_is_one_line(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("PIPELINE_WEIGHTS_DIR", str(tmp_path))
+    with pytest.raises(ValueError) as error:
+        JointPredictor.from_settings(ModelSettings())
+    assert "tlm.safetensors" in str(error.value) and "\n" not in str(error.value)

@@ -1,0 +1,66 @@
+"""The SSLM: DiPID's layout, losses, peak channels, loading a DiPID state dict."""
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import ModelSettings, SSLMSettings, TLMSettings
+from pipeline.models.joint import JointPredictor
+from pipeline.models.sslm import SSLM, choose_peak_channels, clusters_and_mask, losses, total_loss
+
+
+def test_state_dict_uses_dipid_keys() -> None:
+    keys = {key.rsplit(".", 1)[0] for key in SSLM().state_dict()}
+    assert keys == {"conv1", "norm1", "conv2.0", "norm2.0", "conv3", "norm3"}
+    assert SSLM().state_dict()["conv2.0.weight"].shape == (100, 100, 3, 3)
+
+
+def test_losses_are_finite_and_context_off_by_default() -> None:
+    response = SSLM()(torch.rand(2, 1, 16, 20))
+    assert response.shape == (2, 100, 16, 20)
+    parts = losses(response)
+    assert set(parts) == {"similarity", "continuity", "context"}
+    loss = total_loss(parts)
+    assert torch.isfinite(loss)
+    assert torch.allclose(loss, parts["similarity"] + parts["continuity"])
+
+
+def test_clusters_and_mask() -> None:
+    response = torch.zeros(1, 100, 2, 2)
+    response[0, 5, 0, 0] = response[0, 9, 1, 1] = 1.0
+    clusters, mask = clusters_and_mask(response, [9])
+    assert clusters.dtype == np.uint8 and clusters[0, 0, 0] == 5 and clusters[0, 1, 1] == 9
+    assert mask.tolist() == [[[0, 0], [0, 1]]]
+
+
+def test_choose_peak_channels_is_greedy_on_mean_iou() -> None:
+    truth = np.zeros(100, dtype=np.uint16)
+    truth[:30] = 1
+    clusters = np.zeros(100, dtype=np.int64)
+    clusters[:20] = 66  # pure peak
+    clusters[20:30] = 13  # the rim: peak too
+    clusters[30:34] = 13  # ... with a little background
+    clusters[34:40] = 4  # background only
+    channels, iou = choose_peak_channels(clusters, truth)
+    assert channels == [66, 13]
+    assert iou == 30 / 34
+    # per frame: a cluster that fires on an empty frame costs that frame its IoU of 1
+    frames_clusters = np.stack([clusters, np.full(100, 4)]).reshape(2, 10, 10)
+    frames_truth = np.stack([truth, np.zeros(100, dtype=np.uint16)]).reshape(2, 10, 10)
+    channels, iou = choose_peak_channels(frames_clusters, frames_truth)
+    assert channels == [66, 13] and iou == pytest.approx((30 / 34 + 1) / 2)
+
+
+def test_dipid_state_dict_loads_with_dipid_peak_channels(tmp_path) -> None:
+    path = tmp_path / "sslm_dipid.pth"
+    torch.save(SSLM().state_dict(), path)
+    settings = ModelSettings(tlm=TLMSettings(enabled=False), sslm=SSLMSettings(weights=path))
+    predictor = JointPredictor.from_settings(settings)
+    assert predictor.provenance()["sslm"]["settings"]["peak_channels"] == [66, 13]
+    frame = np.random.default_rng(0).poisson(3, size=(195, 487)).astype(np.int32)
+    prediction = predictor.predict_image(frame)
+    assert prediction.ssl_clusters.shape == (195, 487) and prediction.ssl_clusters.dtype == np.uint8
+    assert np.array_equal(prediction.ssl_mask, np.isin(prediction.ssl_clusters, [66, 13]).astype(np.uint8))
+    assert not prediction.tlm_labels.any() and prediction.detections == []
+    override = ModelSettings(tlm=TLMSettings(enabled=False), sslm=SSLMSettings(weights=path, peak_channels=[1]))
+    assert JointPredictor.from_settings(override).provenance()["sslm"]["settings"]["peak_channels"] == [1]

@@ -1,0 +1,74 @@
+"""The TLM: DiPID's full ResNet50-FPN state dict, the light backbone, painting instances."""
+
+import numpy as np
+import pytest
+import torch
+from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+from pipeline.config import ModelSettings, SSLMSettings, TLMSettings
+from pipeline.models.card import WeightsError
+from pipeline.models.joint import JointPredictor
+from pipeline.models.tlm import build_tlm, light_card, paint_instances
+
+
+def _dipid_state_dict() -> dict[str, torch.Tensor]:
+    """What DiPID saved: torchvision's maskrcnn_resnet50_fpn with 2 classes (FrozenBatchNorm: no counters)."""
+    torch.manual_seed(0)
+    model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=2)
+    return {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+
+
+def test_dipid_checkpoint_loads_and_runs(tmp_path) -> None:
+    path = tmp_path / "tlm_dipid.pth"
+    torch.save(_dipid_state_dict(), path)
+    defaults = JointPredictor.from_settings(
+        ModelSettings(tlm=TLMSettings(weights=path), sslm=SSLMSettings(enabled=False)))
+    card = defaults.provenance()["tlm"]["settings"]
+    assert (card["backbone"], card["min_size"], card["max_size"], card["score_threshold"]) == (
+        "resnet50_fpn", 800, 1333, 0.4)
+    # Config values override the card: run it at native size, low threshold, to keep the test fast.
+    settings = ModelSettings(
+        tlm=TLMSettings(weights=path, min_size=195, max_size=487, score_threshold=0.0),
+        sslm=SSLMSettings(enabled=False))
+    predictor = JointPredictor.from_settings(settings)
+    assert predictor.tlm.transform.min_size == (195,)
+    frame = np.random.default_rng(1).poisson(3, size=(195, 487)).astype(np.int32)
+    prediction = predictor.predict_image(frame)
+    assert prediction.tlm_labels.shape == (195, 487) and prediction.tlm_labels.dtype == np.uint16
+    assert [d.instance_id for d in prediction.detections] == list(range(1, len(prediction.detections) + 1))
+    assert not prediction.ssl_mask.any()
+
+
+def test_dipid_checkpoint_with_batchnorm_counters_loads(tmp_path) -> None:
+    path = tmp_path / "tlm_dipid_bn.pth"
+    torch.save(maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=2).state_dict(), path)
+    JointPredictor.from_settings(ModelSettings(tlm=TLMSettings(weights=path), sslm=SSLMSettings(enabled=False)))
+
+
+def test_wrong_architecture_is_one_line(tmp_path) -> None:
+    path = tmp_path / "light_as_dipid.pth"
+    torch.save(build_tlm(light_card()).state_dict(), path)  # light weights without a card: DiPID defaults
+    with pytest.raises(WeightsError) as error:
+        JointPredictor.from_settings(ModelSettings(tlm=TLMSettings(weights=path), sslm=SSLMSettings(enabled=False)))
+    assert "\n" not in str(error.value) and "light_as_dipid.pth" in str(error.value)
+    # ...and with the right backbone named in the config it loads
+    JointPredictor.from_settings(ModelSettings(
+        tlm=TLMSettings(weights=path, backbone="resnet18_fpn", min_size=195, max_size=487, score_threshold=0.5),
+        sslm=SSLMSettings(enabled=False)))
+
+
+def test_unknown_backbone_is_rejected() -> None:
+    with pytest.raises(ValueError, match="unknown TLM backbone"):
+        build_tlm(light_card(backbone="vgg"))
+
+
+def test_paint_instances_best_score_wins() -> None:
+    masks = torch.zeros(2, 1, 4, 4)
+    masks[0, 0, :2, :2] = 0.9  # low score, overlaps the best one
+    masks[1, 0, 1:3, 1:3] = 0.8
+    output = {"scores": torch.tensor([0.3, 0.9]), "boxes": torch.tensor([[0, 0, 2, 2], [1, 1, 3, 3]]).float(),
+              "masks": masks}
+    labels, detections = paint_instances(output, (4, 4))
+    assert [(d.instance_id, d.score) for d in detections] == [(1, pytest.approx(0.9)), (2, pytest.approx(0.3))]
+    assert labels[1, 1] == 1 and labels[0, 0] == 2 and labels[3, 3] == 0
+    assert labels.dtype == np.uint16

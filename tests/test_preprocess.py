@@ -1,0 +1,51 @@
+"""Dead-pixel fixing and the shared normalisation."""
+
+import numpy as np
+import pytest
+
+from pipeline.preprocess import SATURATION, fix_dead_pixels, fix_dead_pixels_slow, prepare, to_model_input
+
+
+def _frame_with_dead_pixels(seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    frame = rng.poisson(5.0, size=(40, 60)).astype(np.int32)
+    frame[rng.random(frame.shape) < 0.05] = -2
+    frame[0, 0] = frame[0, 1] = frame[1, 0] = frame[1, 1] = -2  # a dead corner block
+    frame[10:13, 10:13] = 0
+    frame[11, 11] = -2  # dead pixel whose neighbours are all zero
+    return frame
+
+
+def test_vectorised_matches_dipid_loop() -> None:
+    frame = _frame_with_dead_pixels()
+    np.testing.assert_allclose(fix_dead_pixels(frame), fix_dead_pixels_slow(frame), rtol=1e-12)
+
+
+def test_dead_pixel_gets_mean_of_positive_neighbours_or_zero() -> None:
+    frame = np.array([[4, 0, 8], [2, -2, -2], [0, 6, 0]], dtype=np.int32)
+    fixed = fix_dead_pixels(frame)
+    assert fixed[1, 1] == pytest.approx((4 + 8 + 2 + 6) / 4)
+    assert fixed[1, 2] == pytest.approx((8 + 6) / 2)
+    isolated = np.zeros((3, 3), dtype=np.int32)
+    isolated[1, 1] = -2
+    assert fix_dead_pixels(isolated)[1, 1] == 0.0
+    assert frame[1, 1] == -2  # input untouched
+
+
+def test_non_finite_pixels_are_dead() -> None:
+    frame = np.full((3, 3), 3.0)
+    frame[1, 1] = np.nan
+    frame[0, 0] = np.inf
+    fixed = fix_dead_pixels(frame)
+    assert np.isfinite(fixed).all()
+    assert fixed[1, 1] == pytest.approx(3.0)
+
+
+def test_model_input_is_log_scaled_and_safe() -> None:
+    frame = np.array([[0, 1, SATURATION, 4 * SATURATION], [-5, np.nan, np.inf, -np.inf]], dtype=np.float64)
+    x = to_model_input(frame)
+    assert x.dtype == np.float32
+    assert x[0, 0] == 0.0 and x[0, 2] == pytest.approx(1.0) and x[0, 3] == pytest.approx(1.0)
+    assert 0 < x[0, 1] < 0.1
+    assert np.isfinite(x).all() and x.min() >= 0 and x.max() <= 1
+    assert prepare(_frame_with_dead_pixels()).shape == (40, 60)
