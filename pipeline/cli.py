@@ -11,10 +11,13 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline import __version__
 from pipeline.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from pipeline.daemon import Daemon
 
 log = logging.getLogger("pipeline")
 
@@ -141,7 +144,7 @@ def cmd_process(args: argparse.Namespace) -> int:
             if args.force and store.exists():
                 shutil.rmtree(store)
             daemon.add_scan(scan)
-        daemon.wait_idle()
+        _wait_with_progress(daemon, disable=args.no_progress)
     finally:
         daemon.shutdown(drain=True)
     worst = 0
@@ -151,6 +154,18 @@ def cmd_process(args: argparse.Namespace) -> int:
         print(f"{scan.name}: {status} -> {store}")
         worst = max(worst, 0 if status == "complete" else 1)
     return worst
+
+
+def _wait_with_progress(daemon: Daemon, disable: bool) -> None:
+    """A progress bar of frames done over frames read, across the scans being processed."""
+    from tqdm import tqdm
+
+    with tqdm(desc="process", unit="frame", disable=disable or None, leave=False) as bar:
+        while not daemon.wait_idle(timeout=0.5):
+            scans = daemon.status()["scans"]
+            bar.total = sum(s["frames_read"] for s in scans) or None
+            bar.n = sum(s["frames_done"] for s in scans)
+            bar.refresh()
 
 
 # -- status ----------------------------------------------------------------------------------
@@ -241,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     process.add_argument("--idle-timeout", type=float, default=5.0, metavar="S",
                          help="a file with no end marker is taken as ended after this long without a new frame (default 5)")
     process.add_argument("--force", action="store_true", help="rebuild a store that is already complete")
+    process.add_argument("--no-progress", action="store_true", help="no progress bar")
     process.set_defaults(func=cmd_process)
 
     status = sub.add_parser("status", help="what a running daemon is doing")
