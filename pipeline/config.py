@@ -102,6 +102,7 @@ class DaemonSettings(Strict):
     log_file: Path | None = None
     metrics_port: int | None = Field(None, ge=0, le=65535)  # Prometheus endpoint; None: off, 0: any free port
     metrics_address: str = "127.0.0.1"
+    audit_log: Path | None = None  # JSON line per frame done (scan, frame, pid): proves none lost or doubled
 
 
 class Config(Strict):
@@ -149,6 +150,7 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     data["watch"]["dirs"] = [resolve(Path(p)) for p in data["watch"]["dirs"]]
     data["output"]["root"] = resolve(data["output"]["root"])
     data["daemon"]["log_file"] = resolve(data["daemon"]["log_file"])
+    data["daemon"]["audit_log"] = resolve(data["daemon"]["audit_log"])
     for key in ("curve_secret_key", "authorized_keys", "server_public_key"):
         data["workers"][key] = resolve(data["workers"][key])
         if data["workers"][key] is not None and not data["workers"][key].exists():

@@ -45,7 +45,6 @@ def store_status(store: Path) -> str | None:
 class Daemon:
     def __init__(self, config: Config, watch: bool = True, on_frame_done: FrameDoneHook | None = None) -> None:
         self.config = config
-        self.on_frame_done = on_frame_done
         self.watch = watch
         self.started = time.time()
         self.sessions: dict[str, ScanSession] = {}
@@ -63,18 +62,12 @@ class Daemon:
             threading.Thread(target=self._control_loop, name="control", daemon=True),
         ]
         self.provenance: dict[str, Any] = {"models": self._model_provenance(), "device": config.workers.device}
-        self.metrics: Metrics | None = None
+        self.metrics: Metrics | None = Metrics(self.status) if config.daemon.metrics_port is not None else None
         self.metrics_port: int | None = None
-        if config.daemon.metrics_port is not None:
-            self.metrics = Metrics(self.status)
-            user_hook = on_frame_done
-
-            def both(scan: str, index: int, timings: dict[str, float]) -> None:
-                self.metrics.frame_done(scan, index, timings)
-                if user_hook is not None:
-                    user_hook(scan, index, timings)
-
-            self.on_frame_done = both
+        self._audit = open(config.daemon.audit_log, "a", buffering=1) if config.daemon.audit_log is not None else None
+        self._frame_hooks = [hook for hook in (on_frame_done, self.metrics and self.metrics.frame_done) if hook]
+        if self._audit is not None:
+            self._frame_hooks.append(self._audit_frame)
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -156,11 +149,19 @@ class Daemon:
         previous = self.sessions.get(key)
         if previous is not None and not previous.finished.is_set():
             return
-        session = ScanSession(path, self.config, self.dispatcher.submit, self.provenance, self._post, self.on_frame_done)
+        session = ScanSession(path, self.config, self.dispatcher.submit, self.provenance, self._post, self._frame_done)
         with self._lock:
             self.sessions[key] = session
         log.info("%s: following", path)
         session.thread.start()
+
+    def _frame_done(self, scan: str, index: int, timings: dict[str, float]) -> None:
+        for hook in self._frame_hooks:
+            hook(scan, index, timings)
+
+    def _audit_frame(self, scan: str, index: int, timings: dict[str, float]) -> None:
+        """One line per frame done, written after its done flag: an audit trail that survives crashes."""
+        self._audit.write(json.dumps({"scan": scan, "frame": index, "pid": os.getpid(), "done_at": timings.get("done_at")}) + "\n")
 
     def _post(self, event: tuple) -> None:
         self.sink_events.put(event)
@@ -270,3 +271,5 @@ class Daemon:
             self._config_file.unlink(missing_ok=True)
         if self.metrics is not None:
             self.metrics.stop()
+        if self._audit is not None:
+            self._audit.close()
