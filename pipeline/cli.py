@@ -140,7 +140,7 @@ def cmd_process(args: argparse.Namespace) -> int:
     daemon = Daemon(config, watch=False).start()
     try:
         for scan in scans:
-            store = store_path_for(scan, config.output.root)
+            store = store_path_for(scan, config.output.root, config.watch.dirs)
             if args.force and store.exists():
                 shutil.rmtree(store)
             daemon.add_scan(scan)
@@ -149,7 +149,7 @@ def cmd_process(args: argparse.Namespace) -> int:
         daemon.shutdown(drain=True)
     worst = 0
     for scan in scans:
-        store = store_path_for(scan, config.output.root)
+        store = store_path_for(scan, config.output.root, config.watch.dirs)
         status = store_status(store)
         print(f"{scan.name}: {status} -> {store}")
         worst = max(worst, 0 if status == "complete" else 1)
@@ -272,13 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--out", type=Path, default=Path("keys"), help="directory for the key files (default ./keys)")
     generate.set_defaults(func=cmd_keys)
 
-    from pipeline import bench, demo, simulate, view
+    from pipeline import bench, demo, simulate, soak, view
     from pipeline.models import commands as model_commands
 
     simulate.add_parser(sub)
     demo.add_parser(sub)
     model_commands.add_parsers(sub)
     bench.add_parser(sub)
+    soak.add_parser(sub)
     view.add_parsers(sub)
     return parser
 

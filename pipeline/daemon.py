@@ -27,11 +27,13 @@ from pipeline.dispatch import Dispatch, Dispatcher
 from pipeline.metrics import Metrics
 from pipeline.provenance import describe_models
 from pipeline.session import FrameDoneHook, ScanSession
-from pipeline.sink import STATUS_COMPLETE, STATUS_FAILED, store_path_for
+from pipeline.sink import STATUS_COMPLETE, STATUS_FAILED, store_made_from, store_path_for
 from pipeline.watch import Watcher, find_scans
 from pipeline.wire import FrameResult
 
 log = logging.getLogger(__name__)
+
+KEEP_FINISHED_SESSIONS = 256  # finished scans still listed by `pipeline status`
 
 
 def store_status(store: Path) -> str | None:
@@ -51,6 +53,7 @@ class Daemon:
         self.waiting_scans: "queue.Queue[Path]" = queue.Queue()
         self.sink_events: "queue.Queue[tuple]" = queue.Queue(maxsize=256)
         self.stopping = threading.Event()
+        self._session_ended = threading.Event()
         self.dispatcher = Dispatcher(config.workers, self._on_result, max_queued=max(16, config.workers.credit * 2))
         self.watcher = Watcher(config.watch, self.add_scan) if watch else None
         self.workers: list[subprocess.Popen] = []
@@ -122,9 +125,11 @@ class Daemon:
     # -- scans ----------------------------------------------------------------------------
 
     def add_scan(self, path: Path) -> None:
-        """Queue a scan unless its store is already complete or failed (rerun those with `pipeline process --force`)."""
-        status = store_status(store_path_for(path, self.config.output.root))
-        if status in (STATUS_COMPLETE, STATUS_FAILED):
+        """Queue a scan unless its store, made from this very file, is already complete or failed
+        (rerun those with `pipeline process --force`); a replaced file gets a fresh store."""
+        store = store_path_for(path, self.config.output.root, self.config.watch.dirs)
+        status = store_status(store)
+        if status in (STATUS_COMPLETE, STATUS_FAILED) and store_made_from(store, path):
             log.debug("%s: store already %s; skipped", path.name, status)
             return
         self.waiting_scans.put(path)
@@ -141,17 +146,24 @@ class Daemon:
                     self._start_session(path)
                     continue
             else:
-                time.sleep(0.1)
+                self._session_ended.wait(0.1)  # woken as soon as a scan ends, so failing files do not queue up
+                self._session_ended.clear()
             self._supervise_workers()
 
     def _start_session(self, path: Path) -> None:
         key = str(path)
         previous = self.sessions.get(key)
         if previous is not None and not previous.finished.is_set():
+            retry = threading.Timer(1.0, self.add_scan, (path,))  # a replaced file: offer it again once the old scan ends
+            retry.daemon = True
+            retry.start()
             return
         session = ScanSession(path, self.config, self.dispatcher.submit, self.provenance, self._post, self._frame_done)
         with self._lock:
             self.sessions[key] = session
+            finished = [k for k, s in self.sessions.items() if s.finished.is_set()]
+            for old in finished[: max(0, len(finished) - KEEP_FINISHED_SESSIONS)]:  # status shows the recent ones
+                del self.sessions[old]
         log.info("%s: following", path)
         session.thread.start()
 
@@ -199,6 +211,9 @@ class Daemon:
             subject.end(event[2])
         elif kind == "failed":
             subject.fail(event[2])
+        session = subject if isinstance(subject, ScanSession) else subject.context[0]
+        if session.finished.is_set():
+            self._session_ended.set()
 
     # -- status -----------------------------------------------------------------------------
 

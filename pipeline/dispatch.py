@@ -166,6 +166,9 @@ class Dispatcher:
         worker = self.workers.get(identity)
         try:
             if kind == wire.HELLO:
+                if worker is not None:  # a repeated hello (several rejoin requests crossed): the state we hold stands
+                    worker.last_seen = time.monotonic()
+                    return
                 _, hello = wire.decode_control(body)
                 credit = wire.credit_of(hello, limit=self.settings.credit * 16)
                 with self._lock:
@@ -174,6 +177,8 @@ class Dispatcher:
                 log.info("worker %s joined (%s, credit %d)", self.workers[identity].name, self.workers[identity].device, credit)
                 return
             if worker is None:
+                if kind in (wire.HEARTBEAT, wire.RESULT, wire.CREDIT):  # a worker this daemon forgot: ask it to rejoin
+                    self._send(identity, wire.encode_control(wire.REJOIN))
                 return self._reject(identity, f"{kind[:16]!r} from a worker that never said hello")
             worker.last_seen = time.monotonic()
             if kind == wire.RESULT:
@@ -189,6 +194,9 @@ class Dispatcher:
                 self._reject(identity, f"unknown message kind {kind[:16]!r}")
         except wire.WireError as error:
             self._reject(identity, str(error))
+        except Exception as error:  # nothing a peer sends may stop the dispatcher
+            log.exception("message from %r broke the dispatcher's checks", identity[:16])
+            self._reject(identity, f"unhandled {type(error).__name__}")
 
     def _accept_result(self, worker: WorkerState, result: wire.FrameResult) -> None:
         dispatch = self.in_flight.get(result.task)

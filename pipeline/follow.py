@@ -7,29 +7,56 @@ A frame is handed on once, and only when it is complete:
   shape has held still for `settle_s`, or the scan's end marker is seen.
 The scan ends at `scan_finished` (GDA 9) or a non-empty `end_time` (older layouts), else after
 `idle_timeout_s` without a new frame, which leaves it incomplete.
+
+A file that cannot be read raises `ScanError`, whose message is one line naming the file and what
+is wrong with it. Opening waits while the problem may be the writer not being done yet (an empty
+file, a file caught mid-creation, a link target not there yet); it gives up at once on what no
+writer will fix (not HDF5, wrong dtype, rank or frame shape) and, for the rest, as soon as the file
+has not changed for `SETTLED_S` (nobody is writing it, so waiting longer changes nothing) or the
+timeout passes. While following, a scan file that is deleted or replaced by another file of the
+same name ends the scan (`end_reason` says which): its frames cannot be trusted to continue.
+
+Frames are handed on in a dtype the wire protocol carries (`FRAME_DTYPES`). Non-finite pixels
+(NaN, inf) become dead pixels (`DEAD_PIXEL`, as the Pilatus reports them), so the models fill
+them from their neighbours and the peak sums count them as 0; such frames, and frames that are
+all zero, carry a `problem` ("nan", "inf", "all_zero") for the scan's `bad_frames` record.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import h5py
 import numpy as np
 
 from pipeline.config import FollowSettings
+from pipeline.wire import FRAME_DTYPES
 
 log = logging.getLogger(__name__)
 
 REOPEN_INTERVAL_S = 1.0  # older layouts add their end marker as a new object: only a reopen shows it
+SETTLED_S = 2.0  # a file whose modification time is this old is not being written: an error reading it is final
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+DEAD_PIXEL = -2  # what the Pilatus reports for a dead pixel; non-finite pixels become this
+H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError)  # what h5py raises on a file it cannot read
+
+T = TypeVar("T")
 
 
 class ScanError(Exception):
     """A scan that cannot be read; the message is one line naming the file and the problem."""
+
+
+class _NotYet(Exception):
+    """A problem that the writer may still fix (the file is still being written); final once it has settled."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +72,7 @@ class ScanInfo:
     scan_command: str | None
     expected_frames: int | None
     axis_name: str | None
+    start_time: str | None = None  # the NeXus `start_time`: tells a replaced file of the same name from the old one
 
 
 @dataclass(frozen=True)
@@ -52,6 +80,7 @@ class Frame:
     index: int
     data: np.ndarray
     axis_value: float | None
+    problem: str | None = None  # "nan", "inf" or "all_zero": processed anyway, recorded in the store's `bad_frames`
 
 
 def open_hdf5(path: Path) -> h5py.File:
@@ -62,11 +91,116 @@ def open_hdf5(path: Path) -> h5py.File:
         return h5py.File(path, "r", locking=False)
 
 
+def one_line(error: BaseException) -> str:
+    """An exception as one short line (h5py's messages can run over several lines)."""
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else type(error).__name__
+    return first if len(first) <= 300 else first[:297] + "..."
+
+
 def _text(node: h5py.Dataset) -> str:
     value = node[()]
     if isinstance(value, np.ndarray):
         value = value.reshape(-1)[0] if value.size else b""
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def file_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at `path` now, or None if there is none."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
+
+
+def _handle_identity(handle: h5py.File) -> tuple[int, int] | None:
+    """(device, inode) of the file an open handle reads, whatever its path now names."""
+    try:
+        status = os.fstat(handle.id.get_vfd_handle())
+    except (OSError, ValueError, TypeError, RuntimeError):
+        return None
+    return status.st_dev, status.st_ino
+
+
+def _settled(path: Path) -> bool:
+    """True when nobody has written `path` for `SETTLED_S` (or it is gone), so an error reading it will not go away."""
+    try:
+        return time.time() - path.stat().st_mtime >= SETTLED_S
+    except OSError:
+        return True
+
+
+def check_signature(path: Path) -> None:
+    """ScanError if `path` is certainly not HDF5; _NotYet while it may still be being created (empty, zeros)."""
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    if head == HDF5_SIGNATURE:
+        return
+    if not head:
+        raise _NotYet("not an HDF5 file (empty, 0 bytes)")
+    if head.strip(b"\0") and not HDF5_SIGNATURE.startswith(head) and not h5py.is_hdf5(path):
+        raise ScanError(f"{path}: not an HDF5 file (starts with {head!r})")
+    if not h5py.is_hdf5(path):
+        raise _NotYet(f"not an HDF5 file (no HDF5 signature in its {path.stat().st_size} bytes)")
+
+
+def check_truncated(path: Path) -> None:
+    """_NotYet if the file is shorter than its superblock (v2/v3) says: a SWMR reader would read zeros past the end.
+
+    Older superblocks (v0/v1) are checked by HDF5 itself when the file is opened.
+    """
+    with open(path, "rb") as handle:
+        head = handle.read(64)
+        size = os.fstat(handle.fileno()).st_size
+    if head[:8] != HDF5_SIGNATURE or len(head) < 12 or head[8] not in (2, 3) or head[9] not in (4, 8):
+        return
+    offset_size = head[9]
+    fmt = "<I" if offset_size == 4 else "<Q"
+    start = 12 + 2 * offset_size
+    if len(head) < start + offset_size:
+        return
+    base = struct.unpack(fmt, head[12:12 + offset_size])[0]
+    end_of_file = base + struct.unpack(fmt, head[start:start + offset_size])[0]
+    if end_of_file > size:
+        raise _NotYet(f"truncated HDF5 file ({size} bytes on disk, its superblock says {end_of_file})")
+
+
+def read_scan_identity(nexus_path: Path) -> dict[str, str | None] | None:
+    """The NeXus `start_time` and `scan_command` of a scan file, or None when it cannot be read now."""
+    try:
+        with open_hdf5(Path(nexus_path)) as handle:
+            for entry in ("entry", "entry1"):
+                if entry in handle:
+                    found = {}
+                    for key, paths in (("start_time", (f"{entry}/start_time",)),
+                                       ("scan_command", (f"{entry}/diamond_scan/scan_command", f"{entry}/scan_command"))):
+                        node = next((handle[p] for p in paths if isinstance(handle.get(p), h5py.Dataset)), None)
+                        found[key] = None if node is None else _text(node)
+                    return found
+    except H5_ERRORS:
+        return None
+    return None
+
+
+def for_workers(data: np.ndarray) -> tuple[np.ndarray, str | None]:
+    """A frame in a dtype the wire carries, non-finite pixels made dead pixels; and what was wrong with it, if anything."""
+    problem = None
+    if data.dtype.kind == "f":
+        bad = ~np.isfinite(data)
+        if bad.any():
+            problem = "nan" if np.isnan(data).any() else "inf"
+            data = np.where(bad, DEAD_PIXEL, data)
+        data = data.astype(np.float32, copy=False)
+    elif data.dtype.name not in FRAME_DTYPES:
+        if data.dtype.itemsize == 1:
+            data = data.astype(np.int16 if data.dtype.kind == "i" else np.uint16)
+        else:  # (u)int64: counts beyond int32 saturate the detector long before
+            info = np.iinfo(np.int32)
+            data = np.clip(data, info.min, info.max).astype(np.int32)
+    if problem is None and not data.any():
+        problem = "all_zero"
+    return data, problem
 
 
 class ScanFollower:
@@ -77,44 +211,64 @@ class ScanFollower:
         self.settings = settings
         self.stop = stop or threading.Event()
         self.info: ScanInfo | None = None
-        self.end_reason: str | None = None  # finished | end_time | idle_timeout | stopped
+        self.end_reason: str | None = None  # finished | end_time | idle_timeout | stopped | why the file went away
         self._nexus: h5py.File | None = None
         self._source: h5py.File | None = None
         self._data: h5py.Dataset | None = None
         self._keys: h5py.Dataset | None = None
         self._axis_path: str | None = None
+        self._identities: dict[Path, tuple[int, int] | None] = {}  # the files we opened, to notice them replaced
 
     # -- opening --------------------------------------------------------------------------
 
-    def _wait(self, what: str, timeout_s: float, attempt):  # type: ignore[no-untyped-def]
+    def _wait(self, path: Path, timeout_s: float, attempt: Callable[[], T], missing: str | None = None) -> T:
+        """`attempt()` until it works. Gives up at once on a ScanError; on other errors once `path` has settled
+        (or is gone, unless `missing` says it is awaited) or after `timeout_s`."""
         deadline = time.monotonic() + timeout_s
         while True:
             try:
                 return attempt()
-            except (OSError, KeyError, RuntimeError) as error:  # RuntimeError: a file caught mid-creation
-                if time.monotonic() > deadline:
-                    raise ScanError(f"{self.nexus_path}: {what} within {timeout_s:g} s ({error})") from None
+            except ScanError:
+                raise
+            except (_NotYet, *H5_ERRORS) as error:
+                problem = str(error) if isinstance(error, _NotYet) else f"unreadable HDF5 ({one_line(error)})"
+                exists = path.exists()
+                if not exists and missing is None:
+                    raise ScanError(f"{path}: no such file (deleted before it could be read)") from None
+                if not exists and time.monotonic() > deadline:
+                    raise ScanError(f"{self.nexus_path}: {missing} within {timeout_s:g} s") from None
+                if exists and _settled(path):
+                    raise ScanError(f"{path}: {problem}") from None
+                if exists and time.monotonic() > deadline:
+                    raise ScanError(f"{path}: {problem}, still after {timeout_s:g} s") from None
             if self.stop.wait(min(0.2, timeout_s / 10)):
-                raise ScanError(f"{self.nexus_path}: stopped while waiting: {what}")
+                raise ScanError(f"{self.nexus_path}: stopped while opening")
 
     def open(self) -> ScanInfo:
         """Find the layout and the frames; waits for the file and its link target to appear."""
-        self._nexus = self._wait("could not open the file", self.settings.open_timeout_s, self._open_nexus)
-        entry, data_path, link = self._find_detector(self._nexus)
+        try:
+            return self._open()
+        except ScanError:
+            self.close()
+            raise
+        except H5_ERRORS as error:  # metadata that HDF5 cannot read
+            self.close()
+            raise ScanError(f"{self.nexus_path}: unreadable NeXus metadata ({one_line(error)})") from None
+
+    def _open(self) -> ScanInfo:
+        self._nexus, entry, data_path, link = self._wait(self.nexus_path, self.settings.open_timeout_s, self._open_nexus)
         keys_path = f"{entry}/diamond_scan/keys/uniqueKeys"
         if isinstance(link, h5py.ExternalLink):
             layout = "gda9" if keys_path in self._nexus else "gda8"
             source_file = self._resolve_link_target(link.filename)
-            self._source = self._wait(
-                f"external link target {source_file} did not appear",
-                self.settings.link_timeout_s,
-                lambda: self._open_target(source_file, link.path),
+            self._source, self._data = self._wait(
+                source_file, self.settings.link_timeout_s, lambda: self._open_target(source_file, link.path),
+                missing=f"external link {data_path} -> {source_file}:{link.path}: target file did not appear",
             )
             dataset = link.path
         else:
-            layout, source_file, dataset = "nexus", self.nexus_path, self._nexus[data_path].name
+            layout, source_file, dataset = "nexus", self.nexus_path, self._data.name
             self._source = self._nexus
-        self._data = self._source[dataset]
         self._check_dataset(self._data, source_file, dataset)
         self._keys = self._nexus[keys_path] if layout == "gda9" else None
         self._axis_path = self._find_axis(self._nexus, entry, data_path)
@@ -128,15 +282,28 @@ class ScanFollower:
             scan_command=self._scan_command(entry),
             expected_frames=self._expected_frames(entry),
             axis_name=self._axis_path.rsplit("/", 1)[-1] if self._axis_path else None,
+            start_time=self._start_time(entry),
         )
         log.info("%s: %s layout, frames in %s:%s", self.nexus_path.name, layout, source_file.name, dataset)
         return self.info
 
-    def _open_nexus(self) -> h5py.File:
-        # A file still being created may lack its superblock for a moment; a large one without it never gets one.
-        if self.nexus_path.is_file() and self.nexus_path.stat().st_size >= 2048 and not h5py.is_hdf5(self.nexus_path):
-            raise ScanError(f"{self.nexus_path}: not an HDF5 file")
-        return open_hdf5(self.nexus_path)
+    def _open_nexus(self) -> tuple[h5py.File, str, str, object]:
+        """The scan file open, with its detector found (and, for frames inside it, the dataset)."""
+        check_signature(self.nexus_path)
+        check_truncated(self.nexus_path)
+        handle = open_hdf5(self.nexus_path)
+        try:
+            entry, data_path, link = self._find_detector(handle)
+            if not isinstance(link, h5py.ExternalLink):
+                data = handle[data_path]
+                if not isinstance(data, h5py.Dataset):
+                    raise ScanError(f"{self.nexus_path}:{data_path}: a {type(data).__name__}, not a dataset of frames")
+                self._data = data
+        except BaseException:
+            handle.close()
+            raise
+        self._identities[self.nexus_path] = _handle_identity(handle)
+        return handle, entry, data_path, link
 
     def _find_detector(self, nexus: h5py.File) -> tuple[str, str, object]:
         detector = self.settings.detector
@@ -149,7 +316,7 @@ class ScanFollower:
                 if link is not None:
                     return entry, path, link
         wanted = ", ".join(f"{e}/[instrument/]{detector}/data" for e in self.settings.entries)
-        raise ScanError(f"{self.nexus_path}: no detector dataset ({wanted})")
+        raise _NotYet(f"no detector dataset (none of {wanted})")
 
     def _resolve_link_target(self, filename: str) -> Path:
         """Relative targets are relative to the NeXus file; absolute beamline paths fall back to it too."""
@@ -160,19 +327,32 @@ class ScanFollower:
             return target
         return self.nexus_path.parent / target.parent.name / target.name
 
-    def _open_target(self, path: Path, dataset: str) -> h5py.File:
+    def _open_target(self, path: Path, dataset: str) -> tuple[h5py.File, h5py.Dataset]:
+        check_signature(path)
+        check_truncated(path)
         handle = open_hdf5(path)
-        if dataset not in handle:
+        try:
+            if dataset not in handle:
+                raise _NotYet(f"no dataset {dataset} (the external link's target)")
+            data = handle[dataset]
+            if not isinstance(data, h5py.Dataset):
+                raise ScanError(f"{path}:{dataset}: a {type(data).__name__}, not a dataset of frames")
+        except BaseException:
             handle.close()
-            raise KeyError(f"no dataset {dataset} yet")
-        return handle
+            raise
+        self._identities[path] = _handle_identity(handle)
+        return handle, data
 
     def _check_dataset(self, data: h5py.Dataset, source: Path, dataset: str) -> None:
+        """Dtype, rank and frame shape never change once a dataset exists: a wrong one is final."""
         height, width = self.settings.frame_shape
-        if data.ndim != 3 or tuple(data.shape[1:]) != (height, width):
-            raise ScanError(f"{source}:{dataset}: frames of shape {data.shape[1:]} (rank {data.ndim}), expected ({height}, {width})")
-        if data.dtype.kind not in "iuf":
-            raise ScanError(f"{source}:{dataset}: dtype {data.dtype} is not numeric")
+        if data.dtype.kind not in "iuf" or data.dtype.itemsize > 8:
+            raise ScanError(f"{source}:{dataset}: dtype {data.dtype} is not a number type (expected integer or float counts)")
+        if data.ndim != 3:
+            raise ScanError(f"{source}:{dataset}: rank {data.ndim} (shape {data.shape}), expected 3 (frame, {height}, {width})")
+        if tuple(data.shape[1:]) != (height, width):
+            raise ScanError(f"{source}:{dataset}: frames of {data.shape[1]} x {data.shape[2]} pixels, "
+                            f"expected {height} x {width} (follow.frame_shape)")
 
     def _find_axis(self, nexus: h5py.File, entry: str, data_path: str) -> str | None:
         """The scan axis: a 1-D float dataset beside the frames (NXdata `axes`) or in `measurement`."""
@@ -203,6 +383,10 @@ class ScanFollower:
                 return _text(self._nexus[path])
         return None
 
+    def _start_time(self, entry: str) -> str | None:
+        node = self._nexus.get(f"{entry}/start_time")
+        return _text(node) if isinstance(node, h5py.Dataset) else None
+
     def _expected_frames(self, entry: str) -> int | None:
         path = f"{entry}/diamond_scan/scan_shape"
         if path in self._nexus:
@@ -210,6 +394,17 @@ class ScanFollower:
         return None
 
     # -- following ------------------------------------------------------------------------
+
+    def _gone(self) -> str | None:
+        """Why the files being read are no longer the ones at their paths (deleted, replaced), or None."""
+        for path, identity in self._identities.items():
+            now = file_identity(path)
+            what = "scan file" if path == self.nexus_path else "detector file"
+            if now is None:
+                return f"{path}: {what} deleted while being read"
+            if identity is not None and now != identity:
+                return f"{path}: {what} replaced by a new file of the same name while being read"
+        return None
 
     def _reopen_nexus(self) -> None:
         """Close and reopen the NeXus file (not the detector file) so new objects become visible."""
@@ -220,6 +415,8 @@ class ScanFollower:
         self._nexus = open_hdf5(self.nexus_path)
         if keys_path is not None:
             self._keys = self._nexus[keys_path]
+        if _handle_identity(self._nexus) != self._identities.get(self.nexus_path):  # replaced between check and reopen
+            raise _Replaced(f"{self.nexus_path}: scan file replaced by a new file of the same name while being read")
 
     def _end_marker(self) -> str | None:
         entry = self.info.entry
@@ -256,6 +453,12 @@ class ScanFollower:
         value = float(axis[index])
         return value if np.isfinite(value) else None
 
+    def _read(self, index: int) -> np.ndarray:
+        try:
+            return np.asarray(self._data[index])
+        except H5_ERRORS as error:
+            raise ScanError(f"{self.info.source_file}:{self.info.dataset}: frame {index} unreadable ({one_line(error)})") from None
+
     def frames(self, start: int = 0) -> Iterator[Frame]:
         """Every complete frame from `start` on, once each, in index order of completion."""
         if self.info is None:
@@ -264,9 +467,14 @@ class ScanFollower:
         next_index = start
         last_rows, last_change = -1, time.monotonic()
         last_progress = time.monotonic()
-        last_reopen = time.monotonic()
+        last_reopen = last_check = time.monotonic()
         try:
             while True:
+                if time.monotonic() - last_check >= REOPEN_INTERVAL_S:  # even while frames keep coming
+                    gone = self._gone()
+                    if gone is not None:
+                        raise _Replaced(gone)
+                    last_check = time.monotonic()
                 ended = self._end_marker()
                 self._data.refresh()
                 n_rows = self._data.shape[0]
@@ -279,8 +487,8 @@ class ScanFollower:
                     index = int(index)
                     if index < next_index or index in sent:
                         continue
-                    data = np.asarray(self._data[index])
-                    yield Frame(index=index, data=data, axis_value=self._axis_value(index))
+                    data, problem = for_workers(self._read(index))
+                    yield Frame(index=index, data=data, axis_value=self._axis_value(index), problem=problem)
                     sent.add(index)
                     progressed = True
                 # indices below next_index are done; keep `sent` small by advancing past a full prefix
@@ -302,17 +510,30 @@ class ScanFollower:
                     log.warning("%s: no new frame for %.0f s and no end marker: ending incomplete", self.nexus_path.name, idle)
                     return
                 if time.monotonic() - last_reopen >= REOPEN_INTERVAL_S:
+                    gone = self._gone()
+                    if gone is not None:
+                        raise _Replaced(gone)
                     self._reopen_nexus()
-                    last_reopen = time.monotonic()
+                    last_reopen = last_check = time.monotonic()
                 self.stop.wait(self.settings.poll_interval_s)
-        except (OSError, KeyError, RuntimeError) as error:
-            raise ScanError(f"{self.nexus_path}: read failed while following ({error})") from None
+        except _Replaced as change:
+            self.end_reason = str(change)
+            log.warning("%s; ending incomplete after %d frame(s)", change, next_index + len(sent))
+        except ScanError:
+            raise
+        except H5_ERRORS as error:
+            gone = self._gone()  # a file that vanished under the reader is the better explanation
+            if gone is not None:
+                self.end_reason = gone
+                log.warning("%s; ending incomplete after %d frame(s)", gone, next_index + len(sent))
+                return
+            raise ScanError(f"{self.nexus_path}: read failed while following ({one_line(error)})") from None
 
     def read_frame(self, index: int) -> np.ndarray:
-        """One frame already known to be complete (used to replay a resumed scan)."""
+        """One frame already known to be complete (used to replay a resumed scan), as `frames` hands it on."""
         if self.info is None:
             self.open()
-        return np.asarray(self._data[index])
+        return for_workers(self._read(index))[0]
 
     @property
     def frames_in_file(self) -> int:
@@ -332,3 +553,7 @@ class ScanFollower:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Replaced(Exception):
+    """The file being followed was deleted or replaced; the message is the one-line reason."""

@@ -29,6 +29,25 @@ COMPLETE_ENDINGS = ("finished", "end_time")
 FrameDoneHook = Callable[[str, int, dict[str, float]], None]  # (scan key, frame, timings): for benchmarks and metrics
 
 
+BAD_FRAME_WORDS = {"nan": "with NaN pixels", "inf": "with infinite pixels", "all_zero": "all zero"}
+
+
+def _frame_list(frames: list[int], limit: int = 10) -> str:
+    shown = ", ".join(str(i) for i in frames[:limit])
+    return shown + (f", ... {len(frames) - limit} more" if len(frames) > limit else "")
+
+
+def _why_not_writable(store: Path, error: OSError) -> str:
+    """The reason a store could not be made, in words: the path in the way, or the system's message."""
+    for parent in [store, *store.parents]:
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                return f"{parent} is a file, not a directory"
+            break
+    detail = error.strerror or (str(error).splitlines()[0] if str(error) else type(error).__name__)
+    return f"{detail}: {error.filename}" if getattr(error, "filename", None) else detail
+
+
 def combined_mask(prediction: FramePrediction, source: str) -> np.ndarray:
     """The per-frame mask that feeds the 3D volume, as the config chooses."""
     tlm = prediction.tlm_labels > 0
@@ -57,7 +76,8 @@ class ScanSession:
         self.provenance = provenance
         self.post = post  # hands an event to the sink thread
         self.on_frame_done = on_frame_done
-        self.store_path = store_path_for(nexus_path, config.output.root)
+        self.store_path = store_path_for(nexus_path, config.output.root, config.watch.dirs)
+        self.store_unusable = False  # no store can be made there: the failure is only logged
         self.stop = threading.Event()
         self.finished = threading.Event()
         self.state = SessionState()
@@ -70,6 +90,7 @@ class ScanSession:
         self.received = 0
         self.max_index = -1
         self.failed_frames: list[int] = []
+        self.bad_frames: dict[str, list[int]] = {}  # "nan", "inf", "all_zero" -> frames (processed anyway)
         self.end_reason: str | None = None
         self.last_tables = 0.0
         self.thread = threading.Thread(target=self._follow, name=f"scan-{nexus_path.stem}", daemon=True)
@@ -82,6 +103,8 @@ class ScanSession:
             start = self._open_store()
             self.state.status = "running"
             for frame in self.follower.frames(start=start):
+                if frame.problem is not None:
+                    self.bad_frames.setdefault(frame.problem, []).append(frame.index)
                 if not self.submit(self.key, frame.index, frame.data, context=(self, frame.axis_value), stop=self.stop):
                     break
                 self.submitted += 1
@@ -101,8 +124,17 @@ class ScanSession:
         """Create or resume the store; returns the first frame still to do."""
         attrs = {"config": self.config.model_dump(mode="json"), "models": self.provenance.get("models", {}),
                  "device": self.provenance.get("device", "")}
-        self.store = ScanStore.create_or_resume(self.store_path, self.info, self.config.follow.frame_shape, attrs)
+        try:
+            self.store = ScanStore.create_or_resume(self.store_path, self.info, self.config.follow.frame_shape, attrs)
+        except OSError as error:
+            self.store_unusable = True
+            raise ScanError(f"{self.nexus_path}: cannot create its store {self.store_path} ({_why_not_writable(self.store_path, error)})") from None
         start = self.store.done_prefix()
+        previous = self.store.group.attrs.get("bad_frames") or {}
+        for problem, frames in previous.items():  # bad frames before the resume point, as the last run found them
+            kept = [int(i) for i in frames if int(i) < start]
+            if kept:
+                self.bad_frames[problem] = kept
         if start:
             log.info("%s: resuming at frame %d", self.nexus_path.name, start)
             for index in range(start):  # rebuild the running peak sums from what is already done
@@ -173,7 +205,12 @@ class ScanSession:
         done = self.store.done_prefix()
         complete = self.end_reason in COMPLETE_ENDINGS and done == frames_total and (expected is None or frames_total == expected)
         status = STATUS_COMPLETE if complete else STATUS_INCOMPLETE
-        self.store.finish(status, self.end_reason, frames_total, {"failed_frames": self.failed_frames})
+        bad_frames = {problem: sorted(set(frames)) for problem, frames in sorted(self.bad_frames.items())}
+        self.store.finish(status, self.end_reason, frames_total, {"failed_frames": self.failed_frames, "bad_frames": bad_frames})
+        if bad_frames:
+            log.warning("%s: %s; processed anyway (non-finite pixels as dead pixels), listed in the store's bad_frames",
+                        self.nexus_path, "; ".join(f"{len(frames)} frame(s) {BAD_FRAME_WORDS.get(problem, problem)} "
+                                                    f"({_frame_list(frames)})" for problem, frames in bad_frames.items()))
         try:
             from pipeline.quicklook import write_quicklook  # matplotlib: imported only when a scan ends
 
@@ -184,10 +221,21 @@ class ScanSession:
         log.info("%s: %s (%s), %d/%d frames done, %d peaks -> %s", self.nexus_path.name, status, self.end_reason, done,
                  frames_total, len(self.linker.peaks), self.store_path)
         self.finished.set()
+        self._release()
 
     def fail(self, reason: str) -> None:
         log.error("%s", reason)
-        if self.store is not None:
-            mark_failed(self.store_path, reason)
+        # a bare store records the failure for readers, unless none can be made or the file is gone with no store made
+        if not self.store_unusable and (self.store is not None or self.store_path.exists() or self.nexus_path.exists()):
+            root = self.config.output.root
+            mark_failed(self.store_path, reason, self.nexus_path, self.info.start_time if self.info else None,
+                        make_parents=root is not None and Path(root).is_dir())
         self.state.status, self.state.reason = "failed", reason
         self.finished.set()
+        self._release()
+
+    def _release(self) -> None:
+        """A finished session stays listed by the daemon: keep only what `status` shows, not frames or peaks."""
+        self.waiting.clear()
+        self.linker = VolumeLinker()
+        self.store = None

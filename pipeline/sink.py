@@ -23,7 +23,7 @@ import numpy as np
 import zarr
 
 from pipeline import __version__
-from pipeline.follow import ScanInfo
+from pipeline.follow import ScanInfo, read_scan_identity
 from pipeline.models.prediction import Detection, FramePrediction
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,8 @@ FRAME_ARRAYS = {  # path -> dtype, all (frame, y, x), one frame per chunk
     "ssl/mask": "uint8",
     "volume/labels": "uint32",
 }
+MAX_DETECTIONS_PER_FRAME = 256
+BOX_FIELDS = ("x0", "y0", "x1", "y1", "score", "instance_id")  # tlm/boxes: per frame, NaN-padded rows
 DETECTION_COLUMNS = {"frame": "int64", "x0": "float32", "y0": "float32", "x1": "float32", "y1": "float32", "score": "float32", "instance_id": "uint16"}
 STATUS_RUNNING, STATUS_COMPLETE, STATUS_INCOMPLETE, STATUS_FAILED = "running", "complete", "incomplete", "failed"
 
@@ -43,10 +45,62 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def store_path_for(nexus_path: Path, output_root: Path | None) -> Path:
-    """`<scan>.zarr` beside the scan, or under the configured root."""
-    name = Path(nexus_path).with_suffix(".zarr").name
-    return (Path(output_root) / name) if output_root is not None else Path(nexus_path).with_suffix(".zarr")
+def store_path_for(nexus_path: Path, output_root: Path | None, roots: Iterable[Path] | None = None) -> Path:
+    """Where a scan's store goes: the same answer every time, for the daemon, `pipeline process` and a resume.
+
+    - Without `output.root`: `<scan>.zarr` beside `<scan>.nxs`.
+    - With `output.root`: `<root>/<dir>/<scan>.zarr`, where `<dir>` is the scan's directory relative to
+      the watched directories `roots` (`watch.dirs`; with several, relative to the deepest directory
+      they all lie in), so that two scans of the same name in different directories never share a
+      store. Watching `/data/cm1` with output root `/out`: `/data/cm1/1234.nxs` -> `/out/1234.zarr`,
+      `/data/cm1/sample2/1234.nxs` -> `/out/sample2/1234.zarr`. Watching `/data/cm1` and `/data/cm2`:
+      `/data/cm2/1234.nxs` -> `/out/cm2/1234.zarr`. A scan outside every watched directory (or with no
+      `roots` given) goes to `<root>/<scan>.zarr`.
+    """
+    nexus_path = Path(nexus_path)
+    if output_root is None:
+        return nexus_path.with_suffix(".zarr")
+    name = nexus_path.with_suffix(".zarr").name
+    relative = _relative_dir(nexus_path.parent, [Path(r) for r in roots or []])
+    return Path(output_root) / relative / name
+
+
+def _relative_dir(directory: Path, roots: list[Path]) -> Path:
+    """`directory` relative to the common base of `roots`, or `.` when it is not inside it."""
+    if not roots:
+        return Path(".")
+    for resolve in (os.path.abspath, os.path.realpath):  # as configured first, then with links resolved
+        base = Path(os.path.commonpath([resolve(r) for r in roots]))
+        try:
+            return Path(resolve(directory)).relative_to(base)
+        except ValueError:
+            continue
+    return Path(".")
+
+
+def store_made_from(store: Path, nexus_path: Path) -> bool:
+    """Whether the existing store was made from the file now at `nexus_path`, not from an earlier file of the same
+    name that has since been replaced: by the NeXus `start_time` and `scan_command` it recorded, else by the file's
+    inode, size and modification time recorded when it failed. A store that records neither counts as made from it."""
+    try:
+        attrs = json.loads((Path(store) / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return False
+    if attrs.get("source_start_time"):
+        now = read_scan_identity(nexus_path)
+        return now is not None and now["start_time"] == attrs["source_start_time"] and (
+            not attrs.get("scan_command") or now["scan_command"] == attrs["scan_command"])
+    if attrs.get("source_stat"):
+        return attrs["source_stat"] == _stat_identity(nexus_path)
+    return True
+
+
+def _stat_identity(path: Path) -> list[int] | None:
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return [status.st_ino, status.st_size, status.st_mtime_ns]
 
 
 def open_live(path: Path) -> zarr.Group:
@@ -72,12 +126,20 @@ class ScanStore:
         if path.exists():
             try:
                 group = zarr.open_group(path, mode="r+", use_consolidated=False)
+                recorded = group.attrs.get("source_start_time")
                 if group.attrs.get("source_file") == str(info.source_file) and "frames/done" in group:
-                    store = cls(path, group, frame_shape)
-                    store._load_detections()
-                    group.attrs.update({"status": STATUS_RUNNING, "resumed_at": now_iso()})
-                    return store
-                log.warning("%s: belongs to another source (%s); replacing it", path, group.attrs.get("source_file"))
+                    if recorded and info.start_time and recorded != info.start_time:
+                        log.warning("%s: made from an earlier file %s (start_time %s, now %s); replacing it with a fresh store",
+                                    path, info.nexus_path, recorded, info.start_time)
+                    else:
+                        store = cls(path, group, frame_shape)
+                        store._load_detections()
+                        group.attrs.update({"status": STATUS_RUNNING, "resumed_at": now_iso()})
+                        return store
+                elif "frames/done" not in group:
+                    log.info("%s: holds no frames (%s); making a fresh store", path, group.attrs.get("end_reason", "empty"))
+                else:
+                    log.warning("%s: belongs to another source (%s); replacing it", path, group.attrs.get("source_file"))
             except Exception as error:  # an unreadable store is rebuilt, never half-trusted
                 log.warning("%s: unreadable store (%s); replacing it", path, str(error).splitlines()[0])
             shutil.rmtree(path)
@@ -93,6 +155,9 @@ class ScanStore:
         height, width = frame_shape
         for name, dtype in FRAME_ARRAYS.items():
             group.create_array(name, shape=(n, height, width), chunks=(1, height, width), dtype=dtype, fill_value=0, dimension_names=FRAME_DIMS)
+        group.create_array("tlm/boxes", shape=(n, MAX_DETECTIONS_PER_FRAME, len(BOX_FIELDS)), chunks=(1, MAX_DETECTIONS_PER_FRAME, len(BOX_FIELDS)),
+                           dtype="float32", fill_value=float("nan"), dimension_names=("frame", "detection", "field"),
+                           attributes={"fields": list(BOX_FIELDS)})
         group.create_array("frames/done", shape=(n,), chunks=(4096,), dtype="uint8", fill_value=0, dimension_names=("frame",))
         group.create_array("frames/axis", shape=(n,), chunks=(4096,), dtype="float64", fill_value=float("nan"), dimension_names=("frame",),
                            attributes={"name": info.axis_name or ""})
@@ -104,6 +169,7 @@ class ScanStore:
             "source_nexus": str(info.nexus_path),
             "source_file": str(info.source_file),
             "source_dataset": info.dataset,
+            "source_start_time": info.start_time,
             "layout": info.layout,
             "scan_command": info.scan_command,
             "frames_expected": info.expected_frames,
@@ -117,20 +183,13 @@ class ScanStore:
         return store
 
     def _load_detections(self) -> None:
-        """Keep the detections of frames already done; later frames will be written again."""
-        done = self.done_prefix()
-        table = self.group["tlm/detections"]
-        rows = int(table.attrs.get("rows", 0))  # rows past this may be from a write the crash cut short
-        if rows == 0:
-            return
-        columns = {name: table[name][:rows] for name in DETECTION_COLUMNS}
-        for row in range(rows):
-            frame = int(columns["frame"][row])
-            if frame < done:
-                box = tuple(float(columns[k][row]) for k in ("x0", "y0", "x1", "y1"))
-                self.detections.setdefault(frame, []).append(
-                    Detection(box=box, score=float(columns["score"][row]), instance_id=int(columns["instance_id"][row]))
-                )
+        """The detections of frames already done, from their per-frame rows; later frames will be written again."""
+        for frame in range(self.done_prefix()):
+            rows = self.group["tlm/boxes"][frame]
+            self.detections[frame] = [
+                Detection(box=(float(r[0]), float(r[1]), float(r[2]), float(r[3])), score=float(r[4]), instance_id=int(r[5]))
+                for r in rows if np.isfinite(r[4])
+            ]
 
     # -- reading back ------------------------------------------------------------------------
 
@@ -147,24 +206,39 @@ class ScanStore:
 
     def ensure_frames(self, n: int) -> None:
         """Grow every frame-indexed array to hold `n` frames (scans without a known length)."""
-        if n <= self.frames_allocated:
-            return
+        if n > self.frames_allocated:
+            self._resize_frames(n)
+
+    def _resize_frames(self, n: int) -> None:
         height, width = self.frame_shape
         for name in FRAME_ARRAYS:
             self.group[name].resize((n, height, width))
+        self.group["tlm/boxes"].resize((n, MAX_DETECTIONS_PER_FRAME, len(BOX_FIELDS)))
         self.group["frames/done"].resize((n,))
         self.group["frames/axis"].resize((n,))
         self.frames_allocated = n
 
+    def _check_present(self) -> None:
+        """zarr makes missing directories on write: a store moved or deleted under us must not grow back piecemeal."""
+        if not (self.path / "zarr.json").is_file():
+            raise FileNotFoundError(f"{self.path}: store deleted or moved while being written")
+
     def write_prediction(self, index: int, prediction: FramePrediction) -> None:
+        self._check_present()
         self.ensure_frames(index + 1)
         self.group["tlm/labels"][index] = prediction.tlm_labels
         self.group["ssl/clusters"][index] = prediction.ssl_clusters
         self.group["ssl/mask"][index] = prediction.ssl_mask
-        self.detections[index] = list(prediction.detections)
+        detections = sorted(prediction.detections, key=lambda d: d.instance_id)[:MAX_DETECTIONS_PER_FRAME]
+        boxes = np.full((MAX_DETECTIONS_PER_FRAME, len(BOX_FIELDS)), np.nan, dtype=np.float32)
+        for row, d in enumerate(detections):
+            boxes[row] = (*d.box, d.score, d.instance_id)
+        self.group["tlm/boxes"][index] = boxes  # durable with the frame, before its done flag
+        self.detections[index] = detections
 
     def write_volume(self, index: int, labels: np.ndarray, axis_value: float | None, done: bool = True) -> None:
         """The last writes of a frame: its 3D labels, its axis value, then its done flag."""
+        self._check_present()
         self.ensure_frames(index + 1)
         self.group["volume/labels"][index] = labels
         if axis_value is not None:
@@ -174,6 +248,7 @@ class ScanStore:
 
     def write_tables(self, peaks: dict[str, np.ndarray], done_frames: Iterable[int] | None = None) -> None:
         """Rewrite `peaks` and `tlm/detections` whole (they are small); readers see old or new columns."""
+        self._check_present()
         done_set = None if done_frames is None else set(done_frames)
         rows = [
             (frame, *d.box, d.score, d.instance_id)
@@ -204,13 +279,9 @@ class ScanStore:
 
     def finish(self, status: str, reason: str, frames_total: int, extra: dict[str, Any] | None = None) -> None:
         """Trim to the frames the scan has, record how it ended, and consolidate the metadata."""
+        self._check_present()
         if frames_total < self.frames_allocated:
-            height, width = self.frame_shape
-            for name in FRAME_ARRAYS:
-                self.group[name].resize((frames_total, height, width))
-            self.group["frames/done"].resize((frames_total,))
-            self.group["frames/axis"].resize((frames_total,))
-            self.frames_allocated = frames_total
+            self._resize_frames(frames_total)
         self.group.attrs.update({
             "status": status,
             "end_reason": reason,
@@ -224,14 +295,32 @@ class ScanStore:
             zarr.consolidate_metadata(self.path)
 
 
-def mark_failed(path: Path, reason: str) -> None:
-    """Record in the scan's store that it failed, making a bare store if there was none, so a reader learns why."""
+def mark_failed(path: Path, reason: str, source: Path | None = None, start_time: str | None = None,
+                make_parents: bool = False) -> bool:
+    """Record in the scan's store that it failed, making a bare store if there was none, so a reader learns why.
+
+    `source` (the scan file) and its NeXus `start_time` let `store_made_from` tell this file from a
+    later one of the same name. The store's directory is made only with `make_parents`: a directory
+    that has gone (renamed away, unmounted) is not brought back. False (and a log line) when no
+    store can be written there.
+    """
+    path = Path(path)
+    if not make_parents and not path.parent.is_dir():
+        log.error("%s: cannot record the failure in the store (its directory %s has gone)", path, path.parent)
+        return False
     try:
         group = zarr.open_group(path, mode="a", use_consolidated=False)
+        attrs: dict[str, Any] = {"status": STATUS_FAILED, "end_reason": reason, "end_time": now_iso()}
+        if source is not None:
+            attrs.setdefault("source_nexus", str(source))
+            attrs["source_stat"] = _stat_identity(source)
+            if start_time and not group.attrs.get("source_start_time"):
+                attrs["source_start_time"] = start_time
+        group.attrs.update(attrs)
     except Exception as error:  # e.g. an unwritable output directory: the log line is all we can leave
         log.error("%s: cannot record the failure in the store (%s)", path, str(error).splitlines()[0])
-        return
-    group.attrs.update({"status": STATUS_FAILED, "end_reason": reason, "end_time": now_iso()})
+        return False
+    return True
 
 
 def jsonable(value: Any) -> Any:

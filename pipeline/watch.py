@@ -2,8 +2,13 @@
 
 inotify misses writes from other hosts on network mounts and drops events when its queue
 overflows, and an observer thread can die; so the watcher also walks the directories every
-`rescan_interval_s` (and polls only, in `polling` mode) and restarts a dead observer. Each scan
-file is reported once. Symbolic links that lead outside the watched roots are not followed.
+`rescan_interval_s` (and polls only, in `polling` mode) and restarts a dead observer.
+
+Each scan file is reported once, as long as it stays the same file: a file that is deleted, or
+replaced by a new file of the same name (a new inode), is reported again when it (re)appears.
+A directory that vanishes and comes back (renamed away and recreated, a remounted share) is
+noticed by the rescan, which also drops the stale event watch and arms a new one on the new
+directory. Symbolic links that lead outside the watched roots are not followed (one log line each).
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
+import stat
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,6 +29,10 @@ from pipeline.config import WatchSettings
 
 log = logging.getLogger(__name__)
 
+REOFFER_RESCANS = 3  # a replaced file is offered again at this many rescans, in case its old scan was still finishing
+
+Identity = tuple[int, int]  # (device, inode)
+
 
 def is_inside(path: Path, roots: list[Path]) -> bool:
     resolved = path.resolve()
@@ -31,6 +42,14 @@ def is_inside(path: Path, roots: list[Path]) -> bool:
 def _skipped(name: str) -> bool:
     """Our own stores and detector-file folders hold no scans, only thousands of subfolders."""
     return name.endswith(".zarr") or name.endswith("-files")
+
+
+def _identity(path: Path, follow: bool = True) -> Identity | None:
+    try:
+        status = os.stat(path, follow_symlinks=follow)
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
 
 
 def walk_scan_dirs(roots: list[Path], recursive: bool) -> Iterator[tuple[Path, list[str]]]:
@@ -59,67 +78,205 @@ class _Handler(FileSystemEventHandler):
         self.watcher = watcher
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.is_directory or event.event_type not in ("created", "moved", "modified", "closed"):
+        try:
+            self._handle(event)
+        except Exception:  # an odd event must never kill the observer thread
+            log.exception("file event %s not handled", event)
+
+    def _handle(self, event: FileSystemEvent) -> None:
+        src = Path(os.fsdecode(event.src_path)) if event.src_path else None
+        dest = Path(os.fsdecode(event.dest_path)) if getattr(event, "dest_path", "") else None
+        if event.event_type in ("deleted", "moved") and src is not None:
+            self.watcher.gone(src, event.is_directory)
+        if event.is_directory:
+            if event.event_type in ("created", "moved") and (dest or src) is not None:
+                self.watcher.new_directory(dest or src)
             return
-        path = getattr(event, "dest_path", "") or event.src_path
-        self.watcher.offer(Path(os.fsdecode(path)))
+        if event.event_type not in ("created", "moved", "modified", "closed"):
+            return
+        path = dest or src
+        if path is not None:
+            self.watcher.offer(path)
 
 
 class Watcher:
-    """Calls `on_scan(path)` once per new matching file, from its own threads."""
+    """Calls `on_scan(path)` once per new matching file (again if the file is replaced), from its own threads."""
 
     def __init__(self, settings: WatchSettings, on_scan: Callable[[Path], None]) -> None:
         self.settings = settings
         self.on_scan = on_scan
         self.roots = [Path(d) for d in settings.dirs]
         self._resolved_roots = [r.resolve() for r in self.roots]
-        self._seen: set[Path] = set()
+        self._seen: dict[Path, Identity | None] = {}  # reported path -> the file's (device, inode) then
+        self._reoffer: dict[Path, int] = {}  # replaced path -> rescans left at which to offer it again
+        self._refused: dict[Path, Path] = {}  # link -> outside target, logged once
+        self._missing_roots: set[Path] = set()
+        self._unwatchable: set[Path] = set()  # directories whose watch failed, logged once
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._observer: Observer | None = None
-        self._watched: set[Path] = set()
+        self._watched: dict[Path, tuple[object, Identity | None]] = {}  # directory -> (watch, its (device, inode))
         self._thread = threading.Thread(target=self._rescan_loop, name="watch-rescan", daemon=True)
 
+    # -- reporting files --------------------------------------------------------------------
+
+    def _matches(self, path: Path) -> bool:
+        return any(fnmatch.fnmatch(path.name, p) for p in self.settings.patterns)
+
     def offer(self, path: Path) -> None:
-        if not any(fnmatch.fnmatch(path.name, p) for p in self.settings.patterns):
-            return
-        if not is_inside(path, self._resolved_roots):
-            log.warning("%s: leads outside the watched directories; not followed", path)
+        """Report `path` unless it was reported before as this same file (same device and inode, not deleted since)."""
+        if not self._matches(path):
             return
         key = path.absolute()
+        try:
+            status = os.stat(key)
+        except OSError:
+            return  # gone already (or a dangling link): nothing to read
+        if not stat.S_ISREG(status.st_mode):
+            return
+        if not is_inside(key, self._resolved_roots):
+            self._refuse(key)
+            return
+        identity = (status.st_dev, status.st_ino)
         with self._lock:
-            if key in self._seen:
+            previous = self._seen.get(key, False)
+            if previous == identity:
                 return
-            self._seen.add(key)
+            if previous is not False:  # deleted since (None) or another inode: a new file of the same name
+                log.info("%s: a new file of the same name as a scan seen before; reporting it again", key)
+                self._reoffer[key] = REOFFER_RESCANS
+            self._seen[key] = identity
         self.on_scan(key)
+
+    def _refuse(self, path: Path) -> None:
+        target = path.resolve()
+        with self._lock:
+            if self._refused.get(path) == target:
+                return
+            self._refused[path] = target
+        log.warning("%s: a link to %s, outside the watched directories; not followed", path, target)
 
     def mark_seen(self, path: Path) -> None:
         with self._lock:
-            self._seen.add(path.absolute())
+            self._seen[path.absolute()] = _identity(path)
 
     def forget(self, path: Path) -> None:
         """Let a path be reported again (a scan file replaced by a new one of the same name)."""
         with self._lock:
-            self._seen.discard(path.absolute())
+            self._seen.pop(path.absolute(), None)
+            self._reoffer.pop(path.absolute(), None)
+            self._refused.pop(path.absolute(), None)
+
+    def gone(self, path: Path, is_directory: bool = False) -> None:
+        """A file or directory was deleted or moved away: a file of that name later is a new scan."""
+        key = path.absolute()
+        if not is_directory:
+            with self._lock:  # events come in order: a file at this path now (even on the same inode) is a new one
+                if key in self._seen:
+                    self._seen[key] = None
+                self._refused.pop(key, None)
+            return
+        self._drop_watches_under(key)
+
+    def new_directory(self, directory: Path) -> None:
+        """A directory appeared (created or moved in): watch it and report what is already in it."""
+        if not self.settings.recursive or _skipped(directory.name) or not directory.is_dir():
+            return
+        if not is_inside(directory, self._resolved_roots) or directory.is_symlink():
+            return
+        for found, files in walk_scan_dirs([directory], True):
+            self._watch_directory(found)
+            for name in files:
+                self.offer(found / name)
+
+    # -- rescanning ---------------------------------------------------------------------------
 
     def rescan(self) -> None:
+        with self._lock:
+            pending = set(self._reoffer)  # replaced before this rescan (this rescan's own finds are reported anyway)
+        self._check_roots()
+        self._drop_stale_watches()
+        present: set[Path] = set()
         for directory, files in walk_scan_dirs(self.roots, self.settings.recursive):
             self._watch_directory(directory)
             for name in files:
-                self.offer(directory / name)
+                path = (directory / name).absolute()
+                present.add(path)
+                self.offer(path)
+        with self._lock:
+            for path in [p for p, identity in self._seen.items() if identity is not None and p not in present]:
+                if not path.exists():
+                    self._seen[path] = None  # deleted: the next file of this name is new
+            due = [p for p in pending if p in present and p in self._reoffer]
+            for path in pending & set(self._reoffer):
+                self._reoffer[path] -= 1
+                if self._reoffer[path] <= 0 or path not in present:
+                    del self._reoffer[path]
+        for path in due:  # the daemon drops an offer while the path's previous scan is still finishing
+            self.on_scan(path)
+
+    def _check_roots(self) -> None:
+        for root in self.roots:
+            if root.is_dir():
+                if root in self._missing_roots:
+                    self._missing_roots.discard(root)
+                    log.info("%s: watched directory is back", root)
+            elif root not in self._missing_roots:
+                self._missing_roots.add(root)
+                log.warning("%s: watched directory does not exist (now); rescanning for it", root)
 
     def _watch_directory(self, directory: Path) -> None:
         """One non-recursive watch per scan directory: a recursive one would also watch every store's chunk folders."""
-        if self._observer is None or directory in self._watched:
+        if self._observer is None:
+            return
+        identity = _identity(directory)
+        with self._lock:
+            known = self._watched.get(directory)
+        if known is not None:
+            if known[1] == identity:
+                return
+            self._unschedule(directory)  # the directory was recreated: the old watch follows the old one
+        try:
+            watch = self._observer.schedule(_Handler(self), str(directory), recursive=False)
+        except OSError as error:  # e.g. out of inotify watches: the rescan still finds its scans, and tries again
+            if directory not in self._unwatchable:  # once, not at every rescan
+                self._unwatchable.add(directory)
+                log.warning("%s: cannot watch for events (%s); found by rescans only", directory, error)
+            return
+        self._unwatchable.discard(directory)
+        with self._lock:
+            self._watched[directory] = (watch, identity)
+        if known is not None:
+            log.info("%s: directory was recreated; watching the new one", directory)
+
+    def _unschedule(self, directory: Path) -> None:
+        with self._lock:
+            known = self._watched.pop(directory, None)
+        if known is None or self._observer is None:
             return
         try:
-            self._observer.schedule(_Handler(self), str(directory), recursive=False)
-            self._watched.add(directory)
-        except OSError as error:  # e.g. out of inotify watches: the rescan still finds its scans
-            log.warning("%s: cannot watch for events (%s); found by rescans only", directory, error)
+            self._observer.unschedule(known[0])
+        except Exception:  # an emitter that already stopped itself (its directory was deleted)
+            pass
+
+    def _drop_watches_under(self, directory: Path) -> None:
+        with self._lock:
+            stale = [d for d in self._watched if d == directory or directory in d.parents]
+        for found in stale:
+            if _identity(found) != self._watched.get(found, (None, None))[1]:
+                self._unschedule(found)
+
+    def _drop_stale_watches(self) -> None:
+        """Watches whose directory is gone or is now another directory (renamed away, recreated)."""
+        with self._lock:
+            watched = list(self._watched.items())
+        for directory, (_, identity) in watched:
+            if _identity(directory) != identity:
+                self._unschedule(directory)
 
     def _start_observer(self) -> None:
-        self._watched: set[Path] = set()
+        with self._lock:
+            self._watched = {}
         if self.settings.mode == "polling":
             self._observer = None
             return
@@ -141,11 +298,10 @@ class Watcher:
                 self.rescan()
             except OSError as error:
                 log.warning("rescan failed: %s", error)
+            except Exception:  # a bug must not end the rescans, the watcher's safety net
+                log.exception("rescan failed")
 
     def start(self) -> "Watcher":
-        for root in self.roots:
-            if not root.is_dir():
-                log.warning("%s: watched directory does not exist (yet); rescanning for it", root)
         try:
             self._start_observer()
         except OSError as error:

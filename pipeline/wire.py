@@ -29,6 +29,8 @@ HEARTBEAT = b"heartbeat"  # worker -> daemon: still alive
 BYE = b"bye"  # worker -> daemon: leaving cleanly
 FRAME = b"frame"  # daemon -> worker: one frame to segment
 STOP = b"stop"  # daemon -> worker: finish what you hold, then leave
+REJOIN = b"rejoin"  # daemon -> worker: I do not know you (I restarted, or dropped you): say hello again
+MAX_NUMBER = 1e12  # no box, score, id or time in a result comes near this
 
 
 class WireError(ValueError):
@@ -65,7 +67,7 @@ def parse_header(raw: bytes) -> dict[str, Any]:
         raise WireError(f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # bad JSON, bad UTF-8, absurd numbers, absurd nesting
         raise WireError("header is not valid JSON") from None
     if not isinstance(header, dict):
         raise WireError(f"header is a JSON {type(header).__name__}, not an object")
@@ -148,7 +150,7 @@ def _detections(raw: Any) -> list[Detection]:
         if (
             not isinstance(row, list)
             or len(row) != 6
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in row)
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < MAX_NUMBER for v in row)
             or not all(np.isfinite(row))
             or not (isinstance(row[5], int) and 0 < row[5] <= 65535)
         ):
@@ -163,7 +165,7 @@ def decode_result(parts: list[bytes]) -> FrameResult:
     header = parse_header(parts[1])
     shape = _shape(header)
     timings = header.get("timings", {})
-    if not isinstance(timings, dict) or not all(isinstance(v, (int, float)) for v in timings.values()):
+    if not isinstance(timings, dict) or not all(isinstance(v, (int, float)) and abs(v) < MAX_NUMBER for v in timings.values()):
         raise WireError("'timings' must map stage names to seconds")
     prediction = FramePrediction(
         tlm_labels=_array(parts[2], "uint16", shape, "tlm labels"),

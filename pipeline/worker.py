@@ -43,6 +43,7 @@ class _Link(threading.Thread):
         self.endpoint, self.hello, self.settings = endpoint, hello, settings
         self.inbox, self.outbox = inbox, outbox
         self.stopping = threading.Event()  # the daemon said stop, or we are shutting down
+        self.busy = 0  # frames taken from the inbox and not yet answered
         self.closed = threading.Event()
 
     def run(self) -> None:
@@ -71,6 +72,11 @@ class _Link(threading.Thread):
                     parts = sock.recv_multipart()
                     if parts and parts[0] == wire.STOP:
                         self.stopping.set()
+                        continue
+                    if parts and parts[0] == wire.REJOIN:  # the daemon restarted or dropped us: offer the room we have
+                        free = max(0, self.settings.credit - self.inbox.qsize() - self.busy)
+                        sock.send_multipart(wire.encode_control(wire.HELLO, {**self.hello, "n": free}))
+                        log.info("daemon asked this worker to rejoin; offered %d frame(s)", free)
                         continue
                     try:
                         self.inbox.put(wire.decode_frame(parts))
@@ -109,6 +115,7 @@ def run_worker(endpoint: str, config: Config, device: str = "auto", name: str | 
                     batch.append(inbox.get_nowait())
                 except queue.Empty:
                     break
+            link.busy = len(batch)
             frames = np.stack([task.data for task in batch])
             started = time.perf_counter()
             predictions = predictor.predict_batch(frames)
@@ -116,6 +123,7 @@ def run_worker(endpoint: str, config: Config, device: str = "auto", name: str | 
             for task, prediction in zip(batch, predictions):
                 prediction.timings.setdefault("worker_total", elapsed)
                 outbox.put(wire.encode_result(wire.FrameResult(task.task, task.scan, task.frame, name, prediction)))
+            link.busy = 0
     except KeyboardInterrupt:
         pass
     finally:

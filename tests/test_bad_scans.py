@@ -1,0 +1,443 @@
+"""Bad scan files, for real: a real daemon with a real worker process meets broken, odd and vanishing files.
+
+Each bad file gets one log line naming it and what is wrong, its store says `failed` with that
+line as `end_reason` (a bare store when none was made yet), and the daemon goes on: a good scan
+written after the bad ones in the same directory completes with every frame done.
+
+One daemon serves the module (its worker takes seconds to start); each test works in its own
+sub-directory of the watched directory. Scans are tiny (4-8 frames) to keep the file quick.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import psutil
+import pytest
+
+from pipeline.simulate import ScanPlan, ScanWriter, write_scan
+from pipeline.sink import open_live, store_made_from, store_path_for
+from tests.conftest import write_config
+
+NEXUS_ENTRY = "entry1"
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+class LogLines(logging.Handler):
+    """The daemon's log, kept in memory: (level, message) per record."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.INFO)
+        self.records: list[tuple[int, str]] = []
+        self._lock = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        with self._lock:
+            self.records.append((record.levelno, message))
+
+    def problems(self, needle: str) -> list[str]:
+        """Warning and error lines that mention `needle` (a file name or path)."""
+        with self._lock:
+            return [m for level, m in self.records if level >= logging.WARNING and needle in m]
+
+    def lines(self, needle: str) -> list[str]:
+        with self._lock:
+            return [m for _, m in self.records if needle in m]
+
+
+@dataclass
+class Live:
+    daemon: object
+    watched: Path
+    vanishing: Path
+    staging: Path
+    log: LogLines
+    config_path: Path
+
+
+def attrs_of(store: Path) -> dict:
+    try:
+        return json.loads((store / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return {}
+
+
+def wait_for_status(stores: list[Path], timeout: float, wanted=("complete", "incomplete", "failed")) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(attrs_of(s).get("status") in wanted for s in stores):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"stores not finished in {timeout} s: {[(s.name, attrs_of(s).get('status')) for s in stores]}")
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
+def done_frames(store: Path) -> int:
+    try:
+        return int(open_live(store)["frames/done"][:].sum())
+    except Exception:
+        return 0
+
+
+def frames_read(live: "Live", nexus_path: Path) -> int:
+    """How far the daemon has read a scan, as `pipeline status` shows it."""
+    return max([scan["frames_read"] for scan in live.daemon.status()["scans"] if scan["path"] == str(nexus_path)] or [0])
+
+
+def assert_complete(store: Path, n_frames: int) -> None:
+    attrs = attrs_of(store)
+    assert attrs.get("status") == "complete", (store, attrs.get("status"), attrs.get("end_reason"))
+    assert open_live(store)["frames/done"][:].tolist() == [1] * n_frames
+
+
+def appear(path: Path, write) -> Path:
+    """Write a file under a temporary name, then rename it into place: it appears whole, like a finished copy."""
+    temporary = path.with_name(path.name + ".part")
+    write(temporary)
+    os.replace(temporary, path)
+    return path
+
+
+def nexus_file(path: Path, data: np.ndarray | None = None, *, shape=None, dtype=None, detector: str = "pil3_100k",
+               link: str | None = None) -> Path:
+    """A finished DiPID-era NeXus file (frames at entry1/<detector>/data), or one with an external link instead."""
+
+    def write(target: Path) -> None:
+        with h5py.File(target, "w") as handle:
+            entry = handle.create_group(NEXUS_ENTRY)
+            entry["scan_command"] = "scan eta 10 11 0.25 pil3_100k 1"
+            entry["start_time"] = time.strftime("%Y-%m-%dT%H:%M:%S") + f".{time.time_ns() % 10**9:09d}"
+            entry["end_time"] = "2024-01-01T00:00:00"
+            group = entry.create_group(detector)
+            if link is not None:
+                group["data"] = h5py.ExternalLink(link, "/entry/instrument/detector/data")
+            elif data is not None:
+                group.create_dataset("data", data=data, chunks=(1, *data.shape[1:]) if data.ndim == 3 else None)
+            else:
+                group.create_dataset("data", shape=shape, dtype=dtype)
+
+    return appear(path, write)
+
+
+def start_scan(directory: Path, name: str, seed: int, n_frames: int = 4, layout: str = "nexus", **options) -> tuple[ScanPlan, ScanWriter]:
+    plan = ScanPlan(directory=directory, name=name, layout=layout, n_frames=n_frames, rate_hz=options.pop("rate_hz", 20.0), seed=seed, **options)
+    return plan, ScanWriter(plan).start()
+
+
+# -- the daemon ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory, untrained_weights):
+    from pipeline.config import load_config
+    from pipeline.daemon import Daemon
+
+    root = tmp_path_factory.mktemp("bad-scans")
+    watched, vanishing, staging = root / "watched", root / "vanishing", root / "staging"
+    for directory in (watched, vanishing, staging):
+        directory.mkdir()
+    config_path = write_config(root / "config.yaml", untrained_weights, watch={"dirs": [str(watched), str(vanishing)]},
+                               follow={"idle_timeout_s": 3.0, "link_timeout_s": 2.0, "open_timeout_s": 20.0},
+                               # more scans at once: with 4, the scheduler (daemon.py) starts at most ~40 scans/s, and
+                               # the burst test would spend a minute failing junk files
+                               daemon={"max_active_scans": 16})
+    log = LogLines()
+    logger = logging.getLogger("pipeline")
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(log)
+    daemon = Daemon(load_config(config_path)).start()
+    try:
+        wait_until(lambda: daemon.dispatcher.stats()["workers"], 120, "a worker joined")
+        yield Live(daemon, watched, vanishing, staging, log, config_path)
+    finally:
+        daemon.shutdown()
+        logger.removeHandler(log)
+        logger.setLevel(old_level)
+
+
+# -- the tests ---------------------------------------------------------------------------------
+
+
+def test_unreadable_files_fail_with_one_line_each_and_the_next_scan_completes(live):
+    directory = live.watched / "unreadable"
+    directory.mkdir()
+
+    # not HDF5 at all: fails at once, not after open_timeout_s (20 s here)
+    started = time.monotonic()
+    text = appear(directory / "notes.nxs", lambda p: p.write_text("this is a logbook entry, not a scan\n"))
+    wait_for_status([text.with_suffix(".zarr")], timeout=15, wanted=("failed",))
+    assert time.monotonic() - started < 5.0
+
+    # real scans broken after the fact: cut to half its size; 4 KiB overwritten in the middle of its metadata
+    truncated_plan = ScanPlan(directory=live.staging, name="truncated", layout="nexus", n_frames=4, seed=1)
+    corrupt_plan = ScanPlan(directory=live.staging, name="corrupt", layout="gda8", n_frames=4, seed=2)
+    write_scan(truncated_plan)
+    write_scan(corrupt_plan)
+
+    def cut(target: Path) -> None:
+        shutil.copy(truncated_plan.nxs_path, target)
+        os.truncate(target, target.stat().st_size // 2)
+
+    def scribble(target: Path) -> None:
+        shutil.copy(corrupt_plan.nxs_path, target)
+        size = target.stat().st_size
+        with open(target, "r+b") as handle:
+            handle.seek(size // 2 - 2048)
+            handle.write(bytes(range(256)) * 16)
+
+    shutil.copytree(corrupt_plan.detector_path.parent, directory / corrupt_plan.detector_path.parent.name)
+    frames = np.ones((2, 195, 487), dtype=np.int32)
+    bad = {  # file -> words its one line and its end_reason must hold
+        appear(directory / "truncated.nxs", cut): ["truncated HDF5 file", "bytes on disk"],
+        appear(directory / "corrupt.nxs", scribble): ["unreadable"],
+        nexus_file(directory / "no_detector.nxs", frames, detector="pil1_ccd"): ["no detector dataset", "pil3_100k/data"],
+        nexus_file(directory / "strings.nxs", np.full((2, 195, 487), b"x", dtype="S1")): ["dtype |S1", "not a number type"],
+        nexus_file(directory / "compound.nxs", shape=(2, 195, 487), dtype=np.dtype([("counts", "<i4"), ("gain", "<f4")])):
+            ["dtype [('counts'", "not a number type"],
+        nexus_file(directory / "two_d.nxs", np.ones((195, 487), dtype=np.int32)): ["rank 2", "expected 3"],
+        nexus_file(directory / "small_frames.nxs", np.ones((3, 100, 100), dtype=np.int32)): ["100 x 100 pixels", "expected 195 x 487"],
+        nexus_file(directory / "lost_link.nxs", link="lost_link-pilatus3_100k-files/lost_link.hdf"):
+            ["target file did not appear within 2 s", str(directory / "lost_link-pilatus3_100k-files" / "lost_link.hdf")],
+    }
+    good_plan, good_writer = start_scan(directory, "good", seed=3)
+    good_writer.join(timeout=60)
+    stores = [path.with_suffix(".zarr") for path in bad] + [good_plan.nxs_path.with_suffix(".zarr")]
+    wait_for_status(stores, timeout=60)
+
+    for path, words in {text: ["not an HDF5 file", "starts with b'this is "], **bad}.items():
+        attrs = attrs_of(path.with_suffix(".zarr"))
+        assert attrs.get("status") == "failed", (path.name, attrs)
+        reason = attrs["end_reason"]
+        assert str(path) in reason or str(directory) in reason, reason
+        for word in words:
+            assert word in reason, (path.name, reason)
+        lines = live.log.problems(path.name)
+        assert lines == [reason], (path.name, lines)  # one line, and it is the reason
+    assert_complete(good_plan.nxs_path.with_suffix(".zarr"), 4)
+
+
+def test_nan_and_all_zero_frames_are_processed_counted_and_an_abandoned_scan_ends_incomplete(live):
+    directory = live.watched / "odd-frames"
+    directory.mkdir()
+    abandoned, abandoned_writer = start_scan(directory, "abandoned", seed=4, n_frames=6, layout="gda9", abandon_after=3)
+
+    frames = np.stack([np.random.default_rng(i).poisson(5.0, (195, 487)) for i in range(8)]).astype(np.float32)
+    frames[1, 10:20, 30:40] = np.nan  # a few NaN pixels
+    frames[5] = np.nan  # a whole frame of NaN
+    frames[3] = 0.0  # nothing recorded
+    odd = nexus_file(directory / "odd.nxs", frames)
+    zeros = nexus_file(directory / "zeros.nxs", np.zeros((4, 195, 487), dtype=np.int32))
+    abandoned_writer.join(timeout=60)
+    stores = [odd.with_suffix(".zarr"), zeros.with_suffix(".zarr"), abandoned.nxs_path.with_suffix(".zarr")]
+    wait_for_status(stores, timeout=60)
+
+    assert_complete(odd.with_suffix(".zarr"), 8)  # a few bad frames do not fail the scan
+    assert attrs_of(odd.with_suffix(".zarr"))["bad_frames"] == {"all_zero": [3], "nan": [1, 5]}
+    warnings = live.log.problems("odd.nxs")
+    assert len(warnings) == 1 and "3 frame(s)" not in warnings[0], warnings  # one summary line per scan
+    assert "2 frame(s) with NaN pixels (1, 5)" in warnings[0] and "1 frame(s) all zero (3)" in warnings[0], warnings
+    assert_complete(zeros.with_suffix(".zarr"), 4)
+    assert attrs_of(zeros.with_suffix(".zarr"))["bad_frames"] == {"all_zero": [0, 1, 2, 3]}
+    assert len(live.log.problems("zeros.nxs")) == 1
+
+    group = open_live(abandoned.nxs_path.with_suffix(".zarr"))
+    assert (group.attrs["status"], group.attrs["end_reason"]) == ("incomplete", "idle_timeout")
+    assert group.attrs["frames_expected"] == 6
+    assert group["frames/done"][:].tolist() == [1, 1, 1]
+
+
+def test_files_deleted_or_replaced_while_being_read(live):
+    directory = live.watched / "vanishing"
+    directory.mkdir()
+    deleted, deleted_writer = start_scan(directory, "deleted", seed=5, n_frames=8, rate_hz=1.0)
+    replaced, replaced_writer = start_scan(directory, "replaced", seed=6, n_frames=8, rate_hz=1.0)
+    deleted_store, replaced_store = deleted.nxs_path.with_suffix(".zarr"), replaced.nxs_path.with_suffix(".zarr")
+    wait_until(lambda: frames_read(live, deleted.nxs_path) >= 2 and frames_read(live, replaced.nxs_path) >= 2, 60,
+               "two frames of each read")
+
+    deleted.nxs_path.unlink()  # the writer goes on writing into the deleted file
+    replaced_writer.kill()
+    replaced.nxs_path.unlink()
+    new, new_writer = start_scan(directory, "replaced", seed=7, n_frames=5)  # same name, new content
+    wait_for_status([deleted_store], timeout=30, wanted=("incomplete", "failed"))
+    deleted_writer.kill()
+    new_writer.join(timeout=60)
+    wait_until(lambda: attrs_of(replaced_store).get("status") == "complete", 60, "the new file's store complete")
+
+    reason = attrs_of(deleted_store)["end_reason"]
+    assert str(deleted.nxs_path) in reason and "deleted while being read" in reason, reason
+    assert live.log.problems(f"{deleted.nxs_path}: scan file deleted while being read")
+    assert attrs_of(deleted_store)["status"] == "incomplete" and 2 <= attrs_of(deleted_store)["frames_total"] < 8
+    assert_complete(replaced_store, 5)  # a fresh store: the new file's 5 frames, nothing of the old 8
+    with h5py.File(new.nxs_path, "r", locking=False) as handle:
+        assert attrs_of(replaced_store)["source_start_time"] == handle["entry1/start_time"][()].decode()
+    assert store_made_from(replaced_store, new.nxs_path)
+    assert any("replaced" in line or "deleted" in line for line in live.log.problems(str(replaced.nxs_path)))
+    assert live.daemon.dispatcher.stats()["workers"]  # nothing crashed
+
+
+def test_a_finished_scan_replaced_by_a_new_file_of_the_same_name_is_processed_into_a_fresh_store(live):
+    directory = live.watched / "rewritten"
+    directory.mkdir()
+    first, writer = start_scan(directory, "again", seed=8, n_frames=4)
+    writer.join(timeout=60)
+    store = first.nxs_path.with_suffix(".zarr")
+    wait_for_status([store], timeout=60)
+    assert_complete(store, 4)
+    first.nxs_path.unlink()
+    second, writer = start_scan(directory, "again", seed=9, n_frames=6)
+    writer.join(timeout=60)
+    wait_until(lambda: attrs_of(store).get("frames_total") == 6, 8, "the new file processed")
+    assert_complete(store, 6)
+
+
+def test_same_scan_name_in_two_directories_and_a_link_out_of_the_watched_directories(live, tmp_path):
+    plans = []
+    for sub, seed in (("sample-a", 10), ("sample-b", 11)):
+        (live.watched / sub).mkdir()
+        plans.append(start_scan(live.watched / sub, "same-name", seed=seed))
+    outside = tmp_path / "elsewhere"
+    outside_plan = ScanPlan(directory=outside, name="private", layout="nexus", n_frames=4, seed=12)
+    write_scan(outside_plan)
+    links = live.watched / "links"
+    links.mkdir()
+    (links / "escape.nxs").symlink_to(outside_plan.nxs_path)
+    for _, writer in plans:
+        writer.join(timeout=60)
+    stores = [plan.nxs_path.with_suffix(".zarr") for plan, _ in plans]
+    wait_for_status(stores, timeout=60)
+    time.sleep(2.5)  # two more rescans: the link must still be refused once only
+
+    for plan, _ in plans:
+        store = plan.nxs_path.with_suffix(".zarr")
+        assert_complete(store, 4)
+        assert attrs_of(store)["source_nexus"] == str(plan.nxs_path)
+    lines = live.log.problems("escape.nxs")
+    assert len(lines) == 1 and str(outside_plan.nxs_path) in lines[0] and "not followed" in lines[0], lines
+    assert not (links / "escape.zarr").exists() and not outside_plan.nxs_path.with_suffix(".zarr").exists()
+
+
+def test_a_burst_of_two_thousand_junk_files_with_one_good_scan(live):
+    from pipeline.cli import query_status
+
+    directory = live.watched / "burst"
+    directory.mkdir()
+    endpoint = live.daemon.config.daemon.control
+    rss_before = psutil.Process().memory_info().rss
+    junk = []
+    started = time.monotonic()
+    for index in range(2000):
+        path = directory / f"junk-{index:04d}.nxs"
+        path.write_text(f"junk {index}\n")
+        junk.append(path)
+        if index == 1000:
+            good, good_writer = start_scan(directory, "good-in-burst", seed=13)
+    answered = time.monotonic()
+    status = query_status(endpoint, timeout_s=5.0)  # the daemon still answers while it works through the burst
+    assert status is not None and time.monotonic() - answered < 5.0
+    good_writer.join(timeout=60)
+    good_store = good.nxs_path.with_suffix(".zarr")
+    wait_for_status([good_store], timeout=120)
+    wait_for_status([path.with_suffix(".zarr") for path in junk], timeout=120, wanted=("failed",))
+    elapsed = time.monotonic() - started
+
+    assert_complete(good_store, 4)
+    for path in junk[::97]:
+        assert "not an HDF5 file" in attrs_of(path.with_suffix(".zarr"))["end_reason"]
+    problems = live.log.problems("/burst/junk-")
+    assert len(problems) == 2000 and len(set(problems)) == 2000, len(problems)  # each failed once, one line each
+    time.sleep(1.5)  # a rescan later, nothing is failed twice
+    assert len(live.log.problems("/burst/junk-")) == 2000
+    assert not [s for s in live.daemon.sessions.values() if not s.finished.is_set()]
+    growth_mb = (psutil.Process().memory_info().rss - rss_before) / 2**20
+    assert growth_mb < 200, growth_mb
+    print(f"2000 junk files and one good scan in {elapsed:.1f} s, RSS +{growth_mb:.0f} MiB")
+
+
+def test_the_watched_directory_vanishes_and_comes_back(live):
+    root = live.vanishing
+    first, writer = start_scan(root, "before", seed=14)
+    writer.join(timeout=60)
+    wait_for_status([first.nxs_path.with_suffix(".zarr")], timeout=60)
+    assert live.daemon.wait_idle(30)  # the store is finished (consolidated, quick look) before its directory moves
+    root.rename(root.with_name("vanishing-old"))
+    wait_until(lambda: live.log.lines(f"{root}: watched directory does not exist"), 10, "the watcher saw it go")
+    root.mkdir()
+    wait_until(lambda: live.log.lines(f"{root}: watched directory is back"), 10, "the watcher saw it return")
+    second, writer = start_scan(root, "after", seed=15)
+    writer.join(timeout=60)
+    store = second.nxs_path.with_suffix(".zarr")
+    wait_for_status([store], timeout=60)
+    assert_complete(store, 4)
+
+
+def test_output_root_keeps_same_named_scans_apart_and_an_unwritable_output_fails_the_scan(tmp_path, untrained_weights):
+    from pipeline.config import load_config
+    from pipeline.daemon import Daemon
+
+    watched, output = tmp_path / "watched", tmp_path / "output"
+    for sub in ("a", "b", "blocked"):
+        (watched / sub).mkdir(parents=True)
+    output.mkdir()
+    (output / "blocked").write_text("a file where the store's directory should go\n")  # even root cannot mkdir through it
+    config = load_config(write_config(tmp_path / "config.yaml", untrained_weights, watch={"dirs": [str(watched)]},
+                                      output={"root": str(output)}))
+    log = LogLines()
+    logger = logging.getLogger("pipeline")
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(log)
+    daemon = Daemon(config).start()
+    try:
+        wait_until(lambda: daemon.dispatcher.stats()["workers"], 120, "a worker joined")
+        blocked, writer = start_scan(watched / "blocked", "blocked", seed=20)
+        writer.join(timeout=60)
+        wait_until(lambda: log.problems("blocked.nxs"), 30, "the unwritable output logged")
+        plans = [start_scan(watched / sub, "same", seed=21 + i) for i, sub in enumerate(("a", "b"))]
+        for _, writer in plans:
+            writer.join(timeout=60)
+        stores = [output / sub / "same.zarr" for sub in ("a", "b")]
+        wait_for_status(stores, timeout=60)
+    finally:
+        daemon.shutdown()
+        logger.removeHandler(log)
+        logger.setLevel(old_level)
+    assert [store_path_for(plan.nxs_path, output, [watched]) for plan, _ in plans] == stores
+    for (plan, _), store in zip(plans, stores):
+        assert_complete(store, 4)
+        assert attrs_of(store)["source_nexus"] == str(plan.nxs_path)
+    lines = log.problems("blocked.nxs")
+    assert len(lines) == 1, lines
+    assert str(blocked.nxs_path) in lines[0] and f"{output / 'blocked'} is a file, not a directory" in lines[0], lines
+    assert (output / "blocked").is_file() and not (watched / "blocked" / "blocked.zarr").exists()
+
+
+def test_store_path_for_is_predictable(tmp_path):
+    out = Path("/out")
+    assert store_path_for(Path("/data/cm1/1234.nxs"), None) == Path("/data/cm1/1234.zarr")
+    assert store_path_for(Path("/data/cm1/1234.nxs"), out) == out / "1234.zarr"
+    assert store_path_for(Path("/data/cm1/1234.nxs"), out, [Path("/data/cm1")]) == out / "1234.zarr"
+    assert store_path_for(Path("/data/cm1/s2/1234.nxs"), out, [Path("/data/cm1")]) == out / "s2" / "1234.zarr"
+    assert store_path_for(Path("/data/cm2/1234.nxs"), out, [Path("/data/cm1"), Path("/data/cm2")]) == out / "cm2" / "1234.zarr"
+    assert store_path_for(Path("/elsewhere/1234.nxs"), out, [Path("/data/cm1")]) == out / "1234.zarr"
