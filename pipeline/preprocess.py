@@ -39,7 +39,7 @@ def fix_dead_pixels_slow(frame: np.ndarray) -> np.ndarray:
     """DiPID's per-pixel Python loop, kept only as the benchmark baseline for `fix_dead_pixels`.
 
     Gives the same result as the vectorised version (up to float summation order); do not use it
-    in the pipeline, it takes seconds on a frame with many dead pixels.
+    in the pipeline: its cost grows with the number of dead pixels at Python speed.
     """
     values = np.asarray(frame, dtype=np.float64)
     finite = np.isfinite(values)

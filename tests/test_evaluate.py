@@ -64,7 +64,7 @@ def test_evaluate_command_bad_weights_is_one_line(tmp_path, capsys) -> None:
     (tmp_path / "broken.safetensors").write_bytes(b"garbage")
     assert commands.main(["evaluate", "--frames", "1", "--tlm", str(tmp_path / "broken.safetensors")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and "broken.safetensors" in err and "\n" not in err
+    assert err.startswith("pipeline evaluate:") and "broken.safetensors" in err and "\n" not in err
 
 
 def test_help_for_both_commands(capsys) -> None:

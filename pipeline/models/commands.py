@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-DEFAULT_STEPS = {"tlm": 4000, "sslm": 150}
+DEFAULT_STEPS = {"tlm": 3000, "sslm": 150}
 DEFAULT_BATCH = {"tlm": 2, "sslm": 8}
 
 
@@ -70,8 +70,9 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
+def _fail(args: argparse.Namespace, message: str) -> int:
+    """One line on stderr, as the main CLI prints its errors; exit code 2."""
+    print(f"pipeline {getattr(args, 'command', None) or 'models'}: {message}", file=sys.stderr)
     return 2
 
 
@@ -87,9 +88,9 @@ def run_train(args: argparse.Namespace) -> int:
     steps = args.steps or DEFAULT_STEPS[args.model]
     batch = args.batch_size or DEFAULT_BATCH[args.model]
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        return _fail(f"--device {args.device}: CUDA is not available here")
+        return _fail(args, f"--device {args.device}: CUDA is not available here")
     if args.resume and not (out / train.CHECKPOINT_NAME).exists():
-        return _fail(f"--resume: no checkpoint at {out / train.CHECKPOINT_NAME}")
+        return _fail(args, f"--resume: no checkpoint at {out / train.CHECKPOINT_NAME}")
     command = "pipeline " + " ".join(sys.argv[1:]) if sys.argv else ""
     try:
         if args.model == "tlm":
@@ -105,7 +106,7 @@ def run_train(args: argparse.Namespace) -> int:
                 stop_after=args.stop_after,
             )
     except (OSError, ValueError) as error:
-        return _fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
+        return _fail(args, str(error).splitlines()[0] if str(error) else type(error).__name__)
     if weights is None:
         print(f"stopped at step {args.stop_after}; continue with --resume --out {out}")
     else:
@@ -124,7 +125,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             device=args.device, batch_size=args.batch_size,
         )
     except ValueError as error:  # ConfigError and WeightsError are ValueErrors with one-line messages
-        return _fail(str(error))
+        return _fail(args, str(error))
     print(evaluate.format_report(report))
     if args.json:
         evaluate.write_json(report, args.json)
