@@ -64,3 +64,20 @@ def test_dipid_state_dict_loads_with_dipid_peak_channels(tmp_path) -> None:
     assert not prediction.tlm_labels.any() and prediction.detections == []
     override = ModelSettings(tlm=TLMSettings(enabled=False), sslm=SSLMSettings(weights=path, peak_channels=[1]))
     assert JointPredictor.from_settings(override).provenance()["sslm"]["settings"]["peak_channels"] == [1]
+
+
+def test_dipid_checkpoints_get_dipids_final_relu_and_the_shipped_card_keeps_its_own(tmp_path):
+    from pipeline.config import SSLMSettings
+    from pipeline.models.joint import load_sslm
+
+    torch.manual_seed(0)
+    x = torch.rand(1, 1, 16, 20)
+    with_relu, without = SSLM(final_relu=True).eval(), SSLM(final_relu=False).eval()
+    without.load_state_dict(with_relu.state_dict())
+    assert (with_relu(x) >= 0).all() and (without(x) < 0).any()  # fresh BatchNorm in eval is ~identity
+    path = tmp_path / "dipid_sslm.pt"
+    torch.save(with_relu.state_dict(), path)
+    model, loaded = load_sslm(SSLMSettings(weights=path))
+    assert model.final_relu is True and loaded.card.peak_channels == [66, 13]
+    shipped, card = load_sslm(SSLMSettings())
+    assert shipped.final_relu is False and card.card.final_relu is False

@@ -48,6 +48,7 @@ class ModelCard:
     image_mean: float | None = None  # TLM: normalisation of the 3x repeated model input
     image_std: float | None = None
     peak_channels: list[int] | None = None  # SSLM: argmax clusters that mean "peak"
+    final_relu: bool | None = None  # SSLM: ReLU before the last BatchNorm as in DiPID (None: True)
     training_command: str = ""
     data: str = ""
     device: str = ""

@@ -88,7 +88,7 @@ def load_sslm(settings: "SSLMSettings") -> tuple[torch.nn.Module, LoadedWeights]
     if card.architecture != "sslm":
         raise WeightsError(f"{path}: holds a {card.architecture} model, not an SSLM")
     card = card.replace(peak_channels=settings.peak_channels)
-    model = sslm_module.SSLM()
+    model = sslm_module.SSLM(final_relu=card.final_relu is not False)
     load_into(path, model, state_dict)
     bad = [c for c in card.peak_channels or [] if not 0 <= c < sslm_module.CHANNELS]
     if bad:

@@ -26,8 +26,11 @@ CHANNELS = 100
 class SSLM(nn.Module):
     """The network; `forward` returns the (B, 100, H, W) response whose argmax is the cluster."""
 
-    def __init__(self, in_channels: int = 1, channels: int = CHANNELS, n_conv: int = 2) -> None:
+    def __init__(self, in_channels: int = 1, channels: int = CHANNELS, n_conv: int = 2, final_relu: bool = True) -> None:
         super().__init__()
+        # DiPID's last block is conv1x1, ReLU, BatchNorm; the shipped weights were trained without that
+        # ReLU (their card says final_relu false), so the variant is part of the model's description.
+        self.final_relu = final_relu
         self.conv1 = nn.Conv2d(in_channels, channels, kernel_size=3, padding=1)
         self.norm1 = nn.BatchNorm2d(channels)
         self.conv2 = nn.ModuleList(nn.Conv2d(channels, channels, kernel_size=3, padding=1) for _ in range(n_conv - 1))
@@ -39,7 +42,8 @@ class SSLM(nn.Module):
         x = self.norm1(F.relu(self.conv1(x)))
         for conv, norm in zip(self.conv2, self.norm2):
             x = norm(F.relu(conv(x)))
-        return self.norm3(self.conv3(x))
+        x = self.conv3(x)
+        return self.norm3(F.relu(x) if self.final_relu else x)
 
 
 def losses(response: torch.Tensor) -> dict[str, torch.Tensor]:

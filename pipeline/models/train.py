@@ -380,7 +380,7 @@ def train_sslm(
     model.load_state_dict(state.extra["best_model"])
     peak_channels, channel_iou = sslm_peak_channels(model, seed, channel_frames, target_device)
     card = ModelCard(
-        architecture="sslm", peak_channels=peak_channels,
+        architecture="sslm", peak_channels=peak_channels, final_relu=model.final_relu,
         training_command=command or _command_line(),
         data=TRAINING_DATA + f"; seed {seed}; batch {batch_size} crops of {crop} px; peak channels from "
         f"{channel_frames} unseen training frames, mean IoU {channel_iou:.3f}",
