@@ -37,6 +37,8 @@ from typing import Any, NoReturn
 
 import numpy as np
 
+from pipeline.argtypes import non_negative_int, positive_float, positive_int
+
 DEFAULT_FRAMES = 100
 DEFAULT_RATE_HZ = 1000.0  # as fast as the writer can: measures the pipeline, not the detector
 DEFAULT_BASELINE_FRAMES = 20
@@ -53,36 +55,6 @@ class BenchError(Exception):
 
 
 # --------------------------------------------------------------------------- the command line
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
 
 
 def worker_counts(text: str) -> list[int]:
@@ -108,19 +80,19 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
                     "workers following the scan (frames/s, latency from a frame's flush to its frames/done, "
                     "time per stage, peak RSS per process), optionally for several worker counts.")
     parser.add_argument("--config", type=Path, help="YAML config for weights and settings (default: the built-in defaults)")
-    parser.add_argument("--frames", type=_positive_int, default=DEFAULT_FRAMES, metavar="N",
+    parser.add_argument("--frames", type=positive_int, default=DEFAULT_FRAMES, metavar="N",
                         help=f"frames in the simulated scan (default {DEFAULT_FRAMES})")
-    parser.add_argument("--rate", type=_positive_float, default=DEFAULT_RATE_HZ, metavar="HZ",
+    parser.add_argument("--rate", type=positive_float, default=DEFAULT_RATE_HZ, metavar="HZ",
                         help=f"frames per second the writer writes (default {DEFAULT_RATE_HZ:g}: as fast as it can, "
                              "to measure throughput; e.g. 10 or 100 for latency at a detector's rate)")
     parser.add_argument("--layout", choices=LAYOUTS, default="gda9", help="file layout of the scan (default gda9)")
-    parser.add_argument("--workers", type=_positive_int, default=2, metavar="N", help="local worker processes (default 2)")
+    parser.add_argument("--workers", type=positive_int, default=2, metavar="N", help="local worker processes (default 2)")
     parser.add_argument("--scale", type=worker_counts, default=None, metavar="N,N,...",
                         help="also run the pipeline with each of these worker counts and compare frames/s")
-    parser.add_argument("--baseline-frames", type=_non_negative_int, default=None, metavar="N",
+    parser.add_argument("--baseline-frames", type=non_negative_int, default=None, metavar="N",
                         help=f"frames for DiPID's way (default min(frames, {DEFAULT_BASELINE_FRAMES}); 0 skips it)")
     parser.add_argument("--device", default=None, metavar="DEV", help="auto | cpu | cuda | cuda:N (default: workers.device)")
-    parser.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the simulated scan (default 0)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the simulated scan (default 0)")
     parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="also save every figure here as JSON")
     parser.add_argument("--memory-trace", type=Path, default=None, metavar="FILE",
                         help="write the RSS samples of the main run (CSV: time_s, frames_done, process, pid, rss_mib)")

@@ -40,6 +40,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from pipeline.argtypes import non_negative_int, positive_float, positive_int
 from pipeline.synth import FRAME_SHAPE, RockingScan, SynthSettings
 
 LAYOUTS: tuple[str, ...] = ("gda9", "gda8", "nexus")
@@ -442,36 +443,6 @@ def write_scan(plan: ScanPlan) -> Path:
 # --------------------------------------------------------------------------- command line
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``simulate`` sub-command."""
     parser = subparsers.add_parser(
@@ -483,13 +454,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="directory to write scans into (default: ./simulated)")
     parser.add_argument("--layout", choices=(*LAYOUTS, "all"), default="all",
                         help="file layout (default: all)")
-    parser.add_argument("--scans", type=_positive_int, default=1, metavar="K", help="scans per layout (default: 1)")
-    parser.add_argument("--frames", type=_positive_int, default=50, metavar="N", help="frames per scan (default: 50)")
-    parser.add_argument("--rate", type=_positive_float, default=10.0, metavar="HZ",
+    parser.add_argument("--scans", type=positive_int, default=1, metavar="K", help="scans per layout (default: 1)")
+    parser.add_argument("--frames", type=positive_int, default=50, metavar="N", help="frames per scan (default: 50)")
+    parser.add_argument("--rate", type=positive_float, default=10.0, metavar="HZ",
                         help="frames per second (default: 10)")
-    parser.add_argument("--seed", type=_non_negative_int, default=0, metavar="S",
+    parser.add_argument("--seed", type=non_negative_int, default=0, metavar="S",
                         help="seed of the first scan of each layout; scan k uses S + k (default: 0)")
-    parser.add_argument("--peaks", type=_non_negative_int, default=None, metavar="N",
+    parser.add_argument("--peaks", type=non_negative_int, default=None, metavar="N",
                         help="3D peaks per scan (default: drawn, about 1.6 present per frame)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=run_simulate)

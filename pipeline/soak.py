@@ -44,6 +44,8 @@ from typing import Any, NoReturn
 
 import numpy as np
 
+from pipeline.argtypes import non_negative_int, positive_float, positive_int
+
 FAULT_KINDS = ("worker_kill", "daemon_restart", "bad_file", "hostile", "worker_stall")
 DEFAULT_FAULTS = ("worker_kill", "daemon_restart", "bad_file", "hostile")
 BAD_FILE_KINDS = ("not_hdf5", "no_detector", "truncated")
@@ -69,36 +71,6 @@ class SoakError(Exception):
 
 
 # --------------------------------------------------------------------------- the command line
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def _range(kind: type, low_limit: float) -> Any:
@@ -143,10 +115,10 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
                     "the end, check the stores and the daemon's audit log: no frame lost or done twice, every good scan "
                     "complete, every bad file failed. Exit code 0 only then.")
     duration = parser.add_mutually_exclusive_group()
-    duration.add_argument("--minutes", type=_positive_float, default=None, metavar="N",
+    duration.add_argument("--minutes", type=positive_float, default=None, metavar="N",
                           help="how long to inject faults and write scans (default 10)")
-    duration.add_argument("--seconds", type=_positive_float, default=None, metavar="S", help="the same in seconds")
-    parser.add_argument("--seed", type=_non_negative_int, default=0, help="seed of scans and faults (default 0)")
+    duration.add_argument("--seconds", type=positive_float, default=None, metavar="S", help="the same in seconds")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of scans and faults (default 0)")
     parser.add_argument("--config", type=Path, default=None, metavar="FILE",
                         help="YAML config for weights and settings (default: the built-in defaults); the soak sets the "
                              "watched directory, ports, audit log and short timeouts itself")
@@ -154,8 +126,8 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
                         help="write scans, stores, logs and the audit log here (kept); default: a temporary directory, "
                              "removed unless --keep")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (its path is printed)")
-    parser.add_argument("--workers", type=_positive_int, default=2, metavar="N", help="local worker processes (default 2)")
-    parser.add_argument("--remote-workers", type=_non_negative_int, default=0, metavar="N",
+    parser.add_argument("--workers", type=positive_int, default=2, metavar="N", help="local worker processes (default 2)")
+    parser.add_argument("--remote-workers", type=non_negative_int, default=0, metavar="N",
                         help="also run N `pipeline worker --connect` processes, as on other hosts: they outlive daemon "
                              "restarts and must join each new daemon (the soak restarts one that exits, as systemd "
                              "would) (default 0)")
@@ -164,7 +136,7 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
     parser.add_argument("--faults", type=fault_kinds, default=list(DEFAULT_FAULTS), metavar="KIND,...",
                         help=f"faults to inject, each at least once when the time allows: {', '.join(FAULT_KINDS)}, "
                              f"all or none (default {','.join(DEFAULT_FAULTS)})")
-    parser.add_argument("--fault-every", type=_positive_float, default=20.0, metavar="S",
+    parser.add_argument("--fault-every", type=positive_float, default=20.0, metavar="S",
                         help="mean seconds between faults (default 20; the first round, one of each kind, is evenly spaced)")
     parser.add_argument("--hostile-mix", choices=HOSTILE_MIXES, default="full",
                         help="basic: the garbage of tests/test_hostile.py; full: also messages that stress the JSON "
@@ -173,8 +145,8 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
                         help="frames per scan, drawn in this range (default 6,20)")
     parser.add_argument("--rate", type=_range(float, 0.1), default=(5.0, 20.0), metavar="MIN,MAX",
                         help="frames per second a scan is written at, drawn in this range (default 5,20)")
-    parser.add_argument("--parallel", type=_positive_int, default=2, metavar="N", help="scans written at once (default 2)")
-    parser.add_argument("--drain-timeout", type=_positive_float, default=300.0, metavar="S",
+    parser.add_argument("--parallel", type=positive_int, default=2, metavar="N", help="scans written at once (default 2)")
+    parser.add_argument("--drain-timeout", type=positive_float, default=300.0, metavar="S",
                         help="after the time is up, how long the last scans may take to finish (default 300)")
     parser.add_argument("--compare", dest="compare", action="store_true", default=True,
                         help="compare one good scan's store with `pipeline process` of the same file (default)")
