@@ -903,7 +903,7 @@ class Soak:
         for stall in self.stalls:
             problems.append(f"daemon {stall['daemon_pid']} at t={stall['t']} s: {stall['why']} (it would have stalled for good)")
         for incarnation in self.daemon.incarnations:
-            settled = incarnation.last_hostile_at is not None and incarnation.status_at - incarnation.last_hostile_at >= 5
+            settled = incarnation.last_hostile_at is not None and incarnation.status_at - incarnation.last_hostile_at >= 10
             if settled and incarnation.rejected < incarnation.hostile_sent:
                 problems.append(f"daemon {incarnation.pid} counted {incarnation.rejected} rejections for {incarnation.hostile_sent} "
                                 f"hostile messages sent to it")
@@ -1170,7 +1170,7 @@ class FaultInjector:
         sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.SNDTIMEO, 200)  # a send never blocks the soak for long
         sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only on a connection that is up, so "sent" means sent
-        sock.setsockopt(zmq.LINGER, 2000)
+        sock.setsockopt(zmq.LINGER, 30000)  # a loaded daemon may take seconds to read them all: do not drop what was sent
         sock.connect(endpoint)
         sent = 0
         try:
