@@ -33,11 +33,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 
-from pipeline.argtypes import non_negative_int, positive_float, positive_int
+from pipeline.argtypes import non_negative_int, one_line_errors, positive_float, positive_int
 
 DEFAULT_FRAMES = 100
 DEFAULT_RATE_HZ = 1000.0  # as fast as the writer can: measures the pipeline, not the detector
@@ -101,11 +101,7 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=run_bench)
 
-    def one_line_error(message: str) -> NoReturn:
-        print(f"pipeline bench: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-    parser.error = one_line_error  # type: ignore[method-assign]
+    one_line_errors(parser)
 
 
 def run_bench(args: argparse.Namespace) -> int:

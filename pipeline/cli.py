@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline import __version__
+from pipeline.argtypes import one_line_errors
 from pipeline.config import Config, ConfigError, load_config
 
 if TYPE_CHECKING:
@@ -281,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser(sub)
     soak.add_parser(sub)
     view.add_parsers(sub)
-    return parser
+    return one_line_errors(parser)
 
 
 def main(argv: list[str] | None = None) -> int:

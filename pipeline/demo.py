@@ -83,6 +83,6 @@ def run_demo(args: argparse.Namespace) -> int:
               f"{comparison.truth_peaks:>7}{comparison.matched:>7}{comparison.mean_frame_iou:>11.2f}")
     print(f"\n{total_frames} frames written in {written - started:.1f} s; all processed {finished - written:.1f} s after the last frame; "
           f"{total_frames / (finished - started):.1f} frames/s end to end with {args.workers} worker(s)")
-    print(f"'found' = true 3D peaks matched by a stored 3D peak with IoU >= 0.5")
+    print("'found' = true 3D peaks matched by a stored 3D peak with IoU >= 0.5")
     print(f"outputs: {scans_dir}/<scan>.zarr (masks, 3D labels, peaks table) beside <scan>.nxs and <scan>.truth.h5")
     return 0 if ok else 1

@@ -40,11 +40,11 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 
-from pipeline.argtypes import non_negative_int, positive_float, positive_int
+from pipeline.argtypes import non_negative_int, one_line_errors, positive_float, positive_int
 
 FAULT_KINDS = ("worker_kill", "daemon_restart", "bad_file", "hostile", "worker_stall")
 DEFAULT_FAULTS = ("worker_kill", "daemon_restart", "bad_file", "hostile")
@@ -154,11 +154,7 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run_soak)
 
-    def one_line_error(message: str) -> NoReturn:
-        print(f"pipeline soak: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-    parser.error = one_line_error  # type: ignore[method-assign]
+    one_line_errors(parser)
 
 
 def run_soak(args: argparse.Namespace) -> int:

@@ -7,7 +7,6 @@ finished file; every frame is done exactly once.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import zarr
 
 from pipeline.simulate import LAYOUTS, ScanPlan, ScanWriter

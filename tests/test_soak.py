@@ -16,7 +16,6 @@ import sys
 import time
 
 import numpy as np
-import pytest
 import zmq
 
 from pipeline import wire
