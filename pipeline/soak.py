@@ -241,6 +241,22 @@ def hostile_messages(rng: np.random.Generator, count: int, mix: str = "full") ->
 # --------------------------------------------------------------------------- the daemon as a subprocess
 
 
+def _reap(children: list) -> list[int]:
+    """Workers still alive once their daemon is gone: killed, and their pids returned as a defect to report."""
+    import psutil
+
+    _, alive = psutil.wait_procs(children, timeout=WORKERS_EXIT_S)
+    survivors = []
+    for child in alive:
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE:
+                survivors.append(child.pid)
+                child.kill()
+        except psutil.Error:
+            pass
+    return survivors
+
+
 @dataclass
 class Incarnation:
     """One `pipeline run` process from start to end."""
@@ -329,27 +345,14 @@ class DaemonProcess:
 
     def kill(self) -> list[int]:
         """kill -9 the daemon; returns the pids of children that outlived it by WORKERS_EXIT_S (then killed)."""
-        import psutil
-
         children = self._children()
         self.process.kill()
         self.process.wait()
         self._ended("killed")
-        _, alive = psutil.wait_procs(children, timeout=WORKERS_EXIT_S)
-        survivors = []
-        for child in alive:
-            try:
-                if child.status() != psutil.STATUS_ZOMBIE:
-                    survivors.append(child.pid)
-                    child.kill()
-            except psutil.Error:
-                pass
-        return survivors
+        return _reap(children)
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> tuple[str, list[int]]:
         """SIGTERM (drain), wait; returns how it ended and the pids of children left behind (then killed)."""
-        import psutil
-
         if not self.alive():
             return "not running", []
         children = self._children()
@@ -362,16 +365,7 @@ class DaemonProcess:
             self.process.wait()
             how = f"did not stop within {timeout_s:g} s of SIGTERM (killed)"
         self._ended(how)
-        _, alive = psutil.wait_procs(children, timeout=WORKERS_EXIT_S)
-        survivors = []
-        for child in alive:
-            try:
-                if child.status() != psutil.STATUS_ZOMBIE:
-                    survivors.append(child.pid)
-                    child.kill()
-            except psutil.Error:
-                pass
-        return how, survivors
+        return how, _reap(children)
 
     def check_exit(self) -> str | None:
         """If the daemon died on its own since the last look: how (and the incarnation is closed)."""

@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import zmq
@@ -23,6 +22,7 @@ from pipeline.config import WorkerSettings
 from pipeline.dispatch import Dispatcher
 from pipeline.soak import hostile_messages
 from tests.conftest import write_config
+from tests.test_hostile import _wait
 
 FORCED = "worker_kill,daemon_restart,bad_file,hostile"
 
@@ -32,13 +32,6 @@ def _soak(*args: str, timeout: float = 420, env: dict | None = None) -> subproce
                           timeout=timeout, env=env)
 
 
-def _wait(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
 
 
 def test_soak_with_every_fault_loses_and_doubles_nothing(tmp_path, untrained_weights):
