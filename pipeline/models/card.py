@@ -5,6 +5,9 @@ code: weights trained at native size must run at native size, DiPID's at torchvi
 Our weights are safetensors files with the card as JSON in the metadata. DiPID's checkpoints
 (torch state dicts, `.pt`/`.pth`) carry no card: DiPID's defaults stand in for it.
 Settings from the config that are not None override the card.
+
+torch is imported only by the functions that build tensors: the daemon reads cards (provenance)
+without loading torch, which would add ~500 MiB to its memory.
 """
 
 from __future__ import annotations
@@ -15,11 +18,11 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+import struct
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+if TYPE_CHECKING:
+    import torch
 
 CARD_METADATA_KEY = "model_card"
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"
@@ -29,6 +32,7 @@ DEFAULT_FILES = {"tlm": "tlm.safetensors", "sslm": "sslm.safetensors"}
 # DiPID's published settings, used for checkpoints that carry no card.
 DIPID_TLM = {"backbone": "resnet50_fpn", "min_size": 800, "max_size": 1333, "score_threshold": 0.4, "nms_iou": 0.5}
 DIPID_SSLM_PEAK_CHANNELS = [66, 13]
+SSLM_INPUT_TRANSFORMS = ("log", "significance")  # see pipeline.preprocess
 
 
 class WeightsError(ValueError):
@@ -49,6 +53,7 @@ class ModelCard:
     image_std: float | None = None
     peak_channels: list[int] | None = None  # SSLM: argmax clusters that mean "peak"
     final_relu: bool | None = None  # SSLM: ReLU before the last BatchNorm as in DiPID (None: True)
+    input_transform: str | None = None  # SSLM: "log" (DiPID's log counts, None) | "significance"
     training_command: str = ""
     data: str = ""
     device: str = ""
@@ -90,6 +95,8 @@ def sha256_of(path: Path) -> str:
 
 def save_weights(path: Path, state_dict: dict[str, torch.Tensor], card: ModelCard) -> str:
     """Write `state_dict` as safetensors with `card` in the metadata; returns the file's SHA-256."""
+    from safetensors.torch import save_file
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {key: value.detach().to("cpu").contiguous() for key, value in state_dict.items()}
@@ -97,11 +104,23 @@ def save_weights(path: Path, state_dict: dict[str, torch.Tensor], card: ModelCar
     return sha256_of(path)
 
 
-def _read_card(path: Path) -> ModelCard | None:
-    from safetensors import safe_open
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
+
+def _read_card(path: Path) -> ModelCard | None:
+    """The card from a safetensors file's JSON header (8-byte little-endian length, then JSON), torch-free."""
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) != 8:
+            raise WeightsError(f"{path}: not a valid weights file (shorter than a safetensors header)")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > MAX_HEADER_BYTES:
+            raise WeightsError(f"{path}: not a valid weights file (header of {length} bytes)")
+        header = handle.read(length)
+    try:
+        metadata = json.loads(header).get("__metadata__") or {}
+    except (ValueError, AttributeError):
+        raise WeightsError(f"{path}: not a valid weights file (its header is not JSON)") from None
     text = metadata.get(CARD_METADATA_KEY)
     return ModelCard.from_json(text) if text else None
 
@@ -112,6 +131,10 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], ModelCard | None,
     Torch files are read with `weights_only=True` (tensors and plain containers only, no code).
     A training checkpoint (a dict with a "model" state dict) is accepted too.
     """
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: weights file not found")
