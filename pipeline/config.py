@@ -87,7 +87,7 @@ class ModelSettings(Strict):
 
 
 class VolumeSettings(Strict):
-    source: Literal["union", "tlm", "sslm"] = "tlm"  # which per-frame mask is linked into 3D peaks
+    source: Literal["union", "tlm", "sslm"] = "union"  # which per-frame mask is linked into 3D peaks
 
 
 class OutputSettings(Strict):

@@ -53,7 +53,7 @@ def test_evaluate_command_prints_the_table(tmp_path, capsys) -> None:
     ])
     out = capsys.readouterr().out
     assert code == 0
-    for row in ("TLM", "SSLM", "joint (TLM | SSLM)", "baseline (threshold"):
+    for row in ("TLM", "SSLM", "joint (TLM | SSLM)", "baseline: log counts > ", "baseline: significance > "):
         assert row in out
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["methods"]["tlm"]["frames"] == 3
@@ -73,3 +73,14 @@ def test_help_for_both_commands(capsys) -> None:
             commands.main([name, "--help"])
         assert exit_.value.code == 0
     assert "--resume" in capsys.readouterr().out
+
+
+def test_baseline_thresholds_are_tuned_per_input_on_training_frames() -> None:
+    from pipeline.models.evaluate import tune_baseline_threshold
+    from pipeline.preprocess import SIGNIFICANCE_SCALE
+
+    log_threshold = tune_baseline_threshold(frames=6)
+    significance_threshold = tune_baseline_threshold(frames=6, input_transform="significance")
+    assert 0.1 <= log_threshold < 0.6
+    # the best cut on the significance input sits a few noise sigmas above the background
+    assert 2.0 < np.sinh(significance_threshold * SIGNIFICANCE_SCALE) < 20.0

@@ -80,4 +80,28 @@ def test_dipid_checkpoints_get_dipids_final_relu_and_the_shipped_card_keeps_its_
     model, loaded = load_sslm(SSLMSettings(weights=path))
     assert model.final_relu is True and loaded.card.peak_channels == [66, 13]
     shipped, card = load_sslm(SSLMSettings())
-    assert shipped.final_relu is False and card.card.final_relu is False
+    assert shipped.final_relu is True and card.card.final_relu is True  # trained with DiPID's block
+    assert card.card.input_transform == "significance"
+
+
+def test_the_card_picks_the_sslm_input_and_an_unknown_one_is_one_line(tmp_path) -> None:
+    from pipeline.models.card import ModelCard, WeightsError, save_weights
+    from pipeline.preprocess import prepare, prepare_significance
+
+    torch.manual_seed(3)
+    model = SSLM().eval()
+    frame = np.random.default_rng(4).poisson(4, size=(195, 487)).astype(np.int32)
+    frame[60:70, 100:115] += 300
+    tlm_off = TLMSettings(enabled=False)
+    for transform, prepare_input in (("significance", prepare_significance), ("log", prepare), (None, prepare)):
+        path = tmp_path / f"sslm-{transform}.safetensors"
+        save_weights(path, model.state_dict(), ModelCard(architecture="sslm", peak_channels=[0], input_transform=transform))
+        predicted = JointPredictor.from_settings(ModelSettings(tlm=tlm_off, sslm=SSLMSettings(weights=path))).predict_image(frame)
+        with torch.inference_mode():
+            expected = model(torch.from_numpy(prepare_input(frame))[None, None]).argmax(dim=1)[0].numpy()
+        assert np.array_equal(predicted.ssl_clusters, expected.astype(np.uint8)), transform
+    bad = tmp_path / "sslm-odd.safetensors"
+    save_weights(bad, model.state_dict(), ModelCard(architecture="sslm", peak_channels=[0], input_transform="sqrt"))
+    with pytest.raises(WeightsError, match=r"sslm-odd.safetensors: unknown SSLM input_transform 'sqrt'") as error:
+        JointPredictor.from_settings(ModelSettings(tlm=tlm_off, sslm=SSLMSettings(weights=bad)))
+    assert "\n" not in str(error.value)

@@ -49,3 +49,38 @@ def test_model_input_is_log_scaled_and_safe() -> None:
     assert 0 < x[0, 1] < 0.1
     assert np.isfinite(x).all() and x.min() >= 0 and x.max() <= 1
     assert prepare(_frame_with_dead_pixels()).shape == (40, 60)
+
+
+def test_local_background_follows_diffuse_scatter_but_not_peaks() -> None:
+    from pipeline.preprocess import local_background
+
+    rows, cols = np.mgrid[0:195, 0:487].astype(np.float64)
+    diffuse = 3.0 + 20.0 * np.exp(-0.5 * (((rows - 90) / 60) ** 2 + ((cols - 250) / 120) ** 2))
+    expected = diffuse.copy()
+    expected[80:92, 240:256] += 5000.0  # a bright 12 x 16 peak on top of the hump
+    frame = np.random.default_rng(1).poisson(expected).astype(np.float64)
+    background = local_background(frame)
+    assert background.shape == frame.shape
+    assert np.abs(background - diffuse).mean() < 1.0  # the hump is followed to within a count
+    assert background[80:92, 240:256].max() < diffuse[80:92, 240:256].max() + 3.0  # the peak is not
+
+
+def test_significance_is_noise_units_above_background_and_safe() -> None:
+    from pipeline.preprocess import SIGNIFICANCE_SCALE, prepare_significance, to_significance
+
+    rows, cols = np.mgrid[0:195, 0:487].astype(np.float64)
+    diffuse = 2.0 + 18.0 * np.exp(-0.5 * (((rows - 100) / 50) ** 2 + ((cols - 300) / 100) ** 2))
+    frame = np.random.default_rng(2).poisson(diffuse).astype(np.int32)
+    frame[50:56, 60:66] += 200  # ~ 200 / sqrt(3) ~ 100 sigma above a flat 2-count background
+    frame[5, 5] = -2
+    significance = prepare_significance(frame)
+    assert significance.dtype == np.float32 and significance.shape == frame.shape
+    sigma = np.sinh(significance.astype(np.float64) * SIGNIFICANCE_SCALE)  # back to noise units
+    background_only = np.ones(frame.shape, dtype=bool)
+    background_only[45:61, 55:71] = False
+    assert abs(np.median(sigma[background_only])) < 0.5  # the hump is gone, flat or not
+    assert 0.7 < np.std(sigma[background_only]) < 1.5  # Poisson noise comes out as ~1 sigma
+    assert np.median(sigma[50:56, 60:66]) > 50
+    odd = np.array(frame, dtype=np.float64)
+    odd[0, 0], odd[0, 1], odd[0, 2] = np.nan, np.inf, -np.inf
+    assert np.isfinite(to_significance(odd)).all()

@@ -51,5 +51,6 @@ def test_sslm_resume_gives_the_same_losses_and_picks_channels(tmp_path) -> None:
     _same_losses(_losses(whole), _losses(parted))
     _, card, _ = load_weights(weights)
     assert card.architecture == "sslm" and isinstance(card.peak_channels, list)
+    assert card.input_transform == "significance" and card.final_relu is True
     assert (whole / train.CHECKPOINT_NAME).exists()
     assert "snapshot of step" in card.notes

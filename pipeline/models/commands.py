@@ -32,6 +32,9 @@ def add_parsers(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]
     train.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     train.add_argument("--backbone", default="resnet18_fpn", choices=["resnet18_fpn", "resnet50_fpn"],
                        help="TLM backbone (default resnet18_fpn)")
+    train.add_argument("--input", dest="input_transform", default="significance", choices=["significance", "log"],
+                       help="SSLM input: counts above the local background in noise units (default), or "
+                       "DiPID's log counts")
     train.add_argument("--lr", type=float, default=None, help="learning rate (default: tlm 5e-4 AdamW, sslm 0.1 SGD)")
     train.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0 = torch's default")
     train.add_argument("--weights-out", type=Path, default=None,
@@ -103,7 +106,7 @@ def run_train(args: argparse.Namespace) -> int:
             weights = train.train_sslm(
                 out, steps=steps, batch_size=batch, seed=args.seed, lr=args.lr or 0.1, device=args.device,
                 resume=args.resume, weights_out=args.weights_out, progress=not args.no_progress, command=command,
-                stop_after=args.stop_after,
+                stop_after=args.stop_after, input_transform=args.input_transform,
             )
     except (OSError, ValueError) as error:
         return _fail(args, str(error).splitlines()[0] if str(error) else type(error).__name__)

@@ -12,8 +12,11 @@ rocking scans for 3D recall. Figures, per method:
 - 3D recall: per rocking scan the per-frame masks are linked into 3D components
   (`JointPredictor.compile_volume`, 26-connectivity); a true 3D peak counts as found when one
   component has voxel IoU >= 0.5 with it.
-- baseline: threshold on the normalised frame (`to_model_input`) + connected components, its
-  threshold tuned for mean IoU on training-distribution frames, never on the held-out set.
+- baselines: threshold + connected components on the log-count input (`to_model_input`, what
+  DiPID's models see) and on the background-subtracted significance input (`to_significance`,
+  what an SSLM with `input_transform: significance` sees, so that the SSLM is compared with a
+  threshold on its own input); each threshold tuned for mean IoU on training-distribution frames,
+  never on the held-out set.
 """
 
 from __future__ import annotations
@@ -28,11 +31,12 @@ from scipy import ndimage
 
 from pipeline import synth
 from pipeline.models.joint import JointPredictor
-from pipeline.preprocess import prepare
+from pipeline.preprocess import fix_dead_pixels, to_model_input, to_significance
 
 MATCH_IOU = 0.5
 MIN_COMPONENT_PX = 5
-METHODS = ("tlm", "sslm", "union", "baseline")
+METHODS = ("tlm", "sslm", "union", "baseline", "baseline_significance")
+BASELINE_INPUTS = {"baseline": "log", "baseline_significance": "significance"}
 HELD_OUT_SETTINGS = synth.SynthSettings(
     background=3.0, diffuse_amplitude=18.0, streak_probability=0.5, hot_pixels_mean=4.0, dead_pixel_fraction=1e-3
 )
@@ -132,13 +136,13 @@ def match_instances(predicted: np.ndarray, truth: np.ndarray, threshold: float =
     return matched, len(predicted_ids), len(truth_ids)
 
 
-def tune_baseline_threshold(seed: int = 0, frames: int = 48) -> float:
-    """The threshold on the normalised frame with the best mean IoU on training-distribution frames."""
+def tune_baseline_threshold(seed: int = 0, frames: int = 48, input_transform: str = "log") -> float:
+    """The threshold on the `input_transform` input with the best mean IoU on training-distribution frames."""
     from pipeline.models.train import training_frames
 
     inputs, labels = [], []
     for index in range(frames):
-        frame_inputs, frame_labels = training_frames(seed, 2_000_000 + index, 1)
+        frame_inputs, frame_labels = training_frames(seed, 2_000_000 + index, 1, input_transform)
         inputs.append(frame_inputs[0])
         labels.append(frame_labels[0])
     candidates = np.round(np.arange(0.10, 0.60, 0.01), 3)
@@ -162,23 +166,32 @@ def model_settings(config: Path | None, tlm: Path | None, sslm: Path | None) -> 
     return ModelSettings.model_validate(data)
 
 
-def _instances(prediction: Any, method: str, threshold: float, frame_input: np.ndarray) -> np.ndarray:
+def baseline_inputs(counts: np.ndarray) -> dict[str, np.ndarray]:
+    """Each baseline's input for one raw frame."""
+    fixed = fix_dead_pixels(counts)
+    return {"baseline": to_model_input(fixed), "baseline_significance": to_significance(fixed)}
+
+
+def _instances(prediction: Any, method: str, thresholds: dict[str, float], inputs: dict[str, np.ndarray]) -> np.ndarray:
     if method == "tlm":
         return prediction.tlm_labels
     if method == "sslm":
         return components(prediction.ssl_mask)
     if method == "union":
         return components((prediction.tlm_labels > 0) | (prediction.ssl_mask > 0))
-    return components(frame_input > threshold)
+    return components(inputs[method] > thresholds[method])
 
 
 def evaluate(
     settings: Any, frames: int = 200, scans: int = 4, scan_frames: int = 30, seed: int = 12345,
-    device: str = "cpu", batch_size: int = 4, baseline_threshold: float | None = None,
+    device: str = "cpu", batch_size: int = 4, baseline_thresholds: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Figures for every method on the held-out set; see the module docstring for definitions."""
     predictor = JointPredictor.from_settings(settings, device=device)
-    threshold = tune_baseline_threshold() if baseline_threshold is None else baseline_threshold
+    thresholds = dict(baseline_thresholds or {})
+    for method, input_transform in BASELINE_INPUTS.items():
+        if method not in thresholds:
+            thresholds[method] = tune_baseline_threshold(input_transform=input_transform)
     tallies = {method: Tally() for method in METHODS}
     seconds = {"preprocess": 0.0, "tlm": 0.0, "sslm": 0.0}
     timed_frames = 0
@@ -189,9 +202,9 @@ def evaluate(
         ]
         predictions = predictor.predict_batch(np.stack([counts for counts, _ in chunk]))
         for (counts, truth), prediction in zip(chunk, predictions):
-            frame_input = prepare(counts)
+            inputs = baseline_inputs(counts)
             for method in METHODS:
-                tallies[method].add_frame(_instances(prediction, method, threshold, frame_input), truth)
+                tallies[method].add_frame(_instances(prediction, method, thresholds, inputs), truth)
             for stage in seconds:
                 seconds[stage] += prediction.timings.get(stage, 0.0)
             timed_frames += 1
@@ -202,7 +215,7 @@ def evaluate(
         truth_volume = np.stack([truth for _, truth in counts_and_truth])
         for method in METHODS:
             masks = [
-                _instances(prediction, method, threshold, prepare(counts)) > 0
+                _instances(prediction, method, thresholds, baseline_inputs(counts)) > 0
                 for prediction, (counts, _) in zip(predictions, counts_and_truth)
             ]
             volume = JointPredictor.compile_volume(masks)
@@ -216,7 +229,7 @@ def evaluate(
             "frames": frames, "seed": seed, "scans": scans, "scan_frames": scan_frames,
             "scan_seeds": [seed + 1000 + i for i in range(scans)], "settings": asdict(HELD_OUT_SETTINGS),
         },
-        "baseline_threshold": threshold,
+        "baseline_thresholds": thresholds,
         "methods": {method: tally.summary() for method, tally in tallies.items()},
         "seconds_per_frame": {stage: value / max(timed_frames, 1) for stage, value in seconds.items()},
         "models": provenance,
@@ -229,17 +242,18 @@ def format_report(report: dict[str, Any]) -> str:
     held = report["held_out"]
     names = {
         "tlm": "TLM", "sslm": "SSLM", "union": "joint (TLM | SSLM)",
-        "baseline": f"baseline (threshold {report['baseline_threshold']:.2f})",
+        "baseline": f"baseline: log counts > {report['baseline_thresholds']['baseline']:.2f}",
+        "baseline_significance": f"baseline: significance > {report['baseline_thresholds']['baseline_significance']:.2f}",
     }
     any_method = report["methods"]["tlm"]
     lines = [
         f"held-out: {held['frames']} frames (seed {held['seed']}), {held['scans']} rocking scans x "
         f"{held['scan_frames']} frames ({any_method['true_peaks_3d']} 3D peaks), settings differ from training",
-        f"{'method':<28} {'mean IoU':>8} {'precision':>9} {'recall':>7} {'F1':>6} {'3D recall':>9}",
+        f"{'method':<30} {'mean IoU':>8} {'precision':>9} {'recall':>7} {'F1':>6} {'3D recall':>9}",
     ]
     for method, summary in report["methods"].items():
         lines.append(
-            f"{names[method]:<28} {summary['mean_iou']:>8.3f} {summary['precision']:>9.3f} "
+            f"{names[method]:<30} {summary['mean_iou']:>8.3f} {summary['precision']:>9.3f} "
             f"{summary['recall']:>7.3f} {summary['f1']:>6.3f} {summary['recall_3d']:>9.3f}"
         )
     timing = report["seconds_per_frame"]

@@ -23,6 +23,7 @@ from pipeline.models import tlm as tlm_module
 from pipeline.models.card import (
     DIPID_SSLM_PEAK_CHANNELS,
     DIPID_TLM,
+    SSLM_INPUT_TRANSFORMS,
     ModelCard,
     WeightsError,
     default_weights_path,
@@ -30,7 +31,7 @@ from pipeline.models.card import (
     load_weights,
 )
 from pipeline.models.prediction import FramePrediction
-from pipeline.preprocess import prepare
+from pipeline.preprocess import fix_dead_pixels, to_model_input, to_significance
 
 if TYPE_CHECKING:
     from pipeline.config import ModelSettings, SSLMSettings, TLMSettings
@@ -90,6 +91,9 @@ def load_sslm(settings: "SSLMSettings") -> tuple[torch.nn.Module, LoadedWeights]
     card = card.replace(peak_channels=settings.peak_channels)
     model = sslm_module.SSLM(final_relu=card.final_relu is not False)
     load_into(path, model, state_dict)
+    if (card.input_transform or "log") not in SSLM_INPUT_TRANSFORMS:
+        raise WeightsError(f"{path}: unknown SSLM input_transform {card.input_transform!r} "
+                           f"(known: {', '.join(SSLM_INPUT_TRANSFORMS)})")
     bad = [c for c in card.peak_channels or [] if not 0 <= c < sslm_module.CHANNELS]
     if bad:
         raise WeightsError(f"{path}: peak channel {bad[0]} outside 0..{sslm_module.CHANNELS - 1}")
@@ -116,6 +120,7 @@ class JointPredictor:
         self.tlm_weights = tlm_weights
         self.sslm_weights = sslm_weights
         self.peak_channels = list(sslm_weights.card.peak_channels or []) if sslm_weights else []
+        self.sslm_input = (sslm_weights.card.input_transform if sslm_weights else None) or "log"
 
     @classmethod
     def from_settings(cls, settings: "ModelSettings", device: str = "cpu") -> "JointPredictor":
@@ -156,7 +161,11 @@ class JointPredictor:
         if count == 0:
             return []
         started = time.perf_counter()
-        inputs = torch.from_numpy(np.stack([prepare(frame) for frame in frames])).to(self.device)
+        fixed = [fix_dead_pixels(frame) for frame in frames]
+        inputs = torch.from_numpy(np.stack([to_model_input(frame) for frame in fixed])).to(self.device)
+        sslm_inputs = inputs
+        if self.sslm is not None and self.sslm_input == "significance":
+            sslm_inputs = torch.from_numpy(np.stack([to_significance(frame) for frame in fixed])).to(self.device)
         preprocess_s = (time.perf_counter() - started) / count
 
         started = time.perf_counter()
@@ -164,7 +173,7 @@ class JointPredictor:
         tlm_s = (time.perf_counter() - started) / count
 
         started = time.perf_counter()
-        clusters, mask = self._run_sslm(inputs, shape)
+        clusters, mask = self._run_sslm(sslm_inputs, shape)
         sslm_s = (time.perf_counter() - started) / count
 
         timings = {"preprocess": preprocess_s, "tlm": tlm_s, "sslm": sslm_s}

@@ -1,14 +1,15 @@
 """SSLM: DiPID's self-supervised segmentation network (after Kim & Kanezaki's unsupervised segmentation).
 
-conv3x3 1->100, ReLU, BatchNorm; conv3x3 100->100, ReLU, BatchNorm; conv1x1 100->100, BatchNorm.
+conv3x3 1->100, ReLU, BatchNorm; conv3x3 100->100, ReLU, BatchNorm; conv1x1 100->100, ReLU, BatchNorm.
 The per-pixel argmax over the 100 channels is a cluster id; some clusters mean "peak". Which
 ones is not learnt from labels: after training, `choose_peak_channels` looks at training frames
 with known peaks and keeps the clusters that best cover them; the list travels in the model card.
 State-dict keys are DiPID's: conv1, norm1, conv2.0, norm2.0, conv3, norm3.
 
-Note: the design notes list a ReLU after conv3 as well; Kanezaki's network, which DiPID follows,
-has none there (the output is BatchNorm of a linear 1x1 conv), and that is what is built here.
-The layer holds no parameters, so either way DiPID's state dicts load.
+The last ReLU holds no parameters, so a state dict fits with or without it; the card's
+`final_relu` says which way the weights were trained (an early shipped SSLM had none). What the
+SSLM sees (log counts as DiPID, or the background-subtracted significance) is the card's
+`input_transform`; see `pipeline.preprocess`.
 """
 
 from __future__ import annotations

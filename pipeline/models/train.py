@@ -33,7 +33,7 @@ from pipeline import synth
 from pipeline.models import sslm as sslm_module
 from pipeline.models import tlm as tlm_module
 from pipeline.models.card import ModelCard, save_weights
-from pipeline.preprocess import prepare
+from pipeline.preprocess import prepare, prepare_significance
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOSS_LOG_NAME = "losses.jsonl"
@@ -54,13 +54,17 @@ def randomised_settings(rng: np.random.Generator) -> synth.SynthSettings:
     )
 
 
-def training_frames(seed: int, step: int, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """(model inputs float32 (count, H, W), instance labels uint16 (count, H, W)) for one step."""
+def training_frames(seed: int, step: int, count: int, input_transform: str = "log") -> tuple[np.ndarray, np.ndarray]:
+    """(model inputs float32 (count, H, W), instance labels uint16 (count, H, W)) for one step.
+
+    `input_transform` "log" gives `prepare` (TLM, DiPID's SSLM), "significance" `prepare_significance`.
+    """
+    transform = {"log": prepare, "significance": prepare_significance}[input_transform]
     rng = np.random.default_rng([seed, step])
     inputs, labels = [], []
     for _ in range(count):
         counts, instance_labels = synth.training_sample(rng, randomised_settings(rng))
-        inputs.append(prepare(counts))
+        inputs.append(transform(counts))
         labels.append(instance_labels)
     return np.stack(inputs), np.stack(labels)
 
@@ -337,8 +341,12 @@ def train_sslm(
     similarity_weight: float = 1.0,
     continuity_weight: float = 1.0,
     context_weight: float = 0.0,
+    input_transform: str = "significance",
 ) -> Path | None:
     """Train the SSLM without labels (SGD, momentum 0.9, as DiPID), then pick its peak channels.
+
+    `input_transform` "significance" (default) trains on background-subtracted frames
+    (`pipeline.preprocess.to_significance`), "log" on DiPID's log counts; the card records which.
 
     Labels are used only to read the clusters, never by the optimiser: every `select_every` steps
     the snapshot is scored by the mean per-frame IoU of its best peak channels on `select_frames`
@@ -352,7 +360,7 @@ def train_sslm(
     state = RunState(model, optimizer)
 
     def loss_of_step(step: int) -> dict[str, torch.Tensor]:
-        inputs, labels = training_frames(seed, step, batch_size)
+        inputs, labels = training_frames(seed, step, batch_size, input_transform)
         inputs, _ = _crop(inputs, labels, crop, np.random.default_rng([seed, step, 1]))
         response = model(torch.from_numpy(inputs)[:, None].to(target_device))
         parts = sslm_module.losses(response)
@@ -367,7 +375,8 @@ def train_sslm(
         # cover peaks swings from step to step: keep the snapshot whose clusters cover them best.
         if step % select_every and step != steps:
             return
-        _, iou = sslm_peak_channels(model, seed, select_frames, target_device, first=2 * 10**6)
+        _, iou = sslm_peak_channels(model, seed, select_frames, target_device, first=2 * 10**6,
+                                    input_transform=input_transform)
         if iou > state.extra.get("best_iou", -1.0):
             state.extra.update(best_iou=iou, best_step=step, best_model=copy_state(model))
 
@@ -378,9 +387,11 @@ def train_sslm(
     if state.step < steps:
         return None
     model.load_state_dict(state.extra["best_model"])
-    peak_channels, channel_iou = sslm_peak_channels(model, seed, channel_frames, target_device)
+    peak_channels, channel_iou = sslm_peak_channels(model, seed, channel_frames, target_device,
+                                                    input_transform=input_transform)
     card = ModelCard(
         architecture="sslm", peak_channels=peak_channels, final_relu=model.final_relu,
+        input_transform=input_transform,
         training_command=command or _command_line(),
         data=TRAINING_DATA + f"; seed {seed}; batch {batch_size} crops of {crop} px; peak channels from "
         f"{channel_frames} unseen training frames, mean IoU {channel_iou:.3f}",
@@ -398,14 +409,15 @@ def copy_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def sslm_peak_channels(
-    model: torch.nn.Module, seed: int, frames: int, device: torch.device, first: int = 10**6
+    model: torch.nn.Module, seed: int, frames: int, device: torch.device, first: int = 10**6,
+    input_transform: str = "log",
 ) -> tuple[list[int], float]:
     """The SSLM's peak clusters, chosen on training-distribution frames the optimiser never saw (steps >= `first`)."""
     model.eval()
     clusters, truth = [], []
     with torch.inference_mode():
         for index in range(frames):
-            inputs, labels = training_frames(seed, first + index, 1)
+            inputs, labels = training_frames(seed, first + index, 1, input_transform)
             response = model(torch.from_numpy(inputs)[:, None].to(device))
             clusters.append(response.argmax(dim=1).cpu().numpy())
             truth.append(labels)
