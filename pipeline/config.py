@@ -38,7 +38,7 @@ class FollowSettings(Strict):
     entries: list[str] = Field(default_factory=lambda: ["entry", "entry1"])
     frame_shape: tuple[int, int] = (195, 487)
     poll_interval_s: float = Field(0.05, gt=0)
-    settle_s: float = Field(0.5, ge=0)  # no keys: the newest frame counts once the shape held this long
+    settle_s: float = Field(0.5, ge=0)  # no keys: the newest frame counts once the shape held this long (and its chunk is on disk)
     idle_timeout_s: float = Field(30.0, gt=0)  # no new frame this long and no end marker: incomplete
     link_timeout_s: float = Field(60.0, gt=0)  # external-link target must appear within this
     open_timeout_s: float = Field(30.0, gt=0)

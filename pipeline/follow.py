@@ -4,7 +4,10 @@ A frame is handed on once, and only when it is complete:
 - GDA 9 (`entry/diamond_scan/keys/uniqueKeys`): when its key is non-zero, which the writer sets
   after the frame's data is flushed (the `swmr-tools` convention);
 - without keys (GDA 8, frames inside the NeXus file): when a later frame exists, or the dataset's
-  shape has held still for `settle_s`, or the scan's end marker is seen.
+  shape has held still for `settle_s` and the frame's data is on disk, or the scan's end marker is seen.
+  A writer killed after growing the dataset but before writing the new frame leaves a row that reads
+  as the fill value; where the storage can tell (chunks of one frame, allocated when written, as
+  detectors write them) a row whose chunk was never written is not a frame and is never handed on.
 The scan ends at `scan_finished` (GDA 9) or a non-empty `end_time` (older layouts), else after
 `idle_timeout_s` without a new frame, which leaves it incomplete.
 
@@ -438,8 +441,22 @@ class ScanFollower:
             self._keys.refresh()
             keys = np.asarray(self._keys[()]).reshape(-1)[:n_rows]
             return np.flatnonzero(keys)
-        complete = n_rows if (settled or ended) else n_rows - 1
+        complete = n_rows if ended or (settled and n_rows and self._row_written(n_rows - 1)) else n_rows - 1
         return np.arange(max(complete, 0))
+
+    def _row_written(self, index: int) -> bool:
+        """False when the storage shows that row `index` was never written (its chunk is not on disk: reading it
+        gives the fill value); True when it was, or when the storage cannot tell (contiguous or virtual data,
+        several frames per chunk, chunks allocated before they are written)."""
+        data = self._data
+        try:
+            if data.is_virtual or data.chunks is None or data.chunks[0] != 1:
+                return True
+            if data.id.get_create_plist().get_alloc_time() == h5py.h5d.ALLOC_TIME_EARLY:
+                return True
+            return data.id.get_chunk_info_by_coord((index,) + (0,) * (data.ndim - 1)).byte_offset is not None
+        except H5_ERRORS:
+            return True
 
     def _axis_value(self, index: int) -> float | None:
         if self._axis_path is None:

@@ -3,6 +3,10 @@
 Two threads: the I/O thread alone touches the ZeroMQ socket (frames in, results and heartbeats
 out), the main thread runs the models on whatever frames are waiting, up to `batch_size` at once.
 The worker asks for no more frames than `credit`, so its memory is bounded by that.
+
+Test and benchmark knob, not a setting: the environment variable `PIPELINE_WORKER_DELAY_S` makes
+the worker sleep that many extra seconds per frame after the models ran (a deliberately slow
+worker, for back-pressure tests). Local workers inherit it from the daemon's environment.
 """
 
 from __future__ import annotations
@@ -22,6 +26,20 @@ from pipeline.config import Config, WorkerSettings
 from pipeline.security import apply_client
 
 log = logging.getLogger(__name__)
+
+DELAY_ENV = "PIPELINE_WORKER_DELAY_S"  # test/benchmark knob: extra seconds per frame (see the module docstring)
+
+
+def _delay_from_env() -> float:
+    text = os.environ.get(DELAY_ENV, "").strip()
+    try:
+        delay = float(text) if text else 0.0
+    except ValueError:
+        delay = -1.0
+    if not delay >= 0:  # also NaN
+        log.warning("%s=%r is not a number of seconds >= 0; ignored", DELAY_ENV, text)
+        return 0.0
+    return delay
 
 
 def resolve_device(device: str) -> str:
@@ -98,6 +116,9 @@ def run_worker(endpoint: str, config: Config, device: str = "auto", name: str | 
     name = name or f"{socket.gethostname()}:{os.getpid()}"
     predictor = JointPredictor.from_settings(config.models, device=device)
     settings = config.workers
+    delay_s = _delay_from_env()
+    if delay_s:
+        log.warning("%s: this worker sleeps %g s per frame on purpose", DELAY_ENV, delay_s)
     inbox: queue.Queue[wire.FrameTask] = queue.Queue()
     outbox: queue.Queue[list[bytes]] = queue.Queue()
     hello = {"name": name, "pid": os.getpid(), "device": device, "n": settings.credit, "protocol": wire.PROTOCOL}
@@ -120,6 +141,8 @@ def run_worker(endpoint: str, config: Config, device: str = "auto", name: str | 
             started = time.perf_counter()
             predictions = predictor.predict_batch(frames)
             elapsed = (time.perf_counter() - started) / len(batch)
+            if delay_s:
+                time.sleep(delay_s * len(batch))
             for task, prediction in zip(batch, predictions):
                 prediction.timings.setdefault("worker_total", elapsed)
                 outbox.put(wire.encode_result(wire.FrameResult(task.task, task.scan, task.frame, name, prediction)))
