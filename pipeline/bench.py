@@ -13,6 +13,10 @@ One run writes a simulated scan live (`ScanWriter`, other processes, real SWMR f
   shared frame counter pass it (polled every 2 ms, so a few ms late at worst).
 - **scaling**: the pipeline part again with other worker counts.
 
+This process stays free of torch until the baseline runs (after every pipeline run): the torch
+facts come from a short child process and the weights are checked from their headers, so the
+daemon's RSS in the table is the daemon's, not a daemon plus a loaded torch.
+
 Figures are printed as a table; `--json` keeps all of them (and every frame's timings) and
 `--memory-trace` the RSS samples that show whether the daemon's memory stays flat.
 """
@@ -139,17 +143,40 @@ def _load_bench_config(args: argparse.Namespace) -> Any:
         config = config.with_overrides(overrides)
     except ConfigError as error:
         raise BenchError(str(error)) from None
-    if config.workers.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise BenchError(f"device {config.workers.device!r} asked for, but CUDA is not available here")
     return config
 
 
+_TORCH_PROBE = """
+import json, sys, torch
+device = sys.argv[1]
+resolved = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+print(json.dumps({"torch": torch.__version__, "cuda": torch.cuda.is_available(), "resolved_device": resolved,
+                  "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                  "torch_threads": torch.get_num_threads()}))
+"""
+
+
+def torch_facts(device: str) -> dict[str, Any]:
+    """torch version, GPU and the device `device` resolves to, asked of a child process (see the module docstring)."""
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-c", _TORCH_PROBE, device], capture_output=True, text=True, timeout=120)
+    if result.returncode != 0:
+        lines = result.stderr.strip().splitlines()
+        raise BenchError(f"cannot import torch: {lines[-1] if lines else 'exit code ' + str(result.returncode)}")
+    facts = json.loads(result.stdout)
+    if device.startswith("cuda") and not facts["cuda"]:
+        raise BenchError(f"device {device!r} asked for, but CUDA is not available here")
+    return facts
+
+
 def _check_weights(config: Any) -> dict[str, Any]:
-    """Fail early, in one line, when a weights file is missing or unreadable (workers would only log it)."""
-    from pipeline.models.card import WeightsError, default_weights_path, load_weights
+    """Fail early, in one line, when a weights file is missing or unreadable (workers would only log it).
+
+    Safetensors files are checked from their header (no torch here, see the module docstring);
+    a torch checkpoint can only be checked by loading it, which the workers do.
+    """
+    from pipeline.models.card import WeightsError, read_card, default_weights_path, sha256_of
 
     described: dict[str, Any] = {}
     for name in ("tlm", "sslm"):
@@ -162,18 +189,18 @@ def _check_weights(config: Any) -> dict[str, Any]:
             raise BenchError(f"no {name.upper()} weights at {path}: train them (`pipeline train {name}`) "
                              f"or give --config with models.{name}.weights")
         try:
-            _, card, sha256 = load_weights(path)
-        except WeightsError as error:
+            card = read_card(path) if path.suffix == ".safetensors" else None
+        except (WeightsError, OSError) as error:
             raise BenchError(str(error)) from None
+        sha256 = sha256_of(path)
         described[name] = {"enabled": True, "weights": str(path), "sha256": sha256,
                            "card_min_size": None if card is None else card.min_size}
     return described
 
 
-def machine_description() -> dict[str, Any]:
-    """What the figures were measured on: CPU model, cores, memory, load, GPU, niceness."""
+def machine_description(torch: dict[str, Any]) -> dict[str, Any]:
+    """What the figures were measured on: CPU model, cores, memory, load, GPU, niceness (`torch`: `torch_facts`)."""
     import psutil
-    import torch
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -183,13 +210,12 @@ def machine_description() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
         "cpu": cpu, "cores": os.cpu_count(), "physical_cores": psutil.cpu_count(logical=False),
         "memory_gib": round(psutil.virtual_memory().total / 1024**3, 1),
         "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "nice": os.nice(0) if hasattr(os, "nice") else None,
-        "gpu": gpu, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "gpu": torch["gpu"], "torch": torch["torch"], "torch_threads": torch["torch_threads"],
         "python": platform.python_version(), "platform": platform.platform(),
     }
 
@@ -556,7 +582,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             raise BenchError(f"cannot write {target}: no directory {target.parent}")
     config = _load_bench_config(args)
     models = _check_weights(config)
-    from pipeline.models.joint import resolve_device
+    facts = torch_facts(config.workers.device)
 
     show_progress = not args.no_progress
     if not logging.getLogger().handlers:  # a host that set up logging (a test, the CLI) keeps its own
@@ -564,10 +590,10 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
 
         setup_logging("WARNING")
     report: dict[str, Any] = {
-        "machine": machine_description(),
+        "machine": machine_description(facts),
         "settings": {"frames": args.frames, "rate_hz": args.rate, "layout": args.layout, "workers": args.workers,
                      "scale": args.scale, "baseline_frames": baseline_frames, "device": config.workers.device,
-                     "resolved_device": str(resolve_device(config.workers.device)),
+                     "resolved_device": facts["resolved_device"],
                      "config": None if args.config is None else str(args.config), "seed": args.seed,
                      "batch_size": config.workers.batch_size, "credit": config.workers.credit,
                      "torch_threads_per_worker": config.workers.threads or None, "models": models},

@@ -6,7 +6,7 @@ import dataclasses
 from typing import Any
 
 from pipeline.config import ModelSettings
-from pipeline.models.card import _read_card, default_weights_path, sha256_of
+from pipeline.models.card import read_card, default_weights_path, sha256_of
 
 
 def describe_models(settings: ModelSettings) -> dict[str, Any]:
@@ -21,7 +21,7 @@ def describe_models(settings: ModelSettings) -> dict[str, Any]:
         entry: dict[str, Any] = {"enabled": True, "weights": str(path)}
         if path.is_file():
             entry["sha256"] = sha256_of(path)
-            card = _read_card(path) if path.suffix == ".safetensors" else None
+            card = read_card(path) if path.suffix == ".safetensors" else None
             entry["card"] = dataclasses.asdict(card) if card is not None else None
         else:
             entry["sha256"] = None

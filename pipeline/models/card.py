@@ -107,7 +107,7 @@ def save_weights(path: Path, state_dict: dict[str, torch.Tensor], card: ModelCar
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 
 
-def _read_card(path: Path) -> ModelCard | None:
+def read_card(path: Path) -> ModelCard | None:
     """The card from a safetensors file's JSON header (8-byte little-endian length, then JSON), torch-free."""
     with open(path, "rb") as handle:
         prefix = handle.read(8)
@@ -141,7 +141,7 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], ModelCard | None,
     try:
         if path.suffix == ".safetensors":
             state_dict = load_file(str(path), device="cpu")
-            card = _read_card(path)
+            card = read_card(path)
         else:
             loaded = torch.load(path, weights_only=True, map_location="cpu")
             if isinstance(loaded, dict) and isinstance(loaded.get("model"), dict):
