@@ -96,6 +96,9 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
     parser.add_argument("--baseline-frames", type=non_negative_int, default=None, metavar="N",
                         help=f"frames for DiPID's way (default min(frames, {DEFAULT_BASELINE_FRAMES}); 0 skips it)")
     parser.add_argument("--device", default=None, metavar="DEV", help="auto | cpu | cuda | cuda:N (default: workers.device)")
+    parser.add_argument("--precision", choices=["float32", "bfloat16"], default=None,
+                        help="models.precision for the pipeline's workers (default: the config's); the baseline "
+                        "always runs in float32, as DiPID did")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the simulated scan (default 0)")
     parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="also save every figure here as JSON")
     parser.add_argument("--memory-trace", type=Path, default=None, metavar="FILE",
@@ -140,6 +143,8 @@ def _load_bench_config(args: argparse.Namespace) -> Any:
                                      "output.root": None, "watch.resume_existing": True}
         if args.device is not None:
             overrides["workers.device"] = args.device
+        if args.precision is not None:
+            overrides["models.precision"] = args.precision
         config = config.with_overrides(overrides)
     except ConfigError as error:
         raise BenchError(str(error)) from None
@@ -501,7 +506,8 @@ def run_baseline(config: Any, scan: Path, n_frames: int, out: Path, show_progres
 
     Per frame: open the file (SWMR read), read the frame, fix dead pixels with the per-pixel loop,
     normalise, TLM on the one frame at shorter side 800 (longer at most 1333), SSLM on the one
-    frame, and save labels, clusters and mask with `np.savez`.
+    frame (on the input its card asks for), and save labels, clusters and mask with `np.savez`.
+    The models run as they are built, without the pipeline's inference speed-ups.
     """
     import torch
 
@@ -509,7 +515,7 @@ def run_baseline(config: Any, scan: Path, n_frames: int, out: Path, show_progres
     from pipeline.models import sslm as sslm_module
     from pipeline.models import tlm as tlm_module
     from pipeline.models.joint import load_sslm, load_tlm, resolve_device
-    from pipeline.preprocess import fix_dead_pixels_slow, to_model_input
+    from pipeline.preprocess import fix_dead_pixels_slow, to_model_input, to_significance
 
     device = resolve_device(config.workers.device)
     tlm = sslm = None
@@ -519,9 +525,11 @@ def run_baseline(config: Any, scan: Path, n_frames: int, out: Path, show_progres
         tlm, loaded = load_tlm(tlm_settings)
         tlm, tlm_card = tlm.to(device).eval(), loaded.card
     peak_channels: list[int] = []
+    sslm_significance = False
     if config.models.sslm.enabled:
         sslm, loaded = load_sslm(config.models.sslm)
         sslm, peak_channels = sslm.to(device).eval(), list(loaded.card.peak_channels or [])
+        sslm_significance = loaded.card.input_transform == "significance"
     with ScanFollower(scan, config.follow) as follower:
         info = follower.open()
     out.mkdir(parents=True, exist_ok=True)
@@ -534,7 +542,9 @@ def run_baseline(config: Any, scan: Path, n_frames: int, out: Path, show_progres
             with open_hdf5(info.source_file) as handle:
                 raw = np.asarray(handle[info.dataset][index])
             read = time.perf_counter()
-            image = torch.from_numpy(to_model_input(fix_dead_pixels_slow(raw))).to(device)
+            fixed = fix_dead_pixels_slow(raw)
+            image = torch.from_numpy(to_model_input(fixed)).to(device)
+            sslm_image = torch.from_numpy(to_significance(fixed)).to(device) if sslm_significance else image
             prepared = time.perf_counter()
             labels = np.zeros(raw.shape, dtype=np.uint16)
             if tlm is not None:
@@ -545,7 +555,7 @@ def run_baseline(config: Any, scan: Path, n_frames: int, out: Path, show_progres
             clusters = mask = np.zeros(raw.shape, dtype=np.uint8)
             if sslm is not None:
                 with torch.inference_mode():
-                    response = sslm(image[None, None])
+                    response = sslm(sslm_image[None, None])
                 batch_clusters, batch_mask = sslm_module.clusters_and_mask(response, peak_channels)
                 clusters, mask = batch_clusters[0], batch_mask[0]
             sslm_done = time.perf_counter()
@@ -596,6 +606,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                      "resolved_device": facts["resolved_device"],
                      "config": None if args.config is None else str(args.config), "seed": args.seed,
                      "batch_size": config.workers.batch_size, "credit": config.workers.credit,
+                     "precision": config.models.precision,
                      "torch_threads_per_worker": config.workers.threads or None, "models": models},
     }
     root = Path(tempfile.mkdtemp(prefix="pipeline-bench-")) if args.keep is None else args.keep.resolve()
@@ -644,7 +655,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"GPU: {machine['gpu'] or 'none'}, torch {machine['torch']}, nice {machine['nice']}, "
         f"load {machine['load_average_1m']} at start",
         f"scan: {settings['layout']}, {settings['frames']} frames written live at {settings['rate_hz']:g} Hz; "
-        f"device {settings['device']} ({settings['resolved_device']}), batch {settings['batch_size']}, credit {settings['credit']}",
+        f"device {settings['device']} ({settings['resolved_device']}), batch {settings['batch_size']}, credit {settings['credit']}, "
+        f"precision {settings.get('precision', 'float32')}",
     ]
     for name in ("tlm", "sslm"):
         model = settings["models"][name]

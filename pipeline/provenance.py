@@ -11,7 +11,7 @@ from pipeline.models.card import read_card, default_weights_path, sha256_of
 
 def describe_models(settings: ModelSettings) -> dict[str, Any]:
     """Computed once per daemon from the files alone, without building the models."""
-    described: dict[str, Any] = {}
+    described: dict[str, Any] = {"precision": settings.precision}
     for name in ("tlm", "sslm"):
         model = getattr(settings, name)
         if not model.enabled:

@@ -101,3 +101,18 @@ def test_missing_default_weights_is_one_line(tmp_path, monkeypatch) -> None:
     with pytest.raises(ValueError) as error:
         JointPredictor.from_settings(ModelSettings())
     assert "tlm.safetensors" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_bfloat16_precision_runs_both_models_and_is_recorded(weights, frames) -> None:
+
+    settings = ModelSettings(precision="bfloat16", tlm=TLMSettings(weights=weights["tlm"]), sslm=SSLMSettings(weights=weights["sslm"]))
+    fast = JointPredictor.from_settings(settings)
+    exact = JointPredictor.from_settings(settings.model_copy(update={"precision": "float32"}))
+    assert fast.provenance()["precision"] == "bfloat16" and exact.provenance()["precision"] == "float32"
+    for low, full in zip(fast.predict_batch(frames), exact.predict_batch(frames)):
+        assert low.ssl_clusters.dtype == np.uint8 and low.tlm_labels.dtype == np.uint16
+        assert all(np.isfinite(d.score) for d in low.detections)
+        # the same network in another precision: most pixels land in the same cluster
+        assert (low.ssl_clusters == full.ssl_clusters).mean() > 0.8
+    with pytest.raises(ValueError, match="precision must be float32 or bfloat16"):
+        JointPredictor(device="cpu", precision="float16")  # type: ignore[arg-type]

@@ -105,3 +105,28 @@ def test_the_card_picks_the_sslm_input_and_an_unknown_one_is_one_line(tmp_path) 
     with pytest.raises(WeightsError, match=r"sslm-odd.safetensors: unknown SSLM input_transform 'sqrt'") as error:
         JointPredictor.from_settings(ModelSettings(tlm=tlm_off, sslm=SSLMSettings(weights=bad)))
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("n_conv, final_relu", [(2, True), (2, False), (1, True), (3, True)])
+def test_fast_sslm_computes_the_same_response_as_the_sslm(n_conv, final_relu) -> None:
+    from pipeline.models.sslm import FastSSLM
+
+    torch.manual_seed(n_conv)
+    model = SSLM(n_conv=n_conv, final_relu=final_relu)
+    model.train()
+    with torch.no_grad():  # give the norms real running statistics and affine parameters
+        for _ in range(3):
+            model(torch.rand(2, 1, 40, 56) * 3)
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 2.0)
+                module.bias.uniform_(-0.5, 0.5)
+    model.eval()
+    with pytest.raises(ValueError, match="eval mode"):
+        FastSSLM(SSLM().train())
+    x = torch.rand(1, 1, 40, 56) * 3
+    with torch.inference_mode():
+        expected, fast = model(x), FastSSLM(model)(x)
+    assert fast.shape == expected.shape
+    torch.testing.assert_close(fast, expected, rtol=1e-4, atol=1e-4)
+    assert (fast.argmax(1) == expected.argmax(1)).float().mean() > 0.999

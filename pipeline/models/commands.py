@@ -59,6 +59,8 @@ def add_parsers(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]
     evaluate.add_argument("--sslm", type=Path, default=None, help="SSLM weights (overrides the config)")
     evaluate.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N (default cpu)")
     evaluate.add_argument("--batch-size", type=_positive_int, default=4, help="frames per batch (default 4)")
+    evaluate.add_argument("--precision", choices=["float32", "bfloat16"], default=None,
+                          help="run the models in this precision (default: models.precision of the config)")
     evaluate.add_argument("--json", type=Path, default=None, help="also write the figures as JSON here")
     evaluate.set_defaults(func=run_evaluate)
 
@@ -122,7 +124,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from pipeline.models import evaluate
 
     try:
-        settings = evaluate.model_settings(args.config, args.tlm, args.sslm)
+        settings = evaluate.model_settings(args.config, args.tlm, args.sslm, args.precision)
         report = evaluate.evaluate(
             settings, frames=args.frames, scans=args.scans, scan_frames=args.scan_frames, seed=args.seed,
             device=args.device, batch_size=args.batch_size,

@@ -152,8 +152,8 @@ def tune_baseline_threshold(seed: int = 0, frames: int = 48, input_transform: st
     return float(candidates[int(np.argmax(scores))])
 
 
-def model_settings(config: Path | None, tlm: Path | None, sslm: Path | None) -> Any:
-    """The `models` section of `config` (default: the packaged config), with weights paths overridden."""
+def model_settings(config: Path | None, tlm: Path | None, sslm: Path | None, precision: str | None = None) -> Any:
+    """The `models` section of `config` (default: the packaged config), with weights paths and precision overridden."""
     from pipeline.config import ModelSettings, load_config
 
     settings = load_config(config).models if config is not None else ModelSettings()
@@ -163,6 +163,8 @@ def model_settings(config: Path | None, tlm: Path | None, sslm: Path | None) -> 
             if not Path(path).is_file():
                 raise ValueError(f"{path}: weights file not found")
             data[name]["weights"] = Path(path)
+    if precision is not None:
+        data["precision"] = precision
     return ModelSettings.model_validate(data)
 
 
@@ -264,6 +266,7 @@ def format_report(report: dict[str, Any]) -> str:
         model = report["models"][name]
         if model.get("enabled"):
             lines.append(f"{name}: {model['weights']} sha256 {model['sha256'][:16]}...")
+    lines.append(f"precision: {report['models'].get('precision', 'float32')}, device {report['models'].get('device')}")
     return "\n".join(lines)
 
 

@@ -110,13 +110,19 @@ class JointPredictor:
         sslm: torch.nn.Module | None = None,
         sslm_weights: LoadedWeights | None = None,
         device: str = "cpu",
+        precision: Literal["float32", "bfloat16"] = "float32",
     ) -> None:
         self.device = resolve_device(device)
+        if precision not in ("float32", "bfloat16"):
+            raise ValueError(f"precision must be float32 or bfloat16, not {precision!r}")
+        self.precision = precision
         if self.device.type == "cuda":  # no autotuned kernel choice: the same frame gives the same masks
             torch.backends.cudnn.benchmark = False
             torch.backends.cudnn.deterministic = True
         self.tlm = None if tlm is None else tlm.to(self.device).eval()
-        self.sslm = None if sslm is None else sslm.to(self.device).eval()
+        if self.tlm is not None:  # channels-last convolutions: ~10 % faster on CPU, same detections
+            self.tlm.backbone.to(memory_format=torch.channels_last)
+        self.sslm = None if sslm is None else sslm_module.FastSSLM(sslm.to(self.device).eval())
         self.tlm_weights = tlm_weights
         self.sslm_weights = sslm_weights
         self.peak_channels = list(sslm_weights.card.peak_channels or []) if sslm_weights else []
@@ -127,7 +133,7 @@ class JointPredictor:
         """Both models from the config's `models` section; a bad weights file raises one-line WeightsError."""
         tlm, tlm_weights = load_tlm(settings.tlm) if settings.tlm.enabled else (None, None)
         sslm, sslm_weights = load_sslm(settings.sslm) if settings.sslm.enabled else (None, None)
-        return cls(tlm, tlm_weights, sslm, sslm_weights, device=device)
+        return cls(tlm, tlm_weights, sslm, sslm_weights, device=device, precision=settings.precision)
 
     def provenance(self) -> dict[str, Any]:
         """Per model: enabled, weights path, SHA-256 and effective settings; JSON-serialisable."""
@@ -140,7 +146,12 @@ class JointPredictor:
                 "settings": dataclasses.asdict(weights.card),
             }
 
-        return {"tlm": describe(self.tlm_weights), "sslm": describe(self.sslm_weights), "device": str(self.device)}
+        return {"tlm": describe(self.tlm_weights), "sslm": describe(self.sslm_weights), "device": str(self.device),
+                "precision": self.precision}
+
+    def _autocast(self) -> Any:
+        """bfloat16 autocast when asked for, else nothing (float32)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bfloat16")
 
     def predict_batch(self, frames: np.ndarray) -> list[FramePrediction]:
         """Raw (B, 195, 487) counts -> one prediction per frame, with per-frame timings.
@@ -188,15 +199,17 @@ class JointPredictor:
     def _run_tlm(self, inputs: torch.Tensor, shape: tuple[int, ...]) -> list[tuple[np.ndarray, list]]:
         if self.tlm is None:
             return [(np.zeros(shape, dtype=np.uint16), []) for _ in range(inputs.shape[0])]
-        with torch.inference_mode():  # frame by frame: see predict_batch
+        with torch.inference_mode(), self._autocast():  # frame by frame: see predict_batch
             outputs = [self.tlm(tlm_module.to_images(inputs[i:i + 1]))[0] for i in range(inputs.shape[0])]
+        outputs = [{key: value.float() if value.is_floating_point() else value for key, value in output.items()}
+                   for output in outputs]
         return [tlm_module.paint_instances(output, shape) for output in outputs]  # type: ignore[arg-type]
 
     def _run_sslm(self, inputs: torch.Tensor, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
         if self.sslm is None:
             zeros = np.zeros((inputs.shape[0], *shape), dtype=np.uint8)
             return zeros, zeros.copy()
-        with torch.inference_mode():  # frame by frame: see predict_batch
+        with torch.inference_mode(), self._autocast():  # frame by frame: see predict_batch
             results = [
                 sslm_module.clusters_and_mask(self.sslm(inputs[i:i + 1, None]), self.peak_channels)
                 for i in range(inputs.shape[0])

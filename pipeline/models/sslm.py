@@ -47,6 +47,54 @@ class SSLM(nn.Module):
         return self.norm3(F.relu(x) if self.final_relu else x)
 
 
+class FastSSLM(nn.Module):
+    """The same function as an `SSLM` in eval mode, arranged for speed; for inference only.
+
+    Activations stay channels-last (oneDNN's fast layout on CPU, tensor cores on GPU), ReLUs run in
+    place, and the BatchNorm before the 1x1 `conv3` is folded into it (an eval-mode BatchNorm is a
+    per-channel affine map; folding it into a 3x3 convolution would be wrong on the frame's border,
+    where the zero padding comes after the norm). One frame on one CPU thread: ~430 ms -> ~215 ms,
+    with the same clusters on the frames tried (sums are rounded in another order, so a pixel whose
+    two best clusters tie to float rounding could differ).
+    """
+
+    def __init__(self, model: SSLM) -> None:
+        super().__init__()
+        if model.training:
+            raise ValueError("FastSSLM needs an SSLM in eval mode (BatchNorm running statistics)")
+        self.final_relu = model.final_relu
+        norms = [model.norm1, *model.norm2]  # one after each 3x3 conv; the last one feeds conv3
+        self.convs = nn.ModuleList([model.conv1, *model.conv2])
+        self.norms = nn.ModuleList(norms[:-1])
+        self.conv3 = _fold_norm_into_1x1(norms[-1], model.conv3)
+        self.norm3 = model.norm3
+        self.to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous(memory_format=torch.channels_last)
+        for index, conv in enumerate(self.convs):
+            x = F.relu(conv(x), inplace=True)
+            if index < len(self.norms):
+                x = self.norms[index](x)
+        x = self.conv3(x)
+        return self.norm3(F.relu(x, inplace=True) if self.final_relu else x)
+
+
+def _fold_norm_into_1x1(norm: nn.BatchNorm2d, conv: nn.Conv2d) -> nn.Conv2d:
+    """conv(scale * x + shift) as one 1x1 convolution, scale and shift being the eval-mode norm's."""
+    if conv.kernel_size != (1, 1):
+        raise ValueError("only a 1x1 convolution takes a BatchNorm fold exactly")
+    scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+    shift = norm.bias - norm.running_mean * scale
+    folded = nn.Conv2d(conv.in_channels, conv.out_channels, 1, device=conv.weight.device, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        weight = conv.weight[:, :, 0, 0]
+        folded.weight.copy_((weight * scale[None, :])[:, :, None, None])
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(folded.bias)
+        folded.bias.copy_(bias + weight @ shift)
+    return folded
+
+
 def losses(response: torch.Tensor) -> dict[str, torch.Tensor]:
     """DiPID's three self-supervised losses of a (B, C, H, W) response.
 
