@@ -96,8 +96,8 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
     parser.add_argument("--baseline-frames", type=non_negative_int, default=None, metavar="N",
                         help=f"frames for DiPID's way (default min(frames, {DEFAULT_BASELINE_FRAMES}); 0 skips it)")
     parser.add_argument("--device", default=None, metavar="DEV", help="auto | cpu | cuda | cuda:N (default: workers.device)")
-    parser.add_argument("--precision", choices=["float32", "bfloat16"], default=None,
-                        help="models.precision for the pipeline's workers (default: the config's); the baseline "
+    parser.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default=None,
+                        help="models.precision for the pipeline's workers (default: the config's, auto); the baseline "
                         "always runs in float32, as DiPID did")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the simulated scan (default 0)")
     parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="also save every figure here as JSON")
@@ -153,19 +153,21 @@ def _load_bench_config(args: argparse.Namespace) -> Any:
 
 _TORCH_PROBE = """
 import json, sys, torch
-device = sys.argv[1]
+from pipeline.models.joint import resolve_precision
+device, precision = sys.argv[1], sys.argv[2]
 resolved = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 print(json.dumps({"torch": torch.__version__, "cuda": torch.cuda.is_available(), "resolved_device": resolved,
+                  "resolved_precision": resolve_precision(precision, torch.device(resolved)),
                   "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                   "torch_threads": torch.get_num_threads()}))
 """
 
 
-def torch_facts(device: str) -> dict[str, Any]:
+def torch_facts(device: str, precision: str = "auto") -> dict[str, Any]:
     """torch version, GPU and the device `device` resolves to, asked of a child process (see the module docstring)."""
     import subprocess
 
-    result = subprocess.run([sys.executable, "-c", _TORCH_PROBE, device], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", _TORCH_PROBE, device, precision], capture_output=True, text=True, timeout=120)
     if result.returncode != 0:
         lines = result.stderr.strip().splitlines()
         raise BenchError(f"cannot import torch: {lines[-1] if lines else 'exit code ' + str(result.returncode)}")
@@ -592,7 +594,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             raise BenchError(f"cannot write {target}: no directory {target.parent}")
     config = _load_bench_config(args)
     models = _check_weights(config)
-    facts = torch_facts(config.workers.device)
+    facts = torch_facts(config.workers.device, config.models.precision)
 
     show_progress = not args.no_progress
     if not logging.getLogger().handlers:  # a host that set up logging (a test, the CLI) keeps its own
@@ -606,7 +608,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                      "resolved_device": facts["resolved_device"],
                      "config": None if args.config is None else str(args.config), "seed": args.seed,
                      "batch_size": config.workers.batch_size, "credit": config.workers.credit,
-                     "precision": config.models.precision,
+                     "precision": facts["resolved_precision"],
                      "torch_threads_per_worker": config.workers.threads or None, "models": models},
     }
     root = Path(tempfile.mkdtemp(prefix="pipeline-bench-")) if args.keep is None else args.keep.resolve()

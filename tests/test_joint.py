@@ -114,5 +114,17 @@ def test_bfloat16_precision_runs_both_models_and_is_recorded(weights, frames) ->
         assert all(np.isfinite(d.score) for d in low.detections)
         # the same network in another precision: most pixels land in the same cluster
         assert (low.ssl_clusters == full.ssl_clusters).mean() > 0.8
-    with pytest.raises(ValueError, match="precision must be float32 or bfloat16"):
+    with pytest.raises(ValueError, match="precision must be auto, float32 or bfloat16"):
         JointPredictor(device="cpu", precision="float16")  # type: ignore[arg-type]
+
+
+def test_auto_precision_is_bfloat16_only_where_the_cpu_has_it() -> None:
+    from pathlib import Path
+
+    from pipeline.models.joint import resolve_precision
+
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    native = " avx512_bf16" in flags or " amx_bf16" in flags
+    assert resolve_precision("auto", torch.device("cpu")) == ("bfloat16" if native else "float32")
+    assert resolve_precision("float32", torch.device("cpu")) == "float32"
+    assert JointPredictor(device="cpu", precision="auto").precision in ("float32", "bfloat16")

@@ -59,7 +59,7 @@ def add_parsers(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]
     evaluate.add_argument("--sslm", type=Path, default=None, help="SSLM weights (overrides the config)")
     evaluate.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N (default cpu)")
     evaluate.add_argument("--batch-size", type=_positive_int, default=4, help="frames per batch (default 4)")
-    evaluate.add_argument("--precision", choices=["float32", "bfloat16"], default=None,
+    evaluate.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default=None,
                           help="run the models in this precision (default: models.precision of the config)")
     evaluate.add_argument("--json", type=Path, default=None, help="also write the figures as JSON here")
     evaluate.set_defaults(func=run_evaluate)

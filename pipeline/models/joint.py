@@ -57,6 +57,26 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def has_native_bfloat16(device: torch.device) -> bool:
+    """Whether bfloat16 arithmetic is native here (else autocast would emulate it, slower than float32)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> Literal["float32", "bfloat16"]:
+    """"auto" -> bfloat16 where it is native, else float32; the others as given."""
+    if precision == "auto":
+        return "bfloat16" if has_native_bfloat16(device) else "float32"
+    if precision not in ("float32", "bfloat16"):
+        raise ValueError(f"precision must be auto, float32 or bfloat16, not {precision!r}")
+    return precision  # type: ignore[return-value]
+
+
 def load_tlm(settings: "TLMSettings") -> tuple[torch.nn.Module, LoadedWeights]:
     """The TLM from the settings' weights (default: the shipped file), config values over the card."""
     path = Path(settings.weights) if settings.weights is not None else default_weights_path("tlm")
@@ -110,12 +130,10 @@ class JointPredictor:
         sslm: torch.nn.Module | None = None,
         sslm_weights: LoadedWeights | None = None,
         device: str = "cpu",
-        precision: Literal["float32", "bfloat16"] = "float32",
+        precision: Literal["auto", "float32", "bfloat16"] = "float32",
     ) -> None:
         self.device = resolve_device(device)
-        if precision not in ("float32", "bfloat16"):
-            raise ValueError(f"precision must be float32 or bfloat16, not {precision!r}")
-        self.precision = precision
+        self.precision = resolve_precision(precision, self.device)
         if self.device.type == "cuda":  # no autotuned kernel choice: the same frame gives the same masks
             torch.backends.cudnn.benchmark = False
             torch.backends.cudnn.deterministic = True
