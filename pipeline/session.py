@@ -84,7 +84,7 @@ class ScanSession:
         self.follower = ScanFollower(nexus_path, config.follow, self.stop)
         self.info: ScanInfo | None = None
         self.store: ScanStore | None = None
-        self.linker = VolumeLinker()
+        self.linker = VolumeLinker(self.config.volume.min_pixels)
         self.waiting: dict[int, tuple[np.ndarray, np.ndarray, float | None, dict[str, float]]] = {}
         self.submitted = 0
         self.received = 0
@@ -237,5 +237,5 @@ class ScanSession:
     def _release(self) -> None:
         """A finished session stays listed by the daemon: keep only what `status` shows, not frames or peaks."""
         self.waiting.clear()
-        self.linker = VolumeLinker()
+        self.linker = VolumeLinker(self.config.volume.min_pixels)
         self.store = None

@@ -1,8 +1,8 @@
 """Link per-frame peak masks into 3D peaks, one frame at a time, without holding the scan in memory.
 
-Frames must be linked in index order. A 2D component (8-connected) of frame k continues the 3D
-peak of frame k-1 that it overlaps most (ties: the lower id); a component that overlaps nothing
-starts a new peak. Ids are assigned in order of first appearance, so the same masks always give
+Frames must be linked in index order. A 2D component (8-connected, at least `min_pixels` pixels:
+single hot pixels and specks are not peaks) of frame k continues the 3D peak of frame k-1 that it
+overlaps most (ties: the lower id); a component that overlaps nothing starts a new peak. Ids are assigned in order of first appearance, so the same masks always give
 the same ids, whether linked live or offline or resumed half-way.
 """
 
@@ -14,6 +14,8 @@ import numpy as np
 from scipy import ndimage
 
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+MIN_PEAK_PIXELS = 5
+"""2D components smaller than this are dropped before linking (the evaluation counts instances the same way)."""
 PEAK_COLUMNS = (
     "id", "first_frame", "last_frame", "centroid_frame", "centroid_y", "centroid_x",
     "voxels", "intensity_sum", "intensity_max", "axis_value",
@@ -45,10 +47,24 @@ class PeakStats:
         return self.plain_frame / n, self.plain_y / n, self.plain_x / n
 
 
+def volume_components(mask: np.ndarray, min_pixels: int = MIN_PEAK_PIXELS) -> tuple[np.ndarray, int]:
+    """(int32 labels 1..count, count) of the 8-connected components of `mask` with at least `min_pixels` pixels."""
+    labels, count = ndimage.label(np.asarray(mask).astype(bool), structure=EIGHT_CONNECTED)
+    if count == 0 or min_pixels <= 1:
+        return labels, count
+    sizes = np.bincount(labels.ravel())
+    keep = sizes >= min_pixels
+    keep[0] = False
+    new_ids = np.zeros(count + 1, dtype=labels.dtype)
+    new_ids[keep] = np.arange(1, int(keep.sum()) + 1, dtype=labels.dtype)
+    return new_ids[labels], int(keep.sum())
+
+
 class VolumeLinker:
     """Incremental 3D labelling; see the module docstring for the rule."""
 
-    def __init__(self) -> None:
+    def __init__(self, min_pixels: int = 1) -> None:
+        self.min_pixels = min_pixels
         self.next_frame = 0
         self.next_id = 1
         self.previous: np.ndarray | None = None
@@ -59,7 +75,7 @@ class VolumeLinker:
         """The uint32 3D labels of frame `index`, which must be the next frame in order."""
         if index != self.next_frame:
             raise ValueError(f"frame {index} linked out of order (expected {self.next_frame})")
-        components, count = ndimage.label(mask.astype(bool), structure=EIGHT_CONNECTED)
+        components, count = volume_components(mask, self.min_pixels)
         labels = np.zeros(mask.shape, dtype=np.uint32)
         if count:
             labels = self._assign(components, count)

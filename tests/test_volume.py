@@ -60,3 +60,22 @@ def test_frames_must_come_in_order():
         assert "out of order" in str(error)
     else:
         raise AssertionError("linking frame 2 after 0 must fail")
+
+
+def test_specks_below_min_pixels_are_not_linked_into_peaks():
+    shape = (30, 40)
+    raw = np.ones(shape)
+    linker = VolumeLinker(min_pixels=5)
+    labels = []
+    for index in range(3):
+        mask = _disc(shape, 10, 10, 3)  # 29 pixels: a peak in every frame
+        mask[25, 5 + 10 * index] = True  # a hot pixel, somewhere else each frame
+        mask[2, 30:34] = index == 1  # a 4-pixel streak fragment in frame 1 only
+        labels.append(linker.link(index, mask, raw))
+    volume = np.stack(labels)
+    assert np.unique(volume).tolist() == [0, 1]  # one peak; no hot pixel or fragment became one
+    assert (volume == 1).sum() == 3 * _disc(shape, 10, 10, 3).sum()
+    assert linker.table()["id"].tolist() == [1]
+    speckled = _disc(shape, 10, 10, 3)
+    speckled[25, 5] = True
+    assert np.unique(VolumeLinker().link(0, speckled, raw)).tolist() == [0, 1, 2]  # min_pixels 1 keeps the speck

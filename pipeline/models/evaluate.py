@@ -27,20 +27,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
 from pipeline import synth
 from pipeline.models.joint import JointPredictor
 from pipeline.preprocess import fix_dead_pixels, to_model_input, to_significance
+from pipeline.volume import MIN_PEAK_PIXELS, volume_components
 
 MATCH_IOU = 0.5
-MIN_COMPONENT_PX = 5
+MIN_COMPONENT_PX = MIN_PEAK_PIXELS  # instances are counted as the live 3D linking sees them
 METHODS = ("tlm", "sslm", "union", "baseline", "baseline_significance")
 BASELINE_INPUTS = {"baseline": "log", "baseline_significance": "significance"}
 HELD_OUT_SETTINGS = synth.SynthSettings(
     background=3.0, diffuse_amplitude=18.0, streak_probability=0.5, hot_pixels_mean=4.0, dead_pixel_fraction=1e-3
 )
-_EIGHT = np.ones((3, 3), dtype=bool)
 
 
 @dataclass
@@ -85,15 +84,7 @@ def mask_iou(predicted: np.ndarray, truth: np.ndarray) -> float:
 
 def components(mask: np.ndarray, min_pixels: int = MIN_COMPONENT_PX) -> np.ndarray:
     """8-connected components of a binary mask as instance labels, dropping those under `min_pixels`."""
-    labels, count = ndimage.label(mask > 0, structure=_EIGHT)
-    if count == 0:
-        return labels
-    sizes = np.bincount(labels.ravel())
-    small = sizes < min_pixels
-    small[0] = False
-    labels[small[labels]] = 0
-    _, relabelled = np.unique(labels, return_inverse=True)
-    return relabelled.reshape(labels.shape)
+    return volume_components(np.asarray(mask) > 0, min_pixels)[0]
 
 
 def pairwise_iou(predicted: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
