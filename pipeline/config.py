@@ -90,7 +90,7 @@ class ModelSettings(Strict):
 
 
 class VolumeSettings(Strict):
-    source: Literal["union", "tlm", "sslm"] = "union"  # which per-frame mask is linked into 3D peaks
+    source: Literal["union", "tlm", "sslm"] = "tlm"  # which per-frame mask is linked into 3D peaks
     min_pixels: int = Field(5, ge=1)  # 2D components smaller than this (hot pixels, specks) are not linked
 
 
