@@ -2,7 +2,7 @@
 
 Pilatus frames carry dead pixels (read as -2) and counts spanning 0..1e6. The TLM and the
 classical baseline see `to_model_input` (log counts). An SSLM whose card says
-`input: significance` sees `to_significance` instead: counts above a smooth local background in
+`input_transform: significance` sees `to_significance` instead: counts above a smooth local background in
 units of its Poisson noise. The SSLM only looks 5x5 pixels around a pixel, so on log counts it
 cannot tell a faint peak from the top of a broad diffuse hump; after background subtraction it can.
 """
@@ -120,3 +120,7 @@ def to_significance(fixed_frame: np.ndarray) -> np.ndarray:
 def prepare_significance(frame: np.ndarray) -> np.ndarray:
     """Raw counts -> the significance input: dead pixels fixed, then `to_significance`."""
     return to_significance(fix_dead_pixels(frame))
+
+
+INPUT_TRANSFORMS = {"log": prepare, "significance": prepare_significance}
+"""Raw counts -> model input, by the name a model card gives (`input_transform`; None means "log")."""

@@ -96,7 +96,8 @@ def test_the_card_picks_the_sslm_input_and_an_unknown_one_is_one_line(tmp_path) 
     for transform, prepare_input in (("significance", prepare_significance), ("log", prepare), (None, prepare)):
         path = tmp_path / f"sslm-{transform}.safetensors"
         save_weights(path, model.state_dict(), ModelCard(architecture="sslm", peak_channels=[0], input_transform=transform))
-        predicted = JointPredictor.from_settings(ModelSettings(tlm=tlm_off, sslm=SSLMSettings(weights=path))).predict_image(frame)
+        settings = ModelSettings(precision="float32", tlm=tlm_off, sslm=SSLMSettings(weights=path))
+        predicted = JointPredictor.from_settings(settings).predict_image(frame)
         with torch.inference_mode():
             expected = model(torch.from_numpy(prepare_input(frame))[None, None]).argmax(dim=1)[0].numpy()
         assert np.array_equal(predicted.ssl_clusters, expected.astype(np.uint8)), transform

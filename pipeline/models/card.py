@@ -21,6 +21,8 @@ from pathlib import Path
 import struct
 from typing import TYPE_CHECKING, Any, Literal
 
+from pipeline.preprocess import INPUT_TRANSFORMS
+
 if TYPE_CHECKING:
     import torch
 
@@ -32,7 +34,7 @@ DEFAULT_FILES = {"tlm": "tlm.safetensors", "sslm": "sslm.safetensors"}
 # DiPID's published settings, used for checkpoints that carry no card.
 DIPID_TLM = {"backbone": "resnet50_fpn", "min_size": 800, "max_size": 1333, "score_threshold": 0.4, "nms_iou": 0.5}
 DIPID_SSLM_PEAK_CHANNELS = [66, 13]
-SSLM_INPUT_TRANSFORMS = ("log", "significance")  # see pipeline.preprocess
+SSLM_INPUT_TRANSFORMS = tuple(INPUT_TRANSFORMS)  # "log", "significance": see pipeline.preprocess
 
 
 class WeightsError(ValueError):

@@ -33,7 +33,7 @@ from pipeline import synth
 from pipeline.models import sslm as sslm_module
 from pipeline.models import tlm as tlm_module
 from pipeline.models.card import ModelCard, save_weights
-from pipeline.preprocess import prepare, prepare_significance
+from pipeline.preprocess import INPUT_TRANSFORMS
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOSS_LOG_NAME = "losses.jsonl"
@@ -59,7 +59,7 @@ def training_frames(seed: int, step: int, count: int, input_transform: str = "lo
 
     `input_transform` "log" gives `prepare` (TLM, DiPID's SSLM), "significance" `prepare_significance`.
     """
-    transform = {"log": prepare, "significance": prepare_significance}[input_transform]
+    transform = INPUT_TRANSFORMS[input_transform]
     rng = np.random.default_rng([seed, step])
     inputs, labels = [], []
     for _ in range(count):
