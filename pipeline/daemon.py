@@ -34,6 +34,7 @@ from pipeline.wire import FrameResult
 log = logging.getLogger(__name__)
 
 KEEP_FINISHED_SESSIONS = 256  # finished scans still listed by `pipeline status`
+SINK_BACKLOG = 64  # results waiting for the sink beyond which no new frame is sent to a worker
 
 
 def store_status(store: Path) -> str | None:
@@ -51,10 +52,13 @@ class Daemon:
         self.started = time.time()
         self.sessions: dict[str, ScanSession] = {}
         self.waiting_scans: "queue.Queue[Path]" = queue.Queue()
-        self.sink_events: "queue.Queue[tuple]" = queue.Queue(maxsize=256)
+        # unbounded, yet bounded: the dispatcher sends no new frame while SINK_BACKLOG events wait, so
+        # at most SINK_BACKLOG + the frames in flight are ever here, and a put never blocks it
+        self.sink_events: "queue.Queue[tuple]" = queue.Queue()
         self.stopping = threading.Event()
         self._session_ended = threading.Event()
-        self.dispatcher = Dispatcher(config.workers, self._on_result, max_queued=max(16, config.workers.credit * 2))
+        self.dispatcher = Dispatcher(config.workers, self._on_result, max_queued=max(16, config.workers.credit * 2),
+                                     may_send=lambda: self.sink_events.qsize() < SINK_BACKLOG)
         self.watcher = Watcher(config.watch, self.add_scan) if watch else None
         self.workers: list[subprocess.Popen] = []
         self._config_file: Path | None = None

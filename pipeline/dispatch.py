@@ -62,9 +62,13 @@ ResultHandler = Callable[[Dispatch, "wire.FrameResult | None", str | None], None
 
 class Dispatcher:
     def __init__(self, settings: WorkerSettings, on_result: ResultHandler, max_queued: int = 64,
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None, may_send: Callable[[], bool] | None = None) -> None:
         self.settings = settings
         self.on_result = on_result
+        # False while whoever takes the results is behind: no new frame goes out, so the results in
+        # its backlog stay bounded (by what is in flight) and `on_result` never has to block this thread,
+        # which must go on reading heartbeats and rejecting strangers
+        self.may_send = may_send
         self.context = context or zmq.Context.instance()
         self.queue: queue.Queue[Dispatch] = queue.Queue(maxsize=max_queued)
         self.retry: deque[Dispatch] = deque()
@@ -249,6 +253,8 @@ class Dispatcher:
             return None
 
     def _send_frames(self) -> None:
+        if self.may_send is not None and not self.may_send():
+            return
         while True:
             ready = [w for w in self.workers.values() if w.credit > 0]
             if not ready:
