@@ -75,7 +75,10 @@ class Dispatcher:
         self.in_flight: dict[int, Dispatch] = {}
         self.workers: dict[bytes, WorkerState] = {}
         self.task_ids = itertools.count(1)
-        self.counters = {"sent": 0, "results": 0, "rejected": 0, "redispatched": 0, "failed": 0, "workers_lost": 0}
+        # received: every message read from the socket, good or bad (so a shortfall in `rejected` can be
+        # told apart from messages that never arrived)
+        self.counters = {"sent": 0, "results": 0, "rejected": 0, "redispatched": 0, "failed": 0, "workers_lost": 0,
+                         "received": 0}
         self._stop = threading.Event()
         self._socket = self.context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
@@ -140,7 +143,9 @@ class Dispatcher:
                 for _ in range(256):  # drain what has arrived, bounded so sending is not starved
                     if not poller.poll(0 if _ else POLL_MS):
                         break
-                    self._receive(self._socket.recv_multipart(copy=True))
+                    parts = self._socket.recv_multipart(copy=True)
+                    self.counters["received"] += 1
+                    self._receive(parts)
                 self._expire_silent_workers()
                 self._send_frames()
         finally:

@@ -269,6 +269,7 @@ class Incarnation:
     ended: float | None = None
     how_ended: str | None = None  # killed (by the soak) | exited N (on its own) | stopped (SIGTERM) | ...
     rejected: int = 0
+    received: int = 0  # messages of any kind its dispatcher read
     hostile_sent: int = 0
     last_hostile_at: float | None = None
     status_at: float = 0.0  # when its status (with the rejected count) was last read
@@ -670,6 +671,7 @@ class Soak:
         self._last_status = status
         dispatch = status["dispatch"]
         incarnation.rejected = max(incarnation.rejected, int(dispatch["rejected"]))
+        incarnation.received = max(incarnation.received, int(dispatch.get("received", 0)))
         incarnation.status_at = time.time()
         if incarnation.ready_at is None and len(dispatch["workers"]) >= self.args.workers:
             incarnation.ready_at = time.time()
@@ -896,11 +898,12 @@ class Soak:
             settled = incarnation.last_hostile_at is not None and incarnation.status_at - incarnation.last_hostile_at >= 10
             if settled and incarnation.rejected < incarnation.hostile_sent:
                 problems.append(f"daemon {incarnation.pid} counted {incarnation.rejected} rejections for {incarnation.hostile_sent} "
-                                f"hostile messages sent to it")
+                                f"hostile messages sent to it ({incarnation.received} messages of any kind read by its dispatcher)")
         lost = lost_in_store + lost_in_audit
         passed = lost == 0 and doubled == 0 and not incomplete and not problems
         incarnations = [{"number": i.number, "pid": i.pid, "how_ended": i.how_ended,
                          "lived_s": round((i.ended or time.time()) - i.started, 1), "rejected": i.rejected,
+                         "received": i.received,
                          "hostile_sent": i.hostile_sent, "peak_rss_mib": round(i.peak_rss_mib, 1),
                          "rss_when_ready_mib": None if i.first_rss_mib is None else round(i.first_rss_mib, 1),
                          "rss_last_mib": None if i.last_rss_mib is None else round(i.last_rss_mib, 1),

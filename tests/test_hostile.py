@@ -53,6 +53,7 @@ def test_fuzzed_messages_are_rejected_and_honest_workers_still_served():
             attacker.send_multipart(parts)
         assert _wait(lambda: dispatcher.stats()["rejected"] == len(messages), timeout=30), dispatcher.stats()
         assert dispatcher.stats()["workers"] == [] and results == []
+        assert dispatcher.stats()["received"] == len(messages)  # each message read once, each rejected
 
         # an honest worker joins and gets a frame; a replay of its result is rejected
         worker = context.socket(zmq.DEALER)
