@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 
 def positive_int(text: str) -> int:
@@ -48,3 +49,11 @@ def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
             for sub in action.choices.values():
                 one_line_errors(sub)
     return parser
+
+
+def run_standalone(command: str, add_parser: Callable[[Any], None], argv: list[str] | None = None) -> int:
+    """`python -m pipeline.<module> ...`: one subcommand's parser and function without the rest of the CLI."""
+    parser = argparse.ArgumentParser(prog="pipeline")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args([command, *(sys.argv[1:] if argv is None else argv)])
+    return int(args.func(args))

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.argtypes import non_negative_int, one_line_errors, positive_float, positive_int
+from pipeline.argtypes import non_negative_int, one_line_errors, positive_float, positive_int, run_standalone
 
 DEFAULT_FRAMES = 100
 DEFAULT_RATE_HZ = 1000.0  # as fast as the writer can: measures the pipeline, not the detector
@@ -704,10 +704,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m pipeline.bench ...` works without the rest of the CLI."""
-    parser = argparse.ArgumentParser(prog="pipeline")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-    return int(args.func(args))
+    return run_standalone("bench", add_parser, argv)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.argtypes import non_negative_int, one_line_errors, positive_float, positive_int
+from pipeline.argtypes import non_negative_int, one_line_errors, positive_float, positive_int, run_standalone
 
 FAULT_KINDS = ("worker_kill", "daemon_restart", "bad_file", "hostile", "worker_stall")
 DEFAULT_FAULTS = ("worker_kill", "daemon_restart", "bad_file", "hostile")
@@ -1251,10 +1251,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m pipeline.soak ...` works without the rest of the CLI."""
-    parser = argparse.ArgumentParser(prog="pipeline")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["soak", *(sys.argv[1:] if argv is None else argv)])
-    return int(args.func(args))
+    return run_standalone("soak", add_parser, argv)
 
 
 if __name__ == "__main__":
