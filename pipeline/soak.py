@@ -410,6 +410,44 @@ class BadFile:
         return self.path.with_suffix(".zarr")
 
 
+class HostileSenders:
+    """The hostile bursts' sockets, kept open and read until their daemon is gone.
+
+    A sender that closes its TCP connection while replies it never read are waiting (the daemon
+    answers a stray heartbeat, result or credit with "rejoin") makes the kernel reset the
+    connection, and a reset throws away the bytes the daemon's side has received but not yet read:
+    the tail of the burst never reaches the dispatcher (seen in 10-minute soaks on a loaded
+    machine, with TcpExtTCPAbortOnClose counting up). An attacker loses only its own messages that
+    way; the soak must not, since it counts every message it sent as one the daemon must reject.
+    """
+
+    def __init__(self) -> None:
+        self.open: list[tuple[Any, int]] = []  # (DEALER socket, pid of the daemon it was sent to)
+
+    def add(self, sock: Any, daemon_pid: int) -> None:
+        self.open.append((sock, daemon_pid))
+
+    def service(self, current_pid: int | None) -> None:
+        """Read and drop what the daemons sent back; close the sockets of daemons that are gone."""
+        import zmq
+
+        keep = []
+        for sock, pid in self.open:
+            if pid != current_pid:
+                sock.close(linger=0)
+                continue
+            try:
+                while True:
+                    sock.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+            keep.append((sock, pid))
+        self.open = keep
+
+    def close_all(self) -> None:
+        self.service(current_pid=None)
+
+
 class Soak:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -418,6 +456,7 @@ class Soak:
         self.scans: list[GoodScan] = []
         self.bad_files: list[BadFile] = []
         self.events: list[dict[str, Any]] = []  # every fault and notable happening, with its time
+        self.hostile_senders = HostileSenders()
         self.counts: Counter[str] = Counter()
         self.problems: list[str] = []  # what makes the run fail besides lost/doubled/status
         self.warnings: list[str] = []  # what looks wrong but may cost nothing (e.g. a worker that never rejoined)
@@ -558,6 +597,7 @@ class Soak:
             # give remote workers their chance to join the last daemon before judging them
             time.sleep(max(0.0, self.daemon.current.ready_at + 2 * SOAK_TIMEOUT_S + 1 - time.time()))
         self._sample_status(force=True)
+        self.hostile_senders.close_all()
         how, survivors = self.daemon.stop()
         self._stop_remote_workers()
         self._read_audit()
@@ -612,6 +652,8 @@ class Soak:
         self._read_audit()
         self._sample_rss()
         self._sample_status()
+        current = self.daemon.current
+        self.hostile_senders.service(current.pid if current is not None and self.daemon.alive() else None)
 
     def _read_audit(self) -> None:
         try:
@@ -822,6 +864,7 @@ class Soak:
                 process.wait()
 
     def _cleanup(self) -> None:
+        self.hostile_senders.close_all()
         for scan in self.scans:
             if scan.writer.is_alive():
                 scan.writer.kill()
@@ -1163,21 +1206,18 @@ class FaultInjector:
         sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.SNDTIMEO, 200)  # a send never blocks the soak for long
         sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only on a connection that is up, so "sent" means sent
-        sock.setsockopt(zmq.LINGER, 30000)  # a loaded daemon may take seconds to read them all: do not drop what was sent
         sock.connect(endpoint)
         sent = 0
-        try:
-            connected_by = time.monotonic() + 3.0
-            for parts in messages:
-                try:
-                    sock.send_multipart(parts)
-                    sent += 1
-                except zmq.Again:  # not connected yet (IMMEDIATE), or the daemon is not reading (high-water mark)
-                    if sent or time.monotonic() > connected_by:
-                        break
-                    continue
-        finally:
-            sock.close()
+        connected_by = time.monotonic() + 3.0
+        for parts in messages:
+            try:
+                sock.send_multipart(parts)
+                sent += 1
+            except zmq.Again:  # not connected yet (IMMEDIATE), or the daemon is not reading (high-water mark)
+                if sent or time.monotonic() > connected_by:
+                    break
+                continue
+        self.soak.hostile_senders.add(sock, status["pid"])  # open until its daemon has gone: see HostileSenders
         self.soak.counts["hostile_sent"] += sent
         if self.soak.daemon.current is not None:
             self.soak.daemon.current.hostile_sent += sent

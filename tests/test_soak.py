@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import zmq
@@ -136,4 +137,31 @@ def test_full_hostile_mix_is_rejected_and_the_dispatcher_keeps_serving():
         assert dispatcher.stats()["rejected"] == count and results == []
         assert _honest_worker_is_served(dispatcher)
     finally:
+        dispatcher.stop()
+
+
+def test_hostile_senders_read_the_replies_and_stay_open_until_their_daemon_is_gone():
+    """A burst's socket is not closed while the daemon may still answer it: closing over unread replies makes
+    the kernel reset the connection, and the reset throws away the burst's tail before the daemon reads it."""
+    from pipeline.soak import HostileSenders
+
+    dispatcher = Dispatcher(WorkerSettings(credit=2, timeout_s=30), lambda d, r, e: None).start()
+    senders = HostileSenders()
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(dispatcher.endpoint)
+    try:
+        for _ in range(200):  # a stray heartbeat is answered with "rejoin": 200 replies come back
+            sock.send_multipart([wire.HEARTBEAT, b"[]"])
+        senders.add(sock, daemon_pid=1001)
+        assert _wait(lambda: dispatcher.stats()["rejected"] == 200, timeout=20), dispatcher.stats()
+        assert sock.poll(2000), "the daemon sent no rejoin back"
+        time.sleep(0.2)  # the last replies reach the sender
+        senders.service(current_pid=1001)
+        assert not sock.closed and senders.open == [(sock, 1001)]
+        assert sock.poll(0) == 0, "service() left replies unread"
+        senders.service(current_pid=1002)  # that daemon was restarted: its sockets go
+        assert sock.closed and senders.open == []
+    finally:
+        if not sock.closed:
+            sock.close(linger=0)
         dispatcher.stop()
