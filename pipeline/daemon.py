@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 
@@ -26,7 +26,7 @@ from pipeline.config import Config
 from pipeline.dispatch import Dispatch, Dispatcher
 from pipeline.metrics import Metrics
 from pipeline.provenance import describe_models
-from pipeline.session import FrameDoneHook, ScanSession
+from pipeline.session import FrameDoneHook, FrameOutcome, ScanSession
 from pipeline.sink import STATUS_COMPLETE, STATUS_FAILED, store_made_from, store_path_for
 from pipeline.watch import Watcher, find_scans
 from pipeline.wire import FrameResult
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 KEEP_FINISHED_SESSIONS = 256  # finished scans still listed by `pipeline status`
 SINK_BACKLOG = 64  # results waiting for the sink beyond which no new frame is sent to a worker
+SINK_BATCH = 32  # results already waiting that the sink writes together (one write per array per scan)
 
 
 def store_status(store: Path) -> str | None:
@@ -187,37 +188,58 @@ class Daemon:
 
     def _sink_loop(self) -> None:
         while True:
-            event = self.sink_events.get()
-            if event[0] == "quit":
-                return
-            try:
-                self._handle(event)
-            except Exception as error:  # one scan's broken store must not stop the others
-                session = event[1] if isinstance(event[1], ScanSession) else event[1].context[0]
-                log.exception("%s: writing the store failed", session.nexus_path)
-                session.stop.set()
-                session.fail(f"{session.store_path}: writing failed ({str(error).splitlines()[0] if str(error) else type(error).__name__})")
+            events = [self.sink_events.get()]
+            while len(events) < SINK_BATCH:  # take what is already waiting, never wait for more
+                try:
+                    events.append(self.sink_events.get_nowait())
+                except queue.Empty:
+                    break
+            results: dict[ScanSession, list[FrameOutcome]] = {}
+            for event in events:
+                if event[0] == "result":
+                    self._collect(event, results)
+                    continue
+                self._write_results(results)  # a scan's results before its end
+                results = {}
+                if event[0] == "quit":
+                    return
+                self._guarded(event[1], lambda: self._handle(event))
+            self._write_results(results)
 
-    def _handle(self, event: tuple) -> None:
-        kind, subject = event[0], event[1]
-        if kind == "result":
-            dispatch, result, error = subject, event[2], event[3]
-            session, axis_value = dispatch.context
-            if session.finished.is_set():
-                return
-            if error is not None:
-                log.error("%s frame %d: %s", session.nexus_path.name, dispatch.task.frame, error)
-            timings = {"queued_at": dispatch.queued_at, "sent_at": dispatch.sent_at, "received_at": time.time()}
-            if result is not None:
-                timings.update(result.prediction.timings)
-            session.accept(dispatch.task.frame, dispatch.task.data, axis_value, None if result is None else result.prediction, timings)
-        elif kind == "end":
-            subject.end(event[2])
-        elif kind == "failed":
-            subject.fail(event[2])
-        session = subject if isinstance(subject, ScanSession) else subject.context[0]
+    def _guarded(self, session: ScanSession, work: Callable[[], None]) -> None:
+        try:
+            work()
+        except Exception as error:  # one scan's broken store must not stop the others
+            log.exception("%s: writing the store failed", session.nexus_path)
+            session.stop.set()
+            session.fail(f"{session.store_path}: writing failed ({str(error).splitlines()[0] if str(error) else type(error).__name__})")
         if session.finished.is_set():
             self._session_ended.set()
+
+    def _collect(self, event: tuple, results: dict[ScanSession, list[FrameOutcome]]) -> None:
+        _, dispatch, result, error = event
+        session, axis_value = dispatch.context
+        if session.finished.is_set():
+            return
+        if error is not None:
+            log.error("%s frame %d: %s", session.nexus_path.name, dispatch.task.frame, error)
+        timings = {"queued_at": dispatch.queued_at, "sent_at": dispatch.sent_at, "received_at": time.time()}
+        if result is not None:
+            timings.update(result.prediction.timings)
+        prediction = None if result is None else result.prediction
+        results.setdefault(session, []).append(FrameOutcome(dispatch.task.frame, dispatch.task.data, axis_value, prediction, timings))
+
+    def _write_results(self, results: dict[ScanSession, list[FrameOutcome]]) -> None:
+        for session, outcomes in results.items():
+            if not session.finished.is_set():
+                self._guarded(session, lambda: session.accept_many(outcomes))
+
+    def _handle(self, event: tuple) -> None:
+        kind, session, reason = event
+        if kind == "end":
+            session.end(reason)
+        elif kind == "failed":
+            session.fail(reason)
 
     # -- status -----------------------------------------------------------------------------
 

