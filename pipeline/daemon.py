@@ -25,6 +25,7 @@ from pipeline import __version__
 from pipeline.config import Config
 from pipeline.dispatch import Dispatch, Dispatcher
 from pipeline.metrics import Metrics
+from pipeline.painter import QuickLookPainter
 from pipeline.provenance import describe_models
 from pipeline.session import FrameDoneHook, FrameOutcome, ScanSession
 from pipeline.sink import STATUS_COMPLETE, STATUS_FAILED, store_made_from, store_path_for
@@ -61,6 +62,7 @@ class Daemon:
         self.dispatcher = Dispatcher(config.workers, self._on_result, max_queued=max(16, config.workers.credit * 2),
                                      may_send=lambda: self.sink_events.qsize() < SINK_BACKLOG)
         self.watcher = Watcher(config.watch, self.add_scan) if watch else None
+        self.painter = QuickLookPainter()
         self.workers: list[subprocess.Popen] = []
         self._config_file: Path | None = None
         self._lock = threading.Lock()
@@ -88,6 +90,7 @@ class Daemon:
             self.metrics_port = self.metrics.serve(self.config.daemon.metrics_port, self.config.daemon.metrics_address)
             log.info("Prometheus metrics on http://%s:%d/metrics", self.config.daemon.metrics_address, self.metrics_port)
         self.dispatcher.start()
+        self.painter.start()
         for thread in self._threads:
             thread.start()
         self._start_local_workers()
@@ -163,7 +166,8 @@ class Daemon:
             retry.daemon = True
             retry.start()
             return
-        session = ScanSession(path, self.config, self.dispatcher.submit, self.provenance, self._post, self._frame_done)
+        session = ScanSession(path, self.config, self.dispatcher.submit, self.provenance, self._post, self._frame_done,
+                              self.painter.paint)
         with self._lock:
             self.sessions[key] = session
             finished = [k for k, s in self.sessions.items() if s.finished.is_set()]
@@ -280,12 +284,13 @@ class Daemon:
     # -- stopping ---------------------------------------------------------------------------
 
     def wait_idle(self, timeout: float | None = None) -> bool:
-        """True once no scan is waiting or in progress (used by `process`, `demo` and tests)."""
+        """True once no scan is waiting or in progress and every finished scan has its quick look
+        (used by `process`, `demo` and tests)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while deadline is None or time.monotonic() < deadline:
             with self._lock:
                 busy = any(not s.finished.is_set() for s in self.sessions.values())
-            if not busy and self.waiting_scans.empty():
+            if not busy and self.waiting_scans.empty() and self.painter.idle():
                 return True
             time.sleep(0.05)
         return False
@@ -303,6 +308,7 @@ class Daemon:
         self.sink_events.put(("quit", None))
         for thread in self._threads:
             thread.join(timeout=5)
+        self.painter.stop(finish=drain)
         for process in self.workers:
             try:
                 process.wait(timeout=10)

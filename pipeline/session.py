@@ -2,7 +2,7 @@
 
 The session's own thread opens the scan, creates or resumes its store (replaying the 3D linker
 over the frames already done) and then follows the file, submitting each complete frame. After
-that, only the sink thread touches the store, through `accept` and `end`, so writes to one
+that, only the sink thread touches the store, through `accept_many` and `end`, so writes to one
 store never race.
 """
 
@@ -79,7 +79,8 @@ class SessionState:
 
 class ScanSession:
     def __init__(self, nexus_path: Path, config: Config, submit: Callable[..., bool], provenance: dict[str, Any],
-                 post: Callable[[tuple], None], on_frame_done: "FrameDoneHook | None" = None) -> None:
+                 post: Callable[[tuple], None], on_frame_done: "FrameDoneHook | None" = None,
+                 paint: Callable[[Path], None] | None = None) -> None:
         self.nexus_path = nexus_path
         self.key = str(nexus_path)
         self.config = config
@@ -87,6 +88,7 @@ class ScanSession:
         self.provenance = provenance
         self.post = post  # hands an event to the sink thread
         self.on_frame_done = on_frame_done
+        self.paint = paint  # takes a finished store whose quick-look picture is to be drawn
         self.store_path = store_path_for(nexus_path, config.output.root, config.watch.dirs)
         self.store_unusable = False  # no store can be made there: the failure is only logged
         self.stop = threading.Event()
@@ -158,13 +160,9 @@ class ScanSession:
 
     # -- called by the sink thread ---------------------------------------------------------
 
-    def accept(self, index: int, raw: np.ndarray, axis_value: float | None, prediction: FramePrediction | None,
-               timings: dict[str, float] | None = None) -> None:
-        """A worker's result for frame `index` (None: no worker could do it); `timings` travel to `on_frame_done`."""
-        self.accept_many([FrameOutcome(index, raw, axis_value, prediction, timings or {})])
-
-    def accept_many(self, outcomes: list["FrameOutcome"]) -> None:
-        """Results that reached the sink together, written together: one write per array for the lot."""
+    def accept_many(self, outcomes: list[FrameOutcome]) -> None:
+        """Results that reached the sink together, written together: one write per array for the lot.
+        Each outcome's `timings` travel on to `on_frame_done`."""
         self.received += len(outcomes)
         write_started = time.perf_counter()
         self.store.write_predictions({o.index: o.prediction for o in outcomes if o.prediction is not None})
@@ -236,12 +234,8 @@ class ScanSession:
             log.warning("%s: %s; processed anyway (non-finite pixels as dead pixels), listed in the store's bad_frames",
                         self.nexus_path, "; ".join(f"{len(frames)} frame(s) {BAD_FRAME_WORDS.get(problem, problem)} "
                                                     f"({_frame_list(frames)})" for problem, frames in bad_frames.items()))
-        try:
-            from pipeline.quicklook import write_quicklook  # matplotlib: imported only when a scan ends
-
-            log.info("%s: quick look %s", self.nexus_path.name, write_quicklook(self.store_path))
-        except Exception as error:  # a picture must never fail the scan
-            log.warning("%s: no quick look (%s)", self.nexus_path.name, str(error).splitlines()[0])
+        if self.paint is not None:
+            self.paint(self.store_path)  # drawn on the painter's thread: the sink goes on writing
         self.state.status, self.state.reason = status, self.end_reason
         log.info("%s: %s (%s), %d/%d frames done, %d peaks -> %s", self.nexus_path.name, status, self.end_reason, done,
                  frames_total, len(self.linker.peaks), self.store_path)

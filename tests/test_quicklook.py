@@ -324,3 +324,8 @@ def test_quicklook_with_many_peaks(truth_store, tmp_path):
     assert all(curve.frames.tolist() == list(range(N_FRAMES)) for curve in data.curves.values())
     assert data.footprints[1].mask.shape == (6 + N_FRAMES - 1, 5)  # grown frame by frame
     assert_picture(write_quicklook(store), png_size(QUICKLOOK_FIGSIZE))
+
+
+def test_the_daemon_leaves_the_quick_look_beside_a_finished_store(processed_scan):
+    """`pipeline process` returns only once its painter thread has drawn the picture of the scan it finished."""
+    assert_picture(processed_scan.store.parent / f"{SCAN}.quicklook.png", png_size(QUICKLOOK_FIGSIZE))
