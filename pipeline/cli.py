@@ -18,7 +18,7 @@ from pipeline.argtypes import one_line_errors
 from pipeline.config import Config, ConfigError, load_config
 
 if TYPE_CHECKING:
-    from pipeline.daemon import Daemon
+    from pipeline.live.daemon import Daemon
 
 log = logging.getLogger("pipeline")
 
@@ -68,7 +68,7 @@ def _stop_on_signals() -> threading.Event:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.daemon import Daemon
+    from pipeline.live.daemon import Daemon
 
     config = _config_from(args, {
         "watch.dirs": [str(Path(d).resolve()) for d in args.watch] if args.watch else None,
@@ -92,7 +92,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from pipeline.worker import run_worker
+    from pipeline.live.worker import run_worker
 
     config = _config_from(args)
     _setup_logging(config)
@@ -124,8 +124,8 @@ def _exit_with_parent(parent: int) -> None:
 def cmd_process(args: argparse.Namespace) -> int:
     import shutil
 
-    from pipeline.daemon import Daemon, store_status
-    from pipeline.sink import store_path_for
+    from pipeline.live.daemon import Daemon, store_status
+    from pipeline.store.writer import store_path_for
 
     scans = [Path(p).resolve() for p in args.scans]
     for scan in scans:
@@ -213,7 +213,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from pipeline.security import generate_keys
+    from pipeline.live.security import generate_keys
 
     if not args.name.replace("-", "").replace("_", "").isalnum():
         raise UserError(f"key name {args.name!r}: use letters, digits, '-' and '_' only")
@@ -273,8 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--out", type=Path, default=Path("keys"), help="directory for the key files (default ./keys)")
     generate.set_defaults(func=cmd_keys)
 
-    from pipeline import bench, demo, simulate, soak, view
     from pipeline.models import commands as model_commands
+    from pipeline.pictures import view
+    from pipeline.simulator import writers as simulate
+    from pipeline.tools import bench, demo, soak
 
     simulate.add_parser(sub)
     demo.add_parser(sub)
@@ -296,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as error:  # a known failure kind (bad scan, bad weights) is still one line for the user
-        from pipeline.follow import ScanError
+        from pipeline.live.follow import ScanError
         from pipeline.models.card import WeightsError
 
         if isinstance(error, (ScanError, WeightsError, PermissionError, FileNotFoundError)):

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 DEFAULT_CSV = Path("/work/shared/data/dipid_peak_outlines.csv")
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "pipeline" / "data" / "peak_outlines.npz"
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "pipeline" / "simulator" / "data" / "peak_outlines.npz"
 MAX_PEAKS_PER_FRAME = 8
 
 

@@ -11,11 +11,11 @@ import numpy as np
 import zmq
 import zmq.auth
 
-from pipeline import wire
+from pipeline.live import wire
 from pipeline.config import WorkerSettings
-from pipeline.dispatch import Dispatcher
+from pipeline.live.dispatch import Dispatcher
 from pipeline.models.prediction import FramePrediction
-from pipeline.security import apply_client
+from pipeline.live.security import apply_client
 
 
 def _client(endpoint: str, secret_file=None, server_public=None) -> zmq.Socket:
@@ -47,7 +47,7 @@ def test_keys_generate_writes_a_loadable_pair(tmp_path):
 
 
 def test_only_listed_workers_get_frames_and_have_results_accepted(tmp_path):
-    from pipeline.security import generate_keys
+    from pipeline.live.security import generate_keys
 
     _, daemon_secret = generate_keys(tmp_path / "daemon", "daemon")
     daemon_public = tmp_path / "daemon" / "daemon.key"
@@ -99,10 +99,10 @@ def test_only_listed_workers_get_frames_and_have_results_accepted(tmp_path):
 
 def test_daemon_with_curve_on_serves_its_own_local_workers(tmp_path, untrained_weights):
     from pipeline.config import load_config
-    from pipeline.daemon import Daemon
-    from pipeline.security import generate_keys
-    from pipeline.simulate import ScanPlan, write_scan
-    from pipeline.sink import open_live
+    from pipeline.live.daemon import Daemon
+    from pipeline.live.security import generate_keys
+    from pipeline.simulator.writers import ScanPlan, write_scan
+    from pipeline.store.writer import open_live
     from tests.conftest import write_config
 
     _, secret = generate_keys(tmp_path / "keys", "daemon")

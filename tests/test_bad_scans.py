@@ -24,8 +24,8 @@ import numpy as np
 import psutil
 import pytest
 
-from pipeline.simulate import ScanPlan, ScanWriter, write_scan
-from pipeline.sink import open_live, store_made_from, store_path_for
+from pipeline.simulator.writers import ScanPlan, ScanWriter, write_scan
+from pipeline.store.writer import open_live, store_made_from, store_path_for
 from tests.conftest import write_config
 
 NEXUS_ENTRY = "entry1"
@@ -150,7 +150,7 @@ def start_scan(directory: Path, name: str, seed: int, n_frames: int = 4, layout:
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, untrained_weights):
     from pipeline.config import load_config
-    from pipeline.daemon import Daemon
+    from pipeline.live.daemon import Daemon
 
     root = tmp_path_factory.mktemp("bad-scans")
     watched, vanishing, staging = root / "watched", root / "vanishing", root / "staging"
@@ -394,7 +394,7 @@ def test_the_watched_directory_vanishes_and_comes_back(live):
 
 def test_output_root_keeps_same_named_scans_apart_and_an_unwritable_output_fails_the_scan(tmp_path, untrained_weights):
     from pipeline.config import load_config
-    from pipeline.daemon import Daemon
+    from pipeline.live.daemon import Daemon
 
     watched, output = tmp_path / "watched", tmp_path / "output"
     for sub in ("a", "b", "blocked"):

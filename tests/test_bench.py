@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.bench import add_parser, percentiles_ms, run_bench, worker_counts
+from pipeline.tools.bench import add_parser, percentiles_ms, run_bench, worker_counts
 from tests.conftest import write_config
 
 FRAMES = 6

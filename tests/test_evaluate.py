@@ -77,7 +77,7 @@ def test_help_for_both_commands(capsys) -> None:
 
 def test_baseline_thresholds_are_tuned_per_input_on_training_frames() -> None:
     from pipeline.models.evaluate import tune_baseline_threshold
-    from pipeline.preprocess import SIGNIFICANCE_SCALE
+    from pipeline.models.preprocess import SIGNIFICANCE_SCALE
 
     log_threshold = tune_baseline_threshold(frames=6)
     significance_threshold = tune_baseline_threshold(frames=6, input_transform="significance")

@@ -9,9 +9,9 @@ import time
 import numpy as np
 import zmq
 
-from pipeline import wire
+from pipeline.live import wire
 from pipeline.config import WorkerSettings
-from pipeline.dispatch import Dispatcher
+from pipeline.live.dispatch import Dispatcher
 from pipeline.models.prediction import FramePrediction
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import synth
+from pipeline.simulator import synth
 from pipeline.config import ModelSettings, SSLMSettings, TLMSettings
 from pipeline.models.card import ModelCard, save_weights
 from pipeline.models.joint import JointPredictor

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from pipeline.simulate import LAYOUTS, ScanPlan, ScanWriter
-from pipeline.sink import open_live
+from pipeline.simulator.writers import LAYOUTS, ScanPlan, ScanWriter
+from pipeline.store.writer import open_live
 from tests.conftest import write_config
 
 ARRAYS = ("tlm/labels", "ssl/clusters", "ssl/mask", "volume/labels", "frames/done")
@@ -134,7 +134,7 @@ def test_live_scans_in_all_three_layouts_equal_offline_processing(tmp_path, untr
 
 def test_late_link_target_and_abandoned_scan(tmp_path, untrained_weights):
     from pipeline.config import load_config
-    from pipeline.daemon import Daemon
+    from pipeline.live.daemon import Daemon
 
     scans = tmp_path / "scans"
     scans.mkdir()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import urllib.request
 
 from pipeline.config import load_config
-from pipeline.daemon import Daemon
-from pipeline.simulate import ScanPlan, write_scan
+from pipeline.live.daemon import Daemon
+from pipeline.simulator.writers import ScanPlan, write_scan
 from tests.conftest import write_config
 
 

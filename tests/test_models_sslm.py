@@ -86,7 +86,7 @@ def test_dipid_checkpoints_get_dipids_final_relu_and_the_shipped_card_keeps_its_
 
 def test_the_card_picks_the_sslm_input_and_an_unknown_one_is_one_line(tmp_path) -> None:
     from pipeline.models.card import ModelCard, WeightsError, save_weights
-    from pipeline.preprocess import prepare, prepare_significance
+    from pipeline.models.preprocess import prepare, prepare_significance
 
     torch.manual_seed(3)
     model = SSLM().eval()

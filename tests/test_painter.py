@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import time
 
-from pipeline.painter import QuickLookPainter
-from pipeline.quicklook import QUICKLOOK_FIGSIZE
+from pipeline.live.painter import QuickLookPainter
+from pipeline.pictures.quicklook import QUICKLOOK_FIGSIZE
 from tests.test_quicklook import SCAN, assert_picture, copy_store, png_size, processed_scan, truth_store  # noqa: F401 (fixtures)
 
 
@@ -15,7 +15,7 @@ def test_the_painter_draws_on_its_own_thread_and_survives_a_bad_store(truth_stor
     first.mkdir(), second.mkdir()
     stores = [copy_store(truth_store, first), copy_store(truth_store, second)]
     painter = QuickLookPainter().start()
-    with caplog.at_level(logging.INFO, logger="pipeline.painter"):
+    with caplog.at_level(logging.INFO, logger="pipeline.live.painter"):
         painter.paint(tmp_path / "missing.zarr")
         for store in stores:
             painter.paint(store)
@@ -26,7 +26,7 @@ def test_the_painter_draws_on_its_own_thread_and_survives_a_bad_store(truth_stor
         painter.stop()
     for store in stores:
         assert_picture(store.parent / f"{SCAN}.quicklook.png", png_size(QUICKLOOK_FIGSIZE))
-    records = [r for r in caplog.records if r.name == "pipeline.painter"]
+    records = [r for r in caplog.records if r.name == "pipeline.live.painter"]
     assert [r.levelname for r in records] == ["WARNING", "INFO", "INFO"]
     assert "missing: no quick look" in records[0].getMessage()
     assert {r.threadName for r in records} == {"quicklook"}

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipeline.preprocess import SATURATION, fix_dead_pixels, fix_dead_pixels_slow, prepare, to_model_input
+from pipeline.models.preprocess import SATURATION, fix_dead_pixels, fix_dead_pixels_slow, prepare, to_model_input
 
 
 def _frame_with_dead_pixels(seed: int = 0) -> np.ndarray:
@@ -52,7 +52,7 @@ def test_model_input_is_log_scaled_and_safe() -> None:
 
 
 def test_local_background_follows_diffuse_scatter_but_not_peaks() -> None:
-    from pipeline.preprocess import local_background
+    from pipeline.models.preprocess import local_background
 
     rows, cols = np.mgrid[0:195, 0:487].astype(np.float64)
     diffuse = 3.0 + 20.0 * np.exp(-0.5 * (((rows - 90) / 60) ** 2 + ((cols - 250) / 120) ** 2))
@@ -66,7 +66,7 @@ def test_local_background_follows_diffuse_scatter_but_not_peaks() -> None:
 
 
 def test_significance_is_noise_units_above_background_and_safe() -> None:
-    from pipeline.preprocess import SIGNIFICANCE_SCALE, prepare_significance, to_significance
+    from pipeline.models.preprocess import SIGNIFICANCE_SCALE, prepare_significance, to_significance
 
     rows, cols = np.mgrid[0:195, 0:487].astype(np.float64)
     diffuse = 2.0 + 18.0 * np.exp(-0.5 * (((rows - 100) / 50) ** 2 + ((cols - 300) / 100) ** 2))

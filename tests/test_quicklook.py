@@ -24,7 +24,7 @@ import zarr
 from PIL import Image
 from scipy import ndimage
 
-from pipeline.quicklook import (
+from pipeline.pictures.quicklook import (
     DPI,
     OVERLAY_FIGSIZE,
     QUICKLOOK_FIGSIZE,
@@ -35,7 +35,7 @@ from pipeline.quicklook import (
     save_frame_overlay,
     write_quicklook,
 )
-from pipeline.simulate import ScanPlan, write_scan
+from pipeline.simulator.writers import ScanPlan, write_scan
 from pipeline.volume import VolumeLinker
 from tests.conftest import write_config
 

@@ -10,8 +10,8 @@ import time
 
 import psutil
 
-from pipeline.simulate import ScanPlan, ScanWriter
-from pipeline.sink import open_live
+from pipeline.simulator.writers import ScanPlan, ScanWriter
+from pipeline.store.writer import open_live
 from tests.conftest import write_config
 from tests.test_live import _daemon, _stop, _wait_for_status, assert_stores_equal, wait_for_workers
 
@@ -67,7 +67,7 @@ def test_daemon_killed_mid_scan_resumes_to_the_same_store(tmp_path, untrained_we
 
 def test_worker_killed_mid_scan_its_frames_go_elsewhere(tmp_path, untrained_weights):
     from pipeline.config import load_config
-    from pipeline.daemon import Daemon
+    from pipeline.live.daemon import Daemon
 
     scans = tmp_path / "scans"
     scans.mkdir()

@@ -18,10 +18,10 @@ import time
 import numpy as np
 import zmq
 
-from pipeline import wire
+from pipeline.live import wire
 from pipeline.config import WorkerSettings
-from pipeline.dispatch import Dispatcher
-from pipeline.soak import hostile_messages
+from pipeline.live.dispatch import Dispatcher
+from pipeline.tools.soak import hostile_messages
 from tests.conftest import write_config
 from tests.test_hostile import _wait
 
@@ -29,7 +29,7 @@ FORCED = "worker_kill,daemon_restart,bad_file,hostile"
 
 
 def _soak(*args: str, timeout: float = 420, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.soak", "--no-progress", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "pipeline.tools.soak", "--no-progress", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
 
 
@@ -143,7 +143,7 @@ def test_full_hostile_mix_is_rejected_and_the_dispatcher_keeps_serving():
 def test_hostile_senders_read_the_replies_and_stay_open_until_their_daemon_is_gone():
     """A burst's socket is not closed while the daemon may still answer it: closing over unread replies makes
     the kernel reset the connection, and the reset throws away the burst's tail before the daemon reads it."""
-    from pipeline.soak import HostileSenders
+    from pipeline.tools.soak import HostileSenders
 
     dispatcher = Dispatcher(WorkerSettings(credit=2, timeout_s=30), lambda d, r, e: None).start()
     senders = HostileSenders()

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import yaml
 
-from pipeline.simulate import ScanPlan, ScanWriter
+from pipeline.simulator.writers import ScanPlan, ScanWriter
 from tests.conftest import write_config
 from tests.test_live import _stop
 

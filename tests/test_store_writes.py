@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from pipeline.follow import ScanInfo
+from pipeline.live.follow import ScanInfo
 from pipeline.models.prediction import Detection, FramePrediction
-from pipeline.sink import MAX_DETECTIONS_PER_FRAME, ScanStore, _runs
+from pipeline.store.writer import MAX_DETECTIONS_PER_FRAME, ScanStore, _runs
 
 SHAPE = (12, 17)
 

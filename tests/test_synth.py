@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from pipeline.synth import (
+from pipeline.simulator.synth import (
     DEAD_PIXEL_VALUE,
     FRAME_SHAPE,
     SATURATION,

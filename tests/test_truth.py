@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.config import Config
-from pipeline.daemon import Daemon
-from pipeline.simulate import ScanPlan, write_scan
-from pipeline.sink import open_live
-from pipeline.truth import compare_store_to_truth
+from pipeline.live.daemon import Daemon
+from pipeline.simulator.writers import ScanPlan, write_scan
+from pipeline.store.writer import open_live
+from pipeline.tools.truth import compare_store_to_truth
 
 
 def test_3d_peaks_and_peaks_table_agree_with_the_truth(tmp_path):

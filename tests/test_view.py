@@ -1,6 +1,6 @@
 """`pipeline show`, `pipeline view` and `pipeline quicklook` on real stores (see test_quicklook.py).
 
-The commands are called through a parser that `pipeline.view.add_parsers` builds, the way the
+The commands are called through a parser that `pipeline.pictures.view.add_parsers` builds, the way the
 `pipeline` command line registers them; once `pipeline.cli` registers them too, the last test
 also runs them through `pipeline.cli.main`.
 """
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import view
-from pipeline.quicklook import DPI, OVERLAY_FIGSIZE, QUICKLOOK_FIGSIZE, VOLUME_FIGSIZE
+from pipeline.pictures import view
+from pipeline.pictures.quicklook import DPI, OVERLAY_FIGSIZE, QUICKLOOK_FIGSIZE, VOLUME_FIGSIZE
 from tests.test_quicklook import processed_scan, truth_store  # noqa: F401 (fixtures)
 from tests.test_quicklook import N_FRAMES, SCAN, assert_picture, copy_store, png_size, read_truth
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import WatchSettings
-from pipeline.watch import Watcher
+from pipeline.live.watch import Watcher
 
 
 class Reports:
@@ -85,7 +85,7 @@ def test_a_link_out_of_the_watched_directories_is_refused_with_one_log_line(watc
     outside = tmp_path / "outside" / "private.nxs"
     outside.parent.mkdir()
     outside.write_bytes(b"x")
-    caplog.set_level(logging.WARNING, logger="pipeline.watch")
+    caplog.set_level(logging.WARNING, logger="pipeline.live.watch")
     (root / "escape.nxs").symlink_to(outside)
     for _ in range(3):
         watcher.rescan()
@@ -107,7 +107,7 @@ def test_a_new_subdirectory_is_watched_at_once(watching):
 
 def test_a_watched_directory_that_vanishes_and_comes_back_is_watched_again(watching, caplog):
     root, watcher, reports = watching
-    caplog.set_level(logging.INFO, logger="pipeline.watch")
+    caplog.set_level(logging.INFO, logger="pipeline.live.watch")
     before = root / "before.nxs"
     before.write_bytes(b"x")
     reports.wait_for(before)

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline import wire
+from pipeline.live import wire
 from pipeline.models.prediction import Detection, FramePrediction
 
 

@@ -29,9 +29,9 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.simulate import DETECTOR_DATASET, DETECTOR_NAME, END_TIME_DTYPE, ScanPlan, ScanWriter
-from pipeline.sink import open_live
-from pipeline.synth import FRAME_SHAPE, RockingScan
+from pipeline.simulator.writers import DETECTOR_DATASET, DETECTOR_NAME, END_TIME_DTYPE, ScanPlan, ScanWriter
+from pipeline.store.writer import open_live
+from pipeline.simulator.synth import FRAME_SHAPE, RockingScan
 from tests.conftest import write_config
 from tests.test_live import _daemon, _stop, _wait_for_status, assert_stores_equal, wait_for_workers
 
@@ -178,7 +178,7 @@ def test_writers_killed_mid_scan_end_incomplete_with_exactly_the_frames_in_the_f
 
 
 def _write_then_die(path: str, n_frames: int, whole: int, seed: int, rate_hz: float) -> None:
-    """A NeXus-layout writer (as pipeline.simulate's, SWMR, frames inside the .nxs) that writes `whole` frames,
+    """A NeXus-layout writer (as pipeline.simulator.writers's, SWMR, frames inside the .nxs) that writes `whole` frames,
     then grows the dataset by one frame, flushes the new shape, and is killed before it writes that frame."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     scan = RockingScan(n_frames, seed)

@@ -21,20 +21,20 @@ from pathlib import Path
 import struct
 from typing import TYPE_CHECKING, Any, Literal
 
-from pipeline.preprocess import INPUT_TRANSFORMS
+from pipeline.models.preprocess import INPUT_TRANSFORMS
 
 if TYPE_CHECKING:
     import torch
 
 CARD_METADATA_KEY = "model_card"
-DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"
+DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"  # package data: found in any install
 WEIGHTS_DIR_ENV = "PIPELINE_WEIGHTS_DIR"
 DEFAULT_FILES = {"tlm": "tlm.safetensors", "sslm": "sslm.safetensors"}
 
 # DiPID's published settings, used for checkpoints that carry no card.
 DIPID_TLM = {"backbone": "resnet50_fpn", "min_size": 800, "max_size": 1333, "score_threshold": 0.4, "nms_iou": 0.5}
 DIPID_SSLM_PEAK_CHANNELS = [66, 13]
-SSLM_INPUT_TRANSFORMS = tuple(INPUT_TRANSFORMS)  # "log", "significance": see pipeline.preprocess
+SSLM_INPUT_TRANSFORMS = tuple(INPUT_TRANSFORMS)  # "log", "significance": see pipeline.models.preprocess
 
 
 class WeightsError(ValueError):
@@ -78,7 +78,7 @@ class ModelCard:
 
 
 def weights_dir() -> Path:
-    """Where the shipped weights live: $PIPELINE_WEIGHTS_DIR, else <repo>/weights."""
+    """Where the shipped weights live: $PIPELINE_WEIGHTS_DIR, else `pipeline/weights` inside the installed package."""
     override = os.environ.get(WEIGHTS_DIR_ENV)
     return Path(override) if override else DEFAULT_WEIGHTS_DIR
 

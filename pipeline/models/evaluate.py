@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import synth
+from pipeline.simulator import synth
 from pipeline.models.joint import JointPredictor
-from pipeline.preprocess import fix_dead_pixels, to_model_input, to_significance
+from pipeline.models.preprocess import fix_dead_pixels, to_model_input, to_significance
 from pipeline.volume import MIN_PEAK_PIXELS, volume_components
 
 MATCH_IOU = 0.5

@@ -31,7 +31,7 @@ from pipeline.models.card import (
     load_weights,
 )
 from pipeline.models.prediction import FramePrediction
-from pipeline.preprocess import fix_dead_pixels, to_model_input, to_significance
+from pipeline.models.preprocess import fix_dead_pixels, to_model_input, to_significance
 
 if TYPE_CHECKING:
     from pipeline.config import ModelSettings, SSLMSettings, TLMSettings
@@ -272,6 +272,6 @@ class JointPredictor:
         self, frame: np.ndarray, prediction: FramePrediction, path: Path, scale: Literal["linear", "log"] = "log"
     ) -> Path:
         """A PNG of the frame with TLM instances (filled, boxes, scores) and the SSLM mask (outline)."""
-        from pipeline.models.overlay import render_overlay
+        from pipeline.pictures.overlay import render_overlay
 
         return render_overlay(frame, prediction, Path(path), scale=scale)

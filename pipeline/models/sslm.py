@@ -9,7 +9,7 @@ State-dict keys are DiPID's: conv1, norm1, conv2.0, norm2.0, conv3, norm3.
 The last ReLU holds no parameters, so a state dict fits with or without it; the card's
 `final_relu` says which way the weights were trained (an early shipped SSLM had none). What the
 SSLM sees (log counts as DiPID, or the background-subtracted significance) is the card's
-`input_transform`; see `pipeline.preprocess`.
+`input_transform`; see `pipeline.models.preprocess`.
 """
 
 from __future__ import annotations

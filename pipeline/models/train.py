@@ -29,16 +29,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline import synth
+from pipeline.simulator import synth
 from pipeline.models import sslm as sslm_module
 from pipeline.models import tlm as tlm_module
 from pipeline.models.card import ModelCard, save_weights
-from pipeline.preprocess import INPUT_TRANSFORMS
+from pipeline.models.preprocess import INPUT_TRANSFORMS
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOSS_LOG_NAME = "losses.jsonl"
 TRAINING_DATA = (
-    "pipeline.synth.training_sample, rng default_rng([seed, step]); per frame randomised "
+    "pipeline.simulator.synth.training_sample, rng default_rng([seed, step]); per frame randomised "
     "SynthSettings: background log-uniform 0.5..8, diffuse_amplitude 0..15, streak_probability 0.2..0.6, "
     "dead_pixel_fraction 0..1e-3"
 )
@@ -346,7 +346,7 @@ def train_sslm(
     """Train the SSLM without labels (SGD, momentum 0.9, as DiPID), then pick its peak channels.
 
     `input_transform` "significance" (default) trains on background-subtracted frames
-    (`pipeline.preprocess.to_significance`), "log" on DiPID's log counts; the card records which.
+    (`pipeline.models.preprocess.to_significance`), "log" on DiPID's log counts; the card records which.
 
     Labels are used only to read the clusters, never by the optimiser: every `select_every` steps
     the snapshot is scored by the mean per-frame IoU of its best peak channels on `select_frames`

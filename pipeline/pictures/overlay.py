@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from pipeline.models.prediction import FramePrediction
-from pipeline.preprocess import fix_dead_pixels
+from pipeline.models.preprocess import fix_dead_pixels
 
 
 def render_overlay(

@@ -133,8 +133,8 @@ def _rasterise(xy: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]
 
 @functools.lru_cache(maxsize=1)
 def load_outline_bank() -> OutlineBank:
-    """Load ``pipeline/data/peak_outlines.npz`` once (no pickle) and rasterise every outline."""
-    with resources.files("pipeline").joinpath("data/peak_outlines.npz").open("rb") as handle:
+    """Load ``pipeline/simulator/data/peak_outlines.npz`` once (no pickle) and rasterise every outline."""
+    with resources.files("pipeline.simulator").joinpath("data/peak_outlines.npz").open("rb") as handle:
         with np.load(handle, allow_pickle=False) as data:
             points = np.asarray(data["points"], dtype=np.float32)
             offsets = np.asarray(data["offsets"], dtype=np.int64)

@@ -21,9 +21,9 @@ import time
 import numpy as np
 import zmq
 
-from pipeline import wire
+from pipeline.live import wire
 from pipeline.config import Config, WorkerSettings
-from pipeline.security import apply_client
+from pipeline.live.security import apply_client
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ them the way the beamline does, with real processes and real SWMR files:
 
 Beside each scan, ``<scan>.truth.h5`` holds the ground truth (3D peak id per pixel, peak table),
 written by the process that writes the frames, frame by frame. Frames come from
-:class:`pipeline.synth.RockingScan`, so ``RockingScan(n_frames, seed, settings, n_peaks).frame(i)``
+:class:`pipeline.simulator.synth.RockingScan`, so ``RockingScan(n_frames, seed, settings, n_peaks).frame(i)``
 reproduces any frame exactly.
 
 The writer processes tell each other about frames over local pipes with fixed-size binary
@@ -41,7 +41,7 @@ import h5py
 import numpy as np
 
 from pipeline.argtypes import non_negative_int, positive_float, positive_int
-from pipeline.synth import FRAME_SHAPE, RockingScan, SynthSettings
+from pipeline.simulator.synth import FRAME_SHAPE, RockingScan, SynthSettings
 
 LAYOUTS: tuple[str, ...] = ("gda9", "gda8", "nexus")
 DETECTOR_NAME = "pil3_100k"
@@ -183,7 +183,7 @@ class _TruthWriter:
         self.file.attrs["layout"] = plan.layout
         self.file.attrs["n_frames"] = plan.n_frames
         self.file.attrs["n_peaks_requested"] = -1 if plan.n_peaks is None else plan.n_peaks
-        self.file.attrs["generator"] = "pipeline.synth.RockingScan(n_frames, seed, settings, n_peaks)"
+        self.file.attrs["generator"] = "pipeline.simulator.synth.RockingScan(n_frames, seed, settings, n_peaks)"
         self.labels = self.file.create_dataset(
             "labels", shape=(plan.n_frames, *FRAME_SHAPE), dtype=np.uint16,
             chunks=_FRAME_CHUNKS, compression="gzip", compression_opts=1, fillvalue=0)
@@ -541,7 +541,7 @@ def run_simulate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pipeline.simulate`` works without the rest of the CLI."""
+    """``python -m pipeline.simulator.writers`` works without the rest of the CLI."""
     parser = argparse.ArgumentParser(prog="pipeline")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["simulate", *(sys.argv[1:] if argv is None else argv)])

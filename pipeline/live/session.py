@@ -18,9 +18,9 @@ from typing import Any, Callable
 import numpy as np
 
 from pipeline.config import Config
-from pipeline.follow import ScanError, ScanFollower, ScanInfo
+from pipeline.live.follow import ScanError, ScanFollower, ScanInfo
 from pipeline.models.prediction import FramePrediction
-from pipeline.sink import STATUS_COMPLETE, STATUS_INCOMPLETE, ScanStore, mark_failed, store_path_for
+from pipeline.store.writer import STATUS_COMPLETE, STATUS_INCOMPLETE, ScanStore, mark_failed, store_path_for
 from pipeline.volume import VolumeLinker
 
 log = logging.getLogger(__name__)

@@ -30,11 +30,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from pipeline.daemon import Daemon, store_status
+    from pipeline.live.daemon import Daemon, store_status
     from pipeline.logs import setup_logging
-    from pipeline.simulate import LAYOUTS, ScanPlan, ScanWriter
-    from pipeline.sink import open_live, store_path_for
-    from pipeline.truth import compare_store_to_truth
+    from pipeline.simulator.writers import LAYOUTS, ScanPlan, ScanWriter
+    from pipeline.store.writer import open_live, store_path_for
+    from pipeline.tools.truth import compare_store_to_truth
 
     if args.frames < 1 or args.rate <= 0 or args.workers < 1:
         raise ValueError("--frames and --workers must be at least 1 and --rate positive")

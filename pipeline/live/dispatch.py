@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import zmq
 
-from pipeline import wire
+from pipeline.live import wire
 from pipeline.config import WorkerSettings
-from pipeline.security import CurveServer
+from pipeline.live.security import CurveServer
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import numpy as np
 import zarr
 
 from pipeline import __version__
-from pipeline.follow import ScanInfo, read_scan_identity
+from pipeline.live.follow import ScanInfo, read_scan_identity
 from pipeline.models.prediction import Detection, FramePrediction
 
 log = logging.getLogger(__name__)

@@ -75,7 +75,7 @@ def worker_counts(text: str) -> list[int]:
 
 def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Add the `bench` sub-command; its argument errors are one line and exit code 2."""
-    from pipeline.simulate import LAYOUTS
+    from pipeline.simulator.writers import LAYOUTS
 
     parser = subparsers.add_parser(
         "bench", help="measure throughput, latency, stage times and memory against DiPID's way",
@@ -440,9 +440,9 @@ def _wait_for_workers(daemon: Any, count: int) -> None:
 def run_pipeline(config: Any, directory: Path, workers: int, n_frames: int, rate_hz: float, layout: str, seed: int,
                  show_progress: bool) -> PipelineRun:
     """The real daemon with `workers` local workers following a scan written live; every frame's timings."""
-    from pipeline.daemon import Daemon
-    from pipeline.follow import ScanFollower
-    from pipeline.simulate import ScanPlan, ScanWriter
+    from pipeline.live.daemon import Daemon
+    from pipeline.live.follow import ScanFollower
+    from pipeline.simulator.writers import ScanPlan, ScanWriter
 
     directory.mkdir(parents=True, exist_ok=True)
     plan = ScanPlan(directory=directory, name=f"bench-{layout}-w{workers}", layout=layout, n_frames=n_frames,
@@ -513,11 +513,11 @@ def run_baseline(config: Any, scan: Path, n_frames: int, out: Path, show_progres
     """
     import torch
 
-    from pipeline.follow import ScanFollower, open_hdf5
+    from pipeline.live.follow import ScanFollower, open_hdf5
     from pipeline.models import sslm as sslm_module
     from pipeline.models import tlm as tlm_module
     from pipeline.models.joint import load_sslm, load_tlm, resolve_device
-    from pipeline.preprocess import fix_dead_pixels_slow, to_model_input, to_significance
+    from pipeline.models.preprocess import fix_dead_pixels_slow, to_model_input, to_significance
 
     device = resolve_device(config.workers.device)
     tlm = sslm = None
@@ -703,7 +703,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m pipeline.bench ...` works without the rest of the CLI."""
+    """`python -m pipeline.tools.bench ...` works without the rest of the CLI."""
     return run_standalone("bench", add_parser, argv)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.quicklook import (
+from pipeline.pictures.quicklook import (
     StoreError,
     busiest_frame,
     done_frames,

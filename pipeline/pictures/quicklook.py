@@ -32,8 +32,8 @@ from matplotlib.patches import Rectangle
 from matplotlib.patheffects import withStroke
 from scipy import ndimage
 
-from pipeline.follow import open_hdf5
-from pipeline.sink import open_live
+from pipeline.live.follow import open_hdf5
+from pipeline.store.writer import open_live
 
 DPI = 100
 QUICKLOOK_FIGSIZE = (10.0, 8.5)  # inches: a 1000 x 850 PNG

@@ -23,14 +23,14 @@ import zmq
 
 from pipeline import __version__
 from pipeline.config import Config
-from pipeline.dispatch import Dispatch, Dispatcher
-from pipeline.metrics import Metrics
-from pipeline.painter import QuickLookPainter
-from pipeline.provenance import describe_models
-from pipeline.session import FrameDoneHook, FrameOutcome, ScanSession
-from pipeline.sink import STATUS_COMPLETE, STATUS_FAILED, store_made_from, store_path_for
-from pipeline.watch import Watcher, find_scans
-from pipeline.wire import FrameResult
+from pipeline.live.dispatch import Dispatch, Dispatcher
+from pipeline.live.metrics import Metrics
+from pipeline.live.painter import QuickLookPainter
+from pipeline.store.provenance import describe_models
+from pipeline.live.session import FrameDoneHook, FrameOutcome, ScanSession
+from pipeline.store.writer import STATUS_COMPLETE, STATUS_FAILED, store_made_from, store_path_for
+from pipeline.live.watch import Watcher, find_scans
+from pipeline.live.wire import FrameResult
 
 log = logging.getLogger(__name__)
 

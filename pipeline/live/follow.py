@@ -41,7 +41,7 @@ import h5py
 import numpy as np
 
 from pipeline.config import FollowSettings
-from pipeline.wire import FRAME_DTYPES
+from pipeline.live.wire import FRAME_DTYPES
 
 log = logging.getLogger(__name__)
 

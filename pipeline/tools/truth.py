@@ -11,7 +11,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline.sink import open_live
+from pipeline.store.writer import open_live
 
 
 @dataclass(frozen=True)

@@ -203,7 +203,7 @@ def hostile_messages(rng: np.random.Generator, count: int, mix: str = "full") ->
     `basic` is the mix of tests/test_hostile.py; `full` adds what stresses the JSON parser and the
     number checks behind it (deep nesting, integers too long to convert, numbers that overflow a float).
     """
-    from pipeline import wire
+    from pipeline.live import wire
 
     good = {"task": 1, "scan": "s", "frame": 0, "worker": "w", "shape": [4, 5], "detections": [], "timings": {}}
 
@@ -772,7 +772,7 @@ class Soak:
         return sum(1 for scan in self.scans if self._status_of(scan.store) not in FINAL_STATUSES)
 
     def _feed_scans(self) -> None:
-        from pipeline.simulate import LAYOUTS, ScanPlan, ScanWriter
+        from pipeline.simulator.writers import LAYOUTS, ScanPlan, ScanWriter
 
         now = time.time()
         self._reap_writers()
@@ -982,7 +982,7 @@ class Soak:
 
     @staticmethod
     def _done_flags(store: Path, n: int) -> list[bool]:
-        from pipeline.sink import open_live
+        from pipeline.store.writer import open_live
 
         try:
             done = open_live(store)["frames/done"][:]
@@ -1015,7 +1015,7 @@ class Soak:
 
 def stores_difference(live: Path, offline: Path) -> str | None:
     """None when two stores hold the same frames and tables; else the first difference, in words."""
-    from pipeline.sink import open_live
+    from pipeline.store.writer import open_live
 
     a, b = open_live(live), open_live(offline)
     for name in ("tlm/labels", "ssl/clusters", "ssl/mask", "volume/labels", "frames/done", "frames/axis"):
@@ -1290,7 +1290,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m pipeline.soak ...` works without the rest of the CLI."""
+    """`python -m pipeline.tools.soak ...` works without the rest of the CLI."""
     return run_standalone("soak", add_parser, argv)
 
 

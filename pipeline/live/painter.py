@@ -51,7 +51,7 @@ class QuickLookPainter:
     def _loop(self) -> None:
         while (store := self._stores.get()) is not None:
             try:
-                from pipeline.quicklook import write_quicklook  # matplotlib: imported when the first scan ends
+                from pipeline.pictures.quicklook import write_quicklook  # matplotlib: imported when the first scan ends
 
                 log.info("%s: quick look %s", store.stem, write_quicklook(store))
                 self.painted += 1

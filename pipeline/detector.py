@@ -1,0 +1,14 @@
+"""Facts about the detector the pipeline serves (Pilatus3 100K on I16), defined once.
+
+The frame shape is only the default: `follow.frame_shape` in the config is what a running daemon
+checks frames against, so that another detector is a config change, not a code change.
+"""
+
+from __future__ import annotations
+
+FRAME_SHAPE: tuple[int, int] = (195, 487)
+"""(rows, columns) of a Pilatus3 100K frame."""
+DEAD_PIXEL = -2
+"""What the Pilatus reports for a dead pixel; the follower turns non-finite pixels into this too."""
+SATURATION = 1_000_000
+"""Counts at which a Pilatus pixel saturates."""

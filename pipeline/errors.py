@@ -1,0 +1,29 @@
+"""One base for every problem a user can act on, and one way of saying an error in one line.
+
+Whatever raises a `PipelineError` (a bad config, scan, weights file or store) has already put
+the file, field or value in its message; `pipeline`'s command line prints that message as one
+line and exits with the error's `exit_code`, never with a traceback.
+"""
+
+from __future__ import annotations
+
+MAX_LINE = 300  # an h5py or zarr message can run over many lines and kilobytes
+
+
+class PipelineError(Exception):
+    """A problem the user can fix or must know about; the message is one line naming what is wrong."""
+
+    exit_code = 1
+
+
+class UserError(PipelineError):
+    """A bad argument on the command line."""
+
+    exit_code = 2
+
+
+def one_line(error: BaseException, limit: int = MAX_LINE) -> str:
+    """An exception as one short line: its first line, or its type's name when it says nothing."""
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else type(error).__name__
+    return first if len(first) <= limit else first[: limit - 3] + "..."

@@ -1,0 +1,1 @@
+"""The Zarr store of one scan: its schema (defined once), its one writer, its reader, its provenance."""
