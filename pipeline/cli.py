@@ -15,16 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline import __version__
 from pipeline.argtypes import one_line_errors
-from pipeline.config import Config, ConfigError, load_config
+from pipeline.config import Config, load_config
+from pipeline.errors import PipelineError, UserError, report
 
 if TYPE_CHECKING:
     from pipeline.live.daemon import Daemon
 
 log = logging.getLogger("pipeline")
-
-
-class UserError(Exception):
-    """A problem the user can fix; printed as one line with exit code 2."""
 
 
 def _add_config_argument(parser: argparse.ArgumentParser) -> None:
@@ -124,8 +121,8 @@ def _exit_with_parent(parent: int) -> None:
 def cmd_process(args: argparse.Namespace) -> int:
     import shutil
 
-    from pipeline.live.daemon import Daemon, store_status
-    from pipeline.store.writer import store_path_for
+    from pipeline.live.daemon import Daemon
+    from pipeline.store import store_path_for, store_status
 
     scans = [Path(p).resolve() for p in args.scans]
     for scan in scans:
@@ -172,22 +169,9 @@ def _wait_with_progress(daemon: Daemon, disable: bool) -> None:
 # -- status ----------------------------------------------------------------------------------
 
 
-def query_status(endpoint: str, timeout_s: float = 2.0) -> dict[str, Any] | None:
-    import zmq
-
-    sock = zmq.Context.instance().socket(zmq.REQ)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
-    try:
-        sock.send(b"status")
-        if not sock.poll(int(timeout_s * 1000)):
-            return None
-        return json.loads(sock.recv())
-    finally:
-        sock.close()
-
-
 def cmd_status(args: argparse.Namespace) -> int:
+    from pipeline.live.control import query_status
+
     config = _config_from(args)
     endpoint = args.endpoint or config.daemon.control
     status = query_status(endpoint)
@@ -292,16 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, UserError) as error:
-        print(f"pipeline {args.command}: {error}", file=sys.stderr)
-        return 2
+    except PipelineError as error:  # a bad config, argument, scan, weights file or store: one line, never a traceback
+        report(args.command, error)
+        return error.exit_code
+    except (PermissionError, FileNotFoundError) as error:
+        report(args.command, error)
+        return 1
     except KeyboardInterrupt:
         return 130
-    except Exception as error:  # a known failure kind (bad scan, bad weights) is still one line for the user
-        from pipeline.live.follow import ScanError
-        from pipeline.models.card import WeightsError
-
-        if isinstance(error, (ScanError, WeightsError, PermissionError, FileNotFoundError)):
-            print(f"pipeline {args.command}: {str(error).splitlines()[0]}", file=sys.stderr)
-            return 1
-        raise

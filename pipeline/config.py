@@ -13,10 +13,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from pipeline.detector import FRAME_SHAPE
+from pipeline.errors import PipelineError
 
 
-class ConfigError(ValueError):
+class ConfigError(PipelineError, ValueError):
     """A configuration that cannot be used; the message is one line for the user."""
+
+    exit_code = 2
 
 
 class Strict(BaseModel):
@@ -36,7 +40,7 @@ class WatchSettings(Strict):
 class FollowSettings(Strict):
     detector: str = "pil3_100k"
     entries: list[str] = Field(default_factory=lambda: ["entry", "entry1"])
-    frame_shape: tuple[int, int] = (195, 487)
+    frame_shape: tuple[int, int] = FRAME_SHAPE
     poll_interval_s: float = Field(0.05, gt=0)
     settle_s: float = Field(0.5, ge=0)  # no keys: the newest frame counts once the shape held this long (and its chunk is on disk)
     idle_timeout_s: float = Field(30.0, gt=0)  # no new frame this long and no end marker: incomplete
@@ -118,7 +122,7 @@ class Config(Strict):
     output: OutputSettings = OutputSettings()
     daemon: DaemonSettings = DaemonSettings()
 
-    def with_overrides(self, overrides: dict[str, Any]) -> "Config":
+    def with_overrides(self, overrides: dict[str, Any]) -> Config:
         """A copy with dotted keys replaced (`{"workers.local": 4}`), validated like a file."""
         data = self.model_dump()
         for dotted, value in overrides.items():

@@ -22,7 +22,7 @@ class DeviceError(PipelineError, ValueError):
     """A device asked for that this machine does not have."""
 
 
-def resolve_device(name: str) -> "torch.device":
+def resolve_device(name: str) -> torch.device:
     """`auto` -> the first CUDA GPU when there is one, else the CPU; `cpu`, `cuda`, `cuda:N` as given."""
     import torch
 
@@ -36,7 +36,7 @@ def resolve_device(name: str) -> "torch.device":
         raise DeviceError(f"device {name!r}: not a device name (auto, cpu, cuda or cuda:N)") from None
 
 
-def has_native_bfloat16(device: "torch.device") -> bool:
+def has_native_bfloat16(device: torch.device) -> bool:
     """Whether bfloat16 arithmetic is native here (else autocast would emulate it, slower than float32)."""
     import torch
 
@@ -49,7 +49,7 @@ def has_native_bfloat16(device: "torch.device") -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
-def resolve_precision(precision: str, device: "torch.device") -> Precision:
+def resolve_precision(precision: str, device: torch.device) -> Precision:
     """`auto` -> bfloat16 on CPUs where it is native, else float32; the others as given.
 
     Not on GPUs: these models are small, and on an H200 bfloat16 autocast made them slower

@@ -7,6 +7,12 @@ line and exits with the error's `exit_code`, never with a traceback.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
 MAX_LINE = 300  # an h5py or zarr message can run over many lines and kilobytes
 
 
@@ -27,3 +33,21 @@ def one_line(error: BaseException, limit: int = MAX_LINE) -> str:
     text = str(error).strip()
     first = text.splitlines()[0] if text else type(error).__name__
     return first if len(first) <= limit else first[: limit - 3] + "..."
+
+
+def report(command: str, error: BaseException) -> None:
+    """`pipeline COMMAND: <one line>` on stderr: how every command reports a problem."""
+    print(f"pipeline {command}: {one_line(error)}", file=sys.stderr)
+
+
+def reporting(command: str, body: Callable[[T], int]) -> Callable[[T], int]:
+    """`body`, with a PipelineError reported as one line and its exit code returned instead of a traceback."""
+
+    def run(args: T) -> int:
+        try:
+            return body(args)
+        except PipelineError as error:
+            report(command, error)
+            return error.exit_code
+
+    return run

@@ -2,8 +2,8 @@
 
 Frames must be linked in index order. A 2D component (8-connected, at least `min_pixels` pixels:
 single hot pixels and specks are not peaks) of frame k continues the 3D peak of frame k-1 that it
-overlaps most (ties: the lower id); a component that overlaps nothing starts a new peak. Ids are assigned in order of first appearance, so the same masks always give
-the same ids, whether linked live or offline or resumed half-way.
+overlaps most (ties: the lower id); a component that overlaps nothing starts a new peak. Ids are assigned in order of first appearance, so the same
+masks always give the same ids, whether linked live or offline or resumed half-way.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from pipeline.store.schema import PEAK_COLUMNS
+
+__all__ = ["PEAK_COLUMNS", "VolumeLinker", "volume_components"]
+
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 MIN_PEAK_PIXELS = 5
 """2D components smaller than this are dropped before linking (the evaluation counts instances the same way)."""
-PEAK_COLUMNS = (
-    "id", "first_frame", "last_frame", "centroid_frame", "centroid_y", "centroid_x",
-    "voxels", "intensity_sum", "intensity_max", "axis_value",
-)
 
 
 @dataclass

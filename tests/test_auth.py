@@ -11,11 +11,11 @@ import numpy as np
 import zmq
 import zmq.auth
 
-from pipeline.live import wire
 from pipeline.config import WorkerSettings
+from pipeline.live import wire
 from pipeline.live.dispatch import Dispatcher
-from pipeline.models.prediction import FramePrediction
 from pipeline.live.security import apply_client
+from pipeline.models.prediction import FramePrediction
 
 
 def _client(endpoint: str, secret_file=None, server_public=None) -> zmq.Socket:
@@ -102,7 +102,7 @@ def test_daemon_with_curve_on_serves_its_own_local_workers(tmp_path, untrained_w
     from pipeline.live.daemon import Daemon
     from pipeline.live.security import generate_keys
     from pipeline.simulator.writers import ScanPlan, write_scan
-    from pipeline.store.writer import open_live
+    from pipeline.store import open_live
     from tests.conftest import write_config
 
     _, secret = generate_keys(tmp_path / "keys", "daemon")

@@ -18,10 +18,10 @@ import time
 import psutil
 import yaml
 
-from pipeline.cli import query_status
-from pipeline.simulator.writers import ScanPlan, ScanWriter
-from pipeline.store.writer import open_live
+from pipeline.live.control import query_status
 from pipeline.live.worker import DELAY_ENV
+from pipeline.simulator.writers import ScanPlan, ScanWriter
+from pipeline.store import open_live
 from tests.conftest import write_config
 from tests.test_live import _daemon, _stop, _wait_for_status, assert_stores_equal, wait_for_workers
 

@@ -25,7 +25,7 @@ import psutil
 import pytest
 
 from pipeline.simulator.writers import ScanPlan, ScanWriter, write_scan
-from pipeline.store.writer import open_live, store_made_from, store_path_for
+from pipeline.store import open_live, store_made_from, store_path_for
 from tests.conftest import write_config
 
 NEXUS_ENTRY = "entry1"
@@ -99,7 +99,7 @@ def done_frames(store: Path) -> int:
         return 0
 
 
-def frames_read(live: "Live", nexus_path: Path) -> int:
+def frames_read(live: Live, nexus_path: Path) -> int:
     """How far the daemon has read a scan, as `pipeline status` shows it."""
     return max([scan["frames_read"] for scan in live.daemon.status()["scans"] if scan["path"] == str(nexus_path)] or [0])
 
@@ -339,7 +339,7 @@ def test_same_scan_name_in_two_directories_and_a_link_out_of_the_watched_directo
 
 
 def test_a_burst_of_two_thousand_junk_files_with_one_good_scan(live):
-    from pipeline.cli import query_status
+    from pipeline.live.control import query_status
 
     directory = live.watched / "burst"
     directory.mkdir()

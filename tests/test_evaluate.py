@@ -8,7 +8,7 @@ import torch
 
 from pipeline.models import commands
 from pipeline.models.card import ModelCard, save_weights
-from pipeline.models.evaluate import components, mask_iou, match_instances
+from pipeline.models.scoring import components, mask_iou, match_instances
 from pipeline.models.sslm import SSLM
 from pipeline.models.tlm import build_tlm, light_card
 

@@ -9,8 +9,8 @@ import time
 import numpy as np
 import zmq
 
-from pipeline.live import wire
 from pipeline.config import WorkerSettings
+from pipeline.live import wire
 from pipeline.live.dispatch import Dispatcher
 from pipeline.models.prediction import FramePrediction
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.simulator import synth
 from pipeline.config import ModelSettings, SSLMSettings, TLMSettings
 from pipeline.models.card import ModelCard, save_weights
 from pipeline.models.joint import JointPredictor
 from pipeline.models.sslm import SSLM
 from pipeline.models.tlm import build_tlm, light_card
+from pipeline.simulator import synth
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def test_bfloat16_precision_runs_both_models_and_is_recorded(weights, frames) ->
 def test_auto_precision_is_bfloat16_only_where_the_cpu_has_it() -> None:
     from pathlib import Path
 
-    from pipeline.models.joint import resolve_precision
+    from pipeline.devices import resolve_precision
 
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     native = " avx512_bf16" in flags or " amx_bf16" in flags

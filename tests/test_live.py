@@ -17,7 +17,7 @@ import numpy as np
 import zarr
 
 from pipeline.simulator.writers import LAYOUTS, ScanPlan, ScanWriter
-from pipeline.store.writer import open_live
+from pipeline.store import open_live
 from tests.conftest import write_config
 
 ARRAYS = ("tlm/labels", "ssl/clusters", "ssl/mask", "volume/labels", "frames/done")
@@ -48,7 +48,7 @@ def wait_for_workers(config: Path, count: int, timeout: float = 120) -> None:
     """Block until the daemon behind `config` reports `count` workers (they import torch: seconds)."""
     import yaml
 
-    from pipeline.cli import query_status
+    from pipeline.live.control import query_status
 
     endpoint = yaml.safe_load(config.read_text())["daemon"]["control"]
     deadline = time.monotonic() + timeout

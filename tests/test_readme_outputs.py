@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.volume import PEAK_COLUMNS
+from pipeline.store.schema import PEAK_COLUMNS
 from tests.test_quicklook import N_FRAMES, processed_scan, truth_store  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,8 +10,8 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.simulator.writers import LAYOUTS, ScanPlan, ScanWriter, add_parser, run_simulate, write_scan
 from pipeline.simulator.synth import FRAME_SHAPE, RockingScan
+from pipeline.simulator.writers import LAYOUTS, ScanPlan, ScanWriter, add_parser, run_simulate, write_scan
 
 TIMEOUT_S = 40.0
 

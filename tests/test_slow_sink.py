@@ -18,7 +18,7 @@ import zmq
 
 from pipeline.config import load_config
 from pipeline.live.daemon import SINK_BACKLOG, Daemon
-from pipeline.store.writer import open_live
+from pipeline.store import open_live
 from tests.conftest import write_config
 from tests.test_bad_scans import nexus_file
 from tests.test_hostile import _hostile_messages

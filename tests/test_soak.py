@@ -18,8 +18,8 @@ import time
 import numpy as np
 import zmq
 
-from pipeline.live import wire
 from pipeline.config import WorkerSettings
+from pipeline.live import wire
 from pipeline.live.dispatch import Dispatcher
 from pipeline.tools.soak import hostile_messages
 from tests.conftest import write_config

@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from pipeline.simulator.writers import ScanPlan, ScanWriter
-from pipeline.store.writer import open_live
+from pipeline.store import open_live
 from tests.conftest import write_config
 from tests.test_live import _daemon, _stop, _wait_for_status, assert_stores_equal, wait_for_workers
 from tests.test_recovery import _done_count, _offline

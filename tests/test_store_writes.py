@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from pipeline.live.follow import ScanInfo
 from pipeline.models.prediction import Detection, FramePrediction
-from pipeline.store.writer import MAX_DETECTIONS_PER_FRAME, ScanStore, _runs
+from pipeline.nexus import ScanInfo
+from pipeline.store.schema import MAX_DETECTIONS_PER_FRAME
+from pipeline.store.writer import ScanStore, _runs
 
 SHAPE = (12, 17)
 

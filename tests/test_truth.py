@@ -8,7 +8,7 @@ import numpy as np
 from pipeline.config import Config
 from pipeline.live.daemon import Daemon
 from pipeline.simulator.writers import ScanPlan, write_scan
-from pipeline.store.writer import open_live
+from pipeline.store import open_live
 from pipeline.tools.truth import compare_store_to_truth
 
 

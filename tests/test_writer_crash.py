@@ -29,9 +29,9 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.simulator.writers import DETECTOR_DATASET, DETECTOR_NAME, END_TIME_DTYPE, ScanPlan, ScanWriter
-from pipeline.store.writer import open_live
 from pipeline.simulator.synth import FRAME_SHAPE, RockingScan
+from pipeline.simulator.writers import DETECTOR_DATASET, DETECTOR_NAME, END_TIME_DTYPE, ScanPlan, ScanWriter
+from pipeline.store import open_live
 from tests.conftest import write_config
 from tests.test_live import _daemon, _stop, _wait_for_status, assert_stores_equal, wait_for_workers
 
@@ -77,7 +77,7 @@ def _store(nxs: Path) -> Path:
 
 def _scan_status(live: Live, nxs: Path) -> dict:
     """The daemon's own account of a scan (`pipeline status --json`), e.g. how many frames it read."""
-    from pipeline.cli import query_status
+    from pipeline.live.control import query_status
 
     status = query_status(live.endpoint, timeout_s=5.0)
     assert status is not None, "the daemon does not answer"

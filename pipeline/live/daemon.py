@@ -1,8 +1,9 @@
 """The daemon: watcher, scan sessions, dispatcher, local workers and the sink, wired together.
 
 Threads: the watcher reports new files; each scan's session thread follows its file and submits
-frames; the dispatcher thread owns the workers' socket; the sink thread alone writes stores; the
-control thread answers `pipeline status`. Local workers are child processes, restarted if they die.
+frames; the dispatcher thread owns the workers' socket; the sink thread (`pipeline.live.sink`)
+alone writes stores; the control thread answers `pipeline status`. Local workers are child
+processes, restarted if they die.
 """
 
 from __future__ import annotations
@@ -17,34 +18,28 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
-
-import zmq
+from typing import Any
 
 from pipeline import __version__
 from pipeline.config import Config
+from pipeline.live.control import serve_status
 from pipeline.live.dispatch import Dispatch, Dispatcher
+from pipeline.live.events import ResultArrived
 from pipeline.live.metrics import Metrics
 from pipeline.live.painter import QuickLookPainter
-from pipeline.store.provenance import describe_models
-from pipeline.live.session import FrameDoneHook, FrameOutcome, ScanSession
-from pipeline.store.writer import STATUS_COMPLETE, STATUS_FAILED, store_made_from, store_path_for
+from pipeline.live.session import FrameDoneHook, ScanSession
+from pipeline.live.sink import Sink
+from pipeline.live.timings import FrameTimings
 from pipeline.live.watch import Watcher, find_scans
 from pipeline.live.wire import FrameResult
+from pipeline.store import schema
+from pipeline.store.location import store_made_from, store_path_for
+from pipeline.store.provenance import describe_models
+from pipeline.store.reader import store_status
 
 log = logging.getLogger(__name__)
 
 KEEP_FINISHED_SESSIONS = 256  # finished scans still listed by `pipeline status`
-SINK_BACKLOG = 64  # results waiting for the sink beyond which no new frame is sent to a worker
-SINK_BATCH = 32  # results already waiting that the sink writes together (one write per array per scan)
-
-
-def store_status(store: Path) -> str | None:
-    """The status recorded in an existing store, or None when there is no readable store."""
-    try:
-        return json.loads((store / "zarr.json").read_text()).get("attributes", {}).get("status")
-    except (OSError, ValueError):
-        return None
 
 
 class Daemon:
@@ -53,25 +48,22 @@ class Daemon:
         self.watch = watch
         self.started = time.time()
         self.sessions: dict[str, ScanSession] = {}
-        self.waiting_scans: "queue.Queue[Path]" = queue.Queue()
-        # unbounded, yet bounded: the dispatcher sends no new frame while SINK_BACKLOG events wait, so
-        # at most SINK_BACKLOG + the frames in flight are ever here, and a put never blocks it
-        self.sink_events: "queue.Queue[tuple]" = queue.Queue()
+        self.waiting_scans: queue.Queue[Path] = queue.Queue()
         self.stopping = threading.Event()
         self._session_ended = threading.Event()
+        self.sink = Sink(on_scan_finished=self._session_ended.set)
         self.dispatcher = Dispatcher(config.workers, self._on_result, max_queued=max(16, config.workers.credit * 2),
-                                     may_send=lambda: self.sink_events.qsize() < SINK_BACKLOG)
+                                     may_send=self.sink.may_send)
         self.watcher = Watcher(config.watch, self.add_scan) if watch else None
         self.painter = QuickLookPainter()
         self.workers: list[subprocess.Popen] = []
         self._config_file: Path | None = None
         self._lock = threading.Lock()
         self._threads = [
-            threading.Thread(target=self._sink_loop, name="sink", daemon=True),
             threading.Thread(target=self._scheduler_loop, name="scheduler", daemon=True),
-            threading.Thread(target=self._control_loop, name="control", daemon=True),
+            threading.Thread(target=serve_status, args=(config.daemon.control, self.status, self.stopping), name="control", daemon=True),
         ]
-        self.provenance: dict[str, Any] = {"models": self._model_provenance(), "device": config.workers.device}
+        self.provenance: dict[str, Any] = {"models": describe_models(config.models), "device": config.workers.device}
         self.metrics: Metrics | None = Metrics(self.status) if config.daemon.metrics_port is not None else None
         self.metrics_port: int | None = None
         self._audit = open(config.daemon.audit_log, "a", buffering=1) if config.daemon.audit_log is not None else None
@@ -81,15 +73,12 @@ class Daemon:
 
     # -- set-up ---------------------------------------------------------------------------
 
-    def _model_provenance(self) -> dict[str, Any]:
-        """Weights hashes and settings, recorded in every store (computed once, not per scan)."""
-        return describe_models(self.config.models)
-
-    def start(self) -> "Daemon":
+    def start(self) -> Daemon:
         if self.metrics is not None:
             self.metrics_port = self.metrics.serve(self.config.daemon.metrics_port, self.config.daemon.metrics_address)
             log.info("Prometheus metrics on http://%s:%d/metrics", self.config.daemon.metrics_address, self.metrics_port)
         self.dispatcher.start()
+        self.sink.start()
         self.painter.start()
         for thread in self._threads:
             thread.start()
@@ -137,7 +126,7 @@ class Daemon:
         (rerun those with `pipeline process --force`); a replaced file gets a fresh store."""
         store = store_path_for(path, self.config.output.root, self.config.watch.dirs)
         status = store_status(store)
-        if status in (STATUS_COMPLETE, STATUS_FAILED) and store_made_from(store, path):
+        if status in (schema.STATUS_COMPLETE, schema.STATUS_FAILED) and store_made_from(store, path):
             log.debug("%s: store already %s; skipped", path.name, status)
             return
         self.waiting_scans.put(path)
@@ -166,7 +155,7 @@ class Daemon:
             retry.daemon = True
             retry.start()
             return
-        session = ScanSession(path, self.config, self.dispatcher.submit, self.provenance, self._post, self._frame_done,
+        session = ScanSession(path, self.config, self.dispatcher.submit, self.provenance, self.sink.post, self._frame_done,
                               self.painter.paint)
         with self._lock:
             self.sessions[key] = session
@@ -176,74 +165,17 @@ class Daemon:
         log.info("%s: following", path)
         session.thread.start()
 
-    def _frame_done(self, scan: str, index: int, timings: dict[str, float]) -> None:
+    def _frame_done(self, scan: str, index: int, timings: FrameTimings) -> None:
         for hook in self._frame_hooks:
             hook(scan, index, timings)
 
-    def _audit_frame(self, scan: str, index: int, timings: dict[str, float]) -> None:
+    def _audit_frame(self, scan: str, index: int, timings: FrameTimings) -> None:
         """One line per frame done, written after its done flag: an audit trail that survives crashes."""
-        self._audit.write(json.dumps({"scan": scan, "frame": index, "pid": os.getpid(), "done_at": timings.get("done_at")}) + "\n")
-
-    def _post(self, event: tuple) -> None:
-        self.sink_events.put(event)
+        assert self._audit is not None
+        self._audit.write(json.dumps({"scan": scan, "frame": index, "pid": os.getpid(), "done_at": timings.done_at}) + "\n")
 
     def _on_result(self, dispatch: Dispatch, result: FrameResult | None, error: str | None) -> None:
-        self.sink_events.put(("result", dispatch, result, error))
-
-    def _sink_loop(self) -> None:
-        while True:
-            events = [self.sink_events.get()]
-            while len(events) < SINK_BATCH:  # take what is already waiting, never wait for more
-                try:
-                    events.append(self.sink_events.get_nowait())
-                except queue.Empty:
-                    break
-            results: dict[ScanSession, list[FrameOutcome]] = {}
-            for event in events:
-                if event[0] == "result":
-                    self._collect(event, results)
-                    continue
-                self._write_results(results)  # a scan's results before its end
-                results = {}
-                if event[0] == "quit":
-                    return
-                self._guarded(event[1], lambda: self._handle(event))
-            self._write_results(results)
-
-    def _guarded(self, session: ScanSession, work: Callable[[], None]) -> None:
-        try:
-            work()
-        except Exception as error:  # one scan's broken store must not stop the others
-            log.exception("%s: writing the store failed", session.nexus_path)
-            session.stop.set()
-            session.fail(f"{session.store_path}: writing failed ({str(error).splitlines()[0] if str(error) else type(error).__name__})")
-        if session.finished.is_set():
-            self._session_ended.set()
-
-    def _collect(self, event: tuple, results: dict[ScanSession, list[FrameOutcome]]) -> None:
-        _, dispatch, result, error = event
-        session, axis_value = dispatch.context
-        if session.finished.is_set():
-            return
-        if error is not None:
-            log.error("%s frame %d: %s", session.nexus_path.name, dispatch.task.frame, error)
-        timings = {"queued_at": dispatch.queued_at, "sent_at": dispatch.sent_at, "received_at": time.time()}
-        if result is not None:
-            timings.update(result.prediction.timings)
-        prediction = None if result is None else result.prediction
-        results.setdefault(session, []).append(FrameOutcome(dispatch.task.frame, dispatch.task.data, axis_value, prediction, timings))
-
-    def _write_results(self, results: dict[ScanSession, list[FrameOutcome]]) -> None:
-        for session, outcomes in results.items():
-            if not session.finished.is_set():
-                self._guarded(session, lambda: session.accept_many(outcomes))
-
-    def _handle(self, event: tuple) -> None:
-        kind, session, reason = event
-        if kind == "end":
-            session.end(reason)
-        elif kind == "failed":
-            session.fail(reason)
+        self.sink.post(ResultArrived(dispatch, result, error))
 
     # -- status -----------------------------------------------------------------------------
 
@@ -263,23 +195,6 @@ class Daemon:
             "waiting_scans": self.waiting_scans.qsize(),
             "dispatch": self.dispatcher.stats(),
         }
-
-    def _control_loop(self) -> None:
-        sock = zmq.Context.instance().socket(zmq.REP)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, 4096)
-        try:
-            sock.bind(self.config.daemon.control)
-        except zmq.ZMQError as error:
-            log.warning("status socket %s not available (%s); `pipeline status` will not reach this daemon", self.config.daemon.control, error)
-            return
-        try:
-            while not self.stopping.is_set():
-                if sock.poll(200):
-                    sock.recv()
-                    sock.send(json.dumps(self.status()).encode())
-        finally:
-            sock.close()
 
     # -- stopping ---------------------------------------------------------------------------
 
@@ -305,7 +220,7 @@ class Daemon:
             self.wait_idle(timeout)
         self.stopping.set()
         self.dispatcher.stop()
-        self.sink_events.put(("quit", None))
+        self.sink.stop()
         for thread in self._threads:
             thread.join(timeout=5)
         self.painter.stop(finish=drain)

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import zmq
 
-from pipeline.live import wire
 from pipeline.config import WorkerSettings
+from pipeline.live import wire
 from pipeline.live.security import CurveServer
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class Dispatcher:
         self._thread = threading.Thread(target=self._loop, name="dispatch", daemon=True)
         self._lock = threading.Lock()  # guards the snapshots that `stats` reads
 
-    def start(self) -> "Dispatcher":
+    def start(self) -> Dispatcher:
         self._thread.start()
         log.info("dispatcher listening on %s", self.endpoint)
         return self

@@ -19,7 +19,7 @@ has not changed for `SETTLED_S` (nobody is writing it, so waiting longer changes
 timeout passes. While following, a scan file that is deleted or replaced by another file of the
 same name ends the scan (`end_reason` says which): its frames cannot be trusted to continue.
 
-Frames are handed on in a dtype the wire protocol carries (`FRAME_DTYPES`). Non-finite pixels
+Frames are handed on as the file stores them, except that non-finite pixels
 (NaN, inf) become dead pixels (`DEAD_PIXEL`, as the Pilatus reports them), so the models fill
 them from their neighbours and the peak sums count them as 0; such frames, and frames that are
 all zero, carry a `problem` ("nan", "inf", "all_zero") for the scan's `bad_frames` record.
@@ -41,20 +41,29 @@ import h5py
 import numpy as np
 
 from pipeline.config import FollowSettings
-from pipeline.live.wire import FRAME_DTYPES
+from pipeline.detector import DEAD_PIXEL
+from pipeline.errors import PipelineError, one_line
+from pipeline.nexus import (
+    H5_ERRORS,
+    HDF5_SIGNATURE,
+    ScanInfo,
+    file_identity,
+    handle_identity,
+    open_hdf5,
+    read_text,
+    scan_command_of,
+    start_time_of,
+)
 
 log = logging.getLogger(__name__)
 
 REOPEN_INTERVAL_S = 1.0  # older layouts add their end marker as a new object: only a reopen shows it
 SETTLED_S = 2.0  # a file whose modification time is this old is not being written: an error reading it is final
-HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-DEAD_PIXEL = -2  # what the Pilatus reports for a dead pixel; non-finite pixels become this
-H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError)  # what h5py raises on a file it cannot read
 
 T = TypeVar("T")
 
 
-class ScanError(Exception):
+class ScanError(PipelineError):
     """A scan that cannot be read; the message is one line naming the file and the problem."""
 
 
@@ -63,67 +72,11 @@ class _NotYet(Exception):
 
 
 @dataclass(frozen=True)
-class ScanInfo:
-    """What the sink records about where the frames come from."""
-
-    nexus_path: Path
-    scan_id: str
-    layout: str  # "gda9", "gda8" or "nexus"
-    entry: str
-    source_file: Path
-    dataset: str
-    scan_command: str | None
-    expected_frames: int | None
-    axis_name: str | None
-    start_time: str | None = None  # the NeXus `start_time`: tells a replaced file of the same name from the old one
-
-
-@dataclass(frozen=True)
 class Frame:
     index: int
     data: np.ndarray
     axis_value: float | None
     problem: str | None = None  # "nan", "inf" or "all_zero": processed anyway, recorded in the store's `bad_frames`
-
-
-def open_hdf5(path: Path) -> h5py.File:
-    """Open for reading without ever blocking a writer: SWMR where the file allows it, no file lock."""
-    try:
-        return h5py.File(path, "r", swmr=True, locking=False)
-    except OSError:
-        return h5py.File(path, "r", locking=False)
-
-
-def one_line(error: BaseException) -> str:
-    """An exception as one short line (h5py's messages can run over several lines)."""
-    text = str(error).strip()
-    first = text.splitlines()[0] if text else type(error).__name__
-    return first if len(first) <= 300 else first[:297] + "..."
-
-
-def _text(node: h5py.Dataset) -> str:
-    value = node[()]
-    if isinstance(value, np.ndarray):
-        value = value.reshape(-1)[0] if value.size else b""
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-
-
-def file_identity(path: Path) -> tuple[int, int] | None:
-    """(device, inode) of the file at `path` now, or None if there is none."""
-    try:
-        status = os.stat(path)
-    except OSError:
-        return None
-    return status.st_dev, status.st_ino
-
-
-def _handle_identity(handle: h5py.File) -> tuple[int, int] | None:
-    """(device, inode) of the file an open handle reads, whatever its path now names."""
-    try:
-        status = os.fstat(handle.id.get_vfd_handle())
-    except (OSError, ValueError, TypeError, RuntimeError):
-        return None
-    return status.st_dev, status.st_ino
 
 
 def _settled(path: Path) -> bool:
@@ -169,38 +122,14 @@ def check_truncated(path: Path) -> None:
         raise _NotYet(f"truncated HDF5 file ({size} bytes on disk, its superblock says {end_of_file})")
 
 
-def read_scan_identity(nexus_path: Path) -> dict[str, str | None] | None:
-    """The NeXus `start_time` and `scan_command` of a scan file, or None when it cannot be read now."""
-    try:
-        with open_hdf5(Path(nexus_path)) as handle:
-            for entry in ("entry", "entry1"):
-                if entry in handle:
-                    found = {}
-                    for key, paths in (("start_time", (f"{entry}/start_time",)),
-                                       ("scan_command", (f"{entry}/diamond_scan/scan_command", f"{entry}/scan_command"))):
-                        node = next((handle[p] for p in paths if isinstance(handle.get(p), h5py.Dataset)), None)
-                        found[key] = None if node is None else _text(node)
-                    return found
-    except H5_ERRORS:
-        return None
-    return None
-
-
-def for_workers(data: np.ndarray) -> tuple[np.ndarray, str | None]:
-    """A frame in a dtype the wire carries, non-finite pixels made dead pixels; and what was wrong with it, if anything."""
+def inspect_frame(data: np.ndarray) -> tuple[np.ndarray, str | None]:
+    """A frame with non-finite pixels made dead pixels, and what was wrong with it, if anything."""
     problem = None
     if data.dtype.kind == "f":
         bad = ~np.isfinite(data)
         if bad.any():
             problem = "nan" if np.isnan(data).any() else "inf"
             data = np.where(bad, DEAD_PIXEL, data)
-        data = data.astype(np.float32, copy=False)
-    elif data.dtype.name not in FRAME_DTYPES:
-        if data.dtype.itemsize == 1:
-            data = data.astype(np.int16 if data.dtype.kind == "i" else np.uint16)
-        else:  # (u)int64: counts beyond int32 saturate the detector long before
-            info = np.iinfo(np.int32)
-            data = np.clip(data, info.min, info.max).astype(np.int32)
     if problem is None and not data.any():
         problem = "all_zero"
     return data, problem
@@ -282,10 +211,10 @@ class ScanFollower:
             entry=entry,
             source_file=source_file,
             dataset=dataset,
-            scan_command=self._scan_command(entry),
+            scan_command=scan_command_of(self._nexus, entry),
             expected_frames=self._expected_frames(entry),
             axis_name=self._axis_path.rsplit("/", 1)[-1] if self._axis_path else None,
-            start_time=self._start_time(entry),
+            start_time=start_time_of(self._nexus, entry),
         )
         log.info("%s: %s layout, frames in %s:%s", self.nexus_path.name, layout, source_file.name, dataset)
         return self.info
@@ -305,7 +234,7 @@ class ScanFollower:
         except BaseException:
             handle.close()
             raise
-        self._identities[self.nexus_path] = _handle_identity(handle)
+        self._identities[self.nexus_path] = handle_identity(handle)
         return handle, entry, data_path, link
 
     def _find_detector(self, nexus: h5py.File) -> tuple[str, str, object]:
@@ -343,7 +272,7 @@ class ScanFollower:
         except BaseException:
             handle.close()
             raise
-        self._identities[path] = _handle_identity(handle)
+        self._identities[path] = handle_identity(handle)
         return handle, data
 
     def _check_dataset(self, data: h5py.Dataset, source: Path, dataset: str) -> None:
@@ -380,16 +309,6 @@ class ScanFollower:
                     return node.name
         return None
 
-    def _scan_command(self, entry: str) -> str | None:
-        for path in (f"{entry}/diamond_scan/scan_command", f"{entry}/scan_command"):
-            if path in self._nexus:
-                return _text(self._nexus[path])
-        return None
-
-    def _start_time(self, entry: str) -> str | None:
-        node = self._nexus.get(f"{entry}/start_time")
-        return _text(node) if isinstance(node, h5py.Dataset) else None
-
     def _expected_frames(self, entry: str) -> int | None:
         path = f"{entry}/diamond_scan/scan_shape"
         if path in self._nexus:
@@ -418,7 +337,7 @@ class ScanFollower:
         self._nexus = open_hdf5(self.nexus_path)
         if keys_path is not None:
             self._keys = self._nexus[keys_path]
-        if _handle_identity(self._nexus) != self._identities.get(self.nexus_path):  # replaced between check and reopen
+        if handle_identity(self._nexus) != self._identities.get(self.nexus_path):  # replaced between check and reopen
             raise _Replaced(f"{self.nexus_path}: scan file replaced by a new file of the same name while being read")
 
     def _end_marker(self) -> str | None:
@@ -432,7 +351,7 @@ class ScanFollower:
         end_time = self._nexus.get(f"{entry}/end_time")
         if isinstance(end_time, h5py.Dataset):
             end_time.refresh()
-            if _text(end_time).strip("\x00 "):
+            if read_text(end_time).strip("\x00 "):
                 return "end_time"
         return None
 
@@ -504,7 +423,7 @@ class ScanFollower:
                     index = int(index)
                     if index < next_index or index in sent:
                         continue
-                    data, problem = for_workers(self._read(index))
+                    data, problem = inspect_frame(self._read(index))
                     yield Frame(index=index, data=data, axis_value=self._axis_value(index), problem=problem)
                     sent.add(index)
                     progressed = True
@@ -550,7 +469,7 @@ class ScanFollower:
         """One frame already known to be complete (used to replay a resumed scan), as `frames` hands it on."""
         if self.info is None:
             self.open()
-        return for_workers(self._read(index))[0]
+        return inspect_frame(self._read(index))[0]
 
     @property
     def frames_in_file(self) -> int:
@@ -565,7 +484,7 @@ class ScanFollower:
                 pass
         self._source = self._nexus = None
 
-    def __enter__(self) -> "ScanFollower":
+    def __enter__(self) -> ScanFollower:
         return self
 
     def __exit__(self, *exc: object) -> None:

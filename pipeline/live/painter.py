@@ -19,11 +19,11 @@ class QuickLookPainter:
     """One thread drawing `<scan>.quicklook.png` for each store handed to it, in order."""
 
     def __init__(self) -> None:
-        self._stores: "queue.Queue[Path | None]" = queue.Queue()
+        self._stores: queue.Queue[Path | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="quicklook", daemon=True)
         self.painted = 0
 
-    def start(self) -> "QuickLookPainter":
+    def start(self) -> QuickLookPainter:
         self._thread.start()
         return self
 

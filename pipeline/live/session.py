@@ -11,22 +11,30 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from pipeline.config import Config
-from pipeline.live.follow import ScanError, ScanFollower, ScanInfo
+from pipeline.errors import one_line
+from pipeline.live import wire
+from pipeline.live.events import FrameContext, ScanEnded, ScanFailed, SinkEvent
+from pipeline.live.follow import ScanError, ScanFollower
+from pipeline.live.timings import FrameTimings
 from pipeline.models.prediction import FramePrediction
-from pipeline.store.writer import STATUS_COMPLETE, STATUS_INCOMPLETE, ScanStore, mark_failed, store_path_for
+from pipeline.nexus import ScanInfo
+from pipeline.store import schema
+from pipeline.store.location import store_path_for
+from pipeline.store.writer import ScanStore, mark_failed
 from pipeline.volume import VolumeLinker
 
 log = logging.getLogger(__name__)
 
 COMPLETE_ENDINGS = ("finished", "end_time")
-FrameDoneHook = Callable[[str, int, dict[str, float]], None]  # (scan key, frame, timings): for benchmarks and metrics
+FrameDoneHook = Callable[[str, int, FrameTimings], None]  # (scan key, frame, timings): for benchmarks and metrics
 
 
 BAD_FRAME_WORDS = {"nan": "with NaN pixels", "inf": "with infinite pixels", "all_zero": "all zero"}
@@ -44,7 +52,7 @@ def _why_not_writable(store: Path, error: OSError) -> str:
             if not parent.is_dir():
                 return f"{parent} is a file, not a directory"
             break
-    detail = error.strerror or (str(error).splitlines()[0] if str(error) else type(error).__name__)
+    detail = error.strerror or one_line(error)
     return f"{detail}: {error.filename}" if getattr(error, "filename", None) else detail
 
 
@@ -63,7 +71,7 @@ class FrameOutcome:
     raw: np.ndarray
     axis_value: float | None
     prediction: FramePrediction | None
-    timings: dict[str, float]
+    timings: FrameTimings
 
 
 @dataclass
@@ -79,7 +87,7 @@ class SessionState:
 
 class ScanSession:
     def __init__(self, nexus_path: Path, config: Config, submit: Callable[..., bool], provenance: dict[str, Any],
-                 post: Callable[[tuple], None], on_frame_done: "FrameDoneHook | None" = None,
+                 post: Callable[[SinkEvent], None], on_frame_done: FrameDoneHook | None = None,
                  paint: Callable[[Path], None] | None = None) -> None:
         self.nexus_path = nexus_path
         self.key = str(nexus_path)
@@ -98,7 +106,7 @@ class ScanSession:
         self.info: ScanInfo | None = None
         self.store: ScanStore | None = None
         self.linker = VolumeLinker(self.config.volume.min_pixels)
-        self.waiting: dict[int, tuple[np.ndarray, np.ndarray, float | None, dict[str, float]]] = {}
+        self.waiting: dict[int, tuple[np.ndarray, np.ndarray, float | None, FrameTimings]] = {}
         self.submitted = 0
         self.received = 0
         self.max_index = -1
@@ -118,18 +126,18 @@ class ScanSession:
             for frame in self.follower.frames(start=start):
                 if frame.problem is not None:
                     self.bad_frames.setdefault(frame.problem, []).append(frame.index)
-                if not self.submit(self.key, frame.index, frame.data, context=(self, frame.axis_value), stop=self.stop):
+                if not self.submit(self.key, frame.index, wire.carried(frame.data), context=FrameContext(self, frame.axis_value),
+                                   stop=self.stop):
                     break
                 self.submitted += 1
                 self.max_index = max(self.max_index, frame.index)
                 self.state.frames_read = self.max_index + 1
-            self.post(("end", self, self.follower.end_reason or "stopped"))
+            self.post(ScanEnded(self, self.follower.end_reason or "stopped"))
         except (ScanError, PermissionError, OSError, ValueError) as error:
-            message = str(error).splitlines()[0] if str(error) else type(error).__name__
-            self.post(("failed", self, message))
+            self.post(ScanFailed(self, one_line(error)))
         except Exception as error:  # a bug must cost one scan, never the daemon or its drain
             log.exception("%s: unexpected error while following", self.nexus_path)
-            self.post(("failed", self, f"{self.nexus_path}: internal error {type(error).__name__}: {error}"))
+            self.post(ScanFailed(self, f"{self.nexus_path}: internal error {type(error).__name__}: {error}"))
         finally:
             self.follower.close()
 
@@ -143,7 +151,7 @@ class ScanSession:
             self.store_unusable = True
             raise ScanError(f"{self.nexus_path}: cannot create its store {self.store_path} ({_why_not_writable(self.store_path, error)})") from None
         start = self.store.done_prefix()
-        previous = self.store.group.attrs.get("bad_frames") or {}
+        previous = self.store.recorded_bad_frames()
         for problem, frames in previous.items():  # bad frames before the resume point, as the last run found them
             kept = [int(i) for i in frames if int(i) < start]
             if kept:
@@ -151,9 +159,8 @@ class ScanSession:
         if start:
             log.info("%s: resuming at frame %d", self.nexus_path.name, start)
             for index in range(start):  # rebuild the running peak sums from what is already done
-                frame_data = self.follower.read_frame(index)
-                axis = self.store.group["frames/axis"][index]
-                self.linker.record(index, self.store.read_volume(index), frame_data, None if np.isnan(axis) else float(axis))
+                frame_data = wire.carried(self.follower.read_frame(index))
+                self.linker.record(index, self.store.read_volume(index), frame_data, self.store.read_axis_value(index))
         self.state.frames_done = start
         self.max_index = start - 1
         return start
@@ -173,7 +180,8 @@ class ScanSession:
                 mask = np.zeros(outcome.raw.shape, dtype=bool)
             else:
                 mask = combined_mask(outcome.prediction, self.config.volume.source)
-            self.waiting[outcome.index] = (mask, outcome.raw, outcome.axis_value, {**outcome.timings, "write_s": write_s})
+            outcome.timings.write_s = write_s
+            self.waiting[outcome.index] = (mask, outcome.raw, outcome.axis_value, outcome.timings)
         self._link_ready()
         if time.monotonic() - self.last_tables >= self.config.output.refresh_tables_s:
             self._write_tables()
@@ -183,20 +191,22 @@ class ScanSession:
     def _link_ready(self, fill_gaps: bool = False) -> None:
         """Link every frame that is next in order, then write their volumes and done flags in one go."""
         first = self.linker.next_frame
-        linked: list[tuple[np.ndarray, float | None, bool, dict[str, float]]] = []  # labels, axis, done, timings
+        linked: list[tuple[np.ndarray, float | None, bool, FrameTimings | None]] = []  # labels, axis, done, timings
         while True:
             index = self.linker.next_frame
+            timings: FrameTimings | None
             if index in self.waiting:
                 mask, raw, axis, timings = self.waiting.pop(index)
                 done = index not in self.failed_frames
-            elif fill_gaps and index <= self.max_index:
+            elif fill_gaps and index <= self.max_index:  # a frame never read: linked as empty, left not done
                 shape = self.config.follow.frame_shape
-                mask, raw, axis, timings, done = np.zeros(shape, bool), np.zeros(shape), None, {}, False
+                mask, raw, axis, timings, done = np.zeros(shape, bool), np.zeros(shape), None, None, False
             else:
                 break
             started = time.perf_counter()
             labels = self.linker.link(index, mask, raw, axis)
-            timings["link_s"] = time.perf_counter() - started
+            if timings is not None:
+                timings.link_s = time.perf_counter() - started
             linked.append((labels, axis, done, timings))
         if not linked:
             return
@@ -206,8 +216,9 @@ class ScanSession:
         done_at = time.time()
         for offset, (_, _, done, timings) in enumerate(linked):
             self.state.frames_done += done
-            if done and self.on_frame_done is not None:
-                timings.update(write_s=timings.get("write_s", 0.0) + write_s, done_at=done_at)
+            if done and timings is not None and self.on_frame_done is not None:
+                timings.write_s += write_s
+                timings.done_at = done_at
                 self.on_frame_done(self.key, first + offset, timings)
 
     def _write_tables(self) -> None:
@@ -227,7 +238,7 @@ class ScanSession:
         expected = self.info.expected_frames
         done = self.store.done_prefix()
         complete = self.end_reason in COMPLETE_ENDINGS and done == frames_total and (expected is None or frames_total == expected)
-        status = STATUS_COMPLETE if complete else STATUS_INCOMPLETE
+        status = schema.STATUS_COMPLETE if complete else schema.STATUS_INCOMPLETE
         bad_frames = {problem: sorted(set(frames)) for problem, frames in sorted(self.bad_frames.items())}
         self.store.finish(status, self.end_reason, frames_total, {"failed_frames": self.failed_frames, "bad_frames": bad_frames})
         if bad_frames:

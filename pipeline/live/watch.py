@@ -73,7 +73,7 @@ def find_scans(roots: list[Path], patterns: list[str], recursive: bool) -> Itera
 
 
 class _Handler(FileSystemEventHandler):
-    def __init__(self, watcher: "Watcher") -> None:
+    def __init__(self, watcher: Watcher) -> None:
         self.watcher = watcher
 
     def on_any_event(self, event: FileSystemEvent) -> None:
@@ -300,7 +300,7 @@ class Watcher:
             except Exception:  # a bug must not end the rescans, the watcher's safety net
                 log.exception("rescan failed")
 
-    def start(self) -> "Watcher":
+    def start(self) -> Watcher:
         try:
             self._start_observer()
         except OSError as error:

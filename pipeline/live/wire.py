@@ -57,6 +57,19 @@ class FrameResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def carried(data: np.ndarray) -> np.ndarray:
+    """A frame in a dtype the wire carries (`FRAME_DTYPES`): floats as float32, small integers widened,
+    64-bit counts clipped to int32 (counts beyond it saturate the detector long before)."""
+    if data.dtype.kind == "f":
+        return data.astype(np.float32, copy=False)
+    if data.dtype.name in FRAME_DTYPES:
+        return data
+    if data.dtype.itemsize == 1:
+        return data.astype(np.int16 if data.dtype.kind == "i" else np.uint16)
+    info = np.iinfo(np.int32)
+    return np.clip(data, info.min, info.max).astype(np.int32)
+
+
 def _json(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 

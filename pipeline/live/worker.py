@@ -21,8 +21,9 @@ import time
 import numpy as np
 import zmq
 
-from pipeline.live import wire
 from pipeline.config import Config, WorkerSettings
+from pipeline.devices import resolve_device
+from pipeline.live import wire
 from pipeline.live.security import apply_client
 
 log = logging.getLogger(__name__)
@@ -40,17 +41,6 @@ def _delay_from_env() -> float:
         log.warning("%s=%r is not a number of seconds >= 0; ignored", DELAY_ENV, text)
         return 0.0
     return delay
-
-
-def resolve_device(device: str) -> str:
-    """`auto` means the first CUDA GPU when there is one."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} asked for, but CUDA is not available here")
-    return device
 
 
 class _Link(threading.Thread):
@@ -112,7 +102,7 @@ def run_worker(endpoint: str, config: Config, device: str = "auto", name: str | 
 
     if threads:
         torch.set_num_threads(threads)
-    device = resolve_device(device)
+    device = str(resolve_device(device))
     name = name or f"{socket.gethostname()}:{os.getpid()}"
     predictor = JointPredictor.from_settings(config.models, device=device)
     settings = config.workers

@@ -16,11 +16,12 @@ import dataclasses
 import hashlib
 import json
 import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-import struct
 from typing import TYPE_CHECKING, Any, Literal
 
+from pipeline.errors import PipelineError, one_line
 from pipeline.models.preprocess import INPUT_TRANSFORMS
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ DIPID_SSLM_PEAK_CHANNELS = [66, 13]
 SSLM_INPUT_TRANSFORMS = tuple(INPUT_TRANSFORMS)  # "log", "significance": see pipeline.models.preprocess
 
 
-class WeightsError(ValueError):
+class WeightsError(PipelineError, ValueError):
     """Weights that cannot be used; the message is one line naming the file and the problem."""
 
 
@@ -67,12 +68,12 @@ class ModelCard:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelCard":
+    def from_json(cls, text: str) -> ModelCard:
         data = json.loads(text)
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{key: value for key, value in data.items() if key in known})
 
-    def replace(self, **changes: Any) -> "ModelCard":
+    def replace(self, **changes: Any) -> ModelCard:
         """A copy with the given fields changed; None values are ignored (config "not set")."""
         return dataclasses.replace(self, **{key: value for key, value in changes.items() if value is not None})
 
@@ -154,15 +155,10 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], ModelCard | None,
     except WeightsError:
         raise
     except (SafetensorError, json.JSONDecodeError, TypeError) as error:
-        raise WeightsError(f"{path}: not a valid weights file ({_first_line(error)})") from None
+        raise WeightsError(f"{path}: not a valid weights file ({one_line(error)})") from None
     except Exception as error:  # torch.load raises many kinds; the user needs one line
-        raise WeightsError(f"{path}: cannot read weights ({type(error).__name__}: {_first_line(error)})") from None
+        raise WeightsError(f"{path}: cannot read weights ({type(error).__name__}: {one_line(error)})") from None
     return state_dict, card, sha256_of(path)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
 
 
 def check_state_dict(path: Path, model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:

@@ -14,7 +14,7 @@ DEFAULT_STEPS = {"tlm": 3000, "sslm": 150}
 DEFAULT_BATCH = {"tlm": 2, "sslm": 8}
 
 
-def add_parsers(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add `train` and `evaluate` to the CLI's subparsers."""
     train = subparsers.add_parser(
         "train", help="train a model on synthetic frames",

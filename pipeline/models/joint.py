@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from pipeline.detector import FRAME_SHAPE
+from pipeline.devices import resolve_device, resolve_precision
 from pipeline.models import sslm as sslm_module
 from pipeline.models import tlm as tlm_module
 from pipeline.models.card import (
@@ -36,9 +38,6 @@ from pipeline.models.preprocess import fix_dead_pixels, to_model_input, to_signi
 if TYPE_CHECKING:
     from pipeline.config import ModelSettings, SSLMSettings, TLMSettings
 
-FRAME_SHAPE = (195, 487)
-
-
 @dataclass(frozen=True)
 class LoadedWeights:
     """Where a model came from and the settings it runs with."""
@@ -48,40 +47,7 @@ class LoadedWeights:
     card: ModelCard
 
 
-def resolve_device(device: str) -> torch.device:
-    """"auto" -> cuda when available else cpu; "cpu", "cuda", "cuda:N" as given."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return torch.device(device)
-
-
-def has_native_bfloat16(device: torch.device) -> bool:
-    """Whether bfloat16 arithmetic is native here (else autocast would emulate it, slower than float32)."""
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
-def resolve_precision(precision: str, device: torch.device) -> Literal["float32", "bfloat16"]:
-    """"auto" -> bfloat16 on CPUs where it is native, else float32; the others as given.
-
-    Not on GPUs: these models are small, and on an H200 bfloat16 autocast made them slower
-    (TLM 21 ms vs 9.4 ms per frame in `pipeline bench`; its casts cost more than the tensor cores save).
-    """
-    if precision == "auto":
-        return "bfloat16" if device.type == "cpu" and has_native_bfloat16(device) else "float32"
-    if precision not in ("float32", "bfloat16"):
-        raise ValueError(f"precision must be auto, float32 or bfloat16, not {precision!r}")
-    return precision  # type: ignore[return-value]
-
-
-def load_tlm(settings: "TLMSettings") -> tuple[torch.nn.Module, LoadedWeights]:
+def load_tlm(settings: TLMSettings) -> tuple[torch.nn.Module, LoadedWeights]:
     """The TLM from the settings' weights (default: the shipped file), config values over the card."""
     path = Path(settings.weights) if settings.weights is not None else default_weights_path("tlm")
     state_dict, card, sha256 = load_weights(path)
@@ -101,7 +67,7 @@ def load_tlm(settings: "TLMSettings") -> tuple[torch.nn.Module, LoadedWeights]:
     return model.eval(), LoadedWeights(path, sha256, card)
 
 
-def load_sslm(settings: "SSLMSettings") -> tuple[torch.nn.Module, LoadedWeights]:
+def load_sslm(settings: SSLMSettings) -> tuple[torch.nn.Module, LoadedWeights]:
     """The SSLM from the settings' weights (default: the shipped file), config peak channels over the card."""
     path = Path(settings.weights) if settings.weights is not None else default_weights_path("sslm")
     state_dict, card, sha256 = load_weights(path)
@@ -151,7 +117,7 @@ class JointPredictor:
         self.sslm_input = (sslm_weights.card.input_transform if sslm_weights else None) or "log"
 
     @classmethod
-    def from_settings(cls, settings: "ModelSettings", device: str = "cpu") -> "JointPredictor":
+    def from_settings(cls, settings: ModelSettings, device: str = "cpu") -> JointPredictor:
         """Both models from the config's `models` section; a bad weights file raises one-line WeightsError."""
         tlm, tlm_weights = load_tlm(settings.tlm) if settings.tlm.enabled else (None, None)
         sslm, sslm_weights = load_sslm(settings.sslm) if settings.sslm.enabled else (None, None)
@@ -272,6 +238,6 @@ class JointPredictor:
         self, frame: np.ndarray, prediction: FramePrediction, path: Path, scale: Literal["linear", "log"] = "log"
     ) -> Path:
         """A PNG of the frame with TLM instances (filled, boxes, scores) and the SSLM mask (outline)."""
-        from pipeline.pictures.overlay import render_overlay
+        from pipeline.pictures.overlay import render_overlay  # matplotlib only when a picture is asked for
 
         return render_overlay(frame, prediction, Path(path), scale=scale)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage, special
 
-SATURATION = 1_000_000
+from pipeline.detector import SATURATION
+
 _LOG_SCALE = float(np.log1p(SATURATION))
 BACKGROUND_BLOCK = 24
 """Side of the square blocks whose low percentile estimates the local background (pixels)."""

@@ -29,73 +29,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.simulator import synth
+from pipeline.devices import resolve_device
 from pipeline.models import sslm as sslm_module
 from pipeline.models import tlm as tlm_module
 from pipeline.models.card import ModelCard, save_weights
-from pipeline.models.preprocess import INPUT_TRANSFORMS
+from pipeline.models.scoring import mask_iou, match_instances
+from pipeline.models.training_data import TRAINING_DATA, targets_from_labels, training_frames
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOSS_LOG_NAME = "losses.jsonl"
-TRAINING_DATA = (
-    "pipeline.simulator.synth.training_sample, rng default_rng([seed, step]); per frame randomised "
-    "SynthSettings: background log-uniform 0.5..8, diffuse_amplitude 0..15, streak_probability 0.2..0.6, "
-    "dead_pixel_fraction 0..1e-3"
-)
-
-
-def randomised_settings(rng: np.random.Generator) -> synth.SynthSettings:
-    """Generator settings for one training frame: backgrounds from faint to busy."""
-    return synth.SynthSettings(
-        background=float(np.exp(rng.uniform(np.log(0.5), np.log(8.0)))),
-        diffuse_amplitude=float(rng.uniform(0.0, 15.0)),
-        streak_probability=float(rng.uniform(0.2, 0.6)),
-        dead_pixel_fraction=float(rng.uniform(0.0, 1e-3)),
-    )
-
-
-def training_frames(seed: int, step: int, count: int, input_transform: str = "log") -> tuple[np.ndarray, np.ndarray]:
-    """(model inputs float32 (count, H, W), instance labels uint16 (count, H, W)) for one step.
-
-    `input_transform` "log" gives `prepare` (TLM, DiPID's SSLM), "significance" `prepare_significance`.
-    """
-    transform = INPUT_TRANSFORMS[input_transform]
-    rng = np.random.default_rng([seed, step])
-    inputs, labels = [], []
-    for _ in range(count):
-        counts, instance_labels = synth.training_sample(rng, randomised_settings(rng))
-        inputs.append(transform(counts))
-        labels.append(instance_labels)
-    return np.stack(inputs), np.stack(labels)
-
-
-def targets_from_labels(labels: np.ndarray) -> dict[str, torch.Tensor]:
-    """Instance labels (H, W) -> a torchvision detection target (boxes x0 y0 x1 y1, labels, masks)."""
-    ids = np.unique(labels)
-    ids = ids[ids > 0]
-    masks = labels[None] == ids[:, None, None]
-    boxes = np.zeros((len(ids), 4), dtype=np.float32)
-    for index, mask in enumerate(masks):
-        rows, cols = np.nonzero(mask)
-        boxes[index] = (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1)
-    return {
-        "boxes": torch.from_numpy(boxes),
-        "labels": torch.ones(len(ids), dtype=torch.int64),
-        "masks": torch.from_numpy(masks.astype(np.uint8)),
-    }
-
-
 def device_description(device: torch.device) -> str:
     """What trained the weights, for the model card."""
     if device.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(device)}"
     return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def cosine_lr(base: float, step: int, steps: int, warmup: int) -> float:
@@ -238,7 +185,7 @@ def train_tlm(
     At the end the score threshold is calibrated on unseen training frames (`calibrate_tlm_threshold`).
     """
     torch.manual_seed(seed)
-    target_device = pick_device(device)
+    target_device = resolve_device(device)
     card = tlm_module.light_card(backbone=backbone)
     if backbone == "resnet50_fpn":  # DiPID's layout at native size, trained from scratch
         card = card.replace(min_size=195, max_size=487)
@@ -249,7 +196,7 @@ def train_tlm(
     def loss_of_step(step: int) -> dict[str, torch.Tensor]:
         inputs, labels = training_frames(seed, step, batch_size)
         images = tlm_module.to_images(torch.from_numpy(inputs).to(target_device))
-        targets = [{k: v.to(target_device) for k, v in targets_from_labels(l).items()} for l in labels]
+        targets = [{k: v.to(target_device) for k, v in targets_from_labels(frame_labels).items()} for frame_labels in labels]
         return model(images, targets)
 
     run_training(
@@ -278,8 +225,6 @@ def calibrate_tlm_threshold(
 
     Training-distribution frames only (steps >= 3e6 of the training seed), never the held-out set.
     """
-    from pipeline.models.evaluate import mask_iou, match_instances
-
     model.eval()
     saved = model.roi_heads.score_thresh
     model.roi_heads.score_thresh = min(candidates)
@@ -354,7 +299,7 @@ def train_sslm(
     `channel_frames` further frames. Nothing of the held-out set is used.
     """
     torch.manual_seed(seed)
-    target_device = pick_device(device)
+    target_device = resolve_device(device)
     model = sslm_module.SSLM().to(target_device)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     state = RunState(model, optimizer)

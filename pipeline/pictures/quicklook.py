@@ -16,15 +16,11 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import h5py
 import numpy as np
-import zarr
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
@@ -32,8 +28,10 @@ from matplotlib.patches import Rectangle
 from matplotlib.patheffects import withStroke
 from scipy import ndimage
 
-from pipeline.live.follow import open_hdf5
-from pipeline.store.writer import open_live
+from pipeline.store import schema
+from pipeline.store.reader import StoreError, StoreReader, read_raw_frame
+
+__all__ = ["StoreError"]  # re-exported: the pictures' commands report it
 
 DPI = 100
 QUICKLOOK_FIGSIZE = (10.0, 8.5)  # inches: a 1000 x 850 PNG
@@ -43,103 +41,6 @@ MAX_LABELLED_PEAKS = 40  # more than this many outlines and numbers make the pro
 MAX_CURVES = 20  # rocking curves drawn (the brightest peaks); the legend stays readable
 MAX_VOLUME_POINTS = 20_000  # voxels drawn in the static 3D picture
 _READABLE = [withStroke(linewidth=2.5, foreground="black")]  # numbers stay legible on bright pixels
-
-
-class StoreError(ValueError):
-    """A store, frame or raw file that cannot be shown; the message is one line for the user."""
-
-
-# -- reading a store and its raw frames ----------------------------------------------------
-
-
-def open_scan_store(store_path: Path) -> zarr.Group:
-    """The store's root group, opened as a live store; a clear StoreError if it is not a scan store."""
-    store_path = Path(store_path)
-    if not (store_path / "zarr.json").is_file():
-        raise StoreError(f"{store_path}: not a Zarr store (no zarr.json there)")
-    try:
-        group = open_live(store_path)
-    except (ValueError, KeyError, OSError) as error:  # an array, not a group; a damaged zarr.json
-        raise StoreError(f"{store_path}: not a scan store ({str(error).splitlines()[0]})") from None
-    missing = [name for name in ("frames/done", "volume/labels") if name not in group]
-    if missing:
-        status = group.attrs.get("status", "unknown")
-        reason = group.attrs.get("end_reason")
-        why = f" (status {status}: {reason})" if reason else f" (status {status})"
-        raise StoreError(f"{store_path}: a store without {', '.join(missing)}; nothing to show{why}")
-    return group
-
-
-def scan_name(store_path: Path) -> str:
-    """`scan1` for `.../scan1.zarr`."""
-    return Path(store_path).name.removesuffix(".zarr")
-
-
-def output_path(store_path: Path, suffix: str) -> Path:
-    """`<scan><suffix>` in the folder that holds the store, e.g. `scan1.quicklook.png`."""
-    store_path = Path(store_path)
-    return store_path.parent / f"{scan_name(store_path)}{suffix}"
-
-
-def done_frames(group: zarr.Group) -> np.ndarray:
-    """Indices of the frames whose every output is written (the only ones a live reader may trust)."""
-    return np.flatnonzero(group["frames/done"][:] == 1)
-
-
-def source_path(store_path: Path, group: zarr.Group) -> Path:
-    """The raw frames' file; also found when scan and store were moved together to another folder."""
-    recorded = group.attrs.get("source_file")
-    if not recorded:
-        raise StoreError(f"{store_path}: the store does not name its raw file (attribute source_file)")
-    recorded_path = Path(recorded)
-    candidates = [recorded_path if recorded_path.is_absolute() else Path(store_path).parent / recorded_path]
-    nexus = group.attrs.get("source_nexus")
-    if nexus and recorded_path.is_absolute():
-        try:  # keep the raw file's place relative to the .nxs, next to where the store is now
-            candidates.append(Path(store_path).parent / recorded_path.relative_to(Path(nexus).parent))
-        except ValueError:
-            pass
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise StoreError(f"{store_path}: raw file {recorded} not found (moved or deleted?)")
-
-
-@contextmanager
-def raw_frames(store_path: Path, group: zarr.Group) -> Iterator[h5py.Dataset]:
-    """The raw frame dataset, opened without locks so the detector's writer is never blocked."""
-    path = source_path(store_path, group)
-    dataset_name = group.attrs.get("source_dataset")
-    try:
-        handle = open_hdf5(path)
-    except OSError as error:
-        raise StoreError(f"{path}: cannot read the raw file ({str(error).splitlines()[0]})") from None
-    try:
-        if not dataset_name or dataset_name not in handle:
-            raise StoreError(f"{store_path}: raw dataset {dataset_name!r} not in {path}")
-        dataset = handle[dataset_name]
-        if handle.swmr_mode:
-            dataset.refresh()  # a file still being written: see its current length
-        yield dataset
-    finally:
-        handle.close()
-
-
-def read_raw_frame(dataset: h5py.Dataset, index: int) -> np.ndarray:
-    """One raw frame as float64 counts, dead pixels (-2) and other negatives clipped to 0."""
-    if index >= dataset.shape[0]:
-        raise StoreError(f"frame {index} is not in the raw file ({dataset.shape[0]} frames there)")
-    return np.clip(np.asarray(dataset[index], dtype=np.float64), 0, None)
-
-
-def scan_axis(group: zarr.Group, frames: np.ndarray) -> tuple[str, np.ndarray]:
-    """The scan axis name and its value at `frames`; the frame index where the axis is missing."""
-    axis = group["frames/axis"] if "frames/axis" in group else None
-    if axis is not None and frames.size:
-        values = axis[:][frames]
-        if np.isfinite(values).all():
-            return str(axis.attrs.get("name") or "scan axis"), values.astype(np.float64)
-    return "frame", frames.astype(np.float64)
 
 
 # -- the quick-look data -------------------------------------------------------------------
@@ -210,19 +111,18 @@ class _FootprintBuilder:
 
 def quicklook_data(store_path: Path) -> QuicklookData:
     """Projection, footprints and rocking curves of a (possibly live) store, reading one frame at a time."""
-    store_path = Path(store_path)
-    group = open_scan_store(store_path)
-    volume = group["volume/labels"]
-    frames = done_frames(group)
-    axis_name, axis_values = scan_axis(group, frames)
+    store = StoreReader(store_path)
+    volume = store.group[schema.VOLUME_LABELS]
+    frames = store.done_frames()
+    axis_name, axis_values = store.scan_axis(frames)
     height, width = volume.shape[1:]
     projection = np.zeros((height, width), dtype=np.float64)
     builders: dict[int, _FootprintBuilder] = {}
     curve_parts: dict[int, list[tuple[int, float, float]]] = {}
     if frames.size:
-        with raw_frames(store_path, group) as dataset:
+        with store.raw_frames() as dataset:
             if tuple(dataset.shape[1:]) != (height, width):
-                raise StoreError(f"{store_path}: raw frames are {tuple(dataset.shape[1:])}, the store's are {(height, width)}")
+                raise StoreError(f"{store.path}: raw frames are {tuple(dataset.shape[1:])}, the store's are {(height, width)}")
             for frame, axis_value in zip(frames.tolist(), axis_values.tolist()):
                 raw = read_raw_frame(dataset, frame)
                 np.maximum(projection, raw, out=projection)
@@ -233,9 +133,9 @@ def quicklook_data(store_path: Path) -> QuicklookData:
         for peak_id, parts in sorted(curve_parts.items())
     }
     return QuicklookData(
-        scan=scan_name(store_path),
-        status=str(group.attrs.get("status", "unknown")),
-        frames_total=int(group["frames/done"].shape[0]),
+        scan=store.name,
+        status=store.status,
+        frames_total=store.frames_total,
         frames=frames,
         axis_name=axis_name,
         axis_values=axis_values,
@@ -366,55 +266,26 @@ def draw_quicklook(data: QuicklookData, out: Path) -> Path:
 
 def write_quicklook(store_path: Path, out: Path | None = None) -> Path:
     """Make `<scan>.quicklook.png` beside the store (or at `out`) and return its path."""
-    store_path = Path(store_path)
-    return draw_quicklook(quicklook_data(store_path), out if out is not None else output_path(store_path, ".quicklook.png"))
+    data = quicklook_data(store_path)
+    return draw_quicklook(data, out if out is not None else StoreReader(store_path).output_path(".quicklook.png"))
 
 
 # -- one frame's overlay -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FrameDetections:
-    """The TLM table rows of one frame."""
-
-    boxes: np.ndarray  # float32 (n, 4): x0, y0, x1, y1
-    scores: np.ndarray  # float32 (n,)
-    instance_ids: np.ndarray  # (n,)
-
-
-def frame_detections(group: zarr.Group, frame: int) -> FrameDetections:
-    """Rows of `tlm/detections` for `frame` (empty when the table is missing or has none)."""
-    table = group["tlm/detections"] if "tlm/detections" in group else None
-    if table is None or "frame" not in table:
-        return FrameDetections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.uint16))
-    rows = np.flatnonzero(table["frame"][:] == frame)
-    boxes = np.stack([table[name][:][rows] for name in ("x0", "y0", "x1", "y1")], axis=1).astype(np.float32).reshape(-1, 4)
-    return FrameDetections(boxes, table["score"][:][rows], table["instance_id"][:][rows])
-
-
-def check_frame(store_path: Path, group: zarr.Group, frame: int) -> None:
-    """A StoreError naming the problem unless `frame` exists in the store and is done."""
-    total = int(group["frames/done"].shape[0])
-    if not 0 <= frame < total:
-        raise StoreError(f"{Path(store_path).name}: frame {frame} is out of range (the store has frames 0..{total - 1})"
-                         if total else f"{Path(store_path).name}: frame {frame} is out of range (the store has no frames yet)")
-    if group["frames/done"][frame] != 1:
-        raise StoreError(f"{Path(store_path).name}: frame {frame} is not done yet (its outputs are not final)")
 
 
 def save_frame_overlay(store_path: Path, frame: int, out: Path, scale: Literal["linear", "log"] = "log") -> Path:
     """One raw frame with TLM instance outlines, the SSLM mask outline and TLM boxes with scores, as a PNG."""
     if scale not in ("linear", "log"):
         raise StoreError(f"scale must be 'linear' or 'log', not {scale!r}")
-    store_path = Path(store_path)
-    group = open_scan_store(store_path)
-    check_frame(store_path, group, frame)
-    with raw_frames(store_path, group) as dataset:
+    store = StoreReader(store_path)
+    store.check_frame(frame)
+    with store.raw_frames() as dataset:
         raw = read_raw_frame(dataset, frame)
-    tlm_labels = group["tlm/labels"][frame] if "tlm/labels" in group else np.zeros(raw.shape, np.uint16)
-    ssl_mask = group["ssl/mask"][frame] if "ssl/mask" in group else np.zeros(raw.shape, np.uint8)
-    detections = frame_detections(group, frame)
-    axis_name, axis_values = scan_axis(group, np.array([frame]))
+    tlm_array, ssl_array = store.array(schema.TLM_LABELS), store.array(schema.SSL_MASK)
+    tlm_labels = tlm_array[frame] if tlm_array is not None else np.zeros(raw.shape, np.uint16)
+    ssl_mask = ssl_array[frame] if ssl_array is not None else np.zeros(raw.shape, np.uint8)
+    detections = store.frame_detections(frame)
+    axis_name, axis_values = store.scan_axis(np.array([frame]))
 
     figure = _new_figure(OVERLAY_FIGSIZE)
     axes = figure.add_axes((0.07, 0.10, 0.82, 0.74))
@@ -437,7 +308,7 @@ def save_frame_overlay(store_path: Path, frame: int, out: Path, scale: Literal["
         axes.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="yellow", linewidth=0.9))
         axes.text(x0, y0 - 1, f"{instance}: {score:.2f}", color="yellow", fontsize=8, va="bottom", path_effects=_READABLE)
     where = "" if axis_name == "frame" else f", {axis_name} = {axis_values[0]:.6g}"
-    figure.suptitle(f"{scan_name(store_path)} frame {frame}{where} ({scale} scale)", fontsize=12)
+    figure.suptitle(f"{store.name} frame {frame}{where} ({scale} scale)", fontsize=12)
     axes.set_title(f"TLM: {len(instances)} instance outlines (orange), {len(detections.scores)} boxes with scores (yellow); "
                    f"SSLM mask outline (cyan)", fontsize=9)
     axes.set_xlabel("x (pixel)")
@@ -447,17 +318,16 @@ def save_frame_overlay(store_path: Path, frame: int, out: Path, scale: Literal["
 
 def busiest_frame(store_path: Path) -> tuple[int, str]:
     """The done frame with the most peak pixels in `volume/labels` (the brightest raw frame if none has any), and why."""
-    store_path = Path(store_path)
-    group = open_scan_store(store_path)
-    frames = done_frames(group)
+    store = StoreReader(store_path)
+    frames = store.done_frames()
     if not frames.size:
-        raise StoreError(f"{store_path.name}: no frame is done yet")
-    volume = group["volume/labels"]
+        raise StoreError(f"{store.path.name}: no frame is done yet")
+    volume = store.group[schema.VOLUME_LABELS]
     counts = [int(np.count_nonzero(volume[frame])) for frame in frames.tolist()]
     best = int(np.argmax(counts))
     if counts[best] > 0:
         return int(frames[best]), f"the most peak pixels ({counts[best]})"
-    with raw_frames(store_path, group) as dataset:
+    with store.raw_frames() as dataset:
         maxima = [float(read_raw_frame(dataset, frame).max()) for frame in frames.tolist()]
     best = int(np.argmax(maxima))
     return int(frames[best]), f"no peak pixels in any frame; the brightest raw frame (max {maxima[best]:.0f} counts)"
@@ -481,12 +351,12 @@ class VolumeSample:
 
 def sample_volume(store_path: Path, max_points: int = MAX_VOLUME_POINTS) -> VolumeSample:
     """Every `stride`-th peak voxel of the done frames; the stride doubles whenever the sample outgrows `max_points`."""
-    group = open_scan_store(Path(store_path))
-    volume = group["volume/labels"]
+    store = StoreReader(store_path)
+    volume = store.group[schema.VOLUME_LABELS]
     parts: list[np.ndarray] = []  # rows of (frame, y, x, id), for voxel numbers 0, stride, 2 * stride, ...
     kept, stride, total = 0, 1, 0
     ids: set[int] = set()
-    for frame in done_frames(group).tolist():
+    for frame in store.done_frames().tolist():
         labels = volume[frame]
         ys, xs = np.nonzero(labels)
         if not ys.size:
@@ -506,10 +376,9 @@ def sample_volume(store_path: Path, max_points: int = MAX_VOLUME_POINTS) -> Volu
 
 def draw_volume(store_path: Path, out: Path | None = None) -> Path:
     """A static 3D scatter of the peak voxels (frame, y, x), coloured by peak id: the viewer without napari."""
-    store_path = Path(store_path)
-    group = open_scan_store(store_path)
+    store = StoreReader(store_path)
     sample = sample_volume(store_path)
-    n_frames, height, width = group["volume/labels"].shape
+    n_frames, height, width = store.group[schema.VOLUME_LABELS].shape
     figure = _new_figure(VOLUME_FIGSIZE)
     axes = figure.add_subplot(projection="3d")
     if sample.frame.size:
@@ -529,5 +398,5 @@ def draw_volume(store_path: Path, out: Path | None = None) -> Path:
     axes.set_zlabel("y (pixel)")
     peaks = len(sample.peak_ids)
     drawn = "" if sample.stride == 1 else f", every {sample.stride}th voxel drawn"
-    figure.suptitle(f"{scan_name(store_path)}: 3D peaks ({peaks} ids, {sample.voxels_total} voxels{drawn})", fontsize=12)
-    return _save(figure, out if out is not None else output_path(store_path, ".volume3d.png"))
+    figure.suptitle(f"{store.name}: 3D peaks ({peaks} ids, {sample.voxels_total} voxels{drawn})", fontsize=12)
+    return _save(figure, out if out is not None else store.output_path(".volume3d.png"))

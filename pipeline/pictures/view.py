@@ -8,40 +8,13 @@ a scan store, or a frame that is out of range or not done, is one line on stderr
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.pictures.quicklook import (
-    StoreError,
-    busiest_frame,
-    done_frames,
-    draw_volume,
-    open_scan_store,
-    output_path,
-    raw_frames,
-    save_frame_overlay,
-    scan_name,
-    write_quicklook,
-)
-
-EXIT_USER_ERROR = 2
-
-
-def _one_line_errors(command: str, body: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Run `body`; a StoreError becomes `pipeline COMMAND: message` on stderr and exit code 2, never a traceback."""
-
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return body(args)
-        except StoreError as error:
-            print(f"pipeline {command}: {str(error).splitlines()[0]}", file=sys.stderr)
-            return EXIT_USER_ERROR
-
-    return run
-
+from pipeline.errors import reporting
+from pipeline.pictures.quicklook import busiest_frame, draw_volume, save_frame_overlay, write_quicklook
+from pipeline.store import StoreReader, schema
 
 # -- show ------------------------------------------------------------------------------------
 
@@ -53,7 +26,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"frame {frame}: {why}")
     else:
         frame = args.frame
-    out = args.out if args.out is not None else output_path(store, f".frame{frame}.png")
+    out = args.out if args.out is not None else StoreReader(store).output_path(f".frame{frame}.png")
     print(save_frame_overlay(store, frame, out, scale=args.scale))
     return 0
 
@@ -76,24 +49,25 @@ def open_in_napari(napari, store: Path) -> None:  # type: ignore[no-untyped-def]
     The label arrays go to napari as Zarr arrays, read as napari needs them; the raw frames are
     read into memory once (done frames only, float32), as napari wants one array for a stack.
     """
-    group = open_scan_store(store)
-    frames = done_frames(group)
-    viewer = napari.Viewer(title=f"{scan_name(store)} ({group.attrs.get('status', 'unknown')})")
-    with raw_frames(store, group) as dataset:
-        raw = np.zeros((group["frames/done"].shape[0], *dataset.shape[1:]), dtype=np.float32)
+    reader = StoreReader(store)
+    frames = reader.done_frames()
+    viewer = napari.Viewer(title=f"{reader.name} ({reader.status})")
+    with reader.raw_frames() as dataset:
+        raw = np.zeros((reader.frames_total, *dataset.shape[1:]), dtype=np.float32)
         for frame in frames.tolist():  # frames not done stay 0, as the label arrays' fill value
             if frame < dataset.shape[0]:
                 raw[frame] = np.log1p(np.clip(dataset[frame], 0, None))
     viewer.add_image(raw, name="raw counts (log1p)", colormap="gray")
-    for name in ("tlm/labels", "ssl/mask", "volume/labels"):
-        if name in group:
-            viewer.add_labels(group[name], name=name, opacity=0.5, visible=name != "ssl/mask")
+    for name in (schema.TLM_LABELS, schema.SSL_MASK, schema.VOLUME_LABELS):
+        array = reader.array(name)
+        if array is not None:
+            viewer.add_labels(array, name=name, opacity=0.5, visible=name != schema.SSL_MASK)
     napari.run()
 
 
 def cmd_view(args: argparse.Namespace) -> int:
     store: Path = args.store
-    open_scan_store(store)  # a bad path is one line before anything heavy is imported
+    StoreReader(store)  # a bad path is one line before anything heavy is imported
     napari = None if args.static else napari_module()
     if napari is not None:
         open_in_napari(napari, store)
@@ -126,7 +100,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     scale.add_argument("--log", dest="scale", action="store_const", const="log", help="log colour scale (default)")
     scale.add_argument("--linear", dest="scale", action="store_const", const="linear", help="linear colour scale")
     show.add_argument("--out", type=Path, metavar="PNG", help="where to write (default: <scan>.frame<N>.png beside the store)")
-    show.set_defaults(func=_one_line_errors("show", cmd_show), scale="log")
+    show.set_defaults(func=reporting("show", cmd_show), scale="log")
 
     view = subparsers.add_parser("view", help="open a scan's frames and masks in napari (or draw the 3D peaks without it)",
                                  description="With napari installed: raw frames, tlm/labels, ssl/mask and volume/labels as layers. "
@@ -134,11 +108,11 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     view.add_argument("store", type=Path, metavar="SCAN.zarr", help="a scan's store (live or finished)")
     view.add_argument("--out", type=Path, metavar="PNG", help="where the static picture goes (default: <scan>.volume3d.png)")
     view.add_argument("--static", action="store_true", help="draw the static 3D picture even if napari is installed")
-    view.set_defaults(func=_one_line_errors("view", cmd_view))
+    view.set_defaults(func=reporting("view", cmd_view))
 
     quicklook = subparsers.add_parser("quicklook", help="(re)make a scan's quick-look PNG: peak projection and rocking curves",
                                       description="Maximum projection of the raw counts with the 3D peaks outlined and numbered, "
                                                   "and each peak's rocking curve, as <scan>.quicklook.png beside the store.")
     quicklook.add_argument("store", type=Path, metavar="SCAN.zarr", help="a scan's store (live or finished)")
     quicklook.add_argument("--out", type=Path, metavar="PNG", help="where to write (default: <scan>.quicklook.png beside the store)")
-    quicklook.set_defaults(func=_one_line_errors("quicklook", cmd_quicklook))
+    quicklook.set_defaults(func=reporting("quicklook", cmd_quicklook))

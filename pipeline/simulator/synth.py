@@ -22,9 +22,9 @@ import numpy as np
 from matplotlib.path import Path as _PolygonPath
 from scipy import ndimage
 
-FRAME_SHAPE: tuple[int, int] = (195, 487)
-DEAD_PIXEL_VALUE = -2
-SATURATION = 1_000_000
+from pipeline.detector import DEAD_PIXEL, FRAME_SHAPE, SATURATION
+
+DEAD_PIXEL_VALUE = DEAD_PIXEL
 
 _PAD = 2  # pixels of margin around each peak image, room for the smoothed rim
 

@@ -380,7 +380,7 @@ class ScanWriter:
         self._processes: list[multiprocessing.process.BaseProcess] = []
         self._killed = False
 
-    def start(self) -> "ScanWriter":
+    def start(self) -> ScanWriter:
         """Start the writer processes and return at once; files appear as the processes get going."""
         if self._processes:
             raise RuntimeError("ScanWriter already started")

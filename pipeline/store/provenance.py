@@ -6,7 +6,7 @@ import dataclasses
 from typing import Any
 
 from pipeline.config import ModelSettings
-from pipeline.models.card import read_card, default_weights_path, sha256_of
+from pipeline.models.card import default_weights_path, read_card, sha256_of
 
 
 def describe_models(settings: ModelSettings) -> dict[str, Any]:

@@ -9,7 +9,6 @@ with `use_consolidated=False`.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -23,89 +22,26 @@ import numpy as np
 import zarr
 
 from pipeline import __version__
-from pipeline.live.follow import ScanInfo, read_scan_identity
+from pipeline.errors import one_line
 from pipeline.models.prediction import Detection, FramePrediction
+from pipeline.nexus import ScanInfo
+from pipeline.store import schema
+from pipeline.store.location import stat_identity
+from pipeline.store.schema import (
+    BOX_FIELDS,
+    DETECTION_COLUMNS,
+    FRAME_ARRAYS,
+    FRAME_DIMS,
+    MAX_DETECTIONS_PER_FRAME,
+    STATUS_FAILED,
+    STATUS_RUNNING,
+    Attr,
+)
 
 log = logging.getLogger(__name__)
 
-FRAME_DIMS = ("frame", "y", "x")
-FRAME_ARRAYS = {  # path -> dtype, all (frame, y, x), one frame per chunk
-    "tlm/labels": "uint16",
-    "ssl/clusters": "uint8",
-    "ssl/mask": "uint8",
-    "volume/labels": "uint32",
-}
-MAX_DETECTIONS_PER_FRAME = 256
-BOX_FIELDS = ("x0", "y0", "x1", "y1", "score", "instance_id")  # tlm/boxes: per frame, NaN-padded rows
-DETECTION_COLUMNS = {"frame": "int64", "x0": "float32", "y0": "float32", "x1": "float32", "y1": "float32", "score": "float32", "instance_id": "uint16"}
-STATUS_RUNNING, STATUS_COMPLETE, STATUS_INCOMPLETE, STATUS_FAILED = "running", "complete", "incomplete", "failed"
-
-
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def store_path_for(nexus_path: Path, output_root: Path | None, roots: Iterable[Path] | None = None) -> Path:
-    """Where a scan's store goes: the same answer every time, for the daemon, `pipeline process` and a resume.
-
-    - Without `output.root`: `<scan>.zarr` beside `<scan>.nxs`.
-    - With `output.root`: `<root>/<dir>/<scan>.zarr`, where `<dir>` is the scan's directory relative to
-      the watched directories `roots` (`watch.dirs`; with several, relative to the deepest directory
-      they all lie in), so that two scans of the same name in different directories never share a
-      store. Watching `/data/cm1` with output root `/out`: `/data/cm1/1234.nxs` -> `/out/1234.zarr`,
-      `/data/cm1/sample2/1234.nxs` -> `/out/sample2/1234.zarr`. Watching `/data/cm1` and `/data/cm2`:
-      `/data/cm2/1234.nxs` -> `/out/cm2/1234.zarr`. A scan outside every watched directory (or with no
-      `roots` given) goes to `<root>/<scan>.zarr`.
-    """
-    nexus_path = Path(nexus_path)
-    if output_root is None:
-        return nexus_path.with_suffix(".zarr")
-    name = nexus_path.with_suffix(".zarr").name
-    relative = _relative_dir(nexus_path.parent, [Path(r) for r in roots or []])
-    return Path(output_root) / relative / name
-
-
-def _relative_dir(directory: Path, roots: list[Path]) -> Path:
-    """`directory` relative to the common base of `roots`, or `.` when it is not inside it."""
-    if not roots:
-        return Path(".")
-    for resolve in (os.path.abspath, os.path.realpath):  # as configured first, then with links resolved
-        base = Path(os.path.commonpath([resolve(r) for r in roots]))
-        try:
-            return Path(resolve(directory)).relative_to(base)
-        except ValueError:
-            continue
-    return Path(".")
-
-
-def store_made_from(store: Path, nexus_path: Path) -> bool:
-    """Whether the existing store was made from the file now at `nexus_path`, not from an earlier file of the same
-    name that has since been replaced: by the NeXus `start_time` and `scan_command` it recorded, else by the file's
-    inode, size and modification time recorded when it failed. A store that records neither counts as made from it."""
-    try:
-        attrs = json.loads((Path(store) / "zarr.json").read_text()).get("attributes", {})
-    except (OSError, ValueError):
-        return False
-    if attrs.get("source_start_time"):
-        now = read_scan_identity(nexus_path)
-        return now is not None and now["start_time"] == attrs["source_start_time"] and (
-            not attrs.get("scan_command") or now["scan_command"] == attrs["scan_command"])
-    if attrs.get("source_stat"):
-        return attrs["source_stat"] == _stat_identity(nexus_path)
-    return True
-
-
-def _stat_identity(path: Path) -> list[int] | None:
-    try:
-        status = os.stat(path)
-    except OSError:
-        return None
-    return [status.st_ino, status.st_size, status.st_mtime_ns]
-
-
-def open_live(path: Path) -> zarr.Group:
-    """Open a store that may still be written: never trust consolidated metadata there."""
-    return zarr.open_group(path, mode="r", use_consolidated=False)
 
 
 class ScanStore:
@@ -115,67 +51,68 @@ class ScanStore:
         self.path = path
         self.group = group
         self.frame_shape = frame_shape
-        self.frames_allocated = int(group["frames/done"].shape[0])
+        self.frames_allocated = int(group[schema.FRAMES_DONE].shape[0])
         self.detections: dict[int, list[Detection]] = {}
 
     # -- creating and resuming -------------------------------------------------------------
 
     @classmethod
-    def create_or_resume(cls, path: Path, info: ScanInfo, frame_shape: tuple[int, int], attrs: dict[str, Any]) -> "ScanStore":
+    def create_or_resume(cls, path: Path, info: ScanInfo, frame_shape: tuple[int, int], attrs: dict[str, Any]) -> ScanStore:
         """Resume a store of the same source; replace a store of another source or a broken one."""
         if path.exists():
             try:
                 group = zarr.open_group(path, mode="r+", use_consolidated=False)
-                recorded = group.attrs.get("source_start_time")
-                if group.attrs.get("source_file") == str(info.source_file) and "frames/done" in group:
+                recorded = group.attrs.get(Attr.SOURCE_START_TIME)
+                if group.attrs.get(Attr.SOURCE_FILE) == str(info.source_file) and schema.FRAMES_DONE in group:
                     if recorded and info.start_time and recorded != info.start_time:
                         log.warning("%s: made from an earlier file %s (start_time %s, now %s); replacing it with a fresh store",
                                     path, info.nexus_path, recorded, info.start_time)
                     else:
                         store = cls(path, group, frame_shape)
                         store._load_detections()
-                        group.attrs.update({"status": STATUS_RUNNING, "resumed_at": now_iso()})
+                        group.attrs.update({Attr.STATUS: STATUS_RUNNING, Attr.RESUMED_AT: now_iso()})
                         return store
-                elif "frames/done" not in group:
-                    log.info("%s: holds no frames (%s); making a fresh store", path, group.attrs.get("end_reason", "empty"))
+                elif schema.FRAMES_DONE not in group:
+                    log.info("%s: holds no frames (%s); making a fresh store", path, group.attrs.get(Attr.END_REASON, "empty"))
                 else:
-                    log.warning("%s: belongs to another source (%s); replacing it", path, group.attrs.get("source_file"))
+                    log.warning("%s: belongs to another source (%s); replacing it", path, group.attrs.get(Attr.SOURCE_FILE))
             except Exception as error:  # an unreadable store is rebuilt, never half-trusted
-                log.warning("%s: unreadable store (%s); replacing it", path, str(error).splitlines()[0])
+                log.warning("%s: unreadable store (%s); replacing it", path, one_line(error))
             shutil.rmtree(path)
         return cls._create(path, info, frame_shape, attrs)
 
     @classmethod
-    def _create(cls, path: Path, info: ScanInfo, frame_shape: tuple[int, int], attrs: dict[str, Any]) -> "ScanStore":
+    def _create(cls, path: Path, info: ScanInfo, frame_shape: tuple[int, int], attrs: dict[str, Any]) -> ScanStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         if not os.access(path.parent, os.W_OK):
             raise PermissionError(f"{path.parent}: output directory is not writable")
-        group = zarr.open_group(path, mode="w", zarr_format=3)
+        group = zarr.open_group(path, mode="w", zarr_format=schema.ZARR_FORMAT)
         n = info.expected_frames or 0
         height, width = frame_shape
         for name, dtype in FRAME_ARRAYS.items():
             group.create_array(name, shape=(n, height, width), chunks=(1, height, width), dtype=dtype, fill_value=0, dimension_names=FRAME_DIMS)
-        group.create_array("tlm/boxes", shape=(n, MAX_DETECTIONS_PER_FRAME, len(BOX_FIELDS)), chunks=(1, MAX_DETECTIONS_PER_FRAME, len(BOX_FIELDS)),
-                           dtype="float32", fill_value=float("nan"), dimension_names=("frame", "detection", "field"),
-                           attributes={"fields": list(BOX_FIELDS)})
-        group.create_array("frames/done", shape=(n,), chunks=(4096,), dtype="uint8", fill_value=0, dimension_names=("frame",))
-        group.create_array("frames/axis", shape=(n,), chunks=(4096,), dtype="float64", fill_value=float("nan"), dimension_names=("frame",),
-                           attributes={"name": info.axis_name or ""})
-        group.require_group("peaks")
-        group.require_group("tlm/detections")
+        group.create_array(schema.TLM_BOXES, shape=(n, MAX_DETECTIONS_PER_FRAME, len(BOX_FIELDS)),
+                           chunks=(1, MAX_DETECTIONS_PER_FRAME, len(BOX_FIELDS)), dtype="float32", fill_value=float("nan"),
+                           dimension_names=schema.BOX_DIMS, attributes={schema.BOX_FIELDS_ATTR: list(BOX_FIELDS)})
+        group.create_array(schema.FRAMES_DONE, shape=(n,), chunks=(schema.DONE_CHUNK,), dtype="uint8", fill_value=0,
+                           dimension_names=FRAME_DIMS[:1])
+        group.create_array(schema.FRAMES_AXIS, shape=(n,), chunks=(schema.DONE_CHUNK,), dtype="float64", fill_value=float("nan"),
+                           dimension_names=FRAME_DIMS[:1], attributes={schema.AXIS_NAME_ATTR: info.axis_name or ""})
+        for table in schema.TABLES:
+            group.require_group(table)
         group.attrs.update({
-            "software": "beamline-peak-pipeline",
-            "software_version": __version__,
-            "source_nexus": str(info.nexus_path),
-            "source_file": str(info.source_file),
-            "source_dataset": info.dataset,
-            "source_start_time": info.start_time,
-            "layout": info.layout,
-            "scan_command": info.scan_command,
-            "frames_expected": info.expected_frames,
-            "axis_name": info.axis_name,
-            "status": STATUS_RUNNING,
-            "start_time": now_iso(),
+            Attr.SOFTWARE: schema.SOFTWARE,
+            Attr.SOFTWARE_VERSION: __version__,
+            Attr.SOURCE_NEXUS: str(info.nexus_path),
+            Attr.SOURCE_FILE: str(info.source_file),
+            Attr.SOURCE_DATASET: info.dataset,
+            Attr.SOURCE_START_TIME: info.start_time,
+            Attr.LAYOUT: info.layout,
+            Attr.SCAN_COMMAND: info.scan_command,
+            Attr.FRAMES_EXPECTED: info.expected_frames,
+            Attr.AXIS_NAME: info.axis_name,
+            Attr.STATUS: STATUS_RUNNING,
+            Attr.START_TIME: now_iso(),
             **attrs,
         })
         store = cls(path, group, frame_shape)
@@ -185,7 +122,7 @@ class ScanStore:
     def _load_detections(self) -> None:
         """The detections of frames already done, from their per-frame rows; later frames will be written again."""
         for frame in range(self.done_prefix()):
-            rows = self.group["tlm/boxes"][frame]
+            rows = self.group[schema.TLM_BOXES][frame]
             self.detections[frame] = [
                 Detection(box=(float(r[0]), float(r[1]), float(r[2]), float(r[3])), score=float(r[4]), instance_id=int(r[5]))
                 for r in rows if np.isfinite(r[4])
@@ -195,12 +132,20 @@ class ScanStore:
 
     def done_prefix(self) -> int:
         """How many frames from 0 on are done; frames are only ever done as a prefix (3D linking is in order)."""
-        done = self.group["frames/done"][:]
+        done = self.group[schema.FRAMES_DONE][:]
         missing = np.flatnonzero(done == 0)
         return int(missing[0]) if missing.size else int(done.shape[0])
 
     def read_volume(self, index: int) -> np.ndarray:
-        return self.group["volume/labels"][index]
+        return self.group[schema.VOLUME_LABELS][index]
+
+    def read_axis_value(self, index: int) -> float | None:
+        value = float(self.group[schema.FRAMES_AXIS][index])
+        return None if np.isnan(value) else value
+
+    def recorded_bad_frames(self) -> dict[str, list[int]]:
+        """The `bad_frames` an earlier run recorded ("nan", "inf", "all_zero" -> frames), empty if none."""
+        return dict(self.group.attrs.get(Attr.BAD_FRAMES) or {})
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -213,14 +158,14 @@ class ScanStore:
         height, width = self.frame_shape
         for name in FRAME_ARRAYS:
             self.group[name].resize((n, height, width))
-        self.group["tlm/boxes"].resize((n, MAX_DETECTIONS_PER_FRAME, len(BOX_FIELDS)))
-        self.group["frames/done"].resize((n,))
-        self.group["frames/axis"].resize((n,))
+        self.group[schema.TLM_BOXES].resize((n, MAX_DETECTIONS_PER_FRAME, len(BOX_FIELDS)))
+        self.group[schema.FRAMES_DONE].resize((n,))
+        self.group[schema.FRAMES_AXIS].resize((n,))
         self.frames_allocated = n
 
     def _check_present(self) -> None:
         """zarr makes missing directories on write: a store moved or deleted under us must not grow back piecemeal."""
-        if not (self.path / "zarr.json").is_file():
+        if not (self.path / schema.ROOT_METADATA).is_file():
             raise FileNotFoundError(f"{self.path}: store deleted or moved while being written")
 
     def write_predictions(self, predictions: dict[int, FramePrediction]) -> None:
@@ -233,10 +178,10 @@ class ScanStore:
         for run in _runs(sorted(predictions)):
             block = slice(run[0], run[-1] + 1)
             frames = [predictions[i] for i in run]
-            self.group["tlm/labels"][block] = np.stack([p.tlm_labels for p in frames])
-            self.group["ssl/clusters"][block] = np.stack([p.ssl_clusters for p in frames])
-            self.group["ssl/mask"][block] = np.stack([p.ssl_mask for p in frames])
-            self.group["tlm/boxes"][block] = np.stack([self._boxes(i, p) for i, p in zip(run, frames)])
+            self.group[schema.TLM_LABELS][block] = np.stack([p.tlm_labels for p in frames])
+            self.group[schema.SSL_CLUSTERS][block] = np.stack([p.ssl_clusters for p in frames])
+            self.group[schema.SSL_MASK][block] = np.stack([p.ssl_mask for p in frames])
+            self.group[schema.TLM_BOXES][block] = np.stack([self._boxes(i, p) for i, p in zip(run, frames)])
 
     def _boxes(self, index: int, prediction: FramePrediction) -> np.ndarray:
         detections = sorted(prediction.detections, key=lambda d: d.instance_id)[:MAX_DETECTIONS_PER_FRAME]
@@ -254,17 +199,17 @@ class ScanStore:
         self._check_present()
         block = slice(first, first + len(labels))
         self.ensure_frames(block.stop)
-        self.group["volume/labels"][block] = np.stack(labels)
+        self.group[schema.VOLUME_LABELS][block] = np.stack(labels)
         if any(value is not None for value in axis_values):
-            axis = self.group["frames/axis"][block]
+            axis = self.group[schema.FRAMES_AXIS][block]
             for offset, value in enumerate(axis_values):
                 if value is not None:
                     axis[offset] = value
-            self.group["frames/axis"][block] = axis
+            self.group[schema.FRAMES_AXIS][block] = axis
         if any(done):
-            flags = self.group["frames/done"][block]
+            flags = self.group[schema.FRAMES_DONE][block]
             flags[np.asarray(done, dtype=bool)] = 1
-            self.group["frames/done"][block] = flags
+            self.group[schema.FRAMES_DONE][block] = flags
 
     def write_tables(self, peaks: dict[str, np.ndarray], done_frames: Iterable[int] | None = None) -> None:
         """Rewrite `peaks` and `tlm/detections` whole (they are small); readers see old or new columns."""
@@ -277,9 +222,9 @@ class ScanStore:
             for d in sorted(self.detections[frame], key=lambda d: d.instance_id)
         ]
         table = np.array(rows, dtype=np.float64).reshape(-1, len(DETECTION_COLUMNS))
-        self._write_columns("tlm/detections", {name: table[:, i].astype(dtype) for i, (name, dtype) in enumerate(DETECTION_COLUMNS.items())})
+        self._write_columns(schema.TLM_DETECTIONS, {name: table[:, i].astype(dtype) for i, (name, dtype) in enumerate(DETECTION_COLUMNS.items())})
         if peaks:
-            self._write_columns("peaks", peaks)
+            self._write_columns(schema.PEAKS, peaks)
 
     def _write_columns(self, group_name: str, columns: dict[str, np.ndarray]) -> None:
         """Columns first, then the group's `rows` attribute: rows below it are always valid, even after a crash
@@ -292,10 +237,10 @@ class ScanStore:
                 array.resize(values.shape)
             else:
                 array = group.create_array(name, shape=values.shape, dtype=values.dtype, chunks=(max(4096, values.shape[0]),),
-                                           dimension_names=("row",), overwrite=True)
+                                           dimension_names=schema.ROW_DIMS, overwrite=True)
             if values.size:
                 array[:] = values
-        group.attrs["rows"] = int(next(iter(columns.values())).shape[0]) if columns else 0
+        group.attrs[schema.ROWS_ATTR] = int(next(iter(columns.values())).shape[0]) if columns else 0
 
     def finish(self, status: str, reason: str, frames_total: int, extra: dict[str, Any] | None = None) -> None:
         """Trim to the frames the scan has, record how it ended, and consolidate the metadata."""
@@ -303,11 +248,11 @@ class ScanStore:
         if frames_total < self.frames_allocated:
             self._resize_frames(frames_total)
         self.group.attrs.update({
-            "status": status,
-            "end_reason": reason,
-            "end_time": now_iso(),
-            "frames_total": frames_total,
-            "frames_done": self.done_prefix(),
+            Attr.STATUS: status,
+            Attr.END_REASON: reason,
+            Attr.END_TIME: now_iso(),
+            Attr.FRAMES_TOTAL: frames_total,
+            Attr.FRAMES_DONE: self.done_prefix(),
             **(extra or {}),
         })
         with warnings.catch_warnings():
@@ -341,19 +286,14 @@ def mark_failed(path: Path, reason: str, source: Path | None = None, start_time:
         return False
     try:
         group = zarr.open_group(path, mode="a", use_consolidated=False)
-        attrs: dict[str, Any] = {"status": STATUS_FAILED, "end_reason": reason, "end_time": now_iso()}
+        attrs: dict[str, Any] = {Attr.STATUS: STATUS_FAILED, Attr.END_REASON: reason, Attr.END_TIME: now_iso()}
         if source is not None:
-            attrs.setdefault("source_nexus", str(source))
-            attrs["source_stat"] = _stat_identity(source)
-            if start_time and not group.attrs.get("source_start_time"):
-                attrs["source_start_time"] = start_time
+            attrs.setdefault(Attr.SOURCE_NEXUS, str(source))
+            attrs[Attr.SOURCE_STAT] = stat_identity(source)
+            if start_time and not group.attrs.get(Attr.SOURCE_START_TIME):
+                attrs[Attr.SOURCE_START_TIME] = start_time
         group.attrs.update(attrs)
     except Exception as error:  # e.g. an unwritable output directory: the log line is all we can leave
-        log.error("%s: cannot record the failure in the store (%s)", path, str(error).splitlines()[0])
+        log.error("%s: cannot record the failure in the store (%s)", path, one_line(error))
         return False
     return True
-
-
-def jsonable(value: Any) -> Any:
-    """Config and provenance as plain JSON for the store's attributes."""
-    return json.loads(json.dumps(value, default=str))

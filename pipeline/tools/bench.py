@@ -73,7 +73,7 @@ def worker_counts(text: str) -> list[int]:
     return counts
 
 
-def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the `bench` sub-command; its argument errors are one line and exit code 2."""
     from pipeline.simulator.writers import LAYOUTS
 
@@ -153,7 +153,7 @@ def _load_bench_config(args: argparse.Namespace) -> Any:
 
 _TORCH_PROBE = """
 import json, sys, torch
-from pipeline.models.joint import resolve_precision
+from pipeline.devices import resolve_precision
 device, precision = sys.argv[1], sys.argv[2]
 resolved = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 print(json.dumps({"torch": torch.__version__, "cuda": torch.cuda.is_available(), "resolved_device": resolved,
@@ -183,7 +183,7 @@ def _check_weights(config: Any) -> dict[str, Any]:
     Safetensors files are checked from their header (no torch here, see the module docstring);
     a torch checkpoint can only be checked by loading it, which the workers do.
     """
-    from pipeline.models.card import WeightsError, read_card, default_weights_path, sha256_of
+    from pipeline.models.card import WeightsError, default_weights_path, read_card, sha256_of
 
     described: dict[str, Any] = {}
     for name in ("tlm", "sslm"):
@@ -513,10 +513,11 @@ def run_baseline(config: Any, scan: Path, n_frames: int, out: Path, show_progres
     """
     import torch
 
+    from pipeline.devices import resolve_device
     from pipeline.live.follow import ScanFollower, open_hdf5
     from pipeline.models import sslm as sslm_module
     from pipeline.models import tlm as tlm_module
-    from pipeline.models.joint import load_sslm, load_tlm, resolve_device
+    from pipeline.models.joint import load_sslm, load_tlm
     from pipeline.models.preprocess import fix_dead_pixels_slow, to_model_input, to_significance
 
     device = resolve_device(config.workers.device)

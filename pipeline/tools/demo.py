@@ -30,10 +30,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from pipeline.live.daemon import Daemon, store_status
+    from pipeline.live.daemon import Daemon
     from pipeline.logs import setup_logging
     from pipeline.simulator.writers import LAYOUTS, ScanPlan, ScanWriter
-    from pipeline.store.writer import open_live, store_path_for
+    from pipeline.store import StoreReader, schema, store_path_for, store_status
     from pipeline.tools.truth import compare_store_to_truth
 
     if args.frames < 1 or args.rate <= 0 or args.workers < 1:
@@ -64,7 +64,7 @@ def run_demo(args: argparse.Namespace) -> int:
         written = time.monotonic()
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
-            if all(store_status(store_path_for(p.nxs_path, None)) in ("complete", "incomplete", "failed") for p in plans):
+            if all(store_status(store_path_for(p.nxs_path, None)) in schema.FINAL_STATUSES for p in plans):
                 break
             time.sleep(0.2)
         finished = time.monotonic()
@@ -76,9 +76,9 @@ def run_demo(args: argparse.Namespace) -> int:
     for plan in plans:
         store_path = store_path_for(plan.nxs_path, None)
         status = store_status(store_path)
-        done = int(open_live(store_path)["frames/done"][:].sum()) if status else 0
+        done = StoreReader(store_path).done_frames().size if status else 0
         comparison = compare_store_to_truth(store_path, plan.truth_path)
-        ok &= status == "complete" and done == args.frames
+        ok &= status == schema.STATUS_COMPLETE and done == args.frames
         print(f"{plan.name:<14}{plan.layout:<8}{status or 'missing':<12}{done:>5}/{args.frames:<3}{comparison.found_peaks:>6}"
               f"{comparison.truth_peaks:>7}{comparison.matched:>7}{comparison.mean_frame_iou:>11.2f}")
     print(f"\n{total_frames} frames written in {written - started:.1f} s; all processed {finished - written:.1f} s after the last frame; "

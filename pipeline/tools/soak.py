@@ -105,7 +105,7 @@ def fault_kinds(text: str) -> list[str]:
     return kinds
 
 
-def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the `soak` sub-command; argument errors are one line and exit code 2."""
     parser = subparsers.add_parser(
         "soak", help="run the real daemon for minutes under simulated scans and random faults; count lost and doubled frames",
@@ -304,7 +304,7 @@ class DaemonProcess:
         return self.process is not None and self.process.poll() is None
 
     def status(self, timeout_s: float = 1.0) -> dict[str, Any] | None:
-        from pipeline.cli import query_status
+        from pipeline.live.control import query_status
 
         if not self.alive():
             return None
@@ -982,7 +982,7 @@ class Soak:
 
     @staticmethod
     def _done_flags(store: Path, n: int) -> list[bool]:
-        from pipeline.store.writer import open_live
+        from pipeline.store import open_live
 
         try:
             done = open_live(store)["frames/done"][:]
@@ -1015,7 +1015,7 @@ class Soak:
 
 def stores_difference(live: Path, offline: Path) -> str | None:
     """None when two stores hold the same frames and tables; else the first difference, in words."""
-    from pipeline.store.writer import open_live
+    from pipeline.store import open_live
 
     a, b = open_live(live), open_live(offline)
     for name in ("tlm/labels", "ssl/clusters", "ssl/mask", "volume/labels", "frames/done", "frames/axis"):

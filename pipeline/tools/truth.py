@@ -11,7 +11,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline.store.writer import open_live
+from pipeline.store import open_live, schema
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class TruthComparison:
 
 def compare_store_to_truth(store_path: Path, truth_path: Path, iou_threshold: float = 0.5, split_fraction: float = 0.9) -> TruthComparison:
     store = open_live(store_path)
-    volume = store["volume/labels"]
+    volume = store[schema.VOLUME_LABELS]
     with h5py.File(truth_path, "r") as truth_file:
         truth = truth_file["labels"]
         frames = min(truth.shape[0], volume.shape[0])

@@ -1,0 +1,58 @@
+"""What flows to the sink thread: a frame's context through the dispatcher, results and scan endings.
+
+The dispatcher carries a `FrameContext` with each frame without looking at it; the sink gets it
+back with the worker's result. Scan sessions post `ScanEnded` or `ScanFailed` once their file is
+done; the daemon posts `Quit` when it stops. Only the sink thread acts on them, so a scan's store
+has one writer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.live.dispatch import Dispatch
+    from pipeline.live.session import ScanSession
+    from pipeline.live.wire import FrameResult
+
+
+@dataclass(frozen=True)
+class FrameContext:
+    """What the sink needs back with a frame's result: whose frame it is and its scan-axis value."""
+
+    session: ScanSession
+    axis_value: float | None
+
+
+@dataclass(frozen=True)
+class ResultArrived:
+    """A worker's result for a frame, or None with the reason when every worker failed on it."""
+
+    dispatch: Dispatch
+    result: FrameResult | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class ScanEnded:
+    """The session has submitted its last frame; `reason` is the follower's end reason."""
+
+    session: ScanSession
+    reason: str
+
+
+@dataclass(frozen=True)
+class ScanFailed:
+    """The scan cannot be read (or its store written); `reason` is one line for the log and the store."""
+
+    session: ScanSession
+    reason: str
+
+
+@dataclass(frozen=True)
+class Quit:
+    """The daemon is stopping: the sink writes what it holds and ends."""
+
+
+SinkEvent = ResultArrived | ScanEnded | ScanFailed | Quit

@@ -1,0 +1,218 @@
+"""Reading a scan's store, also while it is still being written: the one reader every picture and tool uses.
+
+Two rules make a live store safe to read: open it without consolidated metadata (the
+consolidated copy is written only when the scan is over, and before that it shows the past),
+and trust only frames whose `frames/done` is 1. Raw frames come from the scan's own HDF5 file
+(the store's `source_file` and `source_dataset`), opened without locks so the detector's
+writer is never blocked, one frame at a time so memory does not grow with the scan.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import zarr
+
+from pipeline.errors import PipelineError, one_line
+from pipeline.nexus import open_hdf5
+from pipeline.store import schema
+from pipeline.store.schema import Attr
+
+
+class StoreError(PipelineError, ValueError):
+    """A store, frame or raw file that cannot be shown; the message is one line for the user."""
+
+    exit_code = 2
+
+
+def read_attributes(store: Path) -> dict[str, Any] | None:
+    """The root group's attributes straight from its metadata document (cheap, no zarr), or None without one."""
+    try:
+        attributes = json.loads((Path(store) / schema.ROOT_METADATA).read_text()).get("attributes", {})
+    except (OSError, ValueError, AttributeError):
+        return None
+    return attributes if isinstance(attributes, dict) else None
+
+
+def store_status(store: Path) -> str | None:
+    """The status recorded in an existing store, or None when there is no readable store."""
+    attributes = read_attributes(store)
+    return None if attributes is None else attributes.get(Attr.STATUS)
+
+
+def open_live(path: Path) -> zarr.Group:
+    """Open a store that may still be written: never trust consolidated metadata there."""
+    return zarr.open_group(path, mode="r", use_consolidated=False)
+
+
+def scan_name(store_path: Path) -> str:
+    """`scan1` for `.../scan1.zarr`."""
+    return Path(store_path).name.removesuffix(".zarr")
+
+
+@dataclass(frozen=True)
+class FrameDetections:
+    """The TLM table rows of one frame."""
+
+    boxes: np.ndarray  # float32 (n, 4): x0, y0, x1, y1
+    scores: np.ndarray  # float32 (n,)
+    instance_ids: np.ndarray  # (n,)
+
+
+class StoreReader:
+    """One scan store, opened as a live store; a clear StoreError if it is not a scan store."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        if not (self.path / schema.ROOT_METADATA).is_file():
+            raise StoreError(f"{self.path}: not a Zarr store (no {schema.ROOT_METADATA} there)")
+        try:
+            self.group = open_live(self.path)
+        except (ValueError, KeyError, OSError) as error:  # an array, not a group; a damaged zarr.json
+            raise StoreError(f"{self.path}: not a scan store ({one_line(error)})") from None
+        missing = [name for name in (schema.FRAMES_DONE, schema.VOLUME_LABELS) if name not in self.group]
+        if missing:
+            status = self.attrs.get(Attr.STATUS, "unknown")
+            reason = self.attrs.get(Attr.END_REASON)
+            why = f" (status {status}: {reason})" if reason else f" (status {status})"
+            raise StoreError(f"{self.path}: a store without {', '.join(missing)}; nothing to show{why}")
+
+    @property
+    def name(self) -> str:
+        return scan_name(self.path)
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self.group.attrs)
+
+    @property
+    def status(self) -> str:
+        return str(self.group.attrs.get(Attr.STATUS, "unknown"))
+
+    def output_path(self, suffix: str) -> Path:
+        """`<scan><suffix>` in the folder that holds the store, e.g. `scan1.quicklook.png`."""
+        return self.path.parent / f"{self.name}{suffix}"
+
+    # -- frames ------------------------------------------------------------------------------
+
+    @property
+    def frames_total(self) -> int:
+        """Frames the store holds, done or not."""
+        return int(self.group[schema.FRAMES_DONE].shape[0])
+
+    def done_frames(self) -> np.ndarray:
+        """Indices of the frames whose every output is written (the only ones a live reader may trust)."""
+        return np.flatnonzero(self.group[schema.FRAMES_DONE][:] == 1)
+
+    def array(self, path: str) -> zarr.Array | None:
+        """A per-frame array of the schema (`schema.TLM_LABELS`, ...), or None when this store has none."""
+        return self.group[path] if path in self.group else None  # type: ignore[return-value]
+
+    def check_frame(self, frame: int) -> None:
+        """A StoreError naming the problem unless `frame` exists in the store and is done."""
+        total = self.frames_total
+        if not 0 <= frame < total:
+            raise StoreError(f"{self.path.name}: frame {frame} is out of range (the store has frames 0..{total - 1})"
+                             if total else f"{self.path.name}: frame {frame} is out of range (the store has no frames yet)")
+        if self.group[schema.FRAMES_DONE][frame] != 1:
+            raise StoreError(f"{self.path.name}: frame {frame} is not done yet (its outputs are not final)")
+
+    def scan_axis(self, frames: np.ndarray) -> tuple[str, np.ndarray]:
+        """The scan axis name and its value at `frames`; the frame index where the axis is missing."""
+        axis = self.array(schema.FRAMES_AXIS)
+        if axis is not None and frames.size:
+            values = axis[:][frames]
+            if np.isfinite(values).all():
+                return str(axis.attrs.get(schema.AXIS_NAME_ATTR) or "scan axis"), values.astype(np.float64)
+        return "frame", frames.astype(np.float64)
+
+    # -- tables ------------------------------------------------------------------------------
+
+    def table(self, name: str) -> dict[str, np.ndarray]:
+        """A table (`schema.PEAKS`, `schema.TLM_DETECTIONS`) as column name -> values; empty before its first write."""
+        if name not in self.group:
+            return {}
+        return {column: array[:] for column, array in self.group[name].arrays()}  # type: ignore[union-attr]
+
+    def frame_detections(self, frame: int) -> FrameDetections:
+        """Rows of `tlm/detections` for `frame` (empty when the table is missing or has none)."""
+        table = self.group[schema.TLM_DETECTIONS] if schema.TLM_DETECTIONS in self.group else None
+        if table is None or "frame" not in table:
+            return FrameDetections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.uint16))
+        rows = np.flatnonzero(table["frame"][:] == frame)
+        boxes = np.stack([table[name][:][rows] for name in ("x0", "y0", "x1", "y1")], axis=1).astype(np.float32).reshape(-1, 4)
+        return FrameDetections(boxes, table["score"][:][rows], table["instance_id"][:][rows])
+
+    # -- the raw frames ------------------------------------------------------------------------
+
+    def source_path(self) -> Path:
+        """The raw frames' file; also found when scan and store were moved together to another folder."""
+        recorded = self.group.attrs.get(Attr.SOURCE_FILE)
+        if not recorded:
+            raise StoreError(f"{self.path}: the store does not name its raw file (attribute {Attr.SOURCE_FILE})")
+        recorded_path = Path(str(recorded))
+        candidates = [recorded_path if recorded_path.is_absolute() else self.path.parent / recorded_path]
+        nexus = self.group.attrs.get(Attr.SOURCE_NEXUS)
+        if nexus and recorded_path.is_absolute():
+            try:  # keep the raw file's place relative to the .nxs, next to where the store is now
+                candidates.append(self.path.parent / recorded_path.relative_to(Path(str(nexus)).parent))
+            except ValueError:
+                pass
+        for candidate in candidates:
+            if candidate.is_file():
+                return candidate
+        raise StoreError(f"{self.path}: raw file {recorded} not found (moved or deleted?)")
+
+    @contextmanager
+    def raw_frames(self) -> Iterator[h5py.Dataset]:
+        """The raw frame dataset, opened without locks so the detector's writer is never blocked."""
+        path = self.source_path()
+        dataset_name = self.group.attrs.get(Attr.SOURCE_DATASET)
+        try:
+            handle = open_hdf5(path)
+        except OSError as error:
+            raise StoreError(f"{path}: cannot read the raw file ({one_line(error)})") from None
+        try:
+            if not dataset_name or dataset_name not in handle:
+                raise StoreError(f"{self.path}: raw dataset {dataset_name!r} not in {path}")
+            dataset = handle[dataset_name]
+            if handle.swmr_mode:
+                dataset.refresh()  # a file still being written: see its current length
+            yield dataset
+        finally:
+            handle.close()
+
+
+def read_raw_frame(dataset: h5py.Dataset, index: int) -> np.ndarray:
+    """One raw frame as float64 counts, dead pixels (-2) and other negatives clipped to 0."""
+    if index >= dataset.shape[0]:
+        raise StoreError(f"frame {index} is not in the raw file ({dataset.shape[0]} frames there)")
+    return np.clip(np.asarray(dataset[index], dtype=np.float64), 0, None)
+
+
+def stores_difference(first: Path, second: Path) -> str | None:
+    """None when two stores hold the same frames and tables; else the first difference, in words."""
+    a, b = open_live(first), open_live(second)
+    for name in schema.COMPARED_ARRAYS:
+        x_array, y_array = a[name], b[name]
+        if x_array.shape != y_array.shape:
+            return f"{name}: shape {x_array.shape} != {y_array.shape}"
+        for index in range(x_array.shape[0]):
+            if not np.array_equal(x_array[index], y_array[index], equal_nan=x_array.dtype.kind == "f"):  # type: ignore[union-attr]
+                return f"{name}: frame {index} differs"
+    for table in schema.TABLES:
+        keys_a, keys_b = sorted(a[table].array_keys()), sorted(b[table].array_keys())  # type: ignore[union-attr]
+        if keys_a != keys_b:
+            return f"{table}: columns {keys_a} != {keys_b}"
+        for column in keys_a:
+            x, y = a[table][column][:], b[table][column][:]  # type: ignore[index]
+            if x.shape != y.shape or not np.allclose(x, y, rtol=1e-6, equal_nan=True):
+                return f"{table}/{column} differs"
+    return None
