@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,7 @@ from pipeline.errors import PipelineError, UserError, report
 
 if TYPE_CHECKING:
     from pipeline.live.daemon import Daemon
+    from pipeline.models.prediction import FramePredictor
 
 log = logging.getLogger("pipeline")
 
@@ -88,7 +90,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 # -- worker ----------------------------------------------------------------------------------
 
 
-def cmd_worker(args: argparse.Namespace) -> int:
+def cmd_worker(args: argparse.Namespace, wrap_predictor: Callable[[FramePredictor], FramePredictor] | None = None) -> int:
     from pipeline.live.worker import run_worker
 
     config = _config_from(args)
@@ -96,7 +98,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.parent:
         _exit_with_parent(args.parent)
     signal.signal(signal.SIGTERM, _interrupt)
-    return run_worker(args.connect, config, device=args.device or config.workers.device, name=args.name, threads=args.threads)
+    return run_worker(args.connect, config, device=args.device or config.workers.device, name=args.name, threads=args.threads,
+                      wrap_predictor=wrap_predictor)
 
 
 def _interrupt(_signum: int, _frame: Any) -> None:
@@ -122,7 +125,7 @@ def cmd_process(args: argparse.Namespace) -> int:
     import shutil
 
     from pipeline.live.daemon import Daemon
-    from pipeline.store import store_path_for, store_status
+    from pipeline.store import schema, store_path_for, store_status
 
     scans = [Path(p).resolve() for p in args.scans]
     for scan in scans:
@@ -150,7 +153,7 @@ def cmd_process(args: argparse.Namespace) -> int:
         store = store_path_for(scan, config.output.root, config.watch.dirs)
         status = store_status(store)
         print(f"{scan.name}: {status} -> {store}")
-        worst = max(worst, 0 if status == "complete" else 1)
+        worst = max(worst, 0 if status == schema.STATUS_COMPLETE else 1)
     return worst
 
 

@@ -50,6 +50,9 @@ class FollowSettings(Strict):
 
 class WorkerSettings(Strict):
     local: int = Field(2, ge=0)  # worker processes the daemon starts itself
+    # the program a local worker runs, before the options the daemon adds (--connect, --config, ...);
+    # null: this Python's `-m pipeline worker`. E.g. [nice, -n, "10", /opt/pipeline/bin/pipeline, worker]
+    command: list[str] | None = Field(None, min_length=1)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     batch_size: int = Field(4, ge=1)
     credit: int = Field(8, ge=1)  # frames a worker may hold at once

@@ -1,4 +1,4 @@
-"""Build ``pipeline/data/peak_outlines.npz`` from DiPID's hand-drawn peak outlines.
+"""Build ``pipeline/simulator/data/peak_outlines.npz`` from DiPID's hand-drawn peak outlines.
 
 The simulator draws its peak shapes from real outlines so that trained models see
 streaks and arcs like the real ones, not idealised spots. The CSV (Diamond Light

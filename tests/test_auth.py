@@ -8,6 +8,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import zmq
 import zmq.auth
 
@@ -97,13 +98,14 @@ def test_only_listed_workers_get_frames_and_have_results_accepted(tmp_path):
         dispatcher.stop()
 
 
+@pytest.mark.daemon
 def test_daemon_with_curve_on_serves_its_own_local_workers(tmp_path, untrained_weights):
     from pipeline.config import load_config
     from pipeline.live.daemon import Daemon
     from pipeline.live.security import generate_keys
     from pipeline.simulator.writers import ScanPlan, write_scan
     from pipeline.store import open_live
-    from tests.conftest import write_config
+    from pipeline.testing.configs import write_config
 
     _, secret = generate_keys(tmp_path / "keys", "daemon")
     config = load_config(write_config(tmp_path / "c.yaml", untrained_weights, workers={"curve_secret_key": str(secret)},

@@ -2,7 +2,8 @@
 frames wait in the file, nothing is dropped.
 
 A real `pipeline run` daemon with one real worker process, made slow on purpose with the worker's
-test knob `PIPELINE_WORKER_DELAY_S` (pipeline/worker.py), follows a scan written at 50 Hz, more
+test kit's slow worker (`pipeline.testing.slow_worker`, `PIPELINE_WORKER_DELAY_S` in the daemon's
+environment, so only its workers are slow), follows a scan written at 50 Hz, more
 than 15 times faster than the worker takes it (0.3 s per frame plus the models' own time). While
 it works, the test samples what `pipeline status --json` reports (through the same `query_status`
 call) and the daemon process's RSS (psutil).
@@ -16,14 +17,18 @@ import sys
 import time
 
 import psutil
+import pytest
 import yaml
 
 from pipeline.live.control import query_status
-from pipeline.live.worker import DELAY_ENV
 from pipeline.simulator.writers import ScanPlan, ScanWriter
 from pipeline.store import open_live
-from tests.conftest import write_config
-from tests.test_live import _daemon, _stop, _wait_for_status, assert_stores_equal, wait_for_workers
+from pipeline.testing.configs import write_config
+from pipeline.testing.daemons import start_daemon, stop_daemon, wait_for_status, wait_for_workers
+from pipeline.testing.slow_worker import DELAY_ENV
+from pipeline.testing.stores import assert_stores_equal
+
+pytestmark = pytest.mark.daemon
 
 N_FRAMES = 60
 RATE_HZ = 50.0
@@ -37,7 +42,8 @@ def test_a_slow_worker_holds_memory_bounded_frames_wait_in_the_file_and_none_is_
     scans.mkdir()
     audit = tmp_path / "audit.jsonl"
     config = write_config(tmp_path / "config.yaml", untrained_weights,
-                          workers={"local": 1, "credit": CREDIT, "batch_size": 4, "timeout_s": 20.0},
+                          workers={"local": 1, "credit": CREDIT, "batch_size": 4, "timeout_s": 20.0,
+                                   "command": [sys.executable, "-m", "pipeline.testing.slow_worker"]},
                           follow={"idle_timeout_s": 10.0}, daemon={"audit_log": str(audit)})
     # the bound on frames the daemon holds: a worker's credit, plus the dispatcher's queue (Daemon: max(16, 2 * credit))
     queue_limit = max(16, CREDIT * 2)
@@ -46,7 +52,7 @@ def test_a_slow_worker_holds_memory_bounded_frames_wait_in_the_file_and_none_is_
 
     with monkeypatch.context() as patch:  # only the daemon (and the worker it starts) is slow, not `pipeline process` below
         patch.setenv(DELAY_ENV, str(WORKER_DELAY_S))
-        daemon = _daemon(config, scans, tmp_path / "daemon.log")
+        daemon = start_daemon(config, scans, tmp_path / "daemon.log")
     plan = ScanPlan(directory=scans, name="flood", layout="nexus", n_frames=N_FRAMES, rate_hz=RATE_HZ, seed=50)
     store = plan.nxs_path.with_suffix(".zarr")
     samples: list[dict] = []  # one per status poll while the scan runs
@@ -75,10 +81,10 @@ def test_a_slow_worker_holds_memory_bounded_frames_wait_in_the_file_and_none_is_
             if scan is not None and scan["status"] in ("complete", "incomplete", "failed"):
                 break
             time.sleep(0.2)
-        _wait_for_status([store], timeout=10)
+        wait_for_status([store], timeout=10)
         final = query_status(endpoint, timeout_s=5.0)["dispatch"]
     finally:
-        _stop(daemon)
+        stop_daemon(daemon)
         if offline is not None:
             offline.wait(timeout=300)
     log = (tmp_path / "daemon.log").read_text()

@@ -26,10 +26,11 @@ import pytest
 
 from pipeline.simulator.writers import ScanPlan, ScanWriter, write_scan
 from pipeline.store import open_live, store_made_from, store_path_for
-from tests.conftest import write_config
+from pipeline.testing.configs import write_config
+from pipeline.testing.daemons import wait_for_status, wait_until
+from pipeline.testing.files import appear, nexus_file
 
-NEXUS_ENTRY = "entry1"
-
+pytestmark = pytest.mark.daemon
 
 # -- helpers -----------------------------------------------------------------------------------
 
@@ -74,24 +75,6 @@ def attrs_of(store: Path) -> dict:
         return {}
 
 
-def wait_for_status(stores: list[Path], timeout: float, wanted=("complete", "incomplete", "failed")) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if all(attrs_of(s).get("status") in wanted for s in stores):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"stores not finished in {timeout} s: {[(s.name, attrs_of(s).get('status')) for s in stores]}")
-
-
-def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"not within {timeout} s: {what}")
-
-
 def done_frames(store: Path) -> int:
     try:
         return int(open_live(store)["frames/done"][:].sum())
@@ -108,35 +91,6 @@ def assert_complete(store: Path, n_frames: int) -> None:
     attrs = attrs_of(store)
     assert attrs.get("status") == "complete", (store, attrs.get("status"), attrs.get("end_reason"))
     assert open_live(store)["frames/done"][:].tolist() == [1] * n_frames
-
-
-def appear(path: Path, write) -> Path:
-    """Write a file under a temporary name, then rename it into place: it appears whole, like a finished copy."""
-    temporary = path.with_name(path.name + ".part")
-    write(temporary)
-    os.replace(temporary, path)
-    return path
-
-
-def nexus_file(path: Path, data: np.ndarray | None = None, *, shape=None, dtype=None, detector: str = "pil3_100k",
-               link: str | None = None) -> Path:
-    """A finished DiPID-era NeXus file (frames at entry1/<detector>/data), or one with an external link instead."""
-
-    def write(target: Path) -> None:
-        with h5py.File(target, "w") as handle:
-            entry = handle.create_group(NEXUS_ENTRY)
-            entry["scan_command"] = "scan eta 10 11 0.25 pil3_100k 1"
-            entry["start_time"] = time.strftime("%Y-%m-%dT%H:%M:%S") + f".{time.time_ns() % 10**9:09d}"
-            entry["end_time"] = "2024-01-01T00:00:00"
-            group = entry.create_group(detector)
-            if link is not None:
-                group["data"] = h5py.ExternalLink(link, "/entry/instrument/detector/data")
-            elif data is not None:
-                group.create_dataset("data", data=data, chunks=(1, *data.shape[1:]) if data.ndim == 3 else None)
-            else:
-                group.create_dataset("data", shape=shape, dtype=dtype)
-
-    return appear(path, write)
 
 
 def start_scan(directory: Path, name: str, seed: int, n_frames: int = 4, layout: str = "nexus", **options) -> tuple[ScanPlan, ScanWriter]:

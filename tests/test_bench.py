@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.testing.configs import write_config
 from pipeline.tools.bench import add_parser, percentiles_ms, run_bench, worker_counts
-from tests.conftest import write_config
+
+pytestmark = pytest.mark.daemon
 
 FRAMES = 6
 

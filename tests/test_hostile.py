@@ -3,9 +3,6 @@ rejected and counted, never written, and the dispatcher keeps serving honest wor
 
 from __future__ import annotations
 
-import json
-import time
-
 import numpy as np
 import zmq
 
@@ -13,32 +10,8 @@ from pipeline.config import WorkerSettings
 from pipeline.live import wire
 from pipeline.live.dispatch import Dispatcher
 from pipeline.models.prediction import FramePrediction
-
-
-def _wait(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
-
-
-def _hostile_messages(rng: np.random.Generator, count: int) -> list[list[bytes]]:
-    """A fixed-seed mix of every kind of garbage a port can receive."""
-    good_header = {"task": 1, "scan": "s", "frame": 0, "worker": "w", "shape": [4, 5], "detections": [], "timings": {}}
-    makers = [
-        lambda: [rng.bytes(int(rng.integers(0, 64))) for _ in range(int(rng.integers(1, 6)))],
-        lambda: [wire.RESULT, b"{not json"],
-        lambda: [wire.RESULT, json.dumps(good_header).encode(), b"\x00" * 40, b"\x00" * 20, b"\x00" * 20],
-        lambda: [wire.RESULT, json.dumps({**good_header, "shape": [100000, 100000]}).encode(), b"", b"", b""],
-        lambda: [wire.RESULT, json.dumps({**good_header, "task": int(rng.integers(1, 10**6))}).encode(), b"\x00" * 40, b"\x00" * 20, b"\x00" * 19],
-        lambda: [wire.CREDIT, json.dumps({"n": 10**9}).encode()],
-        lambda: [wire.HEARTBEAT, b"[]"],
-        lambda: [wire.HELLO, json.dumps({"n": -5}).encode()],
-        lambda: [wire.FRAME, b"{}", b""],
-    ]
-    return [makers[int(rng.integers(0, len(makers)))]() for _ in range(count)]
+from pipeline.testing.daemons import poll
+from pipeline.testing.fuzz import fuzzed_messages
 
 
 def test_fuzzed_messages_are_rejected_and_honest_workers_still_served():
@@ -48,10 +21,10 @@ def test_fuzzed_messages_are_rejected_and_honest_workers_still_served():
     attacker = context.socket(zmq.DEALER)
     attacker.connect(dispatcher.endpoint)
     try:
-        messages = _hostile_messages(np.random.default_rng(2024), 3000)
+        messages = fuzzed_messages(np.random.default_rng(2024), 3000)
         for parts in messages:
             attacker.send_multipart(parts)
-        assert _wait(lambda: dispatcher.stats()["rejected"] == len(messages), timeout=30), dispatcher.stats()
+        assert poll(lambda: dispatcher.stats()["rejected"] == len(messages), timeout=30), dispatcher.stats()
         assert dispatcher.stats()["workers"] == [] and results == []
         assert dispatcher.stats()["received"] == len(messages)  # each message read once, each rejected
 
@@ -67,11 +40,11 @@ def test_fuzzed_messages_are_rejected_and_honest_workers_still_served():
         prediction = FramePrediction(np.zeros((4, 5), np.uint16), [], np.zeros((4, 5), np.uint8), np.zeros((4, 5), np.uint8))
         reply = wire.encode_result(wire.FrameResult(task.task, task.scan, task.frame, "honest", prediction))
         worker.send_multipart(reply)
-        assert _wait(lambda: len(results) == 1)
+        assert poll(lambda: len(results) == 1)
         rejected = dispatcher.stats()["rejected"]
         worker.send_multipart(reply)  # replayed
         attacker.send_multipart(reply)  # stolen by a stranger
-        assert _wait(lambda: dispatcher.stats()["rejected"] == rejected + 2)
+        assert poll(lambda: dispatcher.stats()["rejected"] == rejected + 2)
         assert len(results) == 1 and results[0][1].frame == 0
         worker.close(linger=0)
     finally:
@@ -93,7 +66,7 @@ def test_a_worker_that_claims_a_result_for_another_frame_is_refused():
         worker.send_multipart(wire.encode_result(wire.FrameResult(task.task, task.scan, task.frame, "liar", wrong_shape)))
         right_shape = FramePrediction(np.zeros((4, 5), np.uint16), [], np.zeros((4, 5), np.uint8), np.zeros((4, 5), np.uint8))
         worker.send_multipart(wire.encode_result(wire.FrameResult(task.task, task.scan, 4, "liar", right_shape)))
-        assert _wait(lambda: dispatcher.stats()["rejected"] == 2)
+        assert poll(lambda: dispatcher.stats()["rejected"] == 2)
         assert results == [] and dispatcher.stats()["in_flight"] == 1
     finally:
         worker.close(linger=0)

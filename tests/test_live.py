@@ -6,86 +6,28 @@ finished file; every frame is done exactly once.
 
 from __future__ import annotations
 
-import json
-import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
+import pytest
 import zarr
 
 from pipeline.simulator.writers import LAYOUTS, ScanPlan, ScanWriter
 from pipeline.store import open_live
-from tests.conftest import write_config
+from pipeline.testing.configs import write_config
+from pipeline.testing.daemons import start_daemon, stop_daemon, wait_for_status, wait_for_workers
+from pipeline.testing.stores import assert_stores_equal
 
-ARRAYS = ("tlm/labels", "ssl/clusters", "ssl/mask", "volume/labels", "frames/done")
-
-
-def _status(store: Path) -> str | None:
-    try:
-        return json.loads((store / "zarr.json").read_text())["attributes"].get("status")
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def _wait_for_status(stores: list[Path], timeout: float, wanted=("complete", "incomplete", "failed")) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if all(_status(s) in wanted for s in stores):
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"stores not finished in {timeout} s: {[(s.name, _status(s)) for s in stores]}")
-
-
-def _daemon(config: Path, watch: Path, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipeline", "run", "--config", str(config), "--watch", str(watch)],
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)
-
-
-def wait_for_workers(config: Path, count: int, timeout: float = 120) -> None:
-    """Block until the daemon behind `config` reports `count` workers (they import torch: seconds)."""
-    import yaml
-
-    from pipeline.live.control import query_status
-
-    endpoint = yaml.safe_load(config.read_text())["daemon"]["control"]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = query_status(endpoint, timeout_s=1.0)
-        if status is not None and len(status["dispatch"]["workers"]) >= count:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"no {count} worker(s) joined within {timeout} s")
-
-
-def _stop(process: subprocess.Popen) -> None:
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        raise
-
-
-def assert_stores_equal(live: Path, offline: Path) -> None:
-    a, b = open_live(live), open_live(offline)
-    for name in ARRAYS:
-        assert a[name].shape == b[name].shape, name
-        for index in range(a[name].shape[0]):
-            np.testing.assert_array_equal(a[name][index], b[name][index], err_msg=f"{name} frame {index}")
-    for table in ("peaks", "tlm/detections"):
-        assert sorted(a[table].array_keys()) == sorted(b[table].array_keys())
-        for column in a[table].array_keys():
-            np.testing.assert_allclose(a[table][column][:], b[table][column][:], rtol=1e-6, err_msg=f"{table}/{column}")
+pytestmark = pytest.mark.daemon
 
 
 def test_live_scans_in_all_three_layouts_equal_offline_processing(tmp_path, untrained_weights):
     scans = tmp_path / "scans"
     scans.mkdir()
     config = write_config(tmp_path / "config.yaml", untrained_weights)
-    daemon = _daemon(config, scans, tmp_path / "daemon.log")
+    daemon = start_daemon(config, scans, tmp_path / "daemon.log")
     n_frames = 12
     plans = [ScanPlan(directory=scans, name=f"live-{layout}", layout=layout, n_frames=n_frames, rate_hz=2.0, seed=5 + i,
                       link_delay_s=2.0 if layout == "gda9" else 0.0) for i, layout in enumerate(LAYOUTS)]
@@ -105,9 +47,9 @@ def test_live_scans_in_all_three_layouts_equal_offline_processing(tmp_path, untr
         for writer in writers:
             writer.join(timeout=30)
         stores = [plan.nxs_path.with_suffix(".zarr") for plan in plans]
-        _wait_for_status(stores, timeout=120)
+        wait_for_status(stores, timeout=120)
     finally:
-        _stop(daemon)
+        stop_daemon(daemon)
     log = (tmp_path / "daemon.log").read_text()
     assert daemon.returncode == 0, log[-3000:]
     # the masks were there while the detector was still writing
@@ -148,7 +90,7 @@ def test_late_link_target_and_abandoned_scan(tmp_path, untrained_weights):
         for writer in writers:
             writer.join(timeout=60)
         stores = [late.nxs_path.with_suffix(".zarr"), abandoned.nxs_path.with_suffix(".zarr")]
-        _wait_for_status(stores, timeout=90)
+        wait_for_status(stores, timeout=90)
     finally:
         daemon.shutdown()
     late_store, abandoned_store = (open_live(s) for s in stores)

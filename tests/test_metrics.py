@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import urllib.request
 
+import pytest
+
 from pipeline.config import load_config
 from pipeline.live.daemon import Daemon
 from pipeline.simulator.writers import ScanPlan, write_scan
-from tests.conftest import write_config
+from pipeline.testing.configs import write_config
+
+pytestmark = pytest.mark.daemon
 
 
 def _scrape(port: int) -> dict[str, float]:

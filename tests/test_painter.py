@@ -5,9 +5,13 @@ from __future__ import annotations
 import logging
 import time
 
+import pytest
+
 from pipeline.live.painter import QuickLookPainter
 from pipeline.pictures.quicklook import QUICKLOOK_FIGSIZE
-from tests.test_quicklook import SCAN, assert_picture, copy_store, png_size, processed_scan, truth_store  # noqa: F401 (fixtures)
+from pipeline.testing.pictures import SCAN, assert_picture, copy_store, png_size
+
+pytestmark = pytest.mark.daemon
 
 
 def test_the_painter_draws_on_its_own_thread_and_survives_a_bad_store(truth_store, tmp_path, caplog):

@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 
 from pipeline.store.schema import PEAK_COLUMNS
-from tests.test_quicklook import N_FRAMES, processed_scan, truth_store  # noqa: F401 (fixtures)
+from pipeline.testing.pictures import N_FRAMES
+
+pytestmark = pytest.mark.daemon
 
 REPO = Path(__file__).resolve().parents[1]
 HEADING = "## Reading the outputs"

@@ -4,29 +4,18 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import psutil
+import pytest
 
 from pipeline.simulator.writers import ScanPlan, ScanWriter
 from pipeline.store import open_live
-from tests.conftest import write_config
-from tests.test_live import _daemon, _stop, _wait_for_status, assert_stores_equal, wait_for_workers
+from pipeline.testing.configs import write_config
+from pipeline.testing.daemons import start_daemon, stop_daemon, wait_for_status, wait_for_workers
+from pipeline.testing.stores import assert_stores_equal, done_count, process_offline
 
-
-def _done_count(store) -> int:
-    try:
-        return int(open_live(store)["frames/done"][:].sum())
-    except Exception:
-        return 0
-
-
-def _offline(config, plan, root) -> None:
-    result = subprocess.run([sys.executable, "-m", "pipeline", "process", "--config", str(config), "--output-root", str(root),
-                             str(plan.nxs_path)], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+pytestmark = pytest.mark.daemon
 
 
 def test_daemon_killed_mid_scan_resumes_to_the_same_store(tmp_path, untrained_weights):
@@ -35,13 +24,13 @@ def test_daemon_killed_mid_scan_resumes_to_the_same_store(tmp_path, untrained_we
     config = write_config(tmp_path / "config.yaml", untrained_weights, follow={"idle_timeout_s": 20.0})
     plan = ScanPlan(directory=scans, name="crash", layout="gda9", n_frames=16, rate_hz=3.0, seed=11)
     store = plan.nxs_path.with_suffix(".zarr")
-    daemon = _daemon(config, scans, tmp_path / "first.log")
+    daemon = start_daemon(config, scans, tmp_path / "first.log")
     wait_for_workers(config, 1)
     writer = ScanWriter(plan).start()
     deadline = time.monotonic() + 120
-    while _done_count(store) < 4 and time.monotonic() < deadline:
+    while done_count(store) < 4 and time.monotonic() < deadline:
         time.sleep(0.05)
-    done_at_kill = _done_count(store)
+    done_at_kill = done_count(store)
     children = psutil.Process(daemon.pid).children(recursive=True)
     daemon.send_signal(signal.SIGKILL)
     daemon.wait()
@@ -51,17 +40,17 @@ def test_daemon_killed_mid_scan_resumes_to_the_same_store(tmp_path, untrained_we
     assert open_live(store).attrs["status"] == "running"  # the crash left it unfinished, not lying
     writer.join(timeout=60)
 
-    restarted = _daemon(config, scans, tmp_path / "second.log")
+    restarted = start_daemon(config, scans, tmp_path / "second.log")
     try:
-        _wait_for_status([store], timeout=180)
+        wait_for_status([store], timeout=180)
     finally:
-        _stop(restarted)
+        stop_daemon(restarted)
     log = (tmp_path / "second.log").read_text()
     assert "resuming at frame" in log
     group = open_live(store)
     assert group.attrs["status"] == "complete", dict(group.attrs)
     assert group["frames/done"][:].tolist() == [1] * 16
-    _offline(config, plan, tmp_path / "offline")
+    process_offline(config, plan.nxs_path, tmp_path / "offline")
     assert_stores_equal(store, tmp_path / "offline" / store.name)
 
 
@@ -85,13 +74,13 @@ def test_worker_killed_mid_scan_its_frames_go_elsewhere(tmp_path, untrained_weig
         writer = ScanWriter(plan).start()
         while time.monotonic() < deadline:
             busy = [w for w in daemon.dispatcher.stats()["workers"] if w["in_flight"] > 0]
-            if busy and _done_count(store) >= 2:
+            if busy and done_count(store) >= 2:
                 break
             time.sleep(0.02)
         victim = busy[0]
         os.kill(victim["pid"], signal.SIGKILL)
         writer.join(timeout=60)
-        _wait_for_status([store], timeout=180)
+        wait_for_status([store], timeout=180)
         stats = daemon.dispatcher.stats()
     finally:
         daemon.shutdown()
@@ -103,5 +92,5 @@ def test_worker_killed_mid_scan_its_frames_go_elsewhere(tmp_path, untrained_weig
     group = open_live(store)
     assert group.attrs["status"] == "complete"
     assert group["frames/done"][:].tolist() == [1] * 16
-    _offline(config_path, plan, tmp_path / "offline")
+    process_offline(config_path, plan.nxs_path, tmp_path / "offline")
     assert_stores_equal(store, tmp_path / "offline" / store.name)

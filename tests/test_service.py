@@ -8,8 +8,12 @@ import subprocess
 import sys
 import time
 
-from tests.conftest import write_config
-from tests.test_live import wait_for_workers
+import pytest
+
+from pipeline.testing.configs import write_config
+from pipeline.testing.daemons import wait_for_workers
+
+pytestmark = pytest.mark.daemon
 
 
 def test_log_file_sighup_and_sigterm(tmp_path, untrained_weights):

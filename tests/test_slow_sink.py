@@ -14,14 +14,18 @@ import threading
 import time
 
 import numpy as np
+import pytest
 import zmq
 
 from pipeline.config import load_config
-from pipeline.live.daemon import SINK_BACKLOG, Daemon
+from pipeline.live.daemon import Daemon
+from pipeline.live.sink import SINK_BACKLOG
 from pipeline.store import open_live
-from tests.conftest import write_config
-from tests.test_bad_scans import nexus_file
-from tests.test_hostile import _hostile_messages
+from pipeline.testing.configs import write_config
+from pipeline.testing.files import nexus_file
+from pipeline.testing.fuzz import fuzzed_messages
+
+pytestmark = pytest.mark.daemon
 
 SINK_SECONDS_PER_FRAME = 0.15
 N_FRAMES = 120
@@ -43,7 +47,7 @@ def test_a_slow_sink_holds_frames_back_while_the_dispatcher_keeps_reading(tmp_pa
 
     def sample() -> None:
         while not sampling.is_set():
-            backlog.append(daemon.sink_events.qsize())
+            backlog.append(daemon.sink.events.qsize())
             time.sleep(0.01)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -57,13 +61,13 @@ def test_a_slow_sink_holds_frames_back_while_the_dispatcher_keeps_reading(tmp_pa
         frames = np.random.default_rng(0).poisson(3.0, (N_FRAMES, 195, 487)).astype(np.int32)
         nexus = nexus_file(scans / "fast.nxs", frames)
         store = nexus.with_suffix(".zarr")
-        while daemon.sink_events.qsize() < SINK_BACKLOG // 2 and time.monotonic() < deadline:
+        while daemon.sink.events.qsize() < SINK_BACKLOG // 2 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert daemon.sink_events.qsize() >= SINK_BACKLOG // 2, "the sink never fell behind"
+        assert daemon.sink.events.qsize() >= SINK_BACKLOG // 2, "the sink never fell behind"
 
         # the sink is behind: strangers' messages are still read and rejected at once
         rejected_before = daemon.dispatcher.counters["rejected"]
-        messages = _hostile_messages(np.random.default_rng(7), 300)
+        messages = fuzzed_messages(np.random.default_rng(7), 300)
         attacker.setsockopt(zmq.LINGER, 5000)
         attacker.connect(daemon.dispatcher.endpoint)
         for parts in messages:

@@ -16,14 +16,17 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import zmq
 
 from pipeline.config import WorkerSettings
 from pipeline.live import wire
 from pipeline.live.dispatch import Dispatcher
+from pipeline.testing.configs import write_config
+from pipeline.testing.daemons import poll as _wait
 from pipeline.tools.soak import hostile_messages
-from tests.conftest import write_config
-from tests.test_hostile import _wait
+
+pytestmark = pytest.mark.daemon
 
 FORCED = "worker_kill,daemon_restart,bad_file,hostile"
 

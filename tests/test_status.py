@@ -14,11 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from pipeline.simulator.writers import ScanPlan, ScanWriter
-from tests.conftest import write_config
-from tests.test_live import _stop
+from pipeline.testing.configs import write_config
+from pipeline.testing.daemons import stop_daemon
+
+pytestmark = pytest.mark.daemon
 
 N_FRAMES = 8
 
@@ -68,7 +71,7 @@ def test_status_follows_a_live_scan(tmp_path, untrained_weights):
         writer.join(timeout=30)
         text = pipeline_status(config)
     finally:
-        _stop(daemon)
+        stop_daemon(daemon)
     daemon_log = log.read_text()
     assert daemon.returncode == 0, daemon_log[-3000:]
 

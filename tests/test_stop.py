@@ -7,21 +7,24 @@ import signal
 import time
 
 import numpy as np
+import pytest
 
 from pipeline.simulator.writers import ScanPlan, ScanWriter
 from pipeline.store import open_live
-from tests.conftest import write_config
-from tests.test_live import _daemon, _stop, _wait_for_status, assert_stores_equal, wait_for_workers
-from tests.test_recovery import _done_count, _offline
+from pipeline.testing.configs import write_config
+from pipeline.testing.daemons import start_daemon, stop_daemon, wait_for_status, wait_for_workers
+from pipeline.testing.stores import assert_stores_equal, done_count, process_offline
+
+pytestmark = pytest.mark.daemon
 
 
 def _run_until(config, scans, plan, log, frames_done: int, signals: int):
-    daemon = _daemon(config, scans, log)
+    daemon = start_daemon(config, scans, log)
     wait_for_workers(config, 1)
     writer = ScanWriter(plan).start()
     store = plan.nxs_path.with_suffix(".zarr")
     deadline = time.monotonic() + 120
-    while _done_count(store) < frames_done and time.monotonic() < deadline:
+    while done_count(store) < frames_done and time.monotonic() < deadline:
         time.sleep(0.05)
     for _ in range(signals):
         daemon.send_signal(signal.SIGTERM)
@@ -43,13 +46,13 @@ def test_sigterm_drains_then_a_restart_completes_the_scan(tmp_path, untrained_we
     assert done.sum() >= 3 and done.tolist() == [1] * int(done.sum()) + [0] * (len(done) - int(done.sum()))  # drained: a clean prefix
     writer.join(timeout=60)
 
-    restarted = _daemon(config, scans, tmp_path / "second.log")
+    restarted = start_daemon(config, scans, tmp_path / "second.log")
     try:
-        _wait_for_status([store], timeout=180, wanted=("complete", "failed"))
+        wait_for_status([store], timeout=180, wanted=("complete", "failed"))
     finally:
-        _stop(restarted)
+        stop_daemon(restarted)
     assert open_live(store)["frames/done"][:].tolist() == [1] * 14
-    _offline(config, plan, tmp_path / "offline")
+    process_offline(config, plan.nxs_path, tmp_path / "offline")
     assert_stores_equal(store, tmp_path / "offline" / store.name)
 
 
@@ -61,7 +64,7 @@ def test_second_sigterm_stops_at_once_and_done_frames_stay_true(tmp_path, untrai
     daemon, writer, store = _run_until(config, scans, plan, tmp_path / "first.log", frames_done=3, signals=2)
     assert daemon.returncode == 130
     writer.join(timeout=60)
-    _offline(config, plan, tmp_path / "offline")
+    process_offline(config, plan.nxs_path, tmp_path / "offline")
     reference = open_live(tmp_path / "offline" / store.name)
     group = open_live(store)
     done = np.flatnonzero(group["frames/done"][:])
@@ -70,9 +73,9 @@ def test_second_sigterm_stops_at_once_and_done_frames_stay_true(tmp_path, untrai
         for name in ("tlm/labels", "ssl/clusters", "ssl/mask", "volume/labels"):
             np.testing.assert_array_equal(group[name][index], reference[name][index], err_msg=f"{name} {index}")
 
-    restarted = _daemon(config, scans, tmp_path / "second.log")
+    restarted = start_daemon(config, scans, tmp_path / "second.log")
     try:
-        _wait_for_status([store], timeout=180, wanted=("complete", "failed"))
+        wait_for_status([store], timeout=180, wanted=("complete", "failed"))
     finally:
-        _stop(restarted)
+        stop_daemon(restarted)
     assert_stores_equal(store, tmp_path / "offline" / store.name)

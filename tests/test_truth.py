@@ -4,12 +4,15 @@ whose peaks span several frames: one id per 3D peak, the right frame ranges."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from pipeline.config import Config
 from pipeline.live.daemon import Daemon
 from pipeline.simulator.writers import ScanPlan, write_scan
 from pipeline.store import open_live
 from pipeline.tools.truth import compare_store_to_truth
+
+pytestmark = pytest.mark.daemon
 
 
 def test_3d_peaks_and_peaks_table_agree_with_the_truth(tmp_path):

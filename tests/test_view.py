@@ -18,7 +18,9 @@ from PIL import Image
 
 from pipeline.pictures import view
 from pipeline.pictures.quicklook import DPI, OVERLAY_FIGSIZE, QUICKLOOK_FIGSIZE, VOLUME_FIGSIZE
-from tests.test_quicklook import N_FRAMES, SCAN, assert_picture, copy_store, png_size, processed_scan, read_truth, truth_store  # noqa: F401 (fixtures)
+from pipeline.testing.pictures import N_FRAMES, SCAN, assert_picture, copy_store, png_size, read_truth
+
+pytestmark = pytest.mark.daemon
 
 
 def run(argv: list[str]) -> int:

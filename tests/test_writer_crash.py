@@ -32,8 +32,11 @@ import pytest
 from pipeline.simulator.synth import FRAME_SHAPE, RockingScan
 from pipeline.simulator.writers import DETECTOR_DATASET, DETECTOR_NAME, END_TIME_DTYPE, ScanPlan, ScanWriter
 from pipeline.store import open_live
-from tests.conftest import write_config
-from tests.test_live import _daemon, _stop, _wait_for_status, assert_stores_equal, wait_for_workers
+from pipeline.testing.configs import write_config
+from pipeline.testing.daemons import start_daemon, stop_daemon, wait_for_status, wait_for_workers
+from pipeline.testing.stores import assert_stores_equal
+
+pytestmark = pytest.mark.daemon
 
 IDLE_TIMEOUT_S = 4.0
 RATE_HZ = 4.0
@@ -59,12 +62,12 @@ def live(tmp_path_factory, untrained_weights):
     config = write_config(root / "config.yaml", untrained_weights,
                           follow={"idle_timeout_s": IDLE_TIMEOUT_S, "settle_s": 0.3})
     log = root / "daemon.log"
-    daemon = _daemon(config, watched, log)
+    daemon = start_daemon(config, watched, log)
     try:
         wait_for_workers(config, 1)
         yield Live(config, watched, log, yaml.safe_load(config.read_text())["daemon"]["control"])
     finally:
-        _stop(daemon)
+        stop_daemon(daemon)
     assert daemon.returncode == 0, log.read_text()[-3000:]
 
 
@@ -156,7 +159,7 @@ def test_writers_killed_mid_scan_end_incomplete_with_exactly_the_frames_in_the_f
         writer.kill()
     assert all(not w.is_alive() for w in writers)
     stores = [_store(plan.nxs_path) for plan in plans]
-    _wait_for_status(stores, timeout=90)
+    wait_for_status(stores, timeout=90)
 
     expected = {}
     for plan in plans:
@@ -216,7 +219,7 @@ def test_a_frame_grown_but_never_written_is_never_processed(live, tmp_path):
     writer.start()
     writer.join(timeout=60)
     assert writer.exitcode == -signal.SIGKILL
-    _wait_for_status([_store(nxs)], timeout=60)
+    wait_for_status([_store(nxs)], timeout=60)
 
     # what the crash left: `whole` frames, and one more row whose chunk was never written (it reads as zeros)
     scan = RockingScan(n_frames, 40)

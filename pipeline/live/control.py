@@ -22,7 +22,7 @@ POLL_MS = 200
 
 def serve_status(endpoint: str, status: Callable[[], dict[str, Any]], stopping: threading.Event) -> None:
     """Answer status requests on `endpoint` until `stopping` is set (run on the daemon's control thread)."""
-    sock = zmq.Context.instance().socket(zmq.REP)
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.REP)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
     try:
@@ -41,7 +41,7 @@ def serve_status(endpoint: str, status: Callable[[], dict[str, Any]], stopping: 
 
 def query_status(endpoint: str, timeout_s: float = 2.0) -> dict[str, Any] | None:
     """A running daemon's status, or None when nothing answers at `endpoint` within `timeout_s`."""
-    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)
     try:

@@ -74,7 +74,7 @@ class Daemon:
     # -- set-up ---------------------------------------------------------------------------
 
     def start(self) -> Daemon:
-        if self.metrics is not None:
+        if self.metrics is not None and self.config.daemon.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.config.daemon.metrics_port, self.config.daemon.metrics_address)
             log.info("Prometheus metrics on http://%s:%d/metrics", self.config.daemon.metrics_address, self.metrics_port)
         self.dispatcher.start()
@@ -85,14 +85,14 @@ class Daemon:
         self._start_local_workers()
         if self.watcher is not None:
             if not self.config.watch.resume_existing:
-                self._ignore_existing_scans()
+                self._ignore_existing_scans(self.watcher)
             self.watcher.start()  # its first rescan offers every existing scan; add_scan skips finished ones
         return self
 
-    def _ignore_existing_scans(self) -> None:
+    def _ignore_existing_scans(self, watcher: Watcher) -> None:
         """With `resume_existing: false`, files already there at start-up are left alone."""
-        for path in find_scans(self.watcher.roots, self.config.watch.patterns, self.config.watch.recursive):
-            self.watcher.mark_seen(path)
+        for path in find_scans(watcher.roots, self.config.watch.patterns, self.config.watch.recursive):
+            watcher.mark_seen(path)
 
     def _start_local_workers(self) -> None:
         n = self.config.workers.local
@@ -107,7 +107,8 @@ class Daemon:
             self.workers.append(self._spawn_worker(index, threads))
 
     def _spawn_worker(self, index: int, threads: int) -> subprocess.Popen:
-        command = [sys.executable, "-m", "pipeline", "worker", "--connect", self.dispatcher.endpoint, "--config", str(self._config_file),
+        program = self.config.workers.command or [sys.executable, "-m", "pipeline", "worker"]
+        command = [*program, "--connect", self.dispatcher.endpoint, "--config", str(self._config_file),
                    "--device", self.config.workers.device, "--threads", str(threads), "--name", f"local-{index}", "--parent", str(os.getpid()),
                    "--log-level", self.config.daemon.log_level]
         return subprocess.Popen(command, stdin=subprocess.DEVNULL)

@@ -187,11 +187,28 @@ class ScanFollower:
             self.close()
             raise ScanError(f"{self.nexus_path}: unreadable NeXus metadata ({one_line(error)})") from None
 
+    @property
+    def _file(self) -> h5py.File:
+        """The NeXus file, once `open` found it."""
+        assert self._nexus is not None, "open() the follower first"
+        return self._nexus
+
+    @property
+    def _frames(self) -> h5py.Dataset:
+        """The detector dataset, once `open` found it."""
+        assert self._data is not None, "open() the follower first"
+        return self._data
+
+    @property
+    def _opened(self) -> ScanInfo:
+        assert self.info is not None, "open() the follower first"
+        return self.info
+
     def _open(self) -> ScanInfo:
         self._nexus, entry, data_path, link = self._wait(self.nexus_path, self.settings.open_timeout_s, self._open_nexus)
         keys_path = f"{entry}/diamond_scan/keys/uniqueKeys"
         if isinstance(link, h5py.ExternalLink):
-            layout = "gda9" if keys_path in self._nexus else "gda8"
+            layout = "gda9" if keys_path in self._file else "gda8"
             source_file = self._resolve_link_target(link.filename)
             self._source, self._data = self._wait(
                 source_file, self.settings.link_timeout_s, lambda: self._open_target(source_file, link.path),
@@ -199,10 +216,10 @@ class ScanFollower:
             )
             dataset = link.path
         else:
-            layout, source_file, dataset = "nexus", self.nexus_path, self._data.name
+            layout, source_file, dataset = "nexus", self.nexus_path, self._frames.name
             self._source = self._nexus
         self._check_dataset(self._data, source_file, dataset)
-        self._keys = self._nexus[keys_path] if layout == "gda9" else None
+        self._keys = self._file[keys_path] if layout == "gda9" else None
         self._axis_path = self._find_axis(self._nexus, entry, data_path)
         self.info = ScanInfo(
             nexus_path=self.nexus_path,
@@ -311,8 +328,8 @@ class ScanFollower:
 
     def _expected_frames(self, entry: str) -> int | None:
         path = f"{entry}/diamond_scan/scan_shape"
-        if path in self._nexus:
-            return int(np.prod(self._nexus[path][()]))
+        if path in self._file:
+            return int(np.prod(self._file[path][()]))
         return None
 
     # -- following ------------------------------------------------------------------------
@@ -333,22 +350,22 @@ class ScanFollower:
         if self._source is self._nexus:
             return  # frames live in it: SWMR refresh already sees all we need
         keys_path = None if self._keys is None else self._keys.name
-        self._nexus.close()
+        self._file.close()
         self._nexus = open_hdf5(self.nexus_path)
         if keys_path is not None:
-            self._keys = self._nexus[keys_path]
+            self._keys = self._file[keys_path]
         if handle_identity(self._nexus) != self._identities.get(self.nexus_path):  # replaced between check and reopen
             raise _Replaced(f"{self.nexus_path}: scan file replaced by a new file of the same name while being read")
 
     def _end_marker(self) -> str | None:
-        entry = self.info.entry
-        finished = self._nexus.get(f"{entry}/diamond_scan/scan_finished")
+        entry = self._opened.entry
+        finished = self._file.get(f"{entry}/diamond_scan/scan_finished")
         if isinstance(finished, h5py.Dataset):
             finished.refresh()
             if int(np.ravel(finished[()])[0]) != 0:
                 return "finished"
             return None
-        end_time = self._nexus.get(f"{entry}/end_time")
+        end_time = self._file.get(f"{entry}/end_time")
         if isinstance(end_time, h5py.Dataset):
             end_time.refresh()
             if read_text(end_time).strip("\x00 "):
@@ -367,7 +384,7 @@ class ScanFollower:
         """False when the storage shows that row `index` was never written (its chunk is not on disk: reading it
         gives the fill value); True when it was, or when the storage cannot tell (contiguous or virtual data,
         several frames per chunk, chunks allocated before they are written)."""
-        data = self._data
+        data = self._frames
         try:
             if data.is_virtual or data.chunks is None or data.chunks[0] != 1:
                 return True
@@ -380,7 +397,7 @@ class ScanFollower:
     def _axis_value(self, index: int) -> float | None:
         if self._axis_path is None:
             return None
-        axis = self._nexus.get(self._axis_path)
+        axis = self._file.get(self._axis_path)
         if not isinstance(axis, h5py.Dataset):
             return None
         axis.refresh()
@@ -391,9 +408,9 @@ class ScanFollower:
 
     def _read(self, index: int) -> np.ndarray:
         try:
-            return np.asarray(self._data[index])
+            return np.asarray(self._frames[index])
         except H5_ERRORS as error:
-            raise ScanError(f"{self.info.source_file}:{self.info.dataset}: frame {index} unreadable ({one_line(error)})") from None
+            raise ScanError(f"{self._opened.source_file}:{self._opened.dataset}: frame {index} unreadable ({one_line(error)})") from None
 
     def frames(self, start: int = 0) -> Iterator[Frame]:
         """Every complete frame from `start` on, once each, in index order of completion."""
@@ -412,8 +429,8 @@ class ScanFollower:
                         raise _Replaced(gone)
                     last_check = time.monotonic()
                 ended = self._end_marker()
-                self._data.refresh()
-                n_rows = self._data.shape[0]
+                self._frames.refresh()
+                n_rows = self._frames.shape[0]
                 now = time.monotonic()
                 if n_rows != last_rows:
                     last_rows, last_change = n_rows, now
@@ -473,7 +490,7 @@ class ScanFollower:
 
     @property
     def frames_in_file(self) -> int:
-        return 0 if self._data is None else int(self._data.shape[0])
+        return 0 if self._data is None else int(self._frames.shape[0])
 
     def close(self) -> None:
         for handle in (self._source, self._nexus):

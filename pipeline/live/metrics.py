@@ -6,11 +6,14 @@ workers, scans) are read from `Daemon.status()` at scrape time, so they are neve
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from pipeline.live.timings import FrameTimings
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60, 300)
 
@@ -19,7 +22,7 @@ class _StatusCollector:
     def __init__(self, status: Callable[[], dict[str, Any]]) -> None:
         self.status = status
 
-    def collect(self):  # type: ignore[no-untyped-def]
+    def collect(self) -> Iterator[Metric]:
         status = self.status()
         dispatch = status["dispatch"]
         yield GaugeMetricFamily("pipeline_queue_frames", "Frames read and waiting for a worker", value=dispatch["queued"])
@@ -47,17 +50,17 @@ class Metrics:
         self.latency = Histogram("pipeline_frame_latency_seconds", "From a frame being read to its frames/done",
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
         self.registry.register(_StatusCollector(status))
-        self.server = None
+        self.server: WSGIServer | None = None
 
-    def frame_done(self, _scan: str, _index: int, timings: dict[str, float]) -> None:
+    def frame_done(self, _scan: str, _index: int, timings: FrameTimings) -> None:
         self.frames.inc()
-        if "done_at" in timings and "queued_at" in timings:
-            self.latency.observe(max(0.0, timings["done_at"] - timings["queued_at"]))
+        if timings.done_at is not None:
+            self.latency.observe(max(0.0, timings.done_at - timings.queued_at))
 
     def serve(self, port: int, address: str = "127.0.0.1") -> int:
         """Start the HTTP endpoint; returns the port (useful when 0 asked for any free one)."""
         self.server, _thread = start_http_server(port, addr=address, registry=self.registry)
-        return self.server.server_port
+        return int(self.server.server_port)
 
     def stop(self) -> None:
         if self.server is not None:

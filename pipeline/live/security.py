@@ -42,6 +42,8 @@ class CurveServer:
     """Authentication for the daemon's worker socket; keeps its authenticator thread."""
 
     def __init__(self, settings: WorkerSettings, context: zmq.Context) -> None:
+        if settings.curve_secret_key is None:
+            raise ValueError("CurveServer needs workers.curve_secret_key")
         self.public, self.secret = _keys(settings.curve_secret_key)
         self._allowed = Path(tempfile.mkdtemp(prefix="pipeline-allowed-keys-"))
         if settings.authorized_keys is not None:

@@ -146,7 +146,7 @@ class ScanSession:
         attrs = {"config": self.config.model_dump(mode="json"), "models": self.provenance.get("models", {}),
                  "device": self.provenance.get("device", "")}
         try:
-            self.store = ScanStore.create_or_resume(self.store_path, self.info, self.config.follow.frame_shape, attrs)
+            self.store = ScanStore.create_or_resume(self.store_path, self._info, self.config.follow.frame_shape, attrs)
         except OSError as error:
             self.store_unusable = True
             raise ScanError(f"{self.nexus_path}: cannot create its store {self.store_path} ({_why_not_writable(self.store_path, error)})") from None
@@ -167,12 +167,23 @@ class ScanSession:
 
     # -- called by the sink thread ---------------------------------------------------------
 
+    @property
+    def _store(self) -> ScanStore:
+        """The open store: the sink calls in only between the session opening it and finishing."""
+        assert self.store is not None, f"{self.nexus_path}: store used after the scan finished"
+        return self.store
+
+    @property
+    def _info(self) -> ScanInfo:
+        assert self.info is not None, f"{self.nexus_path}: scan not opened yet"
+        return self.info
+
     def accept_many(self, outcomes: list[FrameOutcome]) -> None:
         """Results that reached the sink together, written together: one write per array for the lot.
         Each outcome's `timings` travel on to `on_frame_done`."""
         self.received += len(outcomes)
         write_started = time.perf_counter()
-        self.store.write_predictions({o.index: o.prediction for o in outcomes if o.prediction is not None})
+        self._store.write_predictions({o.index: o.prediction for o in outcomes if o.prediction is not None})
         write_s = (time.perf_counter() - write_started) / len(outcomes)
         for outcome in outcomes:
             if outcome.prediction is None:  # no worker could segment it: keep the place, leave it not done
@@ -211,7 +222,7 @@ class ScanSession:
         if not linked:
             return
         started = time.perf_counter()
-        self.store.write_volumes(first, [item[0] for item in linked], [item[1] for item in linked], [item[2] for item in linked])
+        self._store.write_volumes(first, [item[0] for item in linked], [item[1] for item in linked], [item[2] for item in linked])
         write_s = (time.perf_counter() - started) / len(linked)
         done_at = time.time()
         for offset, (_, _, done, timings) in enumerate(linked):
@@ -222,7 +233,7 @@ class ScanSession:
                 self.on_frame_done(self.key, first + offset, timings)
 
     def _write_tables(self) -> None:
-        self.store.write_tables(self.linker.table(), range(self.linker.next_frame))
+        self._store.write_tables(self.linker.table(), range(self.linker.next_frame))
         self.last_tables = time.monotonic()
 
     def end(self, reason: str) -> None:
@@ -230,25 +241,26 @@ class ScanSession:
         self._maybe_finish()
 
     def _maybe_finish(self) -> None:
-        if self.received < self.submitted or self.finished.is_set():
+        reason = self.end_reason
+        if reason is None or self.received < self.submitted or self.finished.is_set():
             return
         self._link_ready(fill_gaps=True)
         self._write_tables()
         frames_total = self.max_index + 1
-        expected = self.info.expected_frames
-        done = self.store.done_prefix()
-        complete = self.end_reason in COMPLETE_ENDINGS and done == frames_total and (expected is None or frames_total == expected)
+        expected = self._info.expected_frames
+        done = self._store.done_prefix()
+        complete = reason in COMPLETE_ENDINGS and done == frames_total and (expected is None or frames_total == expected)
         status = schema.STATUS_COMPLETE if complete else schema.STATUS_INCOMPLETE
         bad_frames = {problem: sorted(set(frames)) for problem, frames in sorted(self.bad_frames.items())}
-        self.store.finish(status, self.end_reason, frames_total, {"failed_frames": self.failed_frames, "bad_frames": bad_frames})
+        self._store.finish(status, reason, frames_total, {"failed_frames": self.failed_frames, "bad_frames": bad_frames})
         if bad_frames:
             log.warning("%s: %s; processed anyway (non-finite pixels as dead pixels), listed in the store's bad_frames",
                         self.nexus_path, "; ".join(f"{len(frames)} frame(s) {BAD_FRAME_WORDS.get(problem, problem)} "
                                                     f"({_frame_list(frames)})" for problem, frames in bad_frames.items()))
         if self.paint is not None:
             self.paint(self.store_path)  # drawn on the painter's thread: the sink goes on writing
-        self.state.status, self.state.reason = status, self.end_reason
-        log.info("%s: %s (%s), %d/%d frames done, %d peaks -> %s", self.nexus_path.name, status, self.end_reason, done,
+        self.state.status, self.state.reason = status, reason
+        log.info("%s: %s (%s), %d/%d frames done, %d peaks -> %s", self.nexus_path.name, status, reason, done,
                  frames_total, len(self.linker.peaks), self.store_path)
         self.finished.set()
         self._release()
@@ -260,7 +272,7 @@ class ScanSession:
             root = self.config.output.root
             mark_failed(self.store_path, reason, self.nexus_path, self.info.start_time if self.info else None,
                         make_parents=root is not None and Path(root).is_dir())
-        self.state.status, self.state.reason = "failed", reason
+        self.state.status, self.state.reason = schema.STATUS_FAILED, reason
         self.finished.set()
         self._release()
 

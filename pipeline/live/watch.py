@@ -23,6 +23,7 @@ from pathlib import Path
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver, ObservedWatch
 
 from pipeline.config import WatchSettings
 
@@ -88,8 +89,9 @@ class _Handler(FileSystemEventHandler):
         if event.event_type in ("deleted", "moved") and src is not None:
             self.watcher.gone(src, event.is_directory)
         if event.is_directory:
-            if event.event_type in ("created", "moved") and (dest or src) is not None:
-                self.watcher.new_directory(dest or src)
+            appeared = dest or src
+            if event.event_type in ("created", "moved") and appeared is not None:
+                self.watcher.new_directory(appeared)
             return
         if event.event_type not in ("created", "moved", "modified", "closed"):
             return
@@ -113,8 +115,8 @@ class Watcher:
         self._unwatchable: set[Path] = set()  # directories whose watch failed, logged once
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._observer: Observer | None = None
-        self._watched: dict[Path, tuple[object, Identity | None]] = {}  # directory -> (watch, its (device, inode))
+        self._observer: BaseObserver | None = None
+        self._watched: dict[Path, tuple[ObservedWatch, Identity | None]] = {}  # directory -> (watch, its (device, inode))
         self._thread = threading.Thread(target=self._rescan_loop, name="watch-rescan", daemon=True)
 
     # -- reporting files --------------------------------------------------------------------

@@ -3,10 +3,6 @@
 Two threads: the I/O thread alone touches the ZeroMQ socket (frames in, results and heartbeats
 out), the main thread runs the models on whatever frames are waiting, up to `batch_size` at once.
 The worker asks for no more frames than `credit`, so its memory is bounded by that.
-
-Test and benchmark knob, not a setting: the environment variable `PIPELINE_WORKER_DELAY_S` makes
-the worker sleep that many extra seconds per frame after the models ran (a deliberately slow
-worker, for back-pressure tests). Local workers inherit it from the daemon's environment.
 """
 
 from __future__ import annotations
@@ -17,6 +13,7 @@ import queue
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import zmq
@@ -25,23 +22,9 @@ from pipeline.config import Config, WorkerSettings
 from pipeline.devices import resolve_device
 from pipeline.live import wire
 from pipeline.live.security import apply_client
+from pipeline.models.prediction import FramePredictor
 
 log = logging.getLogger(__name__)
-
-DELAY_ENV = "PIPELINE_WORKER_DELAY_S"  # test/benchmark knob: extra seconds per frame (see the module docstring)
-
-
-def _delay_from_env() -> float:
-    text = os.environ.get(DELAY_ENV, "").strip()
-    try:
-        delay = float(text) if text else 0.0
-    except ValueError:
-        delay = -1.0
-    if not delay >= 0:  # also NaN
-        log.warning("%s=%r is not a number of seconds >= 0; ignored", DELAY_ENV, text)
-        return 0.0
-    return delay
-
 
 class _Link(threading.Thread):
     """The socket's thread: moves frames into `inbox` and results from `outbox` onto the wire."""
@@ -55,7 +38,7 @@ class _Link(threading.Thread):
         self.closed = threading.Event()
 
     def run(self) -> None:
-        context = zmq.Context.instance()
+        context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         sock = context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 2000)
         sock.setsockopt(zmq.MAXMSGSIZE, 64 * 1024 * 1024)
@@ -94,8 +77,11 @@ class _Link(threading.Thread):
             sock.close()
 
 
-def run_worker(endpoint: str, config: Config, device: str = "auto", name: str | None = None, threads: int = 0) -> int:
-    """Serve frames until the daemon says stop (or goes away for good); returns an exit code."""
+def run_worker(endpoint: str, config: Config, device: str = "auto", name: str | None = None, threads: int = 0,
+               wrap_predictor: Callable[[FramePredictor], FramePredictor] | None = None) -> int:
+    """Serve frames until the daemon says stop (or goes away for good); returns an exit code.
+
+    `wrap_predictor` lets a caller put something around the joint predictor (the test kit's slow worker does)."""
     import torch
 
     from pipeline.models.joint import JointPredictor
@@ -104,11 +90,10 @@ def run_worker(endpoint: str, config: Config, device: str = "auto", name: str | 
         torch.set_num_threads(threads)
     device = str(resolve_device(device))
     name = name or f"{socket.gethostname()}:{os.getpid()}"
-    predictor = JointPredictor.from_settings(config.models, device=device)
+    predictor: FramePredictor = JointPredictor.from_settings(config.models, device=device)
+    if wrap_predictor is not None:
+        predictor = wrap_predictor(predictor)
     settings = config.workers
-    delay_s = _delay_from_env()
-    if delay_s:
-        log.warning("%s: this worker sleeps %g s per frame on purpose", DELAY_ENV, delay_s)
     inbox: queue.Queue[wire.FrameTask] = queue.Queue()
     outbox: queue.Queue[list[bytes]] = queue.Queue()
     hello = {"name": name, "pid": os.getpid(), "device": device, "n": settings.credit, "protocol": wire.PROTOCOL}
@@ -131,8 +116,6 @@ def run_worker(endpoint: str, config: Config, device: str = "auto", name: str | 
             started = time.perf_counter()
             predictions = predictor.predict_batch(frames)
             elapsed = (time.perf_counter() - started) / len(batch)
-            if delay_s:
-                time.sleep(delay_s * len(batch))
             for task, prediction in zip(batch, predictions):
                 prediction.timings.setdefault("worker_total", elapsed)
                 outbox.put(wire.encode_result(wire.FrameResult(task.task, task.scan, task.frame, name, prediction)))

@@ -19,7 +19,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 from pipeline.errors import PipelineError, one_line
 from pipeline.models.preprocess import INPUT_TRANSFORMS
@@ -32,8 +32,21 @@ DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"  # package
 WEIGHTS_DIR_ENV = "PIPELINE_WEIGHTS_DIR"
 DEFAULT_FILES = {"tlm": "tlm.safetensors", "sslm": "sslm.safetensors"}
 
+
+class TLMCardSettings(TypedDict):
+    """The TLM fields of a card that DiPID published (`DIPID_TLM`)."""
+
+    backbone: str
+    min_size: int
+    max_size: int
+    score_threshold: float
+    nms_iou: float
+
+
 # DiPID's published settings, used for checkpoints that carry no card.
-DIPID_TLM = {"backbone": "resnet50_fpn", "min_size": 800, "max_size": 1333, "score_threshold": 0.4, "nms_iou": 0.5}
+DIPID_TLM: TLMCardSettings = {
+    "backbone": "resnet50_fpn", "min_size": 800, "max_size": 1333, "score_threshold": 0.4, "nms_iou": 0.5,
+}
 DIPID_SSLM_PEAK_CHANNELS = [66, 13]
 SSLM_INPUT_TRANSFORMS = tuple(INPUT_TRANSFORMS)  # "log", "significance": see pipeline.models.preprocess
 

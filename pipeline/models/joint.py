@@ -67,7 +67,7 @@ def load_tlm(settings: TLMSettings) -> tuple[torch.nn.Module, LoadedWeights]:
     return model.eval(), LoadedWeights(path, sha256, card)
 
 
-def load_sslm(settings: SSLMSettings) -> tuple[torch.nn.Module, LoadedWeights]:
+def load_sslm(settings: SSLMSettings) -> tuple[sslm_module.SSLM, LoadedWeights]:
     """The SSLM from the settings' weights (default: the shipped file), config peak channels over the card."""
     path = Path(settings.weights) if settings.weights is not None else default_weights_path("sslm")
     state_dict, card, sha256 = load_weights(path)
@@ -97,7 +97,7 @@ class JointPredictor:
         self,
         tlm: torch.nn.Module | None = None,
         tlm_weights: LoadedWeights | None = None,
-        sslm: torch.nn.Module | None = None,
+        sslm: sslm_module.SSLM | None = None,
         sslm_weights: LoadedWeights | None = None,
         device: str = "cpu",
         precision: Literal["auto", "float32", "bfloat16"] = "float32",
@@ -191,7 +191,7 @@ class JointPredictor:
             outputs = [self.tlm(tlm_module.to_images(inputs[i:i + 1]))[0] for i in range(inputs.shape[0])]
         outputs = [{key: value.float() if value.is_floating_point() else value for key, value in output.items()}
                    for output in outputs]
-        return [tlm_module.paint_instances(output, shape) for output in outputs]  # type: ignore[arg-type]
+        return [tlm_module.paint_instances(output, shape) for output in outputs]
 
     def _run_sslm(self, inputs: torch.Tensor, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
         if self.sslm is None:

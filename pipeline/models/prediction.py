@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -25,3 +26,11 @@ class FramePrediction:
     ssl_clusters: np.ndarray  # uint8, argmax channel per pixel
     ssl_mask: np.ndarray  # uint8, 1 where the cluster is a peak channel
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, per frame
+
+
+class FramePredictor(Protocol):
+    """What a worker runs on the frames it is sent: the joint predictor, or anything that answers like it."""
+
+    def predict_batch(self, frames: np.ndarray) -> list[FramePrediction]:
+        """Raw (B, H, W) counts -> one prediction per frame, in order."""
+        ...

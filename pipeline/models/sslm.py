@@ -84,9 +84,12 @@ def _fold_norm_into_1x1(norm: nn.BatchNorm2d, conv: nn.Conv2d) -> nn.Conv2d:
     """conv(scale * x + shift) as one 1x1 convolution, scale and shift being the eval-mode norm's."""
     if conv.kernel_size != (1, 1):
         raise ValueError("only a 1x1 convolution takes a BatchNorm fold exactly")
+    # The SSLM's BatchNorms track running statistics (the default), so these are set.
+    assert norm.running_mean is not None and norm.running_var is not None
     scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
     shift = norm.bias - norm.running_mean * scale
     folded = nn.Conv2d(conv.in_channels, conv.out_channels, 1, device=conv.weight.device, dtype=conv.weight.dtype)
+    assert folded.bias is not None  # built with bias=True, the default
     with torch.no_grad():
         weight = conv.weight[:, :, 0, 0]
         folded.weight.copy_((weight * scale[None, :])[:, :, None, None])

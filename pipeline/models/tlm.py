@@ -12,6 +12,8 @@ Frames are 1-channel: the normalised frame is repeated to 3 channels.
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import torch
 from torch import nn
@@ -100,7 +102,7 @@ def to_images(inputs: torch.Tensor) -> list[torch.Tensor]:
     return [frame.unsqueeze(0).expand(3, -1, -1) for frame in inputs]
 
 
-def paint_instances(output: dict[str, torch.Tensor], shape: tuple[int, int]) -> tuple[np.ndarray, list[Detection]]:
+def paint_instances(output: dict[str, torch.Tensor], shape: tuple[int, ...]) -> tuple[np.ndarray, list[Detection]]:
     """One frame's Mask R-CNN output -> (uint16 instance labels, detections).
 
     Instance ids follow the score order (1 = best); instances are painted from the lowest to the
@@ -113,8 +115,9 @@ def paint_instances(output: dict[str, torch.Tensor], shape: tuple[int, int]) -> 
     labels = np.zeros(shape, dtype=np.uint16)
     detections: list[Detection] = []
     for rank, index in enumerate(order, start=1):
-        box = tuple(float(v) for v in boxes[index])
-        detections.append(Detection(box=box, score=float(scores[index]), instance_id=rank))  # type: ignore[arg-type]
-    for rank in range(len(order), 0, -1):
-        labels[masks[order[rank - 1]]] = rank
+        box = cast(tuple[float, float, float, float], tuple(float(v) for v in boxes[index]))  # boxes are (N, 4)
+        detections.append(Detection(box=box, score=float(scores[index]), instance_id=rank))
+    if masks is not None:  # None only when there are no detections, and then there is nothing to paint
+        for rank in range(len(order), 0, -1):
+            labels[masks[order[rank - 1]]] = rank
     return labels, detections

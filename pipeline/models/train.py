@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -36,8 +36,15 @@ from pipeline.models.card import ModelCard, save_weights
 from pipeline.models.scoring import mask_iou, match_instances
 from pipeline.models.training_data import TRAINING_DATA, targets_from_labels, training_frames
 
+if TYPE_CHECKING:
+    from torchvision.models.detection import MaskRCNN
+
 CHECKPOINT_NAME = "checkpoint.pt"
 LOSS_LOG_NAME = "losses.jsonl"
+# Score thresholds `calibrate_tlm_threshold` tries: 0.3, 0.35, ..., 0.95.
+TLM_THRESHOLD_CANDIDATES: tuple[float, ...] = tuple(round(0.3 + 0.05 * i, 2) for i in range(14))
+
+
 def device_description(device: torch.device) -> str:
     """What trained the weights, for the model card."""
     if device.type == "cuda":
@@ -136,9 +143,9 @@ def run_training(
             for group in state.optimizer.param_groups:
                 group["lr"] = lr
             parts = loss_of_step(state.step)
-            loss = sum(parts.values())
+            loss = cast(torch.Tensor, sum(parts.values()))  # both models' losses are non-empty dicts of tensors
             state.optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[union-attr]
+            loss.backward()
             if clip_grad is not None:
                 torch.nn.utils.clip_grad_norm_(state.model.parameters(), clip_grad)
             state.optimizer.step()
@@ -218,8 +225,8 @@ def train_tlm(
 
 
 def calibrate_tlm_threshold(
-    model: torch.nn.Module, card: ModelCard, seed: int, frames: int, device: torch.device,
-    candidates: tuple[float, ...] = tuple(round(0.3 + 0.05 * i, 2) for i in range(14)),
+    model: MaskRCNN, card: ModelCard, seed: int, frames: int, device: torch.device,
+    candidates: tuple[float, ...] = TLM_THRESHOLD_CANDIDATES,
 ) -> tuple[float, dict[str, float]]:
     """The score threshold with the best mean IoU + instance F1 on `frames` unseen training frames.
 

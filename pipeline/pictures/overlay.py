@@ -31,6 +31,7 @@ def render_overlay(
     FigureCanvasAgg(figure)
     axes = figure.add_axes((0, 0, 1, height / (height + 20)))
     axes.set_axis_off()
+    norm: Normalize
     if scale == "log":
         norm = LogNorm(vmin=1, vmax=max(2.0, float(image.max())), clip=True)
         shown = np.clip(image, 1, None)

@@ -18,9 +18,10 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 import numpy as np
+import zarr
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
@@ -30,6 +31,10 @@ from scipy import ndimage
 
 from pipeline.store import schema
 from pipeline.store.reader import StoreError, StoreReader, read_raw_frame
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.typing import ColorType
 
 __all__ = ["StoreError"]  # re-exported: the pictures' commands report it
 
@@ -112,7 +117,7 @@ class _FootprintBuilder:
 def quicklook_data(store_path: Path) -> QuicklookData:
     """Projection, footprints and rocking curves of a (possibly live) store, reading one frame at a time."""
     store = StoreReader(store_path)
-    volume = store.group[schema.VOLUME_LABELS]
+    volume = cast(zarr.Array, store.group[schema.VOLUME_LABELS])
     frames = store.done_frames()
     axis_name, axis_values = store.scan_axis(frames)
     height, width = volume.shape[1:]
@@ -126,7 +131,7 @@ def quicklook_data(store_path: Path) -> QuicklookData:
             for frame, axis_value in zip(frames.tolist(), axis_values.tolist()):
                 raw = read_raw_frame(dataset, frame)
                 np.maximum(projection, raw, out=projection)
-                _add_frame(frame, axis_value, volume[frame], raw, builders, curve_parts)
+                _add_frame(frame, axis_value, cast(np.ndarray, volume[frame]), raw, builders, curve_parts)
     curves = {
         peak_id: RockingCurve(np.array([p[0] for p in parts], dtype=np.int64), np.array([p[1] for p in parts]),
                               np.array([p[2] for p in parts]))
@@ -206,7 +211,7 @@ def quicklook_title(data: QuicklookData) -> str:
     return f"{data.scan}: {data.status}{progress}, {peaks}"
 
 
-def _outline(axes, y0: int, x0: int, mask: np.ndarray, colour, linewidth: float = 1.0) -> None:  # type: ignore[no-untyped-def]
+def _outline(axes: Axes, y0: int, x0: int, mask: np.ndarray, colour: ColorType, linewidth: float = 1.0) -> None:
     """Contour of a cropped mask placed at (y0, x0); padded so one-pixel masks get an outline too."""
     padded = np.pad(mask.astype(np.float32), 1)
     ys = np.arange(y0 - 1, y0 + mask.shape[0] + 1)
@@ -282,8 +287,8 @@ def save_frame_overlay(store_path: Path, frame: int, out: Path, scale: Literal["
     with store.raw_frames() as dataset:
         raw = read_raw_frame(dataset, frame)
     tlm_array, ssl_array = store.array(schema.TLM_LABELS), store.array(schema.SSL_MASK)
-    tlm_labels = tlm_array[frame] if tlm_array is not None else np.zeros(raw.shape, np.uint16)
-    ssl_mask = ssl_array[frame] if ssl_array is not None else np.zeros(raw.shape, np.uint8)
+    tlm_labels = cast(np.ndarray, tlm_array[frame]) if tlm_array is not None else np.zeros(raw.shape, np.uint16)
+    ssl_mask = cast(np.ndarray, ssl_array[frame]) if ssl_array is not None else np.zeros(raw.shape, np.uint8)
     detections = store.frame_detections(frame)
     axis_name, axis_values = store.scan_axis(np.array([frame]))
 
@@ -322,8 +327,8 @@ def busiest_frame(store_path: Path) -> tuple[int, str]:
     frames = store.done_frames()
     if not frames.size:
         raise StoreError(f"{store.path.name}: no frame is done yet")
-    volume = store.group[schema.VOLUME_LABELS]
-    counts = [int(np.count_nonzero(volume[frame])) for frame in frames.tolist()]
+    volume = cast(zarr.Array, store.group[schema.VOLUME_LABELS])
+    counts = [int(np.count_nonzero(cast(np.ndarray, volume[frame]))) for frame in frames.tolist()]
     best = int(np.argmax(counts))
     if counts[best] > 0:
         return int(frames[best]), f"the most peak pixels ({counts[best]})"
@@ -352,12 +357,12 @@ class VolumeSample:
 def sample_volume(store_path: Path, max_points: int = MAX_VOLUME_POINTS) -> VolumeSample:
     """Every `stride`-th peak voxel of the done frames; the stride doubles whenever the sample outgrows `max_points`."""
     store = StoreReader(store_path)
-    volume = store.group[schema.VOLUME_LABELS]
+    volume = cast(zarr.Array, store.group[schema.VOLUME_LABELS])
     parts: list[np.ndarray] = []  # rows of (frame, y, x, id), for voxel numbers 0, stride, 2 * stride, ...
     kept, stride, total = 0, 1, 0
     ids: set[int] = set()
     for frame in store.done_frames().tolist():
-        labels = volume[frame]
+        labels = cast(np.ndarray, volume[frame])
         ys, xs = np.nonzero(labels)
         if not ys.size:
             continue
@@ -378,7 +383,7 @@ def draw_volume(store_path: Path, out: Path | None = None) -> Path:
     """A static 3D scatter of the peak voxels (frame, y, x), coloured by peak id: the viewer without napari."""
     store = StoreReader(store_path)
     sample = sample_volume(store_path)
-    n_frames, height, width = store.group[schema.VOLUME_LABELS].shape
+    n_frames, height, width = cast(zarr.Array, store.group[schema.VOLUME_LABELS]).shape
     figure = _new_figure(VOLUME_FIGSIZE)
     axes = figure.add_subplot(projection="3d")
     if sample.frame.size:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
@@ -34,7 +35,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 # -- view ------------------------------------------------------------------------------------
 
 
-def napari_module():  # type: ignore[no-untyped-def]
+def napari_module() -> ModuleType | None:
     """napari if it can be imported, else None (it is an optional, heavy dependency)."""
     try:
         import napari
@@ -43,7 +44,7 @@ def napari_module():  # type: ignore[no-untyped-def]
     return napari
 
 
-def open_in_napari(napari, store: Path) -> None:  # type: ignore[no-untyped-def]
+def open_in_napari(napari: ModuleType, store: Path) -> None:
     """Raw frames (log scale) and the label arrays as napari layers; blocks until the window is closed.
 
     The label arrays go to napari as Zarr arrays, read as napari needs them; the raw frames are

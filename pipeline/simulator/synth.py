@@ -360,10 +360,10 @@ def _observe(rng: np.random.Generator, expected: np.ndarray, dead_pixels: np.nda
 
 
 def _peaks_per_frame_weights(settings: SynthSettings) -> np.ndarray:
-    weights = settings.peaks_per_frame
-    if weights is None:
-        weights = load_outline_bank().peaks_per_frame
-    weights = np.asarray(weights, dtype=np.float64)
+    source: tuple[float, ...] | np.ndarray | None = settings.peaks_per_frame
+    if source is None:
+        source = load_outline_bank().peaks_per_frame
+    weights = np.asarray(source, dtype=np.float64)
     return weights / weights.sum()
 
 

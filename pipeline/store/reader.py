@@ -20,9 +20,9 @@ import h5py
 import numpy as np
 import zarr
 
+import pipeline.store.schema as schema
 from pipeline.errors import PipelineError, one_line
 from pipeline.nexus import open_hdf5
-from pipeline.store import schema
 from pipeline.store.schema import Attr
 
 
@@ -113,7 +113,7 @@ class StoreReader:
 
     def array(self, path: str) -> zarr.Array | None:
         """A per-frame array of the schema (`schema.TLM_LABELS`, ...), or None when this store has none."""
-        return self.group[path] if path in self.group else None  # type: ignore[return-value]
+        return self.group[path] if path in self.group else None
 
     def check_frame(self, frame: int) -> None:
         """A StoreError naming the problem unless `frame` exists in the store and is done."""
@@ -139,7 +139,7 @@ class StoreReader:
         """A table (`schema.PEAKS`, `schema.TLM_DETECTIONS`) as column name -> values; empty before its first write."""
         if name not in self.group:
             return {}
-        return {column: array[:] for column, array in self.group[name].arrays()}  # type: ignore[union-attr]
+        return {column: array[:] for column, array in self.group[name].arrays()}
 
     def frame_detections(self, frame: int) -> FrameDetections:
         """Rows of `tlm/detections` for `frame` (empty when the table is missing or has none)."""
@@ -205,14 +205,14 @@ def stores_difference(first: Path, second: Path) -> str | None:
         if x_array.shape != y_array.shape:
             return f"{name}: shape {x_array.shape} != {y_array.shape}"
         for index in range(x_array.shape[0]):
-            if not np.array_equal(x_array[index], y_array[index], equal_nan=x_array.dtype.kind == "f"):  # type: ignore[union-attr]
+            if not np.array_equal(x_array[index], y_array[index], equal_nan=x_array.dtype.kind == "f"):
                 return f"{name}: frame {index} differs"
     for table in schema.TABLES:
-        keys_a, keys_b = sorted(a[table].array_keys()), sorted(b[table].array_keys())  # type: ignore[union-attr]
+        keys_a, keys_b = sorted(a[table].array_keys()), sorted(b[table].array_keys())
         if keys_a != keys_b:
             return f"{table}: columns {keys_a} != {keys_b}"
         for column in keys_a:
-            x, y = a[table][column][:], b[table][column][:]  # type: ignore[index]
+            x, y = a[table][column][:], b[table][column][:]
             if x.shape != y.shape or not np.allclose(x, y, rtol=1e-6, equal_nan=True):
                 return f"{table}/{column} differs"
     return None

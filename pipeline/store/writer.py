@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 import zarr
 
+import pipeline.store.schema as schema
 from pipeline import __version__
 from pipeline.errors import one_line
 from pipeline.models.prediction import Detection, FramePrediction
 from pipeline.nexus import ScanInfo
-from pipeline.store import schema
 from pipeline.store.location import stat_identity
 from pipeline.store.schema import (
     BOX_FIELDS,

@@ -37,11 +37,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pipeline.argtypes import non_negative_int, one_line_errors, positive_float, positive_int, run_standalone
+
+if TYPE_CHECKING:
+    from pipeline.live.timings import FrameTimings
 
 DEFAULT_FRAMES = 100
 DEFAULT_RATE_HZ = 1000.0  # as fast as the writer can: measures the pipeline, not the detector
@@ -183,25 +186,25 @@ def _check_weights(config: Any) -> dict[str, Any]:
     Safetensors files are checked from their header (no torch here, see the module docstring);
     a torch checkpoint can only be checked by loading it, which the workers do.
     """
-    from pipeline.models.card import WeightsError, default_weights_path, read_card, sha256_of
+    from pipeline.models.card import WeightsError
+    from pipeline.store.provenance import describe_models, missing_weights
 
+    missing = missing_weights(config.models)
+    if missing is not None:
+        raise BenchError(missing)
+    try:
+        models = describe_models(config.models)
+    except (WeightsError, OSError) as error:
+        raise BenchError(str(error)) from None
     described: dict[str, Any] = {}
     for name in ("tlm", "sslm"):
-        settings = getattr(config.models, name)
-        if not settings.enabled:
+        entry = models[name]
+        if not entry["enabled"]:
             described[name] = {"enabled": False}
             continue
-        path = Path(settings.weights) if settings.weights is not None else default_weights_path(name)
-        if not path.is_file():
-            raise BenchError(f"no {name.upper()} weights at {path}: train them (`pipeline train {name}`) "
-                             f"or give --config with models.{name}.weights")
-        try:
-            card = read_card(path) if path.suffix == ".safetensors" else None
-        except (WeightsError, OSError) as error:
-            raise BenchError(str(error)) from None
-        sha256 = sha256_of(path)
-        described[name] = {"enabled": True, "weights": str(path), "sha256": sha256,
-                           "card_min_size": None if card is None else card.min_size}
+        card = entry.get("card")
+        described[name] = {"enabled": True, "weights": entry["weights"], "sha256": entry["sha256"],
+                           "card_min_size": None if card is None else card["min_size"]}
     return described
 
 
@@ -365,12 +368,12 @@ class PipelineRun:
     """The raw measurements of one pipeline run; `summary` turns them into figures."""
 
     workers: int
+    scan: Path  # the scan file the run followed
     frames_written: int = 0
     frames: dict[int, dict[str, float]] = field(default_factory=dict)  # frame -> timings from the hook
     flushed_at: list[float | None] = field(default_factory=list)
     read_s: list[float] = field(default_factory=list)
     memory: MemorySampler | None = None
-    scan: Path | None = None
 
     def summary(self) -> dict[str, Any]:
         indices = sorted(self.frames)
@@ -378,8 +381,8 @@ class PipelineRun:
         first_queued = min(t["queued_at"] for t in timings) if timings else 0.0
         last_done = max(t["done_at"] for t in timings) if timings else 0.0
         elapsed = last_done - first_queued
-        from_flush = [self.frames[i]["done_at"] - self.flushed_at[i] for i in indices
-                      if i < len(self.flushed_at) and self.flushed_at[i] is not None]
+        from_flush = [self.frames[i]["done_at"] - flushed for i in indices
+                      if i < len(self.flushed_at) and (flushed := self.flushed_at[i]) is not None]
         from_queued = [t["done_at"] - t["queued_at"] for t in timings]
 
         def stage(key: str) -> list[float]:
@@ -415,7 +418,7 @@ class PipelineRun:
             "latency_ms": {"flush_to_done": percentiles_ms(from_flush), "queued_to_done": percentiles_ms(from_queued)},
             "stages_ms": stages,
             "memory": memory,
-            "scan": None if self.scan is None else str(self.scan),
+            "scan": str(self.scan),
         }
 
     def per_frame(self) -> list[dict[str, float | int | None]]:
@@ -451,10 +454,10 @@ def run_pipeline(config: Any, directory: Path, workers: int, n_frames: int, rate
     config = config.with_overrides({"watch.dirs": [str(directory)], "workers.local": workers})
     lock = threading.Lock()
 
-    def on_frame_done(scan: str, index: int, timings: dict[str, float]) -> None:
+    def on_frame_done(scan: str, index: int, timings: FrameTimings) -> None:
         if Path(scan).name == plan.nxs_path.name:
             with lock:
-                run.frames[index] = dict(timings)
+                run.frames[index] = timings.as_dict()
 
     daemon = Daemon(config, on_frame_done=on_frame_done).start()
     memory = MemorySampler(lambda: [p.pid for p in daemon.workers], lambda: len(run.frames))

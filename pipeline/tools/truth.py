@@ -78,7 +78,8 @@ def compare_store_to_truth(store_path: Path, truth_path: Path, iou_threshold: fl
         best, inter = max(overlaps.items(), key=lambda item: (item[1], -item[0]))
         iou = inter / (truth_size + store_sizes[best] - inter)
         split = inter < split_fraction * sum(overlaps.values())
-        matches.append(PeakMatch(truth_id, best, iou, tuple(truth_ranges[truth_id]), tuple(store_ranges[best]), split))
+        (truth_first, truth_last), (store_first, store_last) = truth_ranges[truth_id], store_ranges[best]
+        matches.append(PeakMatch(truth_id, best, iou, (truth_first, truth_last), (store_first, store_last), split))
         if iou >= iou_threshold:
             matched += 1
             ranges_equal += truth_ranges[truth_id] == store_ranges[best]

@@ -1,0 +1,37 @@
+"""What a soak drops into the watched directory: good scans (a simulator writer each) and bad files, with their stores."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipeline.store import store_path_for
+
+if TYPE_CHECKING:
+    from pipeline.simulator.writers import ScanPlan, ScanWriter
+
+
+@dataclass
+class GoodScan:
+    plan: ScanPlan
+    writer: ScanWriter
+    started: float
+    written_at: float | None = None
+    writer_error: str | None = None
+
+    @property
+    def store(self) -> Path:
+        return store_path_for(self.plan.nxs_path, None)  # the soak's daemon runs without output.root
+
+
+@dataclass
+class BadFile:
+    path: Path
+    kind: str
+    detail: str
+    made_at: float
+
+    @property
+    def store(self) -> Path:
+        return store_path_for(self.path, None)
