@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.detector import FRAME_SHAPE
 from pipeline.errors import PipelineError
@@ -37,8 +37,12 @@ class WatchSettings(Strict):
     resume_existing: bool = True  # at start-up, finish scans whose store is not complete
 
 
+I16_DETECTORS = ["pil3_100k", "pilatus3_100k", "pil100k", "pil3", "pilatus"]
+
+
 class FollowSettings(Strict):
-    detector: str = "pil3_100k"
+    # the detector's group names tried in order (then any NXdetector with data); I16's first
+    detectors: list[str] = Field(default_factory=lambda: list(I16_DETECTORS), min_length=1)
     entries: list[str] = Field(default_factory=lambda: ["entry", "entry1"])
     frame_shape: tuple[int, int] = FRAME_SHAPE
     poll_interval_s: float = Field(0.05, gt=0)
@@ -46,6 +50,18 @@ class FollowSettings(Strict):
     idle_timeout_s: float = Field(30.0, gt=0)  # no new frame this long and no end marker: incomplete
     link_timeout_s: float = Field(60.0, gt=0)  # external-link target must appear within this
     open_timeout_s: float = Field(30.0, gt=0)
+    # after an end marker, frames still outstanding (zero keys, fewer frames than expected) are waited for this long
+    end_grace_s: float = Field(10.0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_detector(cls, data: Any) -> Any:
+        """`detector: NAME` (the older key) means `detectors: [NAME, ...I16's names]`."""
+        if isinstance(data, dict) and "detector" in data:
+            data = dict(data)
+            name = data.pop("detector")
+            data["detectors"] = [name, *[d for d in data.get("detectors", I16_DETECTORS) if d != name]]
+        return data
 
 
 class WorkerSettings(Strict):

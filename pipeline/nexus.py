@@ -9,6 +9,7 @@ never blocks the writer.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,10 @@ class ScanInfo:
     expected_frames: int | None
     axis_name: str | None
     start_time: str | None = None  # the NeXus `start_time`: tells a replaced file of the same name from the old one
+    detector_path: str | None = None  # where in the scan file the frames were found
+    axis_path: str | None = None  # the dataset whose values are the scan axis
+    axis_source: str | None = None  # how that dataset was chosen
+    expected_frames_source: str | None = None  # where the expected frame count was read
 
 
 def open_hdf5(path: Path) -> h5py.File:
@@ -95,4 +100,137 @@ def read_scan_identity(nexus_path: Path) -> dict[str, str | None] | None:
                     return {"start_time": start_time_of(handle, entry), "scan_command": scan_command_of(handle, entry)}
     except H5_ERRORS:
         return None
+    return None
+
+
+# -- what a scan file says about its scan, by NeXus rules ---------------------------------------
+
+_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+@dataclass(frozen=True)
+class ScanAxis:
+    """The dataset whose values are the scan axis, and how it was chosen (recorded in the store)."""
+
+    path: str
+    name: str
+    source: str  # e.g. "NeXus default plot (entry/pil3_100k@axes)", "scan command scannable l"
+
+
+def _numbers(text: str) -> list[float]:
+    return [float(token) for token in re.split(r"[\s,\[\]]+", text) if token and _NUMBER.match(token)]
+
+
+def scan_command_points(command: str | None) -> int | None:
+    """Points a GDA `scan` command makes: `scan eta 10 11 0.25 ...` -> 5; for a vector scannable
+    (`scan hkl [0, 0, 0.9] [0, 0, 1.1] [0, 0, 0.001] ...`) the most points any varying field makes.
+    `scancn NAME STEP N` -> N. None for anything else (the command is only a fallback)."""
+    if not command:
+        return None
+    words = command.split(maxsplit=2)
+    if len(words) < 3:
+        return None
+    verb, rest = words[0], words[2]
+    if verb == "scancn":
+        values = _numbers(rest)
+        return int(values[1]) if len(values) >= 2 and values[1] >= 1 else None
+    if verb != "scan":
+        return None
+    vector = re.match(r"\s*(\[[^\]]*\])\s*(\[[^\]]*\])\s*(\[[^\]]*\])", rest)
+    if vector:
+        starts, stops, steps = (_numbers(group) for group in vector.groups())
+    else:
+        values = _numbers(" ".join(rest.split()[:3]))
+        if len(values) < 3:
+            return None
+        starts, stops, steps = [values[0]], [values[1]], [values[2]]
+    counts = [int(round((stop - start) / step)) + 1 for start, stop, step in zip(starts, stops, steps) if step]
+    counts = [count for count in counts if count >= 1]
+    return max(counts) if counts else None
+
+
+def scan_command_scannables(command: str | None) -> list[str]:
+    """The scannable named right after the verb (`scan hkl ...` -> ["hkl"]); empty when there is none."""
+    if not command:
+        return []
+    words = command.split()
+    return [words[1]] if len(words) > 1 and words[0].startswith("scan") and not _NUMBER.match(words[1]) else []
+
+
+def expected_frames(nexus: h5py.File, entry: str, command: str | None) -> tuple[int | None, str | None]:
+    """How many frames the scan will have, and where that was read: GDA 9's `diamond_scan/scan_shape`,
+    GDA 8's `scan_dimensions`, else the scan command."""
+    for path in (f"{entry}/diamond_scan/scan_shape", f"{entry}/scan_dimensions"):
+        node = nexus.get(path)
+        if isinstance(node, h5py.Dataset) and node.dtype.kind in "iu" and 0 < node.size <= 8:
+            shape = np.asarray(node[()]).reshape(-1)
+            if (shape > 0).all():
+                return int(np.prod(shape)), path
+    points = scan_command_points(command)
+    return (points, "scan command") if points is not None else (None, None)
+
+
+def _is_axis(node: object) -> bool:
+    return isinstance(node, h5py.Dataset) and node.ndim == 1 and node.dtype.kind in "fiu"
+
+
+def _varies(node: h5py.Dataset) -> bool:
+    values = np.asarray(node[()], dtype=np.float64)
+    values = values[np.isfinite(values)]
+    return values.size >= 2 and bool(np.ptp(values) > 0)
+
+
+def _default_plot_axis(nexus: h5py.File) -> str | None:
+    """The first axis of the default plottable data by NeXus rules (NXentry@default -> NXdata @signal,
+    @axes, AXISNAME_indices), as Diamond's hdfmap reads it; None when the file names none."""
+    from hdfmap import NexusMap  # imported here: it is only needed when a scan is opened
+
+    mapping = NexusMap()
+    try:
+        mapping.populate(nexus)
+        axes, _signals = mapping.nexus_default_paths()
+    except Exception:  # a file hdfmap cannot map: the scan command is the fallback
+        return None
+    for path in axes:
+        if _is_axis(nexus.get(path)):
+            return str(path)
+    return None
+
+
+def _scannable_fields(nexus: h5py.File, entry: str, scannable: str) -> list[h5py.Dataset]:
+    """1-D datasets of a scan command's scannable in the entry's NXdata groups: `hkl` -> hkl_h, hkl_k, hkl_l
+    (GDA 9) or h, k, l (GDA 8, under `measurement`); `eta` -> eta."""
+    found: list[h5py.Dataset] = []
+    group = nexus.get(entry)
+    if not isinstance(group, h5py.Group):
+        return found
+    for child in group.values():
+        if not isinstance(child, h5py.Group) or child.attrs.get("NX_class") not in (b"NXdata", "NXdata"):
+            continue
+        names = [scannable, *(f"{scannable}_{letter}" for letter in scannable)]
+        if len(scannable) > 1:
+            names += list(scannable)
+        for name in names:
+            node = child.get(name)
+            if _is_axis(node) and node not in found:
+                found.append(node)
+    return found
+
+
+def find_scan_axis(nexus: h5py.File, entry: str, command: str | None) -> ScanAxis | None:
+    """The scan axis: the default plottable data's axis (NeXus rules, read by hdfmap), unless it is
+    constant while a field of the scan command's scannable varies; else the scannable's varying field."""
+    fields = [node for scannable in scan_command_scannables(command) for node in _scannable_fields(nexus, entry, scannable)]
+    varying = [node for node in fields if _varies(node)]
+    default = _default_plot_axis(nexus)
+    if default is not None:
+        node = nexus[default]
+        if varying and _varies(varying[0]) and not _varies(node) and node.size >= 2:
+            chosen = varying[0]
+            return ScanAxis(chosen.name, chosen.name.rsplit("/", 1)[-1],
+                            f"scan command scannable (the default plot's axis {default} is constant)")
+        return ScanAxis(default, default.rsplit("/", 1)[-1], f"NeXus default plot axis ({default.rsplit('/', 1)[0]}@axes)")
+    if varying or fields:
+        chosen = (varying or fields)[0]
+        return ScanAxis(chosen.name, chosen.name.rsplit("/", 1)[-1], "scan command scannable")
     return None

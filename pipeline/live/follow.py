@@ -47,7 +47,9 @@ from pipeline.nexus import (
     H5_ERRORS,
     HDF5_SIGNATURE,
     ScanInfo,
+    expected_frames,
     file_identity,
+    find_scan_axis,
     handle_identity,
     open_hdf5,
     read_text,
@@ -135,6 +137,19 @@ def inspect_frame(data: np.ndarray) -> tuple[np.ndarray, str | None]:
     return data, problem
 
 
+def _link_at(nexus: h5py.File, path: str) -> object | None:
+    """The link (hard, soft or external) at `path`, or None when there is nothing there."""
+    try:
+        return nexus.get(path, getlink=True)
+    except (KeyError, OSError):
+        return None
+
+
+def _nx_class(group: h5py.Group) -> str:
+    value = group.attrs.get("NX_class", "")
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
 class ScanFollower:
     """Yields the frames of one NeXus scan as they become complete; see the module docstring."""
 
@@ -220,7 +235,10 @@ class ScanFollower:
             self._source = self._nexus
         self._check_dataset(self._data, source_file, dataset)
         self._keys = self._file[keys_path] if layout == "gda9" else None
-        self._axis_path = self._find_axis(self._nexus, entry, data_path)
+        command = scan_command_of(self._file, entry)
+        axis = find_scan_axis(self._file, entry, command)
+        self._axis_path = None if axis is None else axis.path
+        expected, expected_from = expected_frames(self._file, entry, command)
         self.info = ScanInfo(
             nexus_path=self.nexus_path,
             scan_id=self.nexus_path.stem,
@@ -228,12 +246,18 @@ class ScanFollower:
             entry=entry,
             source_file=source_file,
             dataset=dataset,
-            scan_command=scan_command_of(self._nexus, entry),
-            expected_frames=self._expected_frames(entry),
-            axis_name=self._axis_path.rsplit("/", 1)[-1] if self._axis_path else None,
-            start_time=start_time_of(self._nexus, entry),
+            scan_command=command,
+            expected_frames=expected,
+            axis_name=None if axis is None else axis.name,
+            start_time=start_time_of(self._file, entry),
+            detector_path=data_path,
+            axis_path=self._axis_path,
+            axis_source=None if axis is None else axis.source,
+            expected_frames_source=expected_from,
         )
-        log.info("%s: %s layout, frames in %s:%s", self.nexus_path.name, layout, source_file.name, dataset)
+        log.info("%s: %s layout, frames in %s:%s (detector %s), scan axis %s, %s frames expected%s", self.nexus_path.name, layout,
+                 source_file.name, dataset, data_path, self._axis_path or "none found", expected if expected is not None else "unknown",
+                 f" ({expected_from})" if expected_from else "")
         return self.info
 
     def _open_nexus(self) -> tuple[h5py.File, str, str, object]:
@@ -255,17 +279,26 @@ class ScanFollower:
         return handle, entry, data_path, link
 
     def _find_detector(self, nexus: h5py.File) -> tuple[str, str, object]:
-        detector = self.settings.detector
+        """The detector's frames: `<entry>/instrument/<name>/data` or `<entry>/<name>/data` for each configured name
+        (`follow.detectors`, I16's names first), else the `data` of any NXdetector group in the entry's instrument."""
         for entry in self.settings.entries:
-            for path in (f"{entry}/instrument/{detector}/data", f"{entry}/{detector}/data"):
-                try:
-                    link = nexus.get(path, getlink=True)
-                except (KeyError, OSError):
-                    link = None
-                if link is not None:
-                    return entry, path, link
-        wanted = ", ".join(f"{e}/[instrument/]{detector}/data" for e in self.settings.entries)
-        raise _NotYet(f"no detector dataset (none of {wanted})")
+            for name in self.settings.detectors:
+                for path in (f"{entry}/instrument/{name}/data", f"{entry}/{name}/data"):
+                    link = _link_at(nexus, path)
+                    if link is not None:
+                        return entry, path, link
+        for entry in self.settings.entries:
+            instrument = nexus.get(f"{entry}/instrument")
+            if not isinstance(instrument, h5py.Group):
+                continue
+            for name in sorted(instrument):
+                group = instrument.get(name)
+                if isinstance(group, h5py.Group) and _nx_class(group) == "NXdetector":
+                    link = _link_at(nexus, f"{entry}/instrument/{name}/data")
+                    if link is not None:
+                        return entry, f"{entry}/instrument/{name}/data", link
+        names = ", ".join(f"[instrument/]{name}/data" for name in self.settings.detectors)
+        raise _NotYet(f"no detector dataset (none of {names} in {' or '.join(self.settings.entries)}, and no NXdetector group with data)")
 
     def _resolve_link_target(self, filename: str) -> Path:
         """Relative targets are relative to the NeXus file; absolute beamline paths fall back to it too."""
@@ -302,35 +335,6 @@ class ScanFollower:
         if tuple(data.shape[1:]) != (height, width):
             raise ScanError(f"{source}:{dataset}: frames of {data.shape[1]} x {data.shape[2]} pixels, "
                             f"expected {height} x {width} (follow.frame_shape)")
-
-    def _find_axis(self, nexus: h5py.File, entry: str, data_path: str) -> str | None:
-        """The scan axis: a 1-D float dataset beside the frames (NXdata `axes`) or in `measurement`."""
-        for group_path in (data_path.rsplit("/", 1)[0], f"{entry}/{self.settings.detector}", f"{entry}/measurement"):
-            group = nexus.get(group_path)
-            if not isinstance(group, h5py.Group):
-                continue
-            axes = group.attrs.get("axes")
-            names = [a.decode() if isinstance(a, bytes) else str(a) for a in np.atleast_1d(axes)] if axes is not None else []
-            names += sorted(group.keys())
-            for name in names:
-                if name in (".", "data"):
-                    continue
-                try:
-                    node = group.get(name, getlink=True)
-                    if isinstance(node, h5py.ExternalLink):
-                        continue
-                    node = group[name]
-                except (KeyError, OSError):
-                    continue
-                if isinstance(node, h5py.Dataset) and node.ndim == 1 and node.dtype.kind == "f":
-                    return node.name
-        return None
-
-    def _expected_frames(self, entry: str) -> int | None:
-        path = f"{entry}/diamond_scan/scan_shape"
-        if path in self._file:
-            return int(np.prod(self._file[path][()]))
-        return None
 
     # -- following ------------------------------------------------------------------------
 
@@ -372,13 +376,41 @@ class ScanFollower:
                 return "end_time"
         return None
 
-    def _ready_indices(self, n_rows: int, settled: bool, ended: bool) -> np.ndarray:
+    def _ready_indices(self, n_rows: int, settled: bool) -> np.ndarray:
+        """Rows that are complete frames: a non-zero key; without keys, every row but the newest, and the newest
+        once the dataset has held still `settle_s` and its chunk is written (end marker or not)."""
         if self._keys is not None:
-            self._keys.refresh()
-            keys = np.asarray(self._keys[()]).reshape(-1)[:n_rows]
-            return np.flatnonzero(keys)
-        complete = n_rows if ended or (settled and n_rows and self._row_written(n_rows - 1)) else n_rows - 1
+            return np.flatnonzero(self._read_keys()[:n_rows])
+        complete = n_rows if settled and n_rows and self._row_written(n_rows - 1) else n_rows - 1
         return np.arange(max(complete, 0))
+
+    def _read_keys(self) -> np.ndarray:
+        assert self._keys is not None
+        self._keys.refresh()
+        return np.asarray(self._keys[()]).reshape(-1)
+
+    def _end_reason(self, marker: str, handed_on: int, n_rows: int, settled: bool, waited_s: float) -> str | None:
+        """Once an end marker is seen: how the scan ends, or None while frames may still come.
+
+        The scan file's writer can set its end marker while the detector's own writer still flushes
+        the last frames (their keys still zero), as swmr-tools' KeyFollower allows for. The scan ends
+        when no more frames will come: the expected number handed on, or every key non-zero, or the
+        detector dataset held still `settle_s` with no key outstanding; at the latest after
+        `end_grace_s`. Fewer frames than expected make the reason say how many of how many."""
+        expected = self._opened.expected_frames
+        if expected is not None and handed_on >= expected:
+            return marker
+        keys = self._read_keys() if self._keys is not None else None
+        if keys is not None and keys.size and bool((keys != 0).all()) and handed_on >= keys.size:
+            return marker if expected is None else f"{marker}: {handed_on} of {expected} frames (every key set)"
+        outstanding = keys is not None and bool((keys[:n_rows] == 0).any())
+        if settled and not outstanding and handed_on >= n_rows:
+            return marker if expected is None else f"{marker}: {handed_on} of {expected} frames (the detector stopped)"
+        if waited_s >= self.settings.end_grace_s:
+            log.warning("%s: end marker (%s) seen %.0f s ago, %d of %s frames arrived; ending incomplete", self.nexus_path.name,
+                        marker, waited_s, handed_on, expected if expected is not None else "?")
+            return f"{marker}: {handed_on} of {expected if expected is not None else '?'} frames within end_grace_s {self.settings.end_grace_s:g} s"
+        return None
 
     def _row_written(self, index: int) -> bool:
         """False when the storage shows that row `index` was never written (its chunk is not on disk: reading it
@@ -421,6 +453,7 @@ class ScanFollower:
         last_rows, last_change = -1, time.monotonic()
         last_progress = time.monotonic()
         last_reopen = last_check = time.monotonic()
+        ended_at: float | None = None  # when the end marker was first seen
         try:
             while True:
                 if time.monotonic() - last_check >= REOPEN_INTERVAL_S:  # even while frames keep coming
@@ -436,7 +469,7 @@ class ScanFollower:
                     last_rows, last_change = n_rows, now
                 settled = now - last_change >= self.settings.settle_s
                 progressed = False
-                for index in self._ready_indices(n_rows, settled, ended is not None):
+                for index in self._ready_indices(n_rows, settled):
                     index = int(index)
                     if index < next_index or index in sent:
                         continue
@@ -452,13 +485,16 @@ class ScanFollower:
                     last_progress = time.monotonic()
                     continue
                 if ended is not None:
-                    self.end_reason = ended
-                    return
+                    ended_at = now if ended_at is None else ended_at
+                    reason = self._end_reason(ended, next_index + len(sent), n_rows, settled, now - ended_at)
+                    if reason is not None:
+                        self.end_reason = reason
+                        return
                 if self.stop.is_set():
                     self.end_reason = "stopped"
                     return
                 idle = time.monotonic() - last_progress
-                if idle >= self.settings.idle_timeout_s:
+                if ended is None and idle >= self.settings.idle_timeout_s:
                     self.end_reason = "idle_timeout"
                     log.warning("%s: no new frame for %.0f s and no end marker: ending incomplete", self.nexus_path.name, idle)
                     return

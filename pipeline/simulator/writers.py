@@ -69,6 +69,9 @@ class ScanPlan:
     """Stop after this many frames with no end marker, as if GDA crashed (the processes exit)."""
     settings: SynthSettings = field(default_factory=SynthSettings)
     n_peaks: int | None = None
+    end_marker_lead: int = 0
+    """The end marker (scan_finished, end_time) is written this many frames before the detector flushes its
+    last frame, as when the scan file's writer runs ahead of the detector's own writer."""
 
     def __post_init__(self) -> None:
         self.directory = Path(self.directory)
@@ -84,6 +87,13 @@ class ScanPlan:
             raise ValueError(f"link_delay_s must be >= 0, got {self.link_delay_s}")
         if self.abandon_after is not None and self.abandon_after < 0:
             raise ValueError(f"abandon_after must be >= 0, got {self.abandon_after}")
+        if not 0 <= self.end_marker_lead < self.n_frames:
+            raise ValueError(f"end_marker_lead must be in 0..n_frames-1, got {self.end_marker_lead}")
+
+    @property
+    def end_marker_after(self) -> int:
+        """The frame after whose flush the end marker is written."""
+        return self.n_frames - 1 - self.end_marker_lead
 
     @property
     def nxs_path(self) -> Path:
@@ -280,10 +290,20 @@ def _gda9_process(plan: ScanPlan, from_detector: multiprocessing.connection.Conn
         handle.swmr_mode = True
         _send(to_detector, _READY, 0)
         to_detector.close()
-        completed = False
+        completed = marked = False
+
+        def mark_finished() -> None:
+            finished[0] = 1
+            finished.flush()
+            entry["end_time"][()] = np.bytes_(_now().encode())
+            handle.flush()
+
         while (message := _receive(from_detector)) is not None:
             kind, value = message
             if kind == _FLUSHED:
+                if plan.end_marker_lead and value == plan.end_marker_after and plan.abandon_after is None:
+                    mark_finished()  # before this frame's key: the keys of the last frames are still zero
+                    marked = True
                 eta[value] = axis[value]
                 keys[value] = value + 1
                 eta.flush()
@@ -291,11 +311,8 @@ def _gda9_process(plan: ScanPlan, from_detector: multiprocessing.connection.Conn
             elif kind == _DONE:
                 completed = True
                 break
-        if completed:
-            finished[0] = 1
-            finished.flush()
-            entry["end_time"][()] = np.bytes_(_now().encode())
-            handle.flush()
+        if completed and not marked:
+            mark_finished()
     finally:
         handle.close()
 
@@ -320,15 +337,23 @@ def _gda8_process(plan: ScanPlan, from_detector: multiprocessing.connection.Conn
         measurement.create_dataset("eta", data=axis).attrs["units"] = "deg"
     _send(to_detector, _READY, 0)
     to_detector.close()
-    completed = False
-    while (message := _receive(from_detector)) is not None:
-        if message[0] == _DONE:
-            completed = True
-            break
-    if completed:
+    completed = marked = False
+
+    def add_end_time() -> None:
         # locking=False: a follower holding the file open for reading must not make this fail.
         with h5py.File(plan.nxs_path, "a", locking=False) as handle:
             handle["entry1"].create_dataset("end_time", data=_now())
+
+    while (message := _receive(from_detector)) is not None:
+        kind, value = message
+        if kind == _FLUSHED and plan.end_marker_lead and value == plan.end_marker_after and plan.abandon_after is None:
+            add_end_time()  # while the detector still has frames to write
+            marked = True
+        if kind == _DONE:
+            completed = True
+            break
+    if completed and not marked:
+        add_end_time()
 
 
 def _nexus_process(plan: ScanPlan, progress: ctypes.c_int) -> None:
@@ -352,9 +377,14 @@ def _nexus_process(plan: ScanPlan, progress: ctypes.c_int) -> None:
         truth = _TruthWriter(plan, scan)
         handle.swmr_mode = True
         start = time.monotonic()
+        marked = False
         for index in range(plan.frames_to_write):
             counts, labels = scan.frame(index)
             _wait_until(start + index / plan.rate_hz)
+            if plan.end_marker_lead and index == plan.end_marker_after + 1 and plan.abandon_after is None:
+                end_time[()] = np.bytes_(_now().encode())  # the end marker before the last frames are written
+                end_time.flush()
+                marked = True
             _append(data, index, counts)
             _append(eta, index, scan.axis_values[index])
             data.flush()
@@ -362,7 +392,7 @@ def _nexus_process(plan: ScanPlan, progress: ctypes.c_int) -> None:
             truth.write(index, labels)
             progress.value = index + 1
         truth.close()
-        if plan.abandon_after is None:
+        if plan.abandon_after is None and not marked:
             end_time[()] = np.bytes_(_now().encode())
             end_time.flush()
 

@@ -78,6 +78,10 @@ class Attr:
     SCAN_COMMAND: Final = "scan_command"
     FRAMES_EXPECTED: Final = "frames_expected"
     AXIS_NAME: Final = "axis_name"
+    AXIS_PATH: Final = "axis_path"  # the scan file's dataset whose values frames/axis holds
+    AXIS_SOURCE: Final = "axis_source"  # how it was chosen (NeXus default plot, scan command)
+    DETECTOR_PATH: Final = "detector_path"  # where in the scan file the frames were found
+    FRAMES_EXPECTED_SOURCE: Final = "frames_expected_source"  # scan_shape, scan_dimensions or the scan command
     STATUS: Final = "status"
     END_REASON: Final = "end_reason"
     START_TIME: Final = "start_time"

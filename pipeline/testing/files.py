@@ -28,7 +28,8 @@ def nexus_file(path: Path, data: np.ndarray | None = None, *, shape: tuple[int, 
     def write(target: Path) -> None:
         with h5py.File(target, "w") as handle:
             entry = handle.create_group(NEXUS_ENTRY)
-            entry["scan_command"] = "scan eta 10 11 0.25 pil3_100k 1"
+            frames = (data.shape[0] if data is not None and data.ndim == 3 else shape[0] if shape else 5)
+            entry["scan_command"] = f"scan eta 10 {10 + 0.25 * (frames - 1):g} 0.25 pil3_100k 1"  # as many points as frames
             entry["start_time"] = time.strftime("%Y-%m-%dT%H:%M:%S") + f".{time.time_ns() % 10**9:09d}"
             entry["end_time"] = "2024-01-01T00:00:00"
             group = entry.create_group(detector)
