@@ -138,7 +138,7 @@ def cmd_process(args: argparse.Namespace) -> int:
         "follow.idle_timeout_s": args.idle_timeout,
     })
     _setup_logging(config)
-    daemon = Daemon(config, watch=False).start()
+    daemon = Daemon(config, watch=False, control=False).start()
     try:
         for scan in scans:
             store = store_path_for(scan, config.output.root, config.watch.dirs)
@@ -261,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(func=cmd_keys)
 
     from pipeline.models import commands as model_commands
+    from pipeline.models import labels as label_commands
     from pipeline.pictures import view
     from pipeline.simulator import writers as simulate
     from pipeline.tools import bench, demo, soak
@@ -268,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_parser(sub)
     demo.add_parser(sub)
     model_commands.add_parsers(sub)
+    label_commands.add_parser(sub)
     bench.add_parser(sub)
     soak.add_parser(sub)
     view.add_parsers(sub)

@@ -75,6 +75,7 @@ class WorkerSettings(Strict):
     bind: str = "tcp://127.0.0.1:0"  # where workers connect; port 0 = any free port
     heartbeat_s: float = Field(1.0, gt=0)
     timeout_s: float = Field(30.0, gt=0)  # a worker silent this long is dead; its frames go elsewhere
+    task_timeout_s: float = Field(300.0, gt=0)  # a worker holding a frame this long without an answer is dropped; its frames go elsewhere
     threads: int = Field(0, ge=0)  # torch threads per worker, 0 = torch's default
     curve_secret_key: Path | None = None  # set to require CurveZMQ: this side's `.key_secret` file
     authorized_keys: Path | None = None  # daemon: directory of workers' public `.key` files

@@ -13,7 +13,6 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-MAX_LINE = 300  # an h5py or zarr message can run over many lines and kilobytes
 
 
 class PipelineError(Exception):
@@ -28,11 +27,11 @@ class UserError(PipelineError):
     exit_code = 2
 
 
-def one_line(error: BaseException, limit: int = MAX_LINE) -> str:
-    """An exception as one short line: its first line, or its type's name when it says nothing."""
+def one_line(error: BaseException, limit: int | None = None) -> str:
+    """An exception as one line: its first line (cut to `limit` characters if given), or its type's name when it says nothing."""
     text = str(error).strip()
     first = text.splitlines()[0] if text else type(error).__name__
-    return first if len(first) <= limit else first[: limit - 3] + "..."
+    return first if limit is None or len(first) <= limit else first[: limit - 3] + "..."
 
 
 def report(command: str, error: BaseException) -> None:

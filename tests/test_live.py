@@ -29,7 +29,7 @@ def test_live_scans_in_all_three_layouts_equal_offline_processing(tmp_path, untr
     config = write_config(tmp_path / "config.yaml", untrained_weights)
     daemon = start_daemon(config, scans, tmp_path / "daemon.log")
     n_frames = 12
-    plans = [ScanPlan(directory=scans, name=f"live-{layout}", layout=layout, n_frames=n_frames, rate_hz=2.0, seed=5 + i,
+    plans = [ScanPlan(directory=scans, name=f"live-{layout}", layout=layout, n_frames=n_frames, rate_hz=1.0, seed=5 + i,
                       link_delay_s=2.0 if layout == "gda9" else 0.0) for i, layout in enumerate(LAYOUTS)]
     try:
         wait_for_workers(config, 1)  # the daemon is watching and able to work before the first file appears

@@ -1,7 +1,10 @@
 """The control socket: `pipeline status` asks a running daemon what it is doing.
 
-The daemon side answers each request with its status as JSON; `query_status` is the client
-that `pipeline status`, the soak and the tests use.
+The daemon binds it when it starts, so a port that another process holds is an error then (one
+line naming the endpoint), not a `pipeline status` that talks to someone else. Each request is
+read whole (every part); anything but a one-part `status` gets a JSON refusal, so no message shape
+can leave the socket in a state where it stops answering. `query_status` is the client that
+`pipeline status`, the soak and the tests use.
 """
 
 from __future__ import annotations
@@ -14,29 +17,55 @@ from typing import Any
 
 import zmq
 
+from pipeline.errors import PipelineError, one_line
+
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 4096
 POLL_MS = 200
+STATUS_REQUEST = b"status"
 
 
-def serve_status(endpoint: str, status: Callable[[], dict[str, Any]], stopping: threading.Event) -> None:
-    """Answer status requests on `endpoint` until `stopping` is set (run on the daemon's control thread)."""
-    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.REP)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
-    try:
-        sock.bind(endpoint)
-    except zmq.ZMQError as error:
-        log.warning("status socket %s not available (%s); `pipeline status` will not reach this daemon", endpoint, error)
-        return
-    try:
-        while not stopping.is_set():
-            if sock.poll(POLL_MS):
-                sock.recv()
-                sock.send(json.dumps(status()).encode())
-    finally:
-        sock.close()
+class ControlError(PipelineError):
+    """The control socket cannot be had (its port is taken, the address is wrong)."""
+
+
+class ControlServer:
+    """A REP socket bound at construction; `serve` answers on the calling thread until `stopping` is set."""
+
+    def __init__(self, endpoint: str, status: Callable[[], dict[str, Any]]) -> None:
+        self.endpoint = endpoint
+        self.status = status
+        self.refused = 0
+        self._sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.REP)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
+        try:
+            self._sock.bind(endpoint)
+        except zmq.ZMQError as error:
+            self._sock.close()
+            why = "address in use (is another daemon running with this config?)" if error.errno == zmq.EADDRINUSE else one_line(error)
+            raise ControlError(f"daemon.control {endpoint}: {why}") from None
+
+    def serve(self, stopping: threading.Event) -> None:
+        try:
+            while not stopping.is_set():
+                if self._sock.poll(POLL_MS):
+                    self._answer(self._sock.recv_multipart())
+        finally:
+            self._sock.close()
+
+    def _answer(self, request: list[bytes]) -> None:
+        try:
+            if request == [STATUS_REQUEST]:
+                reply = json.dumps(self.status())
+            else:
+                self.refused += 1
+                reply = json.dumps({"error": f"unknown request of {len(request)} part(s); send one part: {STATUS_REQUEST.decode()}"})
+        except Exception as error:  # a status that cannot be made must not end the control thread
+            log.exception("status request failed")
+            reply = json.dumps({"error": f"status failed ({type(error).__name__})"})
+        self._sock.send(reply.encode())
 
 
 def query_status(endpoint: str, timeout_s: float = 2.0) -> dict[str, Any] | None:
@@ -45,10 +74,10 @@ def query_status(endpoint: str, timeout_s: float = 2.0) -> dict[str, Any] | None
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)
     try:
-        sock.send(b"status")
+        sock.send(STATUS_REQUEST)
         if not sock.poll(int(timeout_s * 1000)):
             return None
         answer: dict[str, Any] = json.loads(sock.recv())
-        return answer
+        return None if "error" in answer else answer
     finally:
         sock.close()

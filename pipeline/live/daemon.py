@@ -22,7 +22,7 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.config import Config
-from pipeline.live.control import serve_status
+from pipeline.live.control import ControlServer
 from pipeline.live.dispatch import Dispatch, Dispatcher
 from pipeline.live.events import ResultArrived
 from pipeline.live.metrics import Metrics
@@ -43,7 +43,7 @@ KEEP_FINISHED_SESSIONS = 256  # finished scans still listed by `pipeline status`
 
 
 class Daemon:
-    def __init__(self, config: Config, watch: bool = True, on_frame_done: FrameDoneHook | None = None) -> None:
+    def __init__(self, config: Config, watch: bool = True, on_frame_done: FrameDoneHook | None = None, control: bool = True) -> None:
         self.config = config
         self.watch = watch
         self.started = time.time()
@@ -61,8 +61,9 @@ class Daemon:
         self._lock = threading.Lock()
         self._threads = [
             threading.Thread(target=self._scheduler_loop, name="scheduler", daemon=True),
-            threading.Thread(target=serve_status, args=(config.daemon.control, self.status, self.stopping), name="control", daemon=True),
         ]
+        self.control: ControlServer | None = None
+        self._serve_control = control  # `pipeline process` runs without one (a daemon of the same config may hold it)
         self.provenance: dict[str, Any] = {"models": describe_models(config.models), "device": config.workers.device}
         self.metrics: Metrics | None = Metrics(self.status) if config.daemon.metrics_port is not None else None
         self.metrics_port: int | None = None
@@ -74,6 +75,9 @@ class Daemon:
     # -- set-up ---------------------------------------------------------------------------
 
     def start(self) -> Daemon:
+        if self._serve_control:  # first: a taken port stops the start before anything else runs
+            self.control = ControlServer(self.config.daemon.control, self.status)
+            self._threads.append(threading.Thread(target=self.control.serve, args=(self.stopping,), name="control", daemon=True))
         if self.metrics is not None and self.config.daemon.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.config.daemon.metrics_port, self.config.daemon.metrics_address)
             log.info("Prometheus metrics on http://%s:%d/metrics", self.config.daemon.metrics_address, self.metrics_port)

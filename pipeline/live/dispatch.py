@@ -54,6 +54,7 @@ class Dispatch:
     attempts: int = 0
     worker: bytes | None = None
     sent_at: float = 0.0  # wall clock (time.time), comparable across processes for latency figures
+    sent_monotonic: float = 0.0  # for the task deadline (workers.task_timeout_s)
     queued_at: float = field(default_factory=time.time)
 
 
@@ -78,7 +79,7 @@ class Dispatcher:
         # received: every message read from the socket, good or bad (so a shortfall in `rejected` can be
         # told apart from messages that never arrived)
         self.counters = {"sent": 0, "results": 0, "rejected": 0, "redispatched": 0, "failed": 0, "workers_lost": 0,
-                         "received": 0}
+                         "received": 0, "tasks_timed_out": 0}
         self._stop = threading.Event()
         self._socket = self.context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
@@ -179,7 +180,7 @@ class Dispatcher:
                     worker.last_seen = time.monotonic()
                     return
                 _, hello = wire.decode_control(body)
-                credit = wire.credit_of(hello, limit=self.settings.credit * 16)
+                credit = min(wire.credit_of(hello, limit=wire.MAX_CREDIT), self.settings.credit)  # what the config allows, not what it claims
                 with self._lock:
                     self.workers[identity] = WorkerState(identity, str(hello.get("name", "?"))[:64], str(hello.get("device", "?"))[:32],
                                                          hello.get("pid") if isinstance(hello.get("pid"), int) else None, credit, time.monotonic())
@@ -198,7 +199,8 @@ class Dispatcher:
                 self._drop_worker(worker, "said bye")
             elif kind == wire.CREDIT:
                 _, message = wire.decode_control(body)
-                worker.credit = min(worker.credit + wire.credit_of(message, self.settings.credit), self.settings.credit * 16)
+                room = max(0, self.settings.credit - len(worker.in_flight))  # credit plus frames held never exceeds the config's credit
+                worker.credit = min(worker.credit + wire.credit_of(message, wire.MAX_CREDIT), room)
             else:
                 self._reject(identity, f"unknown message kind {kind[:16]!r}")
         except wire.WireError as error:
@@ -244,10 +246,18 @@ class Dispatcher:
                 self.retry.appendleft(dispatch)
 
     def _expire_silent_workers(self) -> None:
+        """Drop workers that went silent, and workers that heartbeat but sit on a frame past the task deadline
+        (a hung model, a stopped process, a hostile peer): their frames go to another worker."""
         now = time.monotonic()
         for worker in list(self.workers.values()):
             if now - worker.last_seen > self.settings.timeout_s:
                 self._drop_worker(worker, f"silent for {now - worker.last_seen:.1f} s")
+                continue
+            held = [self.in_flight[task].sent_monotonic for task in worker.in_flight if task in self.in_flight]
+            if held and now - min(held) > self.settings.task_timeout_s:
+                self.counters["tasks_timed_out"] += len(held)
+                self._drop_worker(worker, f"held a frame {now - min(held):.1f} s without an answer (workers.task_timeout_s "
+                                          f"{self.settings.task_timeout_s:g})")
 
     def _next_dispatch(self) -> Dispatch | None:
         if self.retry:
@@ -275,6 +285,7 @@ class Dispatcher:
                 continue
             with self._lock:
                 dispatch.task, dispatch.worker, dispatch.sent_at = task, worker.identity, time.time()
+                dispatch.sent_monotonic = time.monotonic()
                 dispatch.attempts += 1
                 self.in_flight[task.task] = dispatch
                 worker.in_flight.add(task.task)

@@ -59,6 +59,7 @@ from pipeline.nexus import (
 
 log = logging.getLogger(__name__)
 
+H5_MESSAGE_LIMIT = 300  # HDF5's own messages can run over many lines and kilobytes
 REOPEN_INTERVAL_S = 1.0  # older layouts add their end marker as a new object: only a reopen shows it
 SETTLED_S = 2.0  # a file whose modification time is this old is not being written: an error reading it is final
 
@@ -178,7 +179,7 @@ class ScanFollower:
             except ScanError:
                 raise
             except (_NotYet, *H5_ERRORS) as error:
-                problem = str(error) if isinstance(error, _NotYet) else f"unreadable HDF5 ({one_line(error)})"
+                problem = str(error) if isinstance(error, _NotYet) else f"unreadable HDF5 ({one_line(error, H5_MESSAGE_LIMIT)})"
                 exists = path.exists()
                 if not exists and missing is None:
                     raise ScanError(f"{path}: no such file (deleted before it could be read)") from None
@@ -200,7 +201,7 @@ class ScanFollower:
             raise
         except H5_ERRORS as error:  # metadata that HDF5 cannot read
             self.close()
-            raise ScanError(f"{self.nexus_path}: unreadable NeXus metadata ({one_line(error)})") from None
+            raise ScanError(f"{self.nexus_path}: unreadable NeXus metadata ({one_line(error, H5_MESSAGE_LIMIT)})") from None
 
     @property
     def _file(self) -> h5py.File:
@@ -442,7 +443,7 @@ class ScanFollower:
         try:
             return np.asarray(self._frames[index])
         except H5_ERRORS as error:
-            raise ScanError(f"{self._opened.source_file}:{self._opened.dataset}: frame {index} unreadable ({one_line(error)})") from None
+            raise ScanError(f"{self._opened.source_file}:{self._opened.dataset}: frame {index} unreadable ({one_line(error, H5_MESSAGE_LIMIT)})") from None
 
     def frames(self, start: int = 0) -> Iterator[Frame]:
         """Every complete frame from `start` on, once each, in index order of completion."""
@@ -516,7 +517,7 @@ class ScanFollower:
                 self.end_reason = gone
                 log.warning("%s; ending incomplete after %d frame(s)", gone, next_index + len(sent))
                 return
-            raise ScanError(f"{self.nexus_path}: read failed while following ({one_line(error)})") from None
+            raise ScanError(f"{self.nexus_path}: read failed while following ({one_line(error, H5_MESSAGE_LIMIT)})") from None
 
     def read_frame(self, index: int) -> np.ndarray:
         """One frame already known to be complete (used to replay a resumed scan), as `frames` hands it on."""

@@ -19,6 +19,7 @@ PROTOCOL = 1
 MAX_HEADER_BYTES = 64 * 1024
 MAX_SIDE = 8192  # no detector we serve has a side longer than this
 MAX_DETECTIONS = 1000
+MAX_CREDIT = 4096  # no credit message may claim more (the dispatcher caps it further by workers.credit)
 FRAME_DTYPES = {"int32", "uint32", "int16", "uint16", "float32"}
 
 # Message kinds, the first part of every multipart message.
