@@ -53,7 +53,7 @@ class Daemon:
         self._session_ended = threading.Event()
         self.sink = Sink(on_scan_finished=self._session_ended.set)
         self.dispatcher = Dispatcher(config.workers, self._on_result, max_queued=max(16, config.workers.credit * 2),
-                                     may_send=self.sink.may_send)
+                                     may_send=self.sink.may_send, frame_shape=config.follow.frame_shape)
         self.watcher = Watcher(config.watch, self.add_scan) if watch else None
         self.painter = QuickLookPainter()
         self.workers: list[subprocess.Popen] = []

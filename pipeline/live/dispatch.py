@@ -24,6 +24,7 @@ import numpy as np
 import zmq
 
 from pipeline.config import WorkerSettings
+from pipeline.detector import FRAME_SHAPE
 from pipeline.live import wire
 from pipeline.live.security import CurveServer
 
@@ -63,7 +64,8 @@ ResultHandler = Callable[[Dispatch, "wire.FrameResult | None", str | None], None
 
 class Dispatcher:
     def __init__(self, settings: WorkerSettings, on_result: ResultHandler, max_queued: int = 64,
-                 context: zmq.Context | None = None, may_send: Callable[[], bool] | None = None) -> None:
+                 context: zmq.Context | None = None, may_send: Callable[[], bool] | None = None,
+                 frame_shape: tuple[int, int] = FRAME_SHAPE) -> None:
         self.settings = settings
         self.on_result = on_result
         # False while whoever takes the results is behind: no new frame goes out, so the results in
@@ -84,7 +86,8 @@ class Dispatcher:
         self._socket = self.context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self._socket.setsockopt(zmq.MAXMSGSIZE, 64 * 1024 * 1024)  # a hostile peer cannot make us buffer more
+        # no part larger than a frame: a peer sending one is disconnected before its part is kept
+        self._socket.setsockopt(zmq.MAXMSGSIZE, wire.max_part_bytes(frame_shape))
         self._curve = CurveServer(settings, self.context) if settings.curve_secret_key is not None else None
         if self._curve is not None:
             self._curve.apply(self._socket)
@@ -171,6 +174,8 @@ class Dispatcher:
     def _receive(self, parts: list[bytes]) -> None:
         if len(parts) < 2:
             return self._reject(b"?", "empty message")
+        if len(parts) > wire.MAX_PARTS + 1:  # the routing identity, then at most MAX_PARTS
+            return self._reject(parts[0], f"message of {len(parts) - 1} parts (at most {wire.MAX_PARTS})")
         identity, body = parts[0], parts[1:]
         kind = body[0]
         worker = self.workers.get(identity)

@@ -19,6 +19,8 @@ PROTOCOL = 1
 MAX_HEADER_BYTES = 64 * 1024
 MAX_SIDE = 8192  # no detector we serve has a side longer than this
 MAX_DETECTIONS = 1000
+MAX_PARTS = 5  # a result, the longest message kind: kind, header, three arrays
+
 MAX_CREDIT = 4096  # no credit message may claim more (the dispatcher caps it further by workers.credit)
 FRAME_DTYPES = {"int32", "uint32", "int16", "uint16", "float32"}
 
@@ -56,6 +58,12 @@ class FrameResult:
     worker: str
     prediction: FramePrediction
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def max_part_bytes(frame_shape: tuple[int, int]) -> int:
+    """The largest message part either side accepts (ZMQ_MAXMSGSIZE): one frame of 4-byte pixels and a header's worth.
+    A larger part disconnects its sender before anything of it is kept."""
+    return MAX_HEADER_BYTES + 4 * frame_shape[0] * frame_shape[1]  # room for CurveZMQ's framing too
 
 
 def carried(data: np.ndarray) -> np.ndarray:

@@ -29,9 +29,10 @@ log = logging.getLogger(__name__)
 class _Link(threading.Thread):
     """The socket's thread: moves frames into `inbox` and results from `outbox` onto the wire."""
 
-    def __init__(self, endpoint: str, hello: dict, settings: WorkerSettings, inbox: queue.Queue, outbox: queue.Queue) -> None:
+    def __init__(self, endpoint: str, hello: dict, settings: WorkerSettings, inbox: queue.Queue, outbox: queue.Queue,
+                 max_part: int) -> None:
         super().__init__(name="worker-link", daemon=True)
-        self.endpoint, self.hello, self.settings = endpoint, hello, settings
+        self.endpoint, self.hello, self.settings, self.max_part = endpoint, hello, settings, max_part
         self.inbox, self.outbox = inbox, outbox
         self.stopping = threading.Event()  # the daemon said stop, or we are shutting down
         self.busy = 0  # frames taken from the inbox and not yet answered
@@ -41,7 +42,7 @@ class _Link(threading.Thread):
         context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         sock = context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 2000)
-        sock.setsockopt(zmq.MAXMSGSIZE, 64 * 1024 * 1024)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_part)
         apply_client(sock, self.settings)
         sock.connect(self.endpoint)
         sock.send_multipart(wire.encode_control(wire.HELLO, self.hello))
@@ -97,7 +98,7 @@ def run_worker(endpoint: str, config: Config, device: str = "auto", name: str | 
     inbox: queue.Queue[wire.FrameTask] = queue.Queue()
     outbox: queue.Queue[list[bytes]] = queue.Queue()
     hello = {"name": name, "pid": os.getpid(), "device": device, "n": settings.credit, "protocol": wire.PROTOCOL}
-    link = _Link(endpoint, hello, settings, inbox, outbox)
+    link = _Link(endpoint, hello, settings, inbox, outbox, wire.max_part_bytes(config.follow.frame_shape))
     link.start()
     log.info("worker %s on %s connected to %s", name, device, endpoint)
     try:

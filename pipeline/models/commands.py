@@ -9,6 +9,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipeline.errors import PipelineError, UserError, one_line
+
+if TYPE_CHECKING:
+    from pipeline.models.labels import LabelledSet
 
 DEFAULT_STEPS = {"tlm": 3000, "sslm": 150}
 DEFAULT_BATCH = {"tlm": 2, "sslm": 8}
@@ -17,7 +23,7 @@ DEFAULT_BATCH = {"tlm": 2, "sslm": 8}
 def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add `train` and `evaluate` to the CLI's subparsers."""
     train = subparsers.add_parser(
-        "train", help="train a model on synthetic frames",
+        "train", help="train a model on synthetic frames, or fine-tune it on labelled frames (--labels)",
         description="Train the TLM (Mask R-CNN) or the SSLM on synthetic frames, resumable; "
         "writes losses.jsonl, checkpoint.pt and the final safetensors weights with their model card.",
     )
@@ -42,6 +48,16 @@ def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     train.add_argument("--stop-after", type=_positive_int, default=None,
                        help="stop at this step with a checkpoint, to be finished later with --resume")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    labelled = train.add_argument_group("labelled frames (fine-tuning; see the README's 'Training on your own labelled frames')")
+    labelled.add_argument("--labels", type=Path, default=None, metavar="CSV",
+                          help="a DiPID/Zooniverse classification export: fine-tune on these labelled frames")
+    labelled.add_argument("--scan-dir", type=Path, default=None, metavar="DIR", help="where the labelled scans' .nxs files are")
+    labelled.add_argument("--init", type=Path, default=None, metavar="WEIGHTS",
+                          help="weights to start from (default: the shipped ones; a DiPID checkpoint works too)")
+    labelled.add_argument("--synthetic-fraction", type=float, default=0.0, metavar="F",
+                          help="fraction of each batch drawn from synthetic frames (default 0)")
+    labelled.add_argument("--hold-out", type=float, default=0.25, metavar="F",
+                          help="fraction of the scans held out for validation, whole scans only (default 0.25)")
     train.set_defaults(func=run_train)
 
     evaluate = subparsers.add_parser(
@@ -62,6 +78,9 @@ def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     evaluate.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default=None,
                           help="run the models in this precision (default: models.precision of the config)")
     evaluate.add_argument("--json", type=Path, default=None, help="also write the figures as JSON here")
+    evaluate.add_argument("--labels", type=Path, default=None, metavar="CSV",
+                          help="evaluate on these labelled frames (a DiPID/Zooniverse export) instead of the synthetic held-out set")
+    evaluate.add_argument("--scan-dir", type=Path, default=None, metavar="DIR", help="where the labelled scans' .nxs files are")
     evaluate.set_defaults(func=run_evaluate)
 
 
@@ -75,10 +94,10 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _fail(args: argparse.Namespace, message: str) -> int:
-    """One line on stderr, as the main CLI prints its errors; exit code 2."""
+def _fail(args: argparse.Namespace, message: str, exit_code: int = 2) -> int:
+    """One line on stderr, as the main CLI prints its errors; exit code 2 unless the error says otherwise."""
     print(f"pipeline {getattr(args, 'command', None) or 'models'}: {message}", file=sys.stderr)
-    return 2
+    return exit_code
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -97,6 +116,8 @@ def run_train(args: argparse.Namespace) -> int:
     if args.resume and not (out / train.CHECKPOINT_NAME).exists():
         return _fail(args, f"--resume: no checkpoint at {out / train.CHECKPOINT_NAME}")
     command = "pipeline " + " ".join(sys.argv[1:]) if sys.argv else ""
+    if args.labels is not None:
+        return _finetune(args, out, command)
     try:
         if args.model == "tlm":
             weights = train.train_tlm(
@@ -119,16 +140,61 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _labelled_set(args: argparse.Namespace) -> LabelledSet:
+    """The labelled frames `--labels` and `--scan-dir` name, with one line per image that could not be paired."""
+    from pipeline.models.labels import load_labelled_frames
+
+    if args.scan_dir is None:
+        raise UserError("--labels needs --scan-dir DIR (where the labelled scans' .nxs files are)")
+    if not args.scan_dir.is_dir():
+        raise UserError(f"--scan-dir {args.scan_dir}: not a directory")
+    labelled = load_labelled_frames(args.labels, args.scan_dir)
+    for line in labelled.unpaired:
+        print(f"not paired: {line}", file=sys.stderr)
+    print(f"{args.labels.name}: {labelled.classifications} classifications of {labelled.images} images, "
+          f"{len(labelled.frames)} frames paired with scans in {args.scan_dir}")
+    return labelled
+
+
+def _finetune(args: argparse.Namespace, out: Path, command: str) -> int:
+    """`pipeline train tlm|sslm --labels CSV --scan-dir DIR`: fine-tuning on labelled frames."""
+    from pipeline.models import finetune
+
+    if not 0 <= args.synthetic_fraction <= 1 or not 0 <= args.hold_out < 1:
+        return _fail(args, "--synthetic-fraction must be in 0..1 and --hold-out in 0..1 (exclusive)")
+    try:
+        labelled = _labelled_set(args)
+        run = finetune.finetune_tlm if args.model == "tlm" else finetune.finetune_sslm
+        options = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr}
+        weights = run(out, labelled, seed=args.seed, device=args.device, init=args.init, synthetic_fraction=args.synthetic_fraction,
+                      hold_out=args.hold_out, resume=args.resume, weights_out=args.weights_out, progress=not args.no_progress,
+                      command=command, stop_after=args.stop_after, **{k: v for k, v in options.items() if v is not None})
+    except PipelineError as error:
+        return _fail(args, one_line(error), error.exit_code)
+    except (OSError, ValueError) as error:
+        return _fail(args, one_line(error))
+    if weights is None:
+        print(f"stopped at step {args.stop_after}; continue with --resume --out {out}")
+    else:
+        print(f"weights written to {weights}")
+    return 0
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     """`pipeline evaluate ...`"""
     from pipeline.models import evaluate
 
     try:
         settings = evaluate.model_settings(args.config, args.tlm, args.sslm, args.precision)
-        report = evaluate.evaluate(
-            settings, frames=args.frames, scans=args.scans, scan_frames=args.scan_frames, seed=args.seed,
-            device=args.device, batch_size=args.batch_size,
-        )
+        if args.labels is not None:
+            report = evaluate.evaluate_labelled(settings, _labelled_set(args), device=args.device, batch_size=args.batch_size)
+        else:
+            report = evaluate.evaluate(
+                settings, frames=args.frames, scans=args.scans, scan_frames=args.scan_frames, seed=args.seed,
+                device=args.device, batch_size=args.batch_size,
+            )
+    except PipelineError as error:
+        return _fail(args, one_line(error), error.exit_code)
     except ValueError as error:  # ConfigError and WeightsError are ValueErrors with one-line messages
         return _fail(args, str(error))
     print(evaluate.format_report(report))

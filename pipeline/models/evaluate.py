@@ -22,6 +22,7 @@ rocking scans for 3D recall. Figures, per method:
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,32 +120,52 @@ def _instances(prediction: Any, method: str, thresholds: dict[str, float], input
     return components(inputs[method] > thresholds[method])
 
 
-def evaluate(
-    settings: Any, frames: int = 200, scans: int = 4, scan_frames: int = 30, seed: int = 12345,
-    device: str = "cpu", batch_size: int = 4, baseline_thresholds: dict[str, float] | None = None,
-) -> dict[str, Any]:
-    """Figures for every method on the held-out set; see the module docstring for definitions."""
+def _predictor_and_thresholds(settings: Any, device: str, baseline_thresholds: dict[str, float] | None) -> tuple[JointPredictor, dict[str, float]]:
     predictor = JointPredictor.from_settings(settings, device=device)
     thresholds = dict(baseline_thresholds or {})
     for method, input_transform in BASELINE_INPUTS.items():
         if method not in thresholds:
             thresholds[method] = tune_baseline_threshold(input_transform=input_transform)
-    tallies = {method: Tally() for method in METHODS}
-    seconds = {"preprocess": 0.0, "tlm": 0.0, "sslm": 0.0}
-    timed_frames = 0
-    for start in range(0, frames, batch_size):
-        chunk = [
-            synth.training_sample(np.random.default_rng([seed, index]), HELD_OUT_SETTINGS)
-            for index in range(start, min(start + batch_size, frames))
-        ]
-        predictions = predictor.predict_batch(np.stack([counts for counts, _ in chunk]))
-        for (counts, truth), prediction in zip(chunk, predictions):
+    return predictor, thresholds
+
+
+def _tally_frames(predictor: JointPredictor, frames: Iterable[tuple[np.ndarray, np.ndarray]], thresholds: dict[str, float],
+                  tallies: dict[str, Tally], seconds: dict[str, float], batch_size: int) -> int:
+    """Every method on (raw counts, true instance labels) pairs, `batch_size` frames per prediction; returns the frames seen."""
+    timed = 0
+    pending: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def flush() -> None:
+        nonlocal timed
+        predictions = predictor.predict_batch(np.stack([counts for counts, _ in pending]))
+        for (counts, truth), prediction in zip(pending, predictions):
             inputs = baseline_inputs(counts)
             for method in METHODS:
                 tallies[method].add_frame(_instances(prediction, method, thresholds, inputs), truth)
             for stage in seconds:
                 seconds[stage] += prediction.timings.get(stage, 0.0)
-            timed_frames += 1
+            timed += 1
+        pending.clear()
+
+    for pair in frames:
+        pending.append(pair)
+        if len(pending) == batch_size:
+            flush()
+    if pending:
+        flush()
+    return timed
+
+
+def evaluate(
+    settings: Any, frames: int = 200, scans: int = 4, scan_frames: int = 30, seed: int = 12345,
+    device: str = "cpu", batch_size: int = 4, baseline_thresholds: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """Figures for every method on the held-out set; see the module docstring for definitions."""
+    predictor, thresholds = _predictor_and_thresholds(settings, device, baseline_thresholds)
+    tallies = {method: Tally() for method in METHODS}
+    seconds = {"preprocess": 0.0, "tlm": 0.0, "sslm": 0.0}
+    held_out = (synth.training_sample(np.random.default_rng([seed, index]), HELD_OUT_SETTINGS) for index in range(frames))
+    timed_frames = _tally_frames(predictor, held_out, thresholds, tallies, seconds, batch_size)
     for scan_index in range(scans):
         scan = synth.RockingScan(scan_frames, seed=seed + 1000 + scan_index, settings=HELD_OUT_SETTINGS)
         counts_and_truth = [scan.frame(i) for i in range(scan_frames)]
@@ -160,7 +181,6 @@ def evaluate(
             tallies[method].found_3d += matched
             tallies[method].peaks_3d += truths
             tallies[method].components_3d += predicted
-    provenance = predictor.provenance()
     return {
         "held_out": {
             "frames": frames, "seed": seed, "scans": scans, "scan_frames": scan_frames,
@@ -169,29 +189,56 @@ def evaluate(
         "baseline_thresholds": thresholds,
         "methods": {method: tally.summary() for method, tally in tallies.items()},
         "seconds_per_frame": {stage: value / max(timed_frames, 1) for stage, value in seconds.items()},
-        "models": provenance,
+        "models": predictor.provenance(),
+        "definitions": __doc__,
+    }
+
+
+def evaluate_labelled(settings: Any, labelled: Any, device: str = "cpu", batch_size: int = 4,
+                      baseline_thresholds: dict[str, float] | None = None) -> dict[str, Any]:
+    """The same table on frames people labelled (a `pipeline.models.labels.LabelledSet`); no 3D recall
+    (labelled images are single frames)."""
+    predictor, thresholds = _predictor_and_thresholds(settings, device, baseline_thresholds)
+    tallies = {method: Tally() for method in METHODS}
+    seconds = {"preprocess": 0.0, "tlm": 0.0, "sslm": 0.0}
+    pairs = ((frame.counts, frame.labels) for frame in labelled.frames)
+    timed_frames = _tally_frames(predictor, pairs, thresholds, tallies, seconds, batch_size)
+    return {
+        "labelled": {
+            "csv": str(labelled.csv_path), "csv_sha256": labelled.csv_sha256, "images": labelled.images,
+            "classifications": labelled.classifications, "frames": len(labelled.frames),
+            "scans": sorted({frame.scan for frame in labelled.frames}), "unpaired": list(labelled.unpaired),
+        },
+        "baseline_thresholds": thresholds,
+        "methods": {method: tally.summary() for method, tally in tallies.items()},
+        "seconds_per_frame": {stage: value / max(timed_frames, 1) for stage, value in seconds.items()},
+        "models": predictor.provenance(),
         "definitions": __doc__,
     }
 
 
 def format_report(report: dict[str, Any]) -> str:
     """The table `pipeline evaluate` prints."""
-    held = report["held_out"]
     names = {
         "tlm": "TLM", "sslm": "SSLM", "union": "joint (TLM | SSLM)",
         "baseline": f"baseline: log counts > {report['baseline_thresholds']['baseline']:.2f}",
         "baseline_significance": f"baseline: significance > {report['baseline_thresholds']['baseline_significance']:.2f}",
     }
     any_method = report["methods"]["tlm"]
-    lines = [
-        f"held-out: {held['frames']} frames (seed {held['seed']}), {held['scans']} rocking scans x "
-        f"{held['scan_frames']} frames ({any_method['true_peaks_3d']} 3D peaks), settings differ from training",
-        f"{'method':<30} {'mean IoU':>8} {'precision':>9} {'recall':>7} {'F1':>6} {'3D recall':>9}",
-    ]
+    if "labelled" in report:
+        labelled = report["labelled"]
+        first = (f"labelled: {labelled['frames']} frames of {len(labelled['scans'])} scans ({labelled['images']} images in "
+                 f"{Path(labelled['csv']).name}, {len(labelled['unpaired'])} not paired with a scan frame)")
+    else:
+        held = report["held_out"]
+        first = (f"held-out: {held['frames']} frames (seed {held['seed']}), {held['scans']} rocking scans x "
+                 f"{held['scan_frames']} frames ({any_method['true_peaks_3d']} 3D peaks), settings differ from training")
+    lines = [first, f"{'method':<30} {'mean IoU':>8} {'precision':>9} {'recall':>7} {'F1':>6} {'3D recall':>9}"]
     for method, summary in report["methods"].items():
         lines.append(
             f"{names[method]:<30} {summary['mean_iou']:>8.3f} {summary['precision']:>9.3f} "
-            f"{summary['recall']:>7.3f} {summary['f1']:>6.3f} {summary['recall_3d']:>9.3f}"
+            f"{summary['recall']:>7.3f} {summary['f1']:>6.3f} "
+            + (f"{summary['recall_3d']:>9.3f}" if summary["recall_3d"] == summary["recall_3d"] else f"{'-':>9}")
         )
     timing = report["seconds_per_frame"]
     lines.append(

@@ -39,3 +39,16 @@ def process_offline(config: Path, nexus_path: Path, output_root: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "pipeline", "process", "--config", str(config), "--output-root", str(output_root),
                              str(nexus_path)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def put_truth_labels(store: Path, truth: Path) -> None:
+    """Overwrite a finished store's TLM and 3D labels with the simulator's ground truth (`<scan>.truth.h5`),
+    so that what a store says is known exactly (for exporting labels, pictures, tables)."""
+    import h5py
+    import zarr
+
+    with h5py.File(truth, "r", locking=False) as handle:
+        labels = handle["labels"][()].astype(np.uint32)
+    group = zarr.open_group(store, mode="r+", use_consolidated=False)
+    group[schema.VOLUME_LABELS][:] = labels
+    group[schema.TLM_LABELS][:] = labels.astype(np.uint16)
