@@ -17,5 +17,4 @@ def setup_logging(level: str = "INFO", log_file: Path | None = None) -> None:
     logging.basicConfig(level=getattr(logging, level), format=FORMAT, datefmt="%H:%M:%S", handlers=handlers, force=True)
     for noisy in ("h5py", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    logging.getLogger("hdfmap").setLevel(logging.ERROR)  # it warns about every file without NeXus defaults; we log what we chose
     logging.getLogger("watchdog").setLevel(logging.CRITICAL)  # its shutdown races log errors that mean nothing

@@ -8,6 +8,7 @@ never blocks the writer.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -15,6 +16,9 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+
+# hdfmap warns about every file without NeXus defaults (the simulator's, GDA 8's); what we chose is logged by the follower
+logging.getLogger("hdfmap").setLevel(logging.ERROR)
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError)  # what h5py raises on a file it cannot read
