@@ -139,6 +139,7 @@ def cmd_process(args: argparse.Namespace) -> int:
     })
     _setup_logging(config)
     daemon = Daemon(config, watch=False, control=False).start()
+    drain = True
     try:
         for scan in scans:
             store = store_path_for(scan, config.output.root, config.watch.dirs)
@@ -146,8 +147,11 @@ def cmd_process(args: argparse.Namespace) -> int:
                 shutil.rmtree(store)
             daemon.add_scan(scan)
         _wait_with_progress(daemon, disable=args.no_progress)
+    except PipelineError:
+        drain = False  # no worker can run: nothing in flight would ever arrive
+        raise
     finally:
-        daemon.shutdown(drain=True)
+        daemon.shutdown(drain=drain, timeout=60.0 if drain else 5.0)
     worst = 0
     for scan in scans:
         store = store_path_for(scan, config.output.root, config.watch.dirs)
@@ -163,6 +167,9 @@ def _wait_with_progress(daemon: Daemon, disable: bool) -> None:
 
     with tqdm(desc="process", unit="frame", disable=disable or None, leave=False) as bar:
         while not daemon.wait_idle(timeout=0.5):
+            unable = daemon.local_workers.unable
+            if unable is not None and not daemon.dispatcher.stats()["workers"]:
+                raise PipelineError(unable)  # nothing would ever process the frames
             scans = daemon.status()["scans"]
             bar.total = sum(s["frames_read"] for s in scans) or None
             bar.n = sum(s["frames_done"] for s in scans)

@@ -13,8 +13,6 @@ import logging
 import os
 import queue
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -25,6 +23,7 @@ from pipeline.config import Config
 from pipeline.live.control import ControlServer
 from pipeline.live.dispatch import Dispatch, Dispatcher
 from pipeline.live.events import ResultArrived
+from pipeline.live.local_workers import LocalWorkers
 from pipeline.live.metrics import Metrics
 from pipeline.live.painter import QuickLookPainter
 from pipeline.live.session import FrameDoneHook, ScanSession
@@ -56,8 +55,8 @@ class Daemon:
                                      may_send=self.sink.may_send, frame_shape=config.follow.frame_shape)
         self.watcher = Watcher(config.watch, self.add_scan) if watch else None
         self.painter = QuickLookPainter()
-        self.workers: list[subprocess.Popen] = []
-        self._config_file: Path | None = None
+        self.local_workers = LocalWorkers(config, self.dispatcher.endpoint)
+        self._said_unable: str | None = None
         self._lock = threading.Lock()
         self._threads = [
             threading.Thread(target=self._scheduler_loop, name="scheduler", daemon=True),
@@ -86,7 +85,7 @@ class Daemon:
         self.painter.start()
         for thread in self._threads:
             thread.start()
-        self._start_local_workers()
+        self.local_workers.start()
         if self.watcher is not None:
             if not self.config.watch.resume_existing:
                 self._ignore_existing_scans(self.watcher)
@@ -98,31 +97,10 @@ class Daemon:
         for path in find_scans(watcher.roots, self.config.watch.patterns, self.config.watch.recursive):
             watcher.mark_seen(path)
 
-    def _start_local_workers(self) -> None:
-        n = self.config.workers.local
-        if not n:
-            return
-        handle, name = tempfile.mkstemp(prefix="pipeline-worker-", suffix=".json")
-        with os.fdopen(handle, "w") as out:
-            json.dump(self.config.model_dump(mode="json"), out)
-        self._config_file = Path(name)
-        threads = self.config.workers.threads or max(1, (os.cpu_count() or 1) // n)
-        for index in range(n):
-            self.workers.append(self._spawn_worker(index, threads))
-
-    def _spawn_worker(self, index: int, threads: int) -> subprocess.Popen:
-        program = self.config.workers.command or [sys.executable, "-m", "pipeline", "worker"]
-        command = [*program, "--connect", self.dispatcher.endpoint, "--config", str(self._config_file),
-                   "--device", self.config.workers.device, "--threads", str(threads), "--name", f"local-{index}", "--parent", str(os.getpid()),
-                   "--log-level", self.config.daemon.log_level]
-        return subprocess.Popen(command, stdin=subprocess.DEVNULL)
-
-    def _supervise_workers(self) -> None:
-        threads = self.config.workers.threads or max(1, (os.cpu_count() or 1) // max(1, len(self.workers)))
-        for index, process in enumerate(self.workers):
-            if process.poll() is not None and not self.stopping.is_set():
-                log.warning("local worker %d (pid %d) exited with %s; starting another", index, process.pid, process.returncode)
-                self.workers[index] = self._spawn_worker(index, threads)
+    @property
+    def workers(self) -> list[subprocess.Popen[bytes]]:
+        """The local worker processes running now (the benchmark samples their memory)."""
+        return self.local_workers.processes()
 
     # -- scans ----------------------------------------------------------------------------
 
@@ -150,7 +128,11 @@ class Daemon:
             else:
                 self._session_ended.wait(0.1)  # woken as soon as a scan ends, so failing files do not queue up
                 self._session_ended.clear()
-            self._supervise_workers()
+            self.local_workers.supervise()
+            unable = self.local_workers.unable
+            if unable is not None and unable != self._said_unable:
+                log.error("%s; frames wait for a remote worker", unable)
+                self._said_unable = unable
 
     def _start_session(self, path: Path) -> None:
         key = str(path)
@@ -198,6 +180,8 @@ class Daemon:
                 for s in sessions
             ],
             "waiting_scans": self.waiting_scans.qsize(),
+            "local_workers": self.local_workers.status(),
+            "unable": self.local_workers.unable,
             "dispatch": self.dispatcher.stats(),
         }
 
@@ -229,13 +213,7 @@ class Daemon:
         for thread in self._threads:
             thread.join(timeout=5)
         self.painter.stop(finish=drain)
-        for process in self.workers:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        if self._config_file is not None:
-            self._config_file.unlink(missing_ok=True)
+        self.local_workers.stop()
         if self.metrics is not None:
             self.metrics.stop()
         if self._audit is not None:

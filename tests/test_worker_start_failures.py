@@ -1,0 +1,37 @@
+"""A worker that cannot start is not restarted for ever: back-off, a reason, and `pipeline process` gives up.
+
+`pipeline process --device cuda` on a machine without CUDA: every local worker exits at once with
+one line ("device 'cuda' asked for, but CUDA is not available here"). The daemon must restart it
+with growing waits (not hundreds of times), keep the reason, and `pipeline process` must exit
+non-zero with one line saying why no worker can run, instead of spinning until killed.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.simulator.writers import ScanPlan, write_scan
+from pipeline.testing.configs import write_config
+
+pytestmark = pytest.mark.daemon
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA (the GPU machine has it)")
+def test_workers_that_cannot_start_back_off_and_process_exits_with_the_reason(tmp_path: Path, untrained_weights) -> None:
+    plan = ScanPlan(directory=tmp_path / "scans", name="nocuda", layout="nexus", n_frames=3, rate_hz=1000.0, seed=2)
+    write_scan(plan)
+    config = write_config(tmp_path / "config.yaml", untrained_weights, workers={"local": 1})
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "pipeline", "process", "--config", str(config), "--device", "cuda", "--no-progress",
+                             str(plan.nxs_path)], capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - started
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("pipeline process:")]
+    assert len(lines) == 1 and "no local worker can start" in lines[0] and "CUDA is not available" in lines[0], result.stderr[-3000:]
+    starts = result.stderr.count("failed to start")
+    assert 3 <= starts <= 4, f"{starts} failed starts logged in {elapsed:.0f} s"
