@@ -155,7 +155,7 @@ def cmd_process(args: argparse.Namespace) -> int:
     worst = 0
     for scan in scans:
         store = store_path_for(scan, config.output.root, config.watch.dirs)
-        status = store_status(store)
+        status = store_status(store, follow_symlinks=False)  # a planted link's target is not this scan's store
         print(f"{scan.name}: {status} -> {store}")
         worst = max(worst, 0 if status == schema.STATUS_COMPLETE else 1)
     return worst

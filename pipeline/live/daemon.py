@@ -108,7 +108,7 @@ class Daemon:
         """Queue a scan unless its store, made from this very file, is already complete or failed
         (rerun those with `pipeline process --force`); a replaced file gets a fresh store."""
         store = store_path_for(path, self.config.output.root, self.config.watch.dirs)
-        status = store_status(store)
+        status = store_status(store, follow_symlinks=False)
         if status in (schema.STATUS_COMPLETE, schema.STATUS_FAILED) and store_made_from(store, path):
             log.debug("%s: store already %s; skipped", path.name, status)
             return

@@ -28,7 +28,7 @@ from pipeline.models.prediction import FramePrediction
 from pipeline.nexus import ScanInfo
 from pipeline.store import schema
 from pipeline.store.location import store_path_for
-from pipeline.store.writer import ScanStore, mark_failed
+from pipeline.store.writer import ScanStore, StoreRefused, mark_failed
 from pipeline.volume import VolumeLinker
 
 log = logging.getLogger(__name__)
@@ -150,6 +150,9 @@ class ScanSession:
         except OSError as error:
             self.store_unusable = True
             raise ScanError(f"{self.nexus_path}: cannot create its store {self.store_path} ({_why_not_writable(self.store_path, error)})") from None
+        except StoreRefused as error:
+            self.store_unusable = True
+            raise ScanError(f"{self.nexus_path}: {error}") from None
         start = self.store.done_prefix()
         previous = self.store.recorded_bad_frames()
         for problem, frames in previous.items():  # bad frames before the resume point, as the last run found them

@@ -32,8 +32,11 @@ class StoreError(PipelineError, ValueError):
     exit_code = 2
 
 
-def read_attributes(store: Path) -> dict[str, Any] | None:
-    """The root group's attributes straight from its metadata document (cheap, no zarr), or None without one."""
+def read_attributes(store: Path, follow_symlinks: bool = True) -> dict[str, Any] | None:
+    """The root group's attributes straight from its metadata document (cheap, no zarr), or None without one
+    (or, with `follow_symlinks=False`, when the store path is a symbolic link: not a store of ours)."""
+    if not follow_symlinks and Path(store).is_symlink():
+        return None
     try:
         attributes = json.loads((Path(store) / schema.ROOT_METADATA).read_text()).get("attributes", {})
     except (OSError, ValueError, AttributeError):
@@ -41,9 +44,9 @@ def read_attributes(store: Path) -> dict[str, Any] | None:
     return attributes if isinstance(attributes, dict) else None
 
 
-def store_status(store: Path) -> str | None:
+def store_status(store: Path, follow_symlinks: bool = True) -> str | None:
     """The status recorded in an existing store, or None when there is no readable store."""
-    attributes = read_attributes(store)
+    attributes = read_attributes(store, follow_symlinks)
     return None if attributes is None else attributes.get(Attr.STATUS)
 
 

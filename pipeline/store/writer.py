@@ -23,7 +23,7 @@ import zarr
 
 import pipeline.store.schema as schema
 from pipeline import __version__
-from pipeline.errors import one_line
+from pipeline.errors import PipelineError, one_line
 from pipeline.models.prediction import Detection, FramePrediction
 from pipeline.nexus import ScanInfo
 from pipeline.store.location import stat_identity
@@ -39,6 +39,17 @@ from pipeline.store.schema import (
 )
 
 log = logging.getLogger(__name__)
+
+class StoreRefused(PipelineError):
+    """A store path this daemon must not write (a symbolic link someone planted there)."""
+
+
+def refuse_symlink(path: Path) -> None:
+    """StoreRefused when `path` is a symbolic link: writing through it would write someone else's store."""
+    if Path(path).is_symlink():
+        raise StoreRefused(f"{path}: a symbolic link (to {os.readlink(path)}), not a store this daemon made; "
+                           "not written through (remove it to process the scan)")
+
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -58,7 +69,8 @@ class ScanStore:
 
     @classmethod
     def create_or_resume(cls, path: Path, info: ScanInfo, frame_shape: tuple[int, int], attrs: dict[str, Any]) -> ScanStore:
-        """Resume a store of the same source; replace a store of another source or a broken one."""
+        """Resume a store of the same source; replace a store of another source; move an unreadable one aside."""
+        refuse_symlink(path)
         if path.exists():
             try:
                 group = zarr.open_group(path, mode="r+", use_consolidated=False)
@@ -76,8 +88,12 @@ class ScanStore:
                     log.info("%s: holds no frames (%s); making a fresh store", path, group.attrs.get(Attr.END_REASON, "empty"))
                 else:
                     log.warning("%s: belongs to another source (%s); replacing it", path, group.attrs.get(Attr.SOURCE_FILE))
-            except Exception as error:  # an unreadable store is rebuilt, never half-trusted
-                log.warning("%s: unreadable store (%s); replacing it", path, one_line(error))
+            except Exception as error:  # an unreadable store is never half-trusted, and never deleted: a passing
+                # error (EMFILE, a network file system) must not cost hours of results
+                aside = path.with_name(f"{path.name}.unreadable-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}")
+                os.rename(path, aside)
+                log.warning("%s: unreadable store (%s); moved aside to %s, making a fresh one", path, one_line(error), aside.name)
+                return cls._create(path, info, frame_shape, attrs)
             shutil.rmtree(path)
         return cls._create(path, info, frame_shape, attrs)
 
@@ -285,6 +301,9 @@ def mark_failed(path: Path, reason: str, source: Path | None = None, start_time:
     store can be written there.
     """
     path = Path(path)
+    if path.is_symlink():
+        log.error("%s: a symbolic link, not a store this daemon made; the failure is not recorded through it", path)
+        return False
     if not make_parents and not path.parent.is_dir():
         log.error("%s: cannot record the failure in the store (its directory %s has gone)", path, path.parent)
         return False
