@@ -94,10 +94,10 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _fail(args: argparse.Namespace, message: str, exit_code: int = 2) -> int:
-    """One line on stderr, as the main CLI prints its errors; exit code 2 unless the error says otherwise."""
+def _fail(args: argparse.Namespace, message: str) -> int:
+    """One line on stderr, as the main CLI prints its errors; exit code 2."""
     print(f"pipeline {getattr(args, 'command', None) or 'models'}: {message}", file=sys.stderr)
-    return exit_code
+    return 2
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -170,7 +170,7 @@ def _finetune(args: argparse.Namespace, out: Path, command: str) -> int:
                       hold_out=args.hold_out, resume=args.resume, weights_out=args.weights_out, progress=not args.no_progress,
                       command=command, stop_after=args.stop_after, **{k: v for k, v in options.items() if v is not None})
     except PipelineError as error:
-        return _fail(args, one_line(error), error.exit_code)
+        return _fail(args, one_line(error))
     except (OSError, ValueError) as error:
         return _fail(args, one_line(error))
     if weights is None:
@@ -194,7 +194,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
                 device=args.device, batch_size=args.batch_size,
             )
     except PipelineError as error:
-        return _fail(args, one_line(error), error.exit_code)
+        return _fail(args, one_line(error))
     except ValueError as error:  # ConfigError and WeightsError are ValueErrors with one-line messages
         return _fail(args, str(error))
     print(evaluate.format_report(report))
