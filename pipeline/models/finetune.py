@@ -26,7 +26,7 @@ from pipeline.models import tlm as tlm_module
 from pipeline.models.card import save_weights
 from pipeline.models.joint import load_sslm, load_tlm
 from pipeline.models.preprocess import INPUT_TRANSFORMS
-from pipeline.models.scoring import components, mask_iou, match_instances
+from pipeline.models.scoring import components, instance_figures
 from pipeline.models.train import RunState, _command_line, cosine_lr, device_description, run_training
 from pipeline.models.training_data import targets_from_labels, training_frames
 
@@ -72,20 +72,6 @@ def _batch(frames: list[LabelledFrame], step: int, batch_size: int, seed: int, i
     return np.stack(inputs).astype(np.float32), np.stack(labels)
 
 
-def _figures(instances: list[np.ndarray], truths: list[np.ndarray]) -> dict[str, float]:
-    """Mean per-frame IoU and instance F1 (IoU 0.5) of predicted instances against the labels."""
-    ious, matched, predicted, true = [], 0, 0, 0
-    for labels, truth in zip(instances, truths):
-        ious.append(mask_iou(labels > 0, truth > 0))
-        m, p, t = match_instances(labels, truth)
-        matched, predicted, true = matched + m, predicted + p, true + t
-    precision = matched / predicted if predicted else 1.0
-    recall = matched / true if true else 1.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"frames": len(truths), "mean_iou": float(np.mean(ious)) if ious else float("nan"), "f1": f1,
-            "precision": precision, "recall": recall}
-
-
 def _tlm_figures(model: torch.nn.Module, frames: list[LabelledFrame], device: torch.device) -> dict[str, float] | None:
     if not frames:
         return None
@@ -96,7 +82,7 @@ def _tlm_figures(model: torch.nn.Module, frames: list[LabelledFrame], device: to
             inputs = torch.from_numpy(INPUT_TRANSFORMS["log"](frame.counts)[None]).to(device)
             output = model(tlm_module.to_images(inputs))[0]
             instances.append(tlm_module.paint_instances(output, frame.labels.shape)[0])
-    return _figures(instances, [frame.labels for frame in frames])
+    return instance_figures(instances, [frame.labels for frame in frames])
 
 
 def _sslm_clusters(model: torch.nn.Module, frames: list[LabelledFrame], device: torch.device, input_transform: str) -> np.ndarray:
@@ -110,7 +96,7 @@ def _sslm_figures(clusters: np.ndarray, channels: list[int], frames: list[Labell
     if not frames:
         return None
     masks = np.isin(clusters, np.asarray(channels, dtype=np.int64))
-    return _figures([components(mask) for mask in masks], [frame.labels for frame in frames])
+    return instance_figures([components(mask) for mask in masks], [frame.labels for frame in frames])
 
 
 def _labelled_data(labelled: LabelledSet, split: ScanSplit, synthetic_fraction: float) -> str:

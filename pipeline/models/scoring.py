@@ -65,3 +65,17 @@ def match_instances(predicted: np.ndarray, truth: np.ndarray, threshold: float =
             used_p.add(p)
             matched += 1
     return matched, len(predicted_ids), len(truth_ids)
+
+
+def instance_figures(instances: list[np.ndarray], truths: list[np.ndarray]) -> dict[str, float]:
+    """Mean per-frame IoU of the masks and instance precision, recall and F1 (IoU >= 0.5) over frames."""
+    ious, matched, predicted, true = [], 0, 0, 0
+    for labels, truth in zip(instances, truths):
+        ious.append(mask_iou(labels > 0, truth > 0))
+        m, p, t = match_instances(labels, truth)
+        matched, predicted, true = matched + m, predicted + p, true + t
+    precision = matched / predicted if predicted else 1.0
+    recall = matched / true if true else 1.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"frames": len(truths), "mean_iou": float(np.mean(ious)) if ious else float("nan"), "f1": f1,
+            "precision": precision, "recall": recall}

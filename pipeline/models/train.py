@@ -33,7 +33,7 @@ from pipeline.devices import resolve_device
 from pipeline.models import sslm as sslm_module
 from pipeline.models import tlm as tlm_module
 from pipeline.models.card import ModelCard, save_weights
-from pipeline.models.scoring import mask_iou, match_instances
+from pipeline.models.scoring import instance_figures
 from pipeline.models.training_data import TRAINING_DATA, targets_from_labels, training_frames
 
 if TYPE_CHECKING:
@@ -244,19 +244,12 @@ def calibrate_tlm_threshold(
     model.roi_heads.score_thresh = saved
     best: tuple[float, float, dict[str, float]] = (-1.0, card.score_threshold or 0.5, {})
     for threshold in candidates:
-        ious, matched, predicted, true = [], 0, 0, 0
-        for output, truth in zip(outputs, truths):
-            keep = output["scores"] >= threshold
-            labels, _ = tlm_module.paint_instances({k: v[keep] for k, v in output.items()}, truth.shape)
-            ious.append(mask_iou(labels > 0, truth > 0))
-            m, p, t = match_instances(labels, truth)
-            matched, predicted, true = matched + m, predicted + p, true + t
-        precision = matched / predicted if predicted else 1.0
-        recall = matched / true if true else 1.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        score = float(np.mean(ious)) + f1
+        instances = [tlm_module.paint_instances({k: v[output["scores"] >= threshold] for k, v in output.items()}, truth.shape)[0]
+                     for output, truth in zip(outputs, truths)]
+        figures = instance_figures(instances, truths)
+        score = figures["mean_iou"] + figures["f1"]
         if score > best[0]:
-            best = (score, threshold, {"mean_iou": float(np.mean(ious)), "f1": f1})
+            best = (score, threshold, {"mean_iou": figures["mean_iou"], "f1": figures["f1"]})
     return best[1], best[2]
 
 
