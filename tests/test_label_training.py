@@ -18,9 +18,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from pipeline.models.labels import export_store, load_labelled_frames
 
 from pipeline.models.card import read_card
+from pipeline.models.labels import export_store, load_labelled_frames
 from pipeline.models.scoring import pairwise_iou
 from pipeline.simulator.writers import LAYOUTS, ScanPlan, write_scan
 from pipeline.testing.configs import write_config
