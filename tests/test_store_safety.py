@@ -4,7 +4,8 @@ A `<scan>.zarr` symbolic link planted by another user, pointing at another scan'
 must not be written through: that store stays exactly as it was (its files and its `complete`
 status), and the scan fails with one line naming the link. A store whose metadata is damaged is
 moved aside with its contents (`<scan>.zarr.unreadable-<time>`), not deleted, and the scan is
-processed into a fresh store.
+processed into a fresh store. A store has one writer: `pipeline process` of a scan the daemon is
+writing gets one line naming the daemon's pid, and the daemon's store completes untouched.
 """
 
 from __future__ import annotations
@@ -12,13 +13,15 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from pipeline.simulator.writers import ScanPlan, write_scan
+from pipeline.simulator.writers import ScanPlan, ScanWriter, write_scan
 from pipeline.store import read_attributes, schema
 from pipeline.testing.configs import write_config
+from pipeline.testing.daemons import start_daemon, stop_daemon, wait_for_status, wait_for_workers
 
 pytestmark = pytest.mark.daemon
 
@@ -58,3 +61,28 @@ def test_a_planted_symlink_is_not_written_through_and_a_damaged_store_is_moved_a
     aside = sorted(damaged_store.parent.glob("damaged.zarr.unreadable-*"))
     assert len(aside) == 1 and (aside[0] / "zarr.json").read_text() == "{not json"  # kept, with what it held
     assert read_attributes(damaged_store)[schema.Attr.STATUS] == schema.STATUS_COMPLETE
+
+
+def test_one_writer_per_store_a_second_gets_one_line(tmp_path: Path, untrained_weights) -> None:
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    config = write_config(tmp_path / "config.yaml", untrained_weights, follow={"idle_timeout_s": 10.0})
+    plan = ScanPlan(directory=scans, name="shared", layout="nexus", n_frames=16, rate_hz=2.0, seed=4)
+    store = plan.nxs_path.with_suffix(".zarr")
+    daemon = start_daemon(config, scans, tmp_path / "daemon.log")
+    try:
+        wait_for_workers(config, 1)
+        writer = ScanWriter(plan).start()
+        deadline = time.monotonic() + 60
+        while not (store / "zarr.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        second = _process(config, plan.nxs_path)  # the same store, while the daemon writes it
+        writer.join(timeout=60)
+        wait_for_status([store], timeout=120)
+    finally:
+        stop_daemon(daemon)
+    assert second.returncode != 0
+    lines = [line for line in (second.stdout + second.stderr).splitlines() if "being written by another process" in line]
+    assert lines and f"pid {daemon.pid}" in lines[0], second.stdout + second.stderr[-3000:]
+    attrs = read_attributes(store)
+    assert attrs[schema.Attr.STATUS] == schema.STATUS_COMPLETE and attrs[schema.Attr.FRAMES_DONE] == plan.n_frames

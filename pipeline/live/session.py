@@ -281,6 +281,8 @@ class ScanSession:
 
     def _release(self) -> None:
         """A finished session stays listed by the daemon: keep only what `status` shows, not frames or peaks."""
+        if self.store is not None:
+            self.store.close()
         self.waiting.clear()
         self.linker = VolumeLinker(self.config.volume.min_pixels)
         self.store = None

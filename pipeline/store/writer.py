@@ -9,6 +9,7 @@ with `use_consolidated=False`.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
@@ -51,6 +52,40 @@ def refuse_symlink(path: Path) -> None:
                            "not written through (remove it to process the scan)")
 
 
+class StoreBusy(StoreRefused):
+    """Another process holds the store's lock: a store has one writer."""
+
+
+class StoreLock:
+    """An exclusive OS lock (flock) on `<scan>.zarr.lock` beside the store, held for as long as the store is written.
+
+    Beside, not inside: replacing a store deletes what is inside it, and a lock file deleted while held
+    would let a second writer lock a new one. The kernel drops the lock when its process dies (kill -9 too)."""
+
+    def __init__(self, store: Path) -> None:
+        self.path = store.with_name(store.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        refuse_symlink(self.path)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise StoreBusy(f"{self.path.with_suffix('')}: being written by another process (pid {holder}); "
+                            "a store has one writer") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the lock
+            self._fd = None
+
+
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -64,13 +99,34 @@ class ScanStore:
         self.frame_shape = frame_shape
         self.frames_allocated = int(group[schema.FRAMES_DONE].shape[0])
         self.detections: dict[int, list[Detection]] = {}
+        self.lock: StoreLock | None = None
 
     # -- creating and resuming -------------------------------------------------------------
 
     @classmethod
     def create_or_resume(cls, path: Path, info: ScanInfo, frame_shape: tuple[int, int], attrs: dict[str, Any]) -> ScanStore:
-        """Resume a store of the same source; replace a store of another source; move an unreadable one aside."""
+        """Resume a store of the same source; replace a store of another source; move an unreadable one aside.
+        The store's lock is taken first and held by the returned writer until `close`."""
         refuse_symlink(path)
+        lock = StoreLock(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+        try:
+            store = cls._create_or_resume(path, info, frame_shape, attrs)
+        except BaseException:
+            lock.release()
+            raise
+        store.lock = lock
+        return store
+
+    def close(self) -> None:
+        """Let another writer have the store (its lock is released)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    @classmethod
+    def _create_or_resume(cls, path: Path, info: ScanInfo, frame_shape: tuple[int, int], attrs: dict[str, Any]) -> ScanStore:
         if path.exists():
             try:
                 group = zarr.open_group(path, mode="r+", use_consolidated=False)
