@@ -32,7 +32,7 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -59,6 +59,7 @@ from pipeline.nexus import (
 
 log = logging.getLogger(__name__)
 
+READY_WINDOW = 4096  # rows looked at per poll, from the first frame not yet handed on
 H5_MESSAGE_LIMIT = 300  # HDF5's own messages can run over many lines and kilobytes
 REOPEN_INTERVAL_S = 1.0  # older layouts add their end marker as a new object: only a reopen shows it
 SETTLED_S = 2.0  # a file whose modification time is this old is not being written: an error reading it is final
@@ -377,18 +378,21 @@ class ScanFollower:
                 return "end_time"
         return None
 
-    def _ready_indices(self, n_rows: int, settled: bool) -> np.ndarray:
-        """Rows that are complete frames: a non-zero key; without keys, every row but the newest, and the newest
-        once the dataset has held still `settle_s` and its chunk is written (end marker or not)."""
+    def _ready_indices(self, n_rows: int, settled: bool, start: int) -> Iterable[int]:
+        """Rows from `start` on (at most READY_WINDOW of them: a file can claim millions) that are complete frames:
+        a non-zero key; without keys, every row but the newest, and the newest once the dataset has held still
+        `settle_s` and its chunk is written (end marker or not)."""
+        stop = min(n_rows, start + READY_WINDOW)
         if self._keys is not None:
-            return np.flatnonzero(self._read_keys()[:n_rows])
+            return (start + int(i) for i in np.flatnonzero(self._read_keys(start, stop)))
         complete = n_rows if settled and n_rows and self._row_written(n_rows - 1) else n_rows - 1
-        return np.arange(max(complete, 0))
+        return range(start, min(max(complete, 0), stop))
 
-    def _read_keys(self) -> np.ndarray:
+    def _read_keys(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         assert self._keys is not None
         self._keys.refresh()
-        return np.asarray(self._keys[()]).reshape(-1)
+        stop = self._keys.shape[0] if stop is None else min(stop, self._keys.shape[0])
+        return np.asarray(self._keys[start:stop]).reshape(-1) if stop > start else np.zeros(0, np.int32)
 
     def _end_reason(self, marker: str, handed_on: int, n_rows: int, settled: bool, waited_s: float) -> str | None:
         """Once an end marker is seen: how the scan ends, or None while frames may still come.
@@ -401,10 +405,12 @@ class ScanFollower:
         expected = self._opened.expected_frames
         if expected is not None and handed_on >= expected:
             return marker
-        keys = self._read_keys() if self._keys is not None else None
-        if keys is not None and keys.size and bool((keys != 0).all()) and handed_on >= keys.size:
-            return marker if expected is None else f"{marker}: {handed_on} of {expected} frames (every key set)"
-        outstanding = keys is not None and bool((keys[:n_rows] == 0).any())
+        outstanding = False
+        if self._keys is not None:
+            pending = self._read_keys(handed_on, min(n_rows, handed_on + READY_WINDOW))  # keys of rows not handed on yet
+            if self._keys.shape[0] and handed_on >= self._keys.shape[0]:
+                return marker if expected is None else f"{marker}: {handed_on} of {expected} frames (every key set)"
+            outstanding = bool((pending == 0).any())
         if settled and not outstanding and handed_on >= n_rows:
             return marker if expected is None else f"{marker}: {handed_on} of {expected} frames (the detector stopped)"
         if waited_s >= self.settings.end_grace_s:
@@ -470,10 +476,11 @@ class ScanFollower:
                     last_rows, last_change = n_rows, now
                 settled = now - last_change >= self.settings.settle_s
                 progressed = False
-                for index in self._ready_indices(n_rows, settled):
-                    index = int(index)
-                    if index < next_index or index in sent:
+                for index in self._ready_indices(n_rows, settled, next_index):
+                    if index in sent:
                         continue
+                    if self._keys is None and not self._row_written(index):
+                        break  # a row grown but never written (a file that claims frames it has not got): not a frame
                     data, problem = inspect_frame(self._read(index))
                     yield Frame(index=index, data=data, axis_value=self._axis_value(index), problem=problem)
                     sent.add(index)

@@ -41,6 +41,8 @@ from pipeline.store.schema import (
 
 log = logging.getLogger(__name__)
 
+GROW_FRAMES = 4096  # the most frames the arrays grow by at once
+
 class StoreRefused(PipelineError):
     """A store path this daemon must not write (a symbolic link someone planted there)."""
 
@@ -159,7 +161,7 @@ class ScanStore:
         if not os.access(path.parent, os.W_OK):
             raise PermissionError(f"{path.parent}: output directory is not writable")
         group = zarr.open_group(path, mode="w", zarr_format=schema.ZARR_FORMAT)
-        n = info.expected_frames or 0
+        n = 0  # grown with the frames that exist, never sized from what the file claims (scan_shape can say anything)
         height, width = frame_shape
         for name, dtype in FRAME_ARRAYS.items():
             group.create_array(name, shape=(n, height, width), chunks=(1, height, width), dtype=dtype, fill_value=0, dimension_names=FRAME_DIMS)
@@ -226,9 +228,10 @@ class ScanStore:
     # -- writing -------------------------------------------------------------------------------
 
     def ensure_frames(self, n: int) -> None:
-        """Grow every frame-indexed array to hold `n` frames (scans without a known length)."""
+        """Grow every frame-indexed array to hold `n` frames: by at least half again (at most GROW_FRAMES more), so
+        that a long scan resizes its arrays a few dozen times, not once per batch; `finish` trims to the real count."""
         if n > self.frames_allocated:
-            self._resize_frames(n)
+            self._resize_frames(max(n, min(self.frames_allocated + GROW_FRAMES, (3 * self.frames_allocated) // 2)))
 
     def _resize_frames(self, n: int) -> None:
         height, width = self.frame_shape
