@@ -50,6 +50,9 @@ class FollowSettings(Strict):
     idle_timeout_s: float = Field(30.0, gt=0)  # no new frame this long and no end marker: incomplete
     link_timeout_s: float = Field(60.0, gt=0)  # external-link target must appear within this
     open_timeout_s: float = Field(30.0, gt=0)
+    # besides the watched directories, where scan files may link to (external links, virtual datasets, external
+    # raw storage); nothing outside them is read. With no watched directory (`pipeline process`): the scan's own directory
+    allowed_roots: list[Path] = Field(default_factory=list)
     # after an end marker, frames still outstanding (zero keys, fewer frames than expected) are waited for this long
     end_grace_s: float = Field(10.0, ge=0)
 
@@ -176,6 +179,7 @@ def _resolve_paths(config: Config, base: Path) -> Config:
 
     data = config.model_dump()
     data["watch"]["dirs"] = [resolve(Path(p)) for p in data["watch"]["dirs"]]
+    data["follow"]["allowed_roots"] = [resolve(Path(p)) for p in data["follow"]["allowed_roots"]]
     data["output"]["root"] = resolve(data["output"]["root"])
     data["daemon"]["log_file"] = resolve(data["daemon"]["log_file"])
     data["daemon"]["audit_log"] = resolve(data["daemon"]["audit_log"])

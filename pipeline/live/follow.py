@@ -32,7 +32,7 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -43,6 +43,7 @@ import numpy as np
 from pipeline.config import FollowSettings
 from pipeline.detector import DEAD_PIXEL
 from pipeline.errors import PipelineError, one_line
+from pipeline.live.confinement import dataset_outside, external_link_target, links_outside
 from pipeline.nexus import (
     H5_ERRORS,
     HDF5_SIGNATURE,
@@ -155,8 +156,11 @@ def _nx_class(group: h5py.Group) -> str:
 class ScanFollower:
     """Yields the frames of one NeXus scan as they become complete; see the module docstring."""
 
-    def __init__(self, nexus_path: Path, settings: FollowSettings, stop: threading.Event | None = None) -> None:
+    def __init__(self, nexus_path: Path, settings: FollowSettings, stop: threading.Event | None = None,
+                 roots: Sequence[Path] | None = None) -> None:
         self.nexus_path = Path(nexus_path)
+        # pixels only from files under these (see pipeline.live.confinement); by default the scan's own directory
+        self.roots = [Path(root) for root in roots] if roots else [self.nexus_path.parent]
         self.settings = settings
         self.stop = stop or threading.Event()
         self.info: ScanInfo | None = None
@@ -223,6 +227,9 @@ class ScanFollower:
 
     def _open(self) -> ScanInfo:
         self._nexus, entry, data_path, link = self._wait(self.nexus_path, self.settings.open_timeout_s, self._open_nexus)
+        outside = links_outside(self._file, self.nexus_path, self.roots)
+        if outside is not None:
+            raise ScanError(outside)
         keys_path = f"{entry}/diamond_scan/keys/uniqueKeys"
         if isinstance(link, h5py.ExternalLink):
             layout = "gda9" if keys_path in self._file else "gda8"
@@ -236,6 +243,9 @@ class ScanFollower:
             layout, source_file, dataset = "nexus", self.nexus_path, self._frames.name
             self._source = self._nexus
         self._check_dataset(self._data, source_file, dataset)
+        outside = dataset_outside(self._frames, source_file, self.roots)
+        if outside is not None:
+            raise ScanError(outside)
         self._keys = self._file[keys_path] if layout == "gda9" else None
         command = scan_command_of(self._file, entry)
         axis = find_scan_axis(self._file, entry, command)
@@ -304,12 +314,7 @@ class ScanFollower:
 
     def _resolve_link_target(self, filename: str) -> Path:
         """Relative targets are relative to the NeXus file; absolute beamline paths fall back to it too."""
-        target = Path(filename)
-        if not target.is_absolute():
-            return self.nexus_path.parent / target
-        if target.exists():
-            return target
-        return self.nexus_path.parent / target.parent.name / target.name
+        return external_link_target(filename, self.nexus_path)
 
     def _open_target(self, path: Path, dataset: str) -> tuple[h5py.File, h5py.Dataset]:
         check_signature(path)

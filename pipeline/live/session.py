@@ -102,7 +102,8 @@ class ScanSession:
         self.stop = threading.Event()
         self.finished = threading.Event()
         self.state = SessionState()
-        self.follower = ScanFollower(nexus_path, config.follow, self.stop)
+        roots = [*config.watch.dirs, *config.follow.allowed_roots, Path(nexus_path).parent]  # the scan's own directory: chosen by whoever put it there
+        self.follower = ScanFollower(nexus_path, config.follow, self.stop, roots=roots)
         self.info: ScanInfo | None = None
         self.store: ScanStore | None = None
         self.linker = VolumeLinker(self.config.volume.min_pixels)
