@@ -63,3 +63,16 @@ def test_batched_writes_equal_frame_by_frame_writes(tmp_path: Path) -> None:
     boxes = a["tlm/boxes"][3]
     assert boxes.shape == (MAX_DETECTIONS_PER_FRAME, 6) and boxes[0, 4] == np.float32(0.53) and np.isnan(boxes[1, 0])
     assert batched.done_prefix() == 5
+
+
+def test_each_frame_records_the_worker_that_made_it(tmp_path: Path) -> None:
+    store = ScanStore._create(tmp_path / "workers.zarr", _info(tmp_path / "a.nxs", None), SHAPE, {})
+    store.write_predictions({0: _prediction(0), 1: _prediction(1)}, {0: "local-0", 1: "gpu-node:4242"})
+    store.write_predictions({3: _prediction(3), 2: _prediction(2)}, {3: "local-0", 2: None})
+    reopened = ScanStore(store.path, zarr.open_group(store.path, mode="r+"), SHAPE)  # as a resumed daemon finds it
+    reopened.write_predictions({4: _prediction(4)}, {4: "gpu-node:4242"})
+    group = zarr.open_group(store.path, mode="r")
+    names = group["frames/worker"].attrs["names"]
+    assert names == ["local-0", "gpu-node:4242"]
+    made_by = [names[i - 1] if i else None for i in group["frames/worker"][:5].tolist()]
+    assert made_by == ["local-0", "gpu-node:4242", None, "local-0", "gpu-node:4242"]

@@ -159,7 +159,8 @@ class Daemon:
     def _audit_frame(self, scan: str, index: int, timings: FrameTimings) -> None:
         """One line per frame done, written after its done flag: an audit trail that survives crashes."""
         assert self._audit is not None
-        self._audit.write(json.dumps({"scan": scan, "frame": index, "pid": os.getpid(), "done_at": timings.done_at}) + "\n")
+        self._audit.write(json.dumps({"scan": scan, "frame": index, "pid": os.getpid(), "done_at": timings.done_at,
+                                      "worker": timings.made_by}) + "\n")
 
     def _on_result(self, dispatch: Dispatch, result: FrameResult | None, error: str | None) -> None:
         self.sink.post(ResultArrived(dispatch, result, error))

@@ -187,7 +187,8 @@ class ScanSession:
         Each outcome's `timings` travel on to `on_frame_done`."""
         self.received += len(outcomes)
         write_started = time.perf_counter()
-        self._store.write_predictions({o.index: o.prediction for o in outcomes if o.prediction is not None})
+        self._store.write_predictions({o.index: o.prediction for o in outcomes if o.prediction is not None},
+                                      {o.index: o.timings.made_by for o in outcomes})
         write_s = (time.perf_counter() - write_started) / len(outcomes)
         for outcome in outcomes:
             if outcome.prediction is None:  # no worker could segment it: keep the place, leave it not done

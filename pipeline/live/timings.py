@@ -21,6 +21,7 @@ class FrameTimings:
     worker: dict[str, float] = field(default_factory=dict)  # the worker's stages: preprocess, tlm, sslm, worker_total
     link_s: float = 0.0  # 3D linking
     write_s: float = 0.0  # writing its outputs to the store
+    made_by: str | None = None  # the worker whose result was written (its name, as it said hello)
 
     def as_dict(self) -> dict[str, float]:
         """One flat mapping (the worker's stages beside the daemon's), as the benchmark's JSON keeps it."""

@@ -33,8 +33,10 @@ FRAMES_DONE: Final = "frames/done"  # uint8: 1 once every other output of the fr
 FRAMES_AXIS: Final = "frames/axis"  # float64: the scan axis value of each frame
 AXIS_NAME_ATTR: Final = "name"  # frames/axis attribute: the scan axis's name
 DONE_CHUNK: Final = 4096  # frames per chunk of the 1-D per-frame arrays
+FRAMES_WORKER: Final = "frames/worker"  # uint16: which worker made the frame's outputs, 1-based into its `names`; 0 none
+WORKER_NAMES_ATTR: Final = "names"
 
-PER_FRAME_ARRAYS: Final = (*FRAME_ARRAYS, TLM_BOXES, FRAMES_DONE, FRAMES_AXIS)
+PER_FRAME_ARRAYS: Final = (*FRAME_ARRAYS, TLM_BOXES, FRAMES_DONE, FRAMES_AXIS, FRAMES_WORKER)
 """Every array whose first dimension is the frame: grown and trimmed together."""
 
 # -- tables: groups of equal-length 1-D columns, rewritten whole -------------------------------

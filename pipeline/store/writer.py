@@ -102,6 +102,9 @@ class ScanStore:
         self.frames_allocated = int(group[schema.FRAMES_DONE].shape[0])
         self.detections: dict[int, list[Detection]] = {}
         self.lock: StoreLock | None = None
+        if schema.FRAMES_WORKER not in group:  # a store made before workers were recorded
+            _create_worker_array(group, self.frames_allocated)
+        self.worker_names: list[str] = list(group[schema.FRAMES_WORKER].attrs.get(schema.WORKER_NAMES_ATTR) or [])
 
     # -- creating and resuming -------------------------------------------------------------
 
@@ -172,6 +175,7 @@ class ScanStore:
                            dimension_names=FRAME_DIMS[:1])
         group.create_array(schema.FRAMES_AXIS, shape=(n,), chunks=(schema.DONE_CHUNK,), dtype="float64", fill_value=float("nan"),
                            dimension_names=FRAME_DIMS[:1], attributes={schema.AXIS_NAME_ATTR: info.axis_name or ""})
+        _create_worker_array(group, n)
         for table in schema.TABLES:
             group.require_group(table)
         group.attrs.update({
@@ -240,6 +244,7 @@ class ScanStore:
         self.group[schema.TLM_BOXES].resize((n, MAX_DETECTIONS_PER_FRAME, len(BOX_FIELDS)))
         self.group[schema.FRAMES_DONE].resize((n,))
         self.group[schema.FRAMES_AXIS].resize((n,))
+        self.group[schema.FRAMES_WORKER].resize((n,))
         self.frames_allocated = n
 
     def _check_present(self) -> None:
@@ -247,13 +252,14 @@ class ScanStore:
         if not (self.path / schema.ROOT_METADATA).is_file():
             raise FileNotFoundError(f"{self.path}: store deleted or moved while being written")
 
-    def write_predictions(self, predictions: dict[int, FramePrediction]) -> None:
-        """Each frame's masks and boxes, durable before any done flag; frames next to each other go in one
-        write per array (zarr then encodes their chunks together: ~4x less time per frame than one by one)."""
+    def write_predictions(self, predictions: dict[int, FramePrediction], workers: dict[int, str | None] | None = None) -> None:
+        """Each frame's masks and boxes (and which worker made them), durable before any done flag; frames next to
+        each other go in one write per array (zarr then encodes their chunks together: ~4x less time per frame)."""
         if not predictions:
             return
         self._check_present()
         self.ensure_frames(max(predictions) + 1)
+        known = len(self.worker_names)
         for run in _runs(sorted(predictions)):
             block = slice(run[0], run[-1] + 1)
             frames = [predictions[i] for i in run]
@@ -261,6 +267,16 @@ class ScanStore:
             self.group[schema.SSL_CLUSTERS][block] = np.stack([p.ssl_clusters for p in frames])
             self.group[schema.SSL_MASK][block] = np.stack([p.ssl_mask for p in frames])
             self.group[schema.TLM_BOXES][block] = np.stack([self._boxes(i, p) for i, p in zip(run, frames)])
+            self.group[schema.FRAMES_WORKER][block] = np.array([self._worker_id((workers or {}).get(i)) for i in run], dtype=np.uint16)
+        if len(self.worker_names) != known:
+            self.group[schema.FRAMES_WORKER].attrs[schema.WORKER_NAMES_ATTR] = self.worker_names
+
+    def _worker_id(self, name: str | None) -> int:
+        if not name:
+            return 0
+        if name not in self.worker_names:
+            self.worker_names.append(name[:100])
+        return self.worker_names.index(name[:100]) + 1
 
     def _boxes(self, index: int, prediction: FramePrediction) -> np.ndarray:
         detections = sorted(prediction.detections, key=lambda d: d.instance_id)[:MAX_DETECTIONS_PER_FRAME]
@@ -337,6 +353,11 @@ class ScanStore:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             zarr.consolidate_metadata(self.path)
+
+
+def _create_worker_array(group: zarr.Group, n: int) -> None:
+    group.create_array(schema.FRAMES_WORKER, shape=(n,), chunks=(schema.DONE_CHUNK,), dtype="uint16", fill_value=0,
+                       dimension_names=FRAME_DIMS[:1], attributes={schema.WORKER_NAMES_ATTR: []})
 
 
 def _runs(indices: list[int]) -> list[list[int]]:
