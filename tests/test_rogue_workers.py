@@ -93,3 +93,31 @@ def test_a_claimed_credit_is_capped_by_the_config() -> None:
     finally:
         greedy.close(linger=0)
         dispatcher.stop()
+
+
+def test_peers_that_join_take_a_frame_and_vanish_cannot_make_it_fail() -> None:
+    results: list[tuple] = []
+    dispatcher = Dispatcher(WorkerSettings(credit=1, timeout_s=0.6, heartbeat_s=0.2),
+                            lambda d, r, e: results.append((d.task.frame, r, e))).start()
+    context = zmq.Context.instance()
+    try:
+        assert dispatcher.submit("scan", 7, FRAME)
+        for index in range(5):  # more than MAX_ATTEMPTS vanishing peers, each under a new name
+            rogue = context.socket(zmq.DEALER)
+            rogue.connect(dispatcher.endpoint)
+            rogue.send_multipart(wire.encode_control(wire.HELLO, {"name": f"rogue-{index}", "n": 1}))
+            assert rogue.poll(5000), "the rogue was sent nothing"
+            rogue.recv_multipart()
+            rogue.close(linger=0)  # vanishes with the frame; dropped once silent for timeout_s
+            assert poll(lambda: dispatcher.stats()["workers"] == [] and dispatcher.stats()["in_flight"] == 0, timeout=10)
+        assert results == [] and dispatcher.stats()["failed"] == 0
+        honest = context.socket(zmq.DEALER)
+        honest.connect(dispatcher.endpoint)
+        honest.send_multipart(wire.encode_control(wire.HELLO, {"name": "honest", "n": 1}))
+        deadline = time.monotonic() + 10
+        while not results and time.monotonic() < deadline:
+            _answer(honest, "honest")
+        assert [(frame, error) for frame, _, error in results] == [(7, None)] and results[0][1] is not None
+        honest.close(linger=0)
+    finally:
+        dispatcher.stop()

@@ -30,7 +30,7 @@ from pipeline.live.security import CurveServer
 
 log = logging.getLogger(__name__)
 
-MAX_ATTEMPTS = 3  # a frame whose worker dies this many times is given up as failed
+MAX_ATTEMPTS = 3  # a frame lost this many times by workers that had delivered results is given up as failed
 POLL_MS = 20
 
 
@@ -52,7 +52,8 @@ class Dispatch:
 
     task: wire.FrameTask
     context: Any  # what the submitter needs back with the result (e.g. axis value)
-    attempts: int = 0
+    attempts: int = 0  # times sent
+    failures: int = 0  # times lost by a worker that had delivered results (a poison frame); see _drop_worker
     worker: bytes | None = None
     sent_at: float = 0.0  # wall clock (time.time), comparable across processes for latency figures
     sent_monotonic: float = 0.0  # for the task deadline (workers.task_timeout_s)
@@ -242,10 +243,14 @@ class Dispatcher:
             lost = [self.in_flight.pop(task) for task in sorted(worker.in_flight) if task in self.in_flight]
         log.warning("worker %s left (%s); %d frame(s) in flight go to another worker", worker.name, why, len(lost))
         self.counters["workers_lost"] += why != "said bye"
+        # only a worker that had delivered results counts against a frame: a peer that joins, takes frames and
+        # vanishes (under new names each time) must not make a frame fail for good; one that said bye left cleanly
+        counts = worker.frames_done > 0 and why != "said bye"
         for dispatch in reversed(lost):
-            if dispatch.attempts >= MAX_ATTEMPTS:
+            dispatch.failures += counts
+            if dispatch.failures >= MAX_ATTEMPTS:
                 self.counters["failed"] += 1
-                self._deliver(dispatch, None, f"gave up after {dispatch.attempts} workers failed on it")
+                self._deliver(dispatch, None, f"gave up after {dispatch.failures} workers failed on it")
             else:
                 self.counters["redispatched"] += 1
                 self.retry.appendleft(dispatch)
