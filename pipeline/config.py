@@ -75,7 +75,10 @@ class WorkerSettings(Strict):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     batch_size: int = Field(4, ge=1)
     credit: int = Field(8, ge=1)  # frames a worker may hold at once
-    bind: str = "tcp://127.0.0.1:0"  # where workers connect; port 0 = any free port
+    # where workers on other hosts connect (e.g. tcp://0.0.0.0:5555); null: none, local workers only (they use a
+    # socket file in a directory only the daemon's user can open). Beyond loopback only with CurveZMQ or `insecure`
+    bind: str | None = None
+    insecure: bool = False  # allow binding beyond loopback without CurveZMQ (a network you trust entirely)
     heartbeat_s: float = Field(1.0, gt=0)
     timeout_s: float = Field(30.0, gt=0)  # a worker silent this long is dead; its frames go elsewhere
     task_timeout_s: float = Field(300.0, gt=0)  # a worker holding a frame this long without an answer is dropped; its frames go elsewhere
@@ -83,6 +86,14 @@ class WorkerSettings(Strict):
     curve_secret_key: Path | None = None  # set to require CurveZMQ: this side's `.key_secret` file
     authorized_keys: Path | None = None  # daemon: directory of workers' public `.key` files
     server_public_key: Path | None = None  # remote worker: the daemon's public `.key` file
+
+    @model_validator(mode="after")
+    def _no_open_door(self) -> WorkerSettings:
+        host = (self.bind or "").removeprefix("tcp://").rsplit(":", 1)[0].strip("[]")
+        if self.bind and host not in ("127.0.0.1", "localhost", "::1") and self.curve_secret_key is None and not self.insecure:
+            raise ValueError(f"bind {self.bind} reaches beyond this host without CurveZMQ: set workers.curve_secret_key "
+                             "(pipeline keys generate), or workers.insecure: true on a network you trust")
+        return self
 
     @field_validator("device")
     @classmethod

@@ -55,7 +55,7 @@ class Daemon:
                                      may_send=self.sink.may_send, frame_shape=config.follow.frame_shape)
         self.watcher = Watcher(config.watch, self.add_scan) if watch else None
         self.painter = QuickLookPainter()
-        self.local_workers = LocalWorkers(config, self.dispatcher.endpoint)
+        self.local_workers = LocalWorkers(config, self.dispatcher.local_endpoint)
         self._said_unable: str | None = None
         self._lock = threading.Lock()
         self._threads = [

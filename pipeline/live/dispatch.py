@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import queue
+import shutil
+import tempfile
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -92,8 +96,15 @@ class Dispatcher:
         self._curve = CurveServer(settings, self.context) if settings.curve_secret_key is not None else None
         if self._curve is not None:
             self._curve.apply(self._socket)
-        self._socket.bind(settings.bind)
-        self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        # local workers come in through a socket file in a directory only this user can open, so no other
+        # local user can take frames or send results; TCP (for workers on other hosts) only when the config binds it
+        self._private = Path(tempfile.mkdtemp(prefix="pipeline-workers-"))
+        os.chmod(self._private, 0o700)
+        self._socket.bind(f"ipc://{self._private / 'workers'}")
+        self.local_endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        if settings.bind:
+            self._socket.bind(settings.bind)
+        self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT) if settings.bind else self.local_endpoint
         self._thread = threading.Thread(target=self._loop, name="dispatch", daemon=True)
         self._lock = threading.Lock()  # guards the snapshots that `stats` reads
 
@@ -123,6 +134,7 @@ class Dispatcher:
         with self._lock:
             return {
                 "endpoint": self.endpoint,
+                "local_endpoint": self.local_endpoint,
                 "queued": self.queue.qsize() + len(self.retry),
                 "in_flight": len(self.in_flight),
                 "workers": [
@@ -157,6 +169,7 @@ class Dispatcher:
             for identity in list(self.workers):
                 self._send(identity, wire.encode_control(wire.STOP))
             self._socket.close(linger=200)
+            shutil.rmtree(self._private, ignore_errors=True)
             if self._curve is not None:
                 self._curve.stop()
 

@@ -90,7 +90,7 @@ class Soak:
             "watch.rescan_interval_s": min(base.watch.rescan_interval_s, 2.0),
             "workers.local": self.settings.workers, "workers.timeout_s": SOAK_TIMEOUT_S, "workers.heartbeat_s": SOAK_HEARTBEAT_S,
             # remote workers need an endpoint that stays the same across daemon restarts
-            "workers.bind": f"tcp://127.0.0.1:{free_port()}" if self.settings.remote_workers else "tcp://127.0.0.1:0",
+            "workers.bind": f"tcp://127.0.0.1:{free_port()}" if self.settings.remote_workers else None,
             "follow.idle_timeout_s": SOAK_IDLE_TIMEOUT_S,
             "follow.link_timeout_s": min(base.follow.link_timeout_s, 30.0),
             "follow.open_timeout_s": min(base.follow.open_timeout_s, 30.0),
@@ -108,7 +108,7 @@ class Soak:
         live_path, offline_path = root / "soak.yaml", root / "offline.yaml"
         live_path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
         offline_path.write_text(yaml.safe_dump(offline.model_dump(mode="json"), sort_keys=False))
-        self.worker_endpoint = config.workers.bind
+        self.worker_endpoint = config.workers.bind or ""  # remote workers only connect when it is set
         figures = {"control": control, "workers": self.settings.workers, "remote_workers": self.settings.remote_workers,
                    "device": config.workers.device,
                    "timeout_s": SOAK_TIMEOUT_S, "heartbeat_s": SOAK_HEARTBEAT_S, "idle_timeout_s": SOAK_IDLE_TIMEOUT_S,
