@@ -138,7 +138,9 @@ class OutputSettings(Strict):
 
 
 class DaemonSettings(Strict):
-    control: str = "tcp://127.0.0.1:5557"  # `pipeline status` asks here
+    # `pipeline status` asks here: by default a socket file in a directory only the daemon's user can open;
+    # tcp://127.0.0.1:PORT for other users on this host (they then read scan and store paths)
+    control: str = "ipc://~/.pipeline/control"
     max_active_scans: int = Field(4, ge=1)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_file: Path | None = None

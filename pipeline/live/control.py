@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -34,6 +36,11 @@ class ControlServer:
     """A REP socket bound at construction; `serve` answers on the calling thread until `stopping` is set."""
 
     def __init__(self, endpoint: str, status: Callable[[], dict[str, Any]]) -> None:
+        endpoint = expand(endpoint)
+        if endpoint.startswith("ipc://"):
+            _private_directory(Path(endpoint.removeprefix("ipc://")).parent, endpoint)
+            if query_status(endpoint, timeout_s=0.5) is not None:  # binding would take the socket file from a running daemon
+                raise ControlError(f"daemon.control {endpoint}: address in use (is another daemon running with this config?)")
         self.endpoint = endpoint
         self.status = status
         self.refused = 0
@@ -68,8 +75,24 @@ class ControlServer:
         self._sock.send(reply.encode())
 
 
+def expand(endpoint: str) -> str:
+    """`ipc://~/...` with the user's home directory put in (ZeroMQ does not expand `~`)."""
+    return "ipc://" + os.path.expanduser(endpoint.removeprefix("ipc://")) if endpoint.startswith("ipc://") else endpoint
+
+
+def _private_directory(directory: Path, endpoint: str) -> None:
+    """The socket file's directory, made if need be, must be this user's alone (mode 0700): only they reach the socket."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = directory.stat()
+    if info.st_uid != os.geteuid() or info.st_mode & 0o077:
+        raise ControlError(f"daemon.control {endpoint}: {directory} must belong to this user and be closed to others (chmod 700)")
+
+
 def query_status(endpoint: str, timeout_s: float = 2.0) -> dict[str, Any] | None:
     """A running daemon's status, or None when nothing answers at `endpoint` within `timeout_s`."""
+    endpoint = expand(endpoint)
+    if endpoint.startswith("ipc://") and not Path(endpoint.removeprefix("ipc://")).exists():
+        return None  # connecting would wait for a socket file that is not there
     sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)
