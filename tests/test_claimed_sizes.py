@@ -20,7 +20,7 @@ import pytest
 from pipeline.detector import FRAME_SHAPE
 from pipeline.store import StoreReader, schema
 from pipeline.store.schema import Attr
-from pipeline.testing.configs import write_config
+from pipeline.testing.configs import MODELS_OFF, write_config
 
 pytestmark = pytest.mark.daemon
 
@@ -38,7 +38,7 @@ def test_a_file_claiming_ten_million_unwritten_frames_processes_none(tmp_path: P
         detector = entry.create_group("pil3_100k")
         detector.create_dataset("data", shape=(CLAIMED, *FRAME_SHAPE), dtype="int32", chunks=(1, *FRAME_SHAPE))
     assert scan.stat().st_size < 64 * 1024
-    config = write_config(tmp_path / "config.yaml", untrained_weights, follow={"end_grace_s": 3.0, "settle_s": 0.3})
+    config = write_config(tmp_path / "config.yaml", untrained_weights, models=MODELS_OFF, follow={"end_grace_s": 3.0, "settle_s": 0.3})
     started = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "pipeline", "process", "--config", str(config), "--no-progress", str(scan)],
                             capture_output=True, text=True, timeout=300)

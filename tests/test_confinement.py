@@ -19,7 +19,7 @@ import pytest
 
 from pipeline.detector import FRAME_SHAPE
 from pipeline.store import read_attributes, schema
-from pipeline.testing.configs import write_config
+from pipeline.testing.configs import MODELS_OFF, write_config
 from pipeline.testing.daemons import start_daemon, stop_daemon, wait_for_status, wait_for_workers
 from pipeline.testing.files import appear
 
@@ -79,7 +79,7 @@ def test_links_virtual_datasets_and_external_storage_outside_the_roots_fail_in_o
     watched.mkdir()
     secret = _detector_file(other_visit / "secret.hdf")
     shared = _detector_file(allowed / "shared.hdf")
-    config = write_config(tmp_path / "config.yaml", untrained_weights, follow={"allowed_roots": [str(allowed)]})
+    config = write_config(tmp_path / "config.yaml", untrained_weights, models=MODELS_OFF, follow={"allowed_roots": [str(allowed)]})
     log = tmp_path / "daemon.log"
     daemon = start_daemon(config, watched, log)
     try:

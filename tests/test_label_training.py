@@ -23,7 +23,7 @@ from pipeline.models.card import read_card
 from pipeline.models.labels import export_store, load_labelled_frames
 from pipeline.models.scoring import pairwise_iou
 from pipeline.simulator.writers import LAYOUTS, ScanPlan, write_scan
-from pipeline.testing.configs import write_config
+from pipeline.testing.configs import MODELS_OFF, write_config
 from pipeline.testing.stores import put_truth_labels
 
 pytestmark = pytest.mark.daemon
@@ -41,7 +41,7 @@ def test_export_import_fine_tune_and_evaluate_on_labelled_frames(tmp_path: Path,
                       seed=30 + index, n_peaks=3) for index, layout in enumerate(LAYOUTS)]
     for plan in plans:
         write_scan(plan)
-    config = write_config(tmp_path / "config.yaml", untrained_weights)
+    config = write_config(tmp_path / "config.yaml", untrained_weights, models=MODELS_OFF)
     processed = _pipeline("process", "--config", str(config), "--no-progress", *[str(p.nxs_path) for p in plans])
     assert processed.returncode == 0, processed.stderr[-3000:]
 

@@ -26,7 +26,7 @@ from pipeline import nexus
 from pipeline.simulator.writers import LAYOUTS, ScanPlan, ScanWriter
 from pipeline.store import StoreReader, schema
 from pipeline.store.schema import Attr
-from pipeline.testing.configs import write_config
+from pipeline.testing.configs import MODELS_OFF, write_config
 from pipeline.testing.daemons import start_daemon, stop_daemon, wait_for_status, wait_for_workers
 from pipeline.testing.i16 import I16Scan, write_gda8, write_gda9
 from pipeline.testing.stores import assert_stores_equal, process_offline
@@ -52,7 +52,7 @@ def test_real_file_metadata_gives_the_axis_the_expected_count_and_the_detector(t
     }
     for scan in scans.values():
         (write_gda9 if scan.layout == "gda9" else write_gda8)(scan)
-    config = write_config(tmp_path / "config.yaml", untrained_weights)
+    config = write_config(tmp_path / "config.yaml", untrained_weights, models=MODELS_OFF)
     result = subprocess.run([sys.executable, "-m", "pipeline", "process", "--config", str(config), "--no-progress",
                              *[str(s.nxs_path) for s in scans.values()]], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
@@ -85,7 +85,7 @@ def test_real_file_metadata_gives_the_axis_the_expected_count_and_the_detector(t
 def test_an_end_marker_before_the_last_frames_waits_for_them_in_every_layout(tmp_path: Path, untrained_weights) -> None:
     scans = tmp_path / "scans"
     scans.mkdir()
-    config = write_config(tmp_path / "config.yaml", untrained_weights, follow={"end_grace_s": 30.0})
+    config = write_config(tmp_path / "config.yaml", untrained_weights, models=MODELS_OFF, follow={"end_grace_s": 30.0})
     plans = [ScanPlan(directory=scans, name=f"lag-{layout}", layout=layout, n_frames=10, rate_hz=4.0, seed=20 + i, end_marker_lead=4)
              for i, layout in enumerate(LAYOUTS)]
     log = tmp_path / "daemon.log"

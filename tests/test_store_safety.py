@@ -67,7 +67,7 @@ def test_one_writer_per_store_a_second_gets_one_line(tmp_path: Path, untrained_w
     scans = tmp_path / "scans"
     scans.mkdir()
     config = write_config(tmp_path / "config.yaml", untrained_weights, follow={"idle_timeout_s": 10.0})
-    plan = ScanPlan(directory=scans, name="shared", layout="nexus", n_frames=16, rate_hz=2.0, seed=4)
+    plan = ScanPlan(directory=scans, name="shared", layout="nexus", n_frames=20, rate_hz=1.0, seed=4)
     store = plan.nxs_path.with_suffix(".zarr")
     daemon = start_daemon(config, scans, tmp_path / "daemon.log")
     try:
@@ -76,6 +76,7 @@ def test_one_writer_per_store_a_second_gets_one_line(tmp_path: Path, untrained_w
         deadline = time.monotonic() + 60
         while not (store / "zarr.json").exists() and time.monotonic() < deadline:
             time.sleep(0.1)
+        assert writer.is_alive()  # the daemon cannot have finished the scan: its last frame is not written yet
         second = _process(config, plan.nxs_path)  # the same store, while the daemon writes it
         writer.join(timeout=60)
         wait_for_status([store], timeout=120)

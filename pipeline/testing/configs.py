@@ -8,6 +8,9 @@ from typing import Any
 
 import yaml
 
+MODELS_OFF = {"tlm": {"enabled": False}, "sslm": {"enabled": False}}
+"""The `models` section for tests of the data path that need no predictions: workers answer with empty masks at once."""
+
 
 def free_port() -> int:
     """A TCP port on localhost that nothing listens on right now."""
