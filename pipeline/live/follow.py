@@ -57,6 +57,7 @@ from pipeline.nexus import (
     scan_command_of,
     start_time_of,
 )
+from pipeline.shared_datasets import NoSuchDataset, NotADataset, acquire_dataset, release_dataset
 
 log = logging.getLogger(__name__)
 
@@ -319,18 +320,14 @@ class ScanFollower:
     def _open_target(self, path: Path, dataset: str) -> tuple[h5py.File, h5py.Dataset]:
         check_signature(path)
         check_truncated(path)
-        handle = open_hdf5(path)
         try:
-            if dataset not in handle:
-                raise _NotYet(f"no dataset {dataset} (the external link's target)")
-            data = handle[dataset]
-            if not isinstance(data, h5py.Dataset):
-                raise ScanError(f"{path}:{dataset}: a {type(data).__name__}, not a dataset of frames")
-        except BaseException:
-            handle.close()
-            raise
-        self._identities[path] = handle_identity(handle)
-        return handle, data
+            data = acquire_dataset(path, dataset)  # shared with any other scan that reads it (see pipeline.shared_datasets)
+        except NoSuchDataset:
+            raise _NotYet(f"no dataset {dataset} (the external link's target)") from None
+        except NotADataset as wrong:
+            raise ScanError(f"{path}:{wrong} of frames") from None
+        self._identities[path] = handle_identity(data.file)
+        return data.file, data
 
     def _check_dataset(self, data: h5py.Dataset, source: Path, dataset: str) -> None:
         """Dtype, rank and frame shape never change once a dataset exists: a wrong one is final."""
@@ -542,12 +539,13 @@ class ScanFollower:
         return 0 if self._data is None else int(self._frames.shape[0])
 
     def close(self) -> None:
-        for handle in (self._source, self._nexus):
-            try:
-                if handle is not None and handle.id.valid:
-                    handle.close()
-            except Exception:  # closing a file that vanished must not hide the real error
-                pass
+        if self._source is not None and self._source is not self._nexus and self._data is not None:
+            release_dataset(self._data)  # the detector file: shared, closed by its last user
+        try:
+            if self._nexus is not None and self._nexus.id.valid:
+                self._nexus.close()
+        except Exception:  # closing a file that vanished must not hide the real error
+            pass
         self._source = self._nexus = None
 
     def __enter__(self) -> ScanFollower:

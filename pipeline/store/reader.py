@@ -22,7 +22,7 @@ import zarr
 
 import pipeline.store.schema as schema
 from pipeline.errors import PipelineError, one_line
-from pipeline.nexus import open_hdf5
+from pipeline.shared_datasets import acquire_dataset, release_dataset
 from pipeline.store.schema import Attr
 
 
@@ -178,19 +178,20 @@ class StoreReader:
         """The raw frame dataset, opened without locks so the detector's writer is never blocked."""
         path = self.source_path()
         dataset_name = self.group.attrs.get(Attr.SOURCE_DATASET)
+        if not dataset_name:
+            raise StoreError(f"{self.path}: the store does not name its raw dataset (attribute {Attr.SOURCE_DATASET})")
         try:
-            handle = open_hdf5(path)
+            dataset = acquire_dataset(path, str(dataset_name))  # the daemon's follower may hold it: share, never open twice
         except OSError as error:
             raise StoreError(f"{path}: cannot read the raw file ({one_line(error)})") from None
+        except LookupError:
+            raise StoreError(f"{self.path}: raw dataset {dataset_name!r} not in {path}") from None
         try:
-            if not dataset_name or dataset_name not in handle:
-                raise StoreError(f"{self.path}: raw dataset {dataset_name!r} not in {path}")
-            dataset = handle[dataset_name]
-            if handle.swmr_mode:
+            if dataset.file.swmr_mode:
                 dataset.refresh()  # a file still being written: see its current length
             yield dataset
         finally:
-            handle.close()
+            release_dataset(dataset)
 
 
 def read_raw_frame(dataset: h5py.Dataset, index: int) -> np.ndarray:

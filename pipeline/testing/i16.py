@@ -75,11 +75,12 @@ def _group(parent: h5py.Group, name: str, nx_class: str) -> h5py.Group:
     return group
 
 
-def write_detector_file(scan: I16Scan, frames: np.ndarray | None = None) -> Path:
-    """The Pilatus writer's file: frames at /entry/instrument/detector/data, one frame per chunk."""
+def write_detector_file(scan: I16Scan, frames: np.ndarray | None = None, libver: str = "latest") -> Path:
+    """The Pilatus writer's file: frames at /entry/instrument/detector/data, one frame per chunk.
+    `libver="earliest"` makes the version-0 superblock (and old chunk index) that older writers leave."""
     frames = scan.frames() if frames is None else frames
     scan.detector_path.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(scan.detector_path, "w", libver="latest") as handle:
+    with h5py.File(scan.detector_path, "w", libver=libver) as handle:
         handle.create_dataset(DETECTOR_DATASET, data=frames, chunks=(1, *FRAME_SHAPE), maxshape=(None, *FRAME_SHAPE))
     return scan.detector_path
 
