@@ -40,6 +40,7 @@ from typing import TypeVar
 import h5py
 import numpy as np
 
+from pipeline.chunks import BoundedFrameReader, ChunkRefused, chunk_problem
 from pipeline.config import FollowSettings
 from pipeline.detector import DEAD_PIXEL
 from pipeline.errors import PipelineError, one_line
@@ -171,6 +172,7 @@ class ScanFollower:
         self._data: h5py.Dataset | None = None
         self._keys: h5py.Dataset | None = None
         self._axis_path: str | None = None
+        self._reader: BoundedFrameReader | None = None
         self._identities: dict[Path, tuple[int, int] | None] = {}  # the files we opened, to notice them replaced
 
     # -- opening --------------------------------------------------------------------------
@@ -339,6 +341,10 @@ class ScanFollower:
         if tuple(data.shape[1:]) != (height, width):
             raise ScanError(f"{source}:{dataset}: frames of {data.shape[1]} x {data.shape[2]} pixels, "
                             f"expected {height} x {width} (follow.frame_shape)")
+        too_big = chunk_problem(data, int(self.settings.max_chunk_mib * 2**20))
+        if too_big is not None:
+            raise ScanError(f"{source}:{dataset}: {too_big}")
+        self._reader = BoundedFrameReader(data)
 
     # -- following ------------------------------------------------------------------------
 
@@ -448,8 +454,11 @@ class ScanFollower:
         return value if np.isfinite(value) else None
 
     def _read(self, index: int) -> np.ndarray:
+        assert self._reader is not None, "open() the follower first"
         try:
-            return np.asarray(self._frames[index])
+            return self._reader.read(index)
+        except ChunkRefused as error:
+            raise ScanError(f"{self._opened.source_file}:{self._opened.dataset}: frame {index}: {error}") from None
         except H5_ERRORS as error:
             raise ScanError(f"{self._opened.source_file}:{self._opened.dataset}: frame {index} unreadable ({one_line(error, H5_MESSAGE_LIMIT)})") from None
 
