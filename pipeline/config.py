@@ -137,6 +137,11 @@ class VolumeSettings(Strict):
 class OutputSettings(Strict):
     root: Path | None = None  # None: <scan>.zarr beside <scan>.nxs
     refresh_tables_s: float = Field(2.0, gt=0)  # how often the live peaks/detections tables are rewritten
+    # every file of a store flushed to the disk (and its directory) before it counts as written: survives a power cut,
+    # costs a disk round trip per chunk (see pipeline.store.durable)
+    fsync: bool = False
+    # a scan stopped by a full disk (ENOSPC, quota) resumes once this much is free where its store is
+    resume_free_mib: float = Field(64.0, ge=0)
 
 
 class DaemonSettings(Strict):

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import queue
+import shutil
 import subprocess
 import threading
 import time
@@ -39,6 +40,15 @@ from pipeline.store.reader import store_status
 log = logging.getLogger(__name__)
 
 KEEP_FINISHED_SESSIONS = 256  # finished scans still listed by `pipeline status`
+SPACE_CHECK_INTERVAL_S = 2.0  # how often scans stopped by a full disk look for space again
+
+
+def free_space(path: Path) -> int:
+    """Bytes free on the file system where `path` is (or would be made)."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return shutil.disk_usage(candidate).free
+    return 0
 
 
 class Daemon:
@@ -57,6 +67,8 @@ class Daemon:
         self.painter = QuickLookPainter()
         self.local_workers = LocalWorkers(config, self.dispatcher.local_endpoint)
         self._said_unable: str | None = None
+        self._resume_reasons: dict[Path, str] = {}  # scans stopped by a full disk, queued again: why they stopped
+        self._space_checked = 0.0
         self._lock = threading.Lock()
         self._threads = [
             threading.Thread(target=self._scheduler_loop, name="scheduler", daemon=True),
@@ -129,10 +141,27 @@ class Daemon:
                 self._session_ended.wait(0.1)  # woken as soon as a scan ends, so failing files do not queue up
                 self._session_ended.clear()
             self.local_workers.supervise()
+            self._resume_when_space()
             unable = self.local_workers.unable
             if unable is not None and unable != self._said_unable:
                 log.error("%s; frames wait for a remote worker", unable)
                 self._said_unable = unable
+
+    def _resume_when_space(self) -> None:
+        """Queue again every scan stopped by a full disk whose store's file system has `resume_free_mib` free."""
+        if time.monotonic() - self._space_checked < SPACE_CHECK_INTERVAL_S:
+            return
+        self._space_checked = time.monotonic()
+        with self._lock:
+            stopped = [s for s in self.sessions.values() if s.finished.is_set() and s.disk_full and s.nexus_path not in self._resume_reasons]
+        for session in stopped:
+            free_mib = free_space(session.store_path) / 2**20
+            if free_mib >= self.config.output.resume_free_mib:
+                assert session.disk_full is not None
+                self._resume_reasons[session.nexus_path] = session.disk_full
+                session.disk_full = None
+                log.info("%s: %.0f MiB free where its store is; resuming the scan", session.nexus_path.name, free_mib)
+                self.waiting_scans.put(session.nexus_path)
 
     def _start_session(self, path: Path) -> None:
         key = str(path)
@@ -143,7 +172,7 @@ class Daemon:
             retry.start()
             return
         session = ScanSession(path, self.config, self.dispatcher.submit, self.provenance, self.sink.post, self._frame_done,
-                              self.painter.paint)
+                              self.painter.paint, resumed_after=self._resume_reasons.pop(path, None))
         with self._lock:
             self.sessions[key] = session
             finished = [k for k, s in self.sessions.items() if s.finished.is_set()]

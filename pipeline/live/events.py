@@ -2,7 +2,7 @@
 
 The dispatcher carries a `FrameContext` with each frame without looking at it; the sink gets it
 back with the worker's result. Scan sessions post `ScanEnded` or `ScanFailed` once their file is
-done; the daemon posts `Quit` when it stops. Only the sink thread acts on them, so a scan's store
+done (`DiskFull` when their store cannot be made for want of space); the daemon posts `Quit` when it stops. Only the sink thread acts on them, so a scan's store
 has one writer.
 """
 
@@ -51,8 +51,16 @@ class ScanFailed:
 
 
 @dataclass(frozen=True)
+class DiskFull:
+    """The scan's store could not be written for want of space; the scan resumes when space returns."""
+
+    session: ScanSession
+    reason: str
+
+
+@dataclass(frozen=True)
 class Quit:
     """The daemon is stopping: the sink writes what it holds and ends."""
 
 
-SinkEvent = ResultArrived | ScanEnded | ScanFailed | Quit
+SinkEvent = ResultArrived | ScanEnded | ScanFailed | DiskFull | Quit

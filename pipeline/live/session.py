@@ -21,14 +21,14 @@ import numpy as np
 from pipeline.config import Config
 from pipeline.errors import one_line
 from pipeline.live import wire
-from pipeline.live.events import FrameContext, ScanEnded, ScanFailed, SinkEvent
+from pipeline.live.events import DiskFull, FrameContext, ScanEnded, ScanFailed, SinkEvent
 from pipeline.live.follow import ScanError, ScanFollower
 from pipeline.live.timings import FrameTimings
 from pipeline.models.prediction import FramePrediction
 from pipeline.nexus import ScanInfo
 from pipeline.store import schema
 from pipeline.store.location import store_path_for
-from pipeline.store.writer import ScanStore, StoreRefused, mark_failed
+from pipeline.store.writer import ScanStore, StoreRefused, is_disk_full, mark_failed
 from pipeline.volume import VolumeLinker
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,13 @@ class FrameOutcome:
     timings: FrameTimings
 
 
+WAITING_FOR_SPACE = "waiting for space"  # what `pipeline status` shows for a scan stopped by a full disk (not a store status)
+
+
+class _StoreDiskFull(Exception):
+    """The store could not be made or resumed for want of space; the message is one line."""
+
+
 @dataclass
 class SessionState:
     """What `pipeline status` shows about a scan."""
@@ -88,8 +95,10 @@ class SessionState:
 class ScanSession:
     def __init__(self, nexus_path: Path, config: Config, submit: Callable[..., bool], provenance: dict[str, Any],
                  post: Callable[[SinkEvent], None], on_frame_done: FrameDoneHook | None = None,
-                 paint: Callable[[Path], None] | None = None) -> None:
+                 paint: Callable[[Path], None] | None = None, resumed_after: str | None = None) -> None:
         self.nexus_path = nexus_path
+        self.resumed_after = resumed_after  # why the last session of this scan stopped (a full disk), if it did
+        self.disk_full: str | None = None  # set when this session stops for want of space: the daemon retries the scan
         self.key = str(nexus_path)
         self.config = config
         self.submit = submit
@@ -134,6 +143,8 @@ class ScanSession:
                 self.max_index = max(self.max_index, frame.index)
                 self.state.frames_read = self.max_index + 1
             self.post(ScanEnded(self, self.follower.end_reason or "stopped"))
+        except _StoreDiskFull as error:
+            self.post(DiskFull(self, str(error)))
         except (ScanError, PermissionError, OSError, ValueError) as error:
             self.post(ScanFailed(self, one_line(error)))
         except Exception as error:  # a bug must cost one scan, never the daemon or its drain
@@ -147,8 +158,14 @@ class ScanSession:
         attrs = {"config": self.config.model_dump(mode="json"), "models": self.provenance.get("models", {}),
                  "device": self.provenance.get("device", "")}
         try:
-            self.store = ScanStore.create_or_resume(self.store_path, self._info, self.config.follow.frame_shape, attrs)
+            self.store = ScanStore.create_or_resume(self.store_path, self._info, self.config.follow.frame_shape, attrs,
+                                                    fsync=self.config.output.fsync)
+            if self.resumed_after is not None:
+                self.store.record_resumed_after_disk_full(self.resumed_after)
+                log.info("%s: space again where its store is; resuming (%s)", self.nexus_path.name, self.resumed_after)
         except OSError as error:
+            if is_disk_full(error):
+                raise _StoreDiskFull(f"{self.store_path}: disk full ({one_line(error)})") from None
             self.store_unusable = True
             raise ScanError(f"{self.nexus_path}: cannot create its store {self.store_path} ({_why_not_writable(self.store_path, error)})") from None
         except StoreRefused as error:
@@ -267,6 +284,17 @@ class ScanSession:
         self.state.status, self.state.reason = status, reason
         log.info("%s: %s (%s), %d/%d frames done, %d peaks -> %s", self.nexus_path.name, status, reason, done,
                  frames_total, len(self.linker.peaks), self.store_path)
+        self.finished.set()
+        self._release()
+
+    def wait_for_space(self, reason: str) -> None:
+        """Stop for want of space without failing: the store keeps what is done (and says why it stopped, if it
+        can), and the daemon starts the scan again, resuming it, once space returns (output.resume_free_mib)."""
+        log.error("%s: %s; the scan stops and resumes when there is space", self.nexus_path.name, reason)
+        if self.store is not None:
+            self.store.record_disk_full(reason)
+        self.disk_full = reason
+        self.state.status, self.state.reason = WAITING_FOR_SPACE, reason
         self.finished.set()
         self._release()
 

@@ -16,9 +16,10 @@ import time
 from collections.abc import Callable
 
 from pipeline.errors import one_line
-from pipeline.live.events import FrameContext, Quit, ResultArrived, ScanEnded, ScanFailed, SinkEvent
+from pipeline.live.events import DiskFull, FrameContext, Quit, ResultArrived, ScanEnded, ScanFailed, SinkEvent
 from pipeline.live.session import FrameOutcome, ScanSession
 from pipeline.live.timings import FrameTimings
+from pipeline.store.writer import is_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +76,12 @@ class Sink:
         try:
             work()
         except Exception as error:  # one scan's broken store must not stop the others
-            log.exception("%s: writing the store failed", session.nexus_path)
             session.stop.set()
-            session.fail(f"{session.store_path}: writing failed ({one_line(error)})")
+            if is_disk_full(error):  # nothing wrong with the scan: it resumes when there is space again
+                session.wait_for_space(f"{session.store_path}: disk full ({one_line(error)})")
+            else:
+                log.exception("%s: writing the store failed", session.nexus_path)
+                session.fail(f"{session.store_path}: writing failed ({one_line(error)})")
         if session.finished.is_set():
             self.on_scan_finished()
 
@@ -102,7 +106,7 @@ class Sink:
             if not session.finished.is_set():
                 self._guarded(session, functools.partial(session.accept_many, outcomes))
 
-    def _end(self, event: ScanEnded | ScanFailed) -> None:
+    def _end(self, event: ScanEnded | ScanFailed | DiskFull) -> None:
         session = event.session
-        finish = session.end if isinstance(event, ScanEnded) else session.fail
+        finish = session.end if isinstance(event, ScanEnded) else session.wait_for_space if isinstance(event, DiskFull) else session.fail
         self._guarded(session, functools.partial(finish, event.reason))

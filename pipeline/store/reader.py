@@ -10,7 +10,8 @@ writer is never blocked, one frame at a time so memory does not grow with the sc
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,9 @@ import pipeline.store.schema as schema
 from pipeline.errors import PipelineError, one_line
 from pipeline.shared_datasets import acquire_dataset, release_dataset
 from pipeline.store.schema import Attr
+
+TABLE_READ_ATTEMPTS = 200  # a rewrite takes milliseconds; after this many tries (about 2 s) the writer is taken for dead
+TABLE_RETRY_S = 0.01
 
 
 class StoreError(PipelineError, ValueError):
@@ -139,19 +143,49 @@ class StoreReader:
     # -- tables ------------------------------------------------------------------------------
 
     def table(self, name: str) -> dict[str, np.ndarray]:
-        """A table (`schema.PEAKS`, `schema.TLM_DETECTIONS`) as column name -> values; empty before its first write."""
+        """A table (`schema.PEAKS`, `schema.TLM_DETECTIONS`) as column name -> values, one whole generation of it
+        (never columns of two rewrites: see schema.GENERATION_ATTR); empty before its first write."""
         if name not in self.group:
             return {}
+        for _ in range(TABLE_READ_ATTEMPTS):
+            before = self._table_generation(name)
+            if before is None:  # a store from before generations: as it is
+                return self._table_columns(name)
+            if before % 2 == 0:
+                columns = self._table_columns(name)
+                if self._table_generation(name) == before:
+                    return columns
+            time.sleep(TABLE_RETRY_S)
+        # the mark stayed odd: a writer stopped mid-rewrite (killed); the rows below `rows` are still valid
+        rows = self.table_rows(name)
+        return {column: values[:rows] for column, values in self._table_columns(name).items()}
+
+    def _table_generation(self, name: str) -> int | None:
+        """The table's generation mark as on disk now (the group object's attributes are a copy from when it was opened)."""
+        try:
+            attributes = json.loads((self.path / name / "zarr.json").read_text()).get("attributes", {})
+        except (OSError, ValueError):
+            return None
+        generation = attributes.get(schema.GENERATION_ATTR)
+        return int(generation) if isinstance(generation, int) else None
+
+    def _table_columns(self, name: str) -> dict[str, np.ndarray]:
         return {column: array[:] for column, array in self.group[name].arrays()}
+
+    def table_rows(self, name: str) -> int:
+        """How many rows of a table are valid (its `rows` attribute, written after the columns): cheap, no column read."""
+        if name not in self.group:
+            return 0
+        return int(self.group[name].attrs.get(schema.ROWS_ATTR, 0) or 0)
 
     def frame_detections(self, frame: int) -> FrameDetections:
         """Rows of `tlm/detections` for `frame` (empty when the table is missing or has none)."""
-        table = self.group[schema.TLM_DETECTIONS] if schema.TLM_DETECTIONS in self.group else None
-        if table is None or "frame" not in table:
+        table = self.table(schema.TLM_DETECTIONS)
+        if "frame" not in table:
             return FrameDetections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.uint16))
-        rows = np.flatnonzero(table["frame"][:] == frame)
-        boxes = np.stack([table[name][:][rows] for name in ("x0", "y0", "x1", "y1")], axis=1).astype(np.float32).reshape(-1, 4)
-        return FrameDetections(boxes, table["score"][:][rows], table["instance_id"][:][rows])
+        rows = np.flatnonzero(table["frame"] == frame)
+        boxes = np.stack([table[name][rows] for name in ("x0", "y0", "x1", "y1")], axis=1).astype(np.float32).reshape(-1, 4)
+        return FrameDetections(boxes, table["score"][rows], table["instance_id"][rows])
 
     # -- the raw frames ------------------------------------------------------------------------
 
@@ -174,9 +208,17 @@ class StoreReader:
         raise StoreError(f"{self.path}: raw file {recorded} not found (moved or deleted?)")
 
     @contextmanager
-    def raw_frames(self) -> Iterator[h5py.Dataset]:
-        """The raw frame dataset, opened without locks so the detector's writer is never blocked."""
+    def raw_frames(self, roots: Sequence[Path] | None = None) -> Iterator[h5py.Dataset]:
+        """The raw frame dataset, opened without locks so the detector's writer is never blocked.
+
+        With `roots` (a server that shows stores to others: anyone can plant a store, and a store names
+        its raw file), pixels come only from files under them: the raw file, the file an external link
+        led to, and any virtual source or external storage behind the dataset are checked before a pixel is read."""
+        from pipeline.live.confinement import dataset_outside, is_inside
+
         path = self.source_path()
+        if roots is not None and not is_inside(path, roots):
+            raise StoreError(f"{self.path.name}: raw file {path} is outside the allowed roots; not read")
         dataset_name = self.group.attrs.get(Attr.SOURCE_DATASET)
         if not dataset_name:
             raise StoreError(f"{self.path}: the store does not name its raw dataset (attribute {Attr.SOURCE_DATASET})")
@@ -187,6 +229,13 @@ class StoreReader:
         except LookupError:
             raise StoreError(f"{self.path}: raw dataset {dataset_name!r} not in {path}") from None
         try:
+            if roots is not None:
+                holder = Path(dataset.file.filename)  # another file when the dataset is an external link
+                if not is_inside(holder, roots):
+                    raise StoreError(f"{path}:{dataset_name} leads to {holder}, outside the allowed roots; not read")
+                problem = dataset_outside(dataset, holder, roots)
+                if problem is not None:
+                    raise StoreError(problem)
             if dataset.file.swmr_mode:
                 dataset.refresh()  # a file still being written: see its current length
             yield dataset

@@ -44,6 +44,9 @@ PEAKS: Final = "peaks"
 TLM_DETECTIONS: Final = "tlm/detections"
 TABLES: Final = (PEAKS, TLM_DETECTIONS)
 ROWS_ATTR: Final = "rows"  # table group attribute: how many rows of its columns are valid
+# table group attribute, a seqlock: odd while the writer rewrites the columns, even once they are one whole generation.
+# A reader reads it, the columns, then it again; the read is whole when both were the same even number.
+GENERATION_ATTR: Final = "generation"
 ROW_DIMS: Final = ("row",)
 PEAK_COLUMNS: Final = (
     "id", "first_frame", "last_frame", "centroid_frame", "centroid_y", "centroid_x",
@@ -89,6 +92,7 @@ class Attr:
     START_TIME: Final = "start_time"
     END_TIME: Final = "end_time"
     RESUMED_AT: Final = "resumed_at"
+    DISK_FULL: Final = "disk_full"  # list of {at, error, resumed_at}: each time writing stopped for want of space
     FRAMES_TOTAL: Final = "frames_total"
     FRAMES_DONE: Final = "frames_done"
     FAILED_FRAMES: Final = "failed_frames"

@@ -9,6 +9,7 @@ with `use_consolidated=False`.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -27,6 +28,7 @@ from pipeline import __version__
 from pipeline.errors import PipelineError, one_line
 from pipeline.models.prediction import Detection, FramePrediction
 from pipeline.nexus import ScanInfo
+from pipeline.store.durable import store_for
 from pipeline.store.location import stat_identity
 from pipeline.store.schema import (
     BOX_FIELDS,
@@ -109,15 +111,17 @@ class ScanStore:
     # -- creating and resuming -------------------------------------------------------------
 
     @classmethod
-    def create_or_resume(cls, path: Path, info: ScanInfo, frame_shape: tuple[int, int], attrs: dict[str, Any]) -> ScanStore:
+    def create_or_resume(cls, path: Path, info: ScanInfo, frame_shape: tuple[int, int], attrs: dict[str, Any],
+                         fsync: bool = False) -> ScanStore:
         """Resume a store of the same source; replace a store of another source; move an unreadable one aside.
-        The store's lock is taken first and held by the returned writer until `close`."""
+        The store's lock is taken first and held by the returned writer until `close`. With `fsync`, every file
+        is on the disk before it counts as written (pipeline.store.durable)."""
         refuse_symlink(path)
         lock = StoreLock(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         lock.acquire()
         try:
-            store = cls._create_or_resume(path, info, frame_shape, attrs)
+            store = cls._create_or_resume(path, info, frame_shape, attrs, fsync)
         except BaseException:
             lock.release()
             raise
@@ -131,10 +135,11 @@ class ScanStore:
             self.lock = None
 
     @classmethod
-    def _create_or_resume(cls, path: Path, info: ScanInfo, frame_shape: tuple[int, int], attrs: dict[str, Any]) -> ScanStore:
+    def _create_or_resume(cls, path: Path, info: ScanInfo, frame_shape: tuple[int, int], attrs: dict[str, Any],
+                          fsync: bool = False) -> ScanStore:
         if path.exists():
             try:
-                group = zarr.open_group(path, mode="r+", use_consolidated=False)
+                group = zarr.open_group(store_for(path, fsync), mode="r+", use_consolidated=False)
                 recorded = group.attrs.get(Attr.SOURCE_START_TIME)
                 if group.attrs.get(Attr.SOURCE_FILE) == str(info.source_file) and schema.FRAMES_DONE in group:
                     if recorded and info.start_time and recorded != info.start_time:
@@ -154,16 +159,16 @@ class ScanStore:
                 aside = path.with_name(f"{path.name}.unreadable-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}")
                 os.rename(path, aside)
                 log.warning("%s: unreadable store (%s); moved aside to %s, making a fresh one", path, one_line(error), aside.name)
-                return cls._create(path, info, frame_shape, attrs)
+                return cls._create(path, info, frame_shape, attrs, fsync)
             shutil.rmtree(path)
-        return cls._create(path, info, frame_shape, attrs)
+        return cls._create(path, info, frame_shape, attrs, fsync)
 
     @classmethod
-    def _create(cls, path: Path, info: ScanInfo, frame_shape: tuple[int, int], attrs: dict[str, Any]) -> ScanStore:
+    def _create(cls, path: Path, info: ScanInfo, frame_shape: tuple[int, int], attrs: dict[str, Any], fsync: bool = False) -> ScanStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         if not os.access(path.parent, os.W_OK):
             raise PermissionError(f"{path.parent}: output directory is not writable")
-        group = zarr.open_group(path, mode="w", zarr_format=schema.ZARR_FORMAT)
+        group = zarr.open_group(store_for(path, fsync), mode="w", zarr_format=schema.ZARR_FORMAT)
         n = 0  # grown with the frames that exist, never sized from what the file claims (scan_shape can say anything)
         height, width = frame_shape
         for name, dtype in FRAME_ARRAYS.items():
@@ -322,9 +327,13 @@ class ScanStore:
             self._write_columns(schema.PEAKS, peaks)
 
     def _write_columns(self, group_name: str, columns: dict[str, np.ndarray]) -> None:
-        """Columns first, then the group's `rows` attribute: rows below it are always valid, even after a crash
-        (new rows only ever follow the old ones, because done frames only grow)."""
+        """Published as one generation: the group's `generation` turns odd, the columns are written, then `rows` and the
+        next even `generation` are written together (readers retry a read that straddled a rewrite; see StoreReader.table).
+        After a crash mid-rewrite, rows below `rows` are still valid (new rows only ever follow the old ones)."""
         group = self.group[group_name]
+        published = int(group.attrs.get(schema.GENERATION_ATTR, 0))
+        published += published % 2  # a rewrite that a crash interrupted counts as published
+        group.attrs[schema.GENERATION_ATTR] = published + 1
         for name, values in columns.items():
             values = np.asarray(values)
             if name in group and group[name].dtype == values.dtype:
@@ -335,7 +344,27 @@ class ScanStore:
                                            dimension_names=schema.ROW_DIMS, overwrite=True)
             if values.size:
                 array[:] = values
-        group.attrs[schema.ROWS_ATTR] = int(next(iter(columns.values())).shape[0]) if columns else 0
+        group.attrs.update({schema.ROWS_ATTR: int(next(iter(columns.values())).shape[0]) if columns else 0,
+                            schema.GENERATION_ATTR: published + 2})
+
+    def record_disk_full(self, error: str) -> bool:
+        """Note that writing stopped for want of space; best effort (the note needs a little space too): False if not."""
+        events = [dict(event) for event in self.group.attrs.get(Attr.DISK_FULL, [])]
+        events.append({"at": now_iso(), "error": error})
+        try:
+            self.group.attrs[Attr.DISK_FULL] = events
+        except OSError as failure:
+            log.warning("%s: could not note the full disk in the store either (%s)", self.path, one_line(failure))
+            return False
+        return True
+
+    def record_resumed_after_disk_full(self, error: str) -> None:
+        """Close the last disk-full note with when writing resumed (adding the note if it could not be written then)."""
+        events = [dict(event) for event in self.group.attrs.get(Attr.DISK_FULL, [])]
+        if not events or "resumed_at" in events[-1]:
+            events.append({"at": None, "error": error})
+        events[-1]["resumed_at"] = now_iso()
+        self.group.attrs[Attr.DISK_FULL] = events
 
     def finish(self, status: str, reason: str, frames_total: int, extra: dict[str, Any] | None = None) -> None:
         """Trim to the frames the scan has, record how it ended, and consolidate the metadata."""
@@ -369,6 +398,11 @@ def _runs(indices: list[int]) -> list[list[int]]:
         else:
             runs.append([index])
     return runs
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """A write that failed for want of space (ENOSPC) or quota (EDQUOT): worth a retry once space returns."""
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def mark_failed(path: Path, reason: str, source: Path | None = None, start_time: str | None = None,

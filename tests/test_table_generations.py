@@ -1,0 +1,67 @@
+"""A reader of a table sees one whole generation of it, while the sink rewrites it.
+
+Tables (`peaks`, `tlm/detections`) are rewritten whole as a scan goes on: peaks grow, new rows
+come. Read while being rewritten, they used to come back torn: columns of different lengths, or of
+equal lengths from two generations. Here another process rewrites the peaks table as fast as it
+can, every column of generation g holding g in each of its 1 + g % 7 rows, while this process reads
+it through `StoreReader.table`: every read must be one generation, whole.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.nexus import ScanInfo
+from pipeline.store import StoreReader, schema
+from pipeline.store.writer import ScanStore
+
+REWRITER = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    import numpy as np
+    import zarr
+    from pipeline.store import schema
+    from pipeline.store.writer import ScanStore
+    writer = ScanStore(Path(sys.argv[1]), zarr.open_group(sys.argv[1], mode="r+", use_consolidated=False), (12, 17))
+    generation = 1
+    while True:
+        rows = 1 + generation % 7
+        writer.write_tables({column: np.full(rows, generation, dtype=np.float64) for column in schema.PEAK_COLUMNS})
+        generation += 1
+""")
+
+
+def test_reads_during_rewrites_see_one_whole_generation(tmp_path: Path) -> None:
+    path = tmp_path / "scan.zarr"
+    info = ScanInfo(nexus_path=tmp_path / "scan.nxs", scan_id="scan", layout="gda9", entry="entry", source_file=tmp_path / "scan.nxs",
+                    dataset="/entry/data", scan_command="scan", expected_frames=None, axis_name="eta")
+    ScanStore._create(path, info, (12, 17), {}).write_tables({column: np.zeros(1) for column in schema.PEAK_COLUMNS})
+    rewriter = subprocess.Popen([sys.executable, "-c", REWRITER, str(path)])
+    reads, torn, generations = 0, 0, set()
+    try:
+        reader = StoreReader(path)
+        deadline = time.monotonic() + 4.0
+        while time.monotonic() < deadline:
+            table = reader.table(schema.PEAKS)
+            reads += 1
+            lengths = {len(values) for values in table.values()}
+            values = set(np.unique(np.concatenate(list(table.values()))).tolist())
+            if len(lengths) != 1 or len(values) != 1:
+                torn += 1
+                continue
+            (generation,) = values
+            assert lengths == {1 + int(generation) % 7} or generation == 0  # the rows that generation has
+            generations.add(generation)
+    finally:
+        rewriter.kill()
+        rewriter.wait()
+    assert rewriter.returncode is not None
+    print(f"{reads} reads, {torn} torn, {len(generations)} generations seen")
+    assert reads >= 20 and len(generations) >= 5  # the rewriter really rewrote while we read
+    assert torn == 0, f"{torn} of {reads} reads mixed generations or lengths"
