@@ -20,7 +20,7 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.live.daemon import Daemon
-from pipeline.live.session import WAITING_FOR_SPACE
+from pipeline.live.shortage import SPACE, waiting_status
 from pipeline.simulator.writers import ScanPlan, ScanWriter
 from pipeline.store import open_live, schema
 from pipeline.store.location import store_path_for
@@ -30,6 +30,8 @@ from pipeline.testing.daemons import wait_until
 from pipeline.testing.stores import assert_stores_equal, done_count, process_offline
 
 pytestmark = pytest.mark.daemon
+
+WAITING_FOR_SPACE = waiting_status(SPACE)
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from typing import Any
 import zmq
 
 from pipeline.errors import PipelineError, one_line
+from pipeline.live.wire import HANDSHAKE_MS
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class ControlServer:
         self._sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.REP)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
+        self._sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)  # idle connections are dropped, not kept until EMFILE
         try:
             self._sock.bind(endpoint)
         except zmq.ZMQError as error:

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import queue
-import shutil
 import subprocess
 import threading
 import time
@@ -28,6 +27,7 @@ from pipeline.live.local_workers import LocalWorkers
 from pipeline.live.metrics import Metrics
 from pipeline.live.painter import QuickLookPainter
 from pipeline.live.session import FrameDoneHook, ScanSession
+from pipeline.live.shortage import has_passed, raise_descriptor_limit
 from pipeline.live.sink import Sink
 from pipeline.live.timings import FrameTimings
 from pipeline.live.watch import Watcher, find_scans
@@ -40,15 +40,7 @@ from pipeline.store.reader import store_status
 log = logging.getLogger(__name__)
 
 KEEP_FINISHED_SESSIONS = 256  # finished scans still listed by `pipeline status`
-SPACE_CHECK_INTERVAL_S = 2.0  # how often scans stopped by a full disk look for space again
-
-
-def free_space(path: Path) -> int:
-    """Bytes free on the file system where `path` is (or would be made)."""
-    for candidate in (path, *path.parents):
-        if candidate.exists():
-            return shutil.disk_usage(candidate).free
-    return 0
+SPACE_CHECK_INTERVAL_S = 2.0  # how often scans stopped by a shortage (space, descriptors) look again
 
 
 class Daemon:
@@ -67,7 +59,7 @@ class Daemon:
         self.painter = QuickLookPainter()
         self.local_workers = LocalWorkers(config, self.dispatcher.local_endpoint)
         self._said_unable: str | None = None
-        self._resume_reasons: dict[Path, str] = {}  # scans stopped by a full disk, queued again: why they stopped
+        self._resume_reasons: dict[Path, str] = {}  # scans stopped by a shortage, queued again: why they stopped
         self._space_checked = 0.0
         self._lock = threading.Lock()
         self._threads = [
@@ -86,6 +78,9 @@ class Daemon:
     # -- set-up ---------------------------------------------------------------------------
 
     def start(self) -> Daemon:
+        before, after = raise_descriptor_limit()
+        if after != before:
+            log.info("open-file limit raised from %d to %d (a socket per peer, files per scan)", before, after)
         if self._serve_control:  # first: a taken port stops the start before anything else runs
             self.control = ControlServer(self.config.daemon.control, self.status)
             self._threads.append(threading.Thread(target=self.control.serve, args=(self.stopping,), name="control", daemon=True))
@@ -141,26 +136,26 @@ class Daemon:
                 self._session_ended.wait(0.1)  # woken as soon as a scan ends, so failing files do not queue up
                 self._session_ended.clear()
             self.local_workers.supervise()
-            self._resume_when_space()
+            self._resume_stalled()
             unable = self.local_workers.unable
             if unable is not None and unable != self._said_unable:
                 log.error("%s; frames wait for a remote worker", unable)
                 self._said_unable = unable
 
-    def _resume_when_space(self) -> None:
-        """Queue again every scan stopped by a full disk whose store's file system has `resume_free_mib` free."""
+    def _resume_stalled(self) -> None:
+        """Queue again every scan stopped by a shortage that has passed (space: `resume_free_mib` free where its store is)."""
         if time.monotonic() - self._space_checked < SPACE_CHECK_INTERVAL_S:
             return
         self._space_checked = time.monotonic()
         with self._lock:
-            stopped = [s for s in self.sessions.values() if s.finished.is_set() and s.disk_full and s.nexus_path not in self._resume_reasons]
-        for session in stopped:
-            free_mib = free_space(session.store_path) / 2**20
-            if free_mib >= self.config.output.resume_free_mib:
-                assert session.disk_full is not None
-                self._resume_reasons[session.nexus_path] = session.disk_full
-                session.disk_full = None
-                log.info("%s: %.0f MiB free where its store is; resuming the scan", session.nexus_path.name, free_mib)
+            stalled = [s for s in self.sessions.values() if s.finished.is_set() and s.stalled and s.nexus_path not in self._resume_reasons]
+        for session in stalled:
+            assert session.stalled is not None
+            wanting, reason = session.stalled
+            if has_passed(wanting, session.store_path, self.config.output.resume_free_mib):
+                self._resume_reasons[session.nexus_path] = reason
+                session.stalled = None
+                log.info("%s: %s again; resuming the scan", session.nexus_path.name, wanting)
                 self.waiting_scans.put(session.nexus_path)
 
     def _start_session(self, path: Path) -> None:

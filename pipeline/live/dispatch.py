@@ -93,6 +93,7 @@ class Dispatcher:
         self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # no part larger than a frame: a peer sending one is disconnected before its part is kept
         self._socket.setsockopt(zmq.MAXMSGSIZE, wire.max_part_bytes(frame_shape))
+        self._socket.setsockopt(zmq.HANDSHAKE_IVL, wire.HANDSHAKE_MS)  # a connection that never speaks ZMTP is closed, not kept
         self._curve = CurveServer(settings, self.context) if settings.curve_secret_key is not None else None
         if self._curve is not None:
             self._curve.apply(self._socket)

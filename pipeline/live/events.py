@@ -2,7 +2,8 @@
 
 The dispatcher carries a `FrameContext` with each frame without looking at it; the sink gets it
 back with the worker's result. Scan sessions post `ScanEnded` or `ScanFailed` once their file is
-done (`DiskFull` when their store cannot be made for want of space); the daemon posts `Quit` when it stops. Only the sink thread acts on them, so a scan's store
+done (`ScanStalled` when a full disk or a lack of file descriptors stops them); the daemon posts `Quit` when it stops.
+Only the sink thread acts on them, so a scan's store
 has one writer.
 """
 
@@ -51,11 +52,12 @@ class ScanFailed:
 
 
 @dataclass(frozen=True)
-class DiskFull:
-    """The scan's store could not be written for want of space; the scan resumes when space returns."""
+class ScanStalled:
+    """The scan stopped for want of `wanting` (pipeline.live.shortage: space, file descriptors); it resumes when that passes."""
 
     session: ScanSession
     reason: str
+    wanting: str
 
 
 @dataclass(frozen=True)
@@ -63,4 +65,4 @@ class Quit:
     """The daemon is stopping: the sink writes what it holds and ends."""
 
 
-SinkEvent = ResultArrived | ScanEnded | ScanFailed | DiskFull | Quit
+SinkEvent = ResultArrived | ScanEnded | ScanFailed | ScanStalled | Quit

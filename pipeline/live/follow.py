@@ -45,6 +45,7 @@ from pipeline.config import FollowSettings
 from pipeline.detector import DEAD_PIXEL
 from pipeline.errors import PipelineError, one_line
 from pipeline.live.confinement import dataset_outside, external_link_target, links_outside
+from pipeline.live.shortage import shortage_of
 from pipeline.nexus import (
     H5_ERRORS,
     HDF5_SIGNATURE,
@@ -187,6 +188,8 @@ class ScanFollower:
             except ScanError:
                 raise
             except (_NotYet, *H5_ERRORS) as error:
+                if shortage_of(error) is not None:
+                    raise  # no descriptor to open it with: says nothing about the file (the session stalls, then retries)
                 problem = str(error) if isinstance(error, _NotYet) else f"unreadable HDF5 ({one_line(error, H5_MESSAGE_LIMIT)})"
                 exists = path.exists()
                 if not exists and missing is None:
@@ -209,6 +212,8 @@ class ScanFollower:
             raise
         except H5_ERRORS as error:  # metadata that HDF5 cannot read
             self.close()
+            if shortage_of(error) is not None:
+                raise
             raise ScanError(f"{self.nexus_path}: unreadable NeXus metadata ({one_line(error, H5_MESSAGE_LIMIT)})") from None
 
     @property
@@ -530,6 +535,8 @@ class ScanFollower:
         except ScanError:
             raise
         except H5_ERRORS as error:
+            if shortage_of(error) is not None:
+                raise  # reopening the scan file found no descriptor free: the session stalls and resumes later
             gone = self._gone()  # a file that vanished under the reader is the better explanation
             if gone is not None:
                 self.end_reason = gone

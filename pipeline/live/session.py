@@ -21,14 +21,15 @@ import numpy as np
 from pipeline.config import Config
 from pipeline.errors import one_line
 from pipeline.live import wire
-from pipeline.live.events import DiskFull, FrameContext, ScanEnded, ScanFailed, SinkEvent
+from pipeline.live.events import FrameContext, ScanEnded, ScanFailed, ScanStalled, SinkEvent
 from pipeline.live.follow import ScanError, ScanFollower
+from pipeline.live.shortage import SPACE, shortage_of, waiting_status
 from pipeline.live.timings import FrameTimings
 from pipeline.models.prediction import FramePrediction
 from pipeline.nexus import ScanInfo
 from pipeline.store import schema
 from pipeline.store.location import store_path_for
-from pipeline.store.writer import ScanStore, StoreRefused, is_disk_full, mark_failed
+from pipeline.store.writer import ScanStore, StoreRefused, mark_failed
 from pipeline.volume import VolumeLinker
 
 log = logging.getLogger(__name__)
@@ -74,13 +75,6 @@ class FrameOutcome:
     timings: FrameTimings
 
 
-WAITING_FOR_SPACE = "waiting for space"  # what `pipeline status` shows for a scan stopped by a full disk (not a store status)
-
-
-class _StoreDiskFull(Exception):
-    """The store could not be made or resumed for want of space; the message is one line."""
-
-
 @dataclass
 class SessionState:
     """What `pipeline status` shows about a scan."""
@@ -97,8 +91,8 @@ class ScanSession:
                  post: Callable[[SinkEvent], None], on_frame_done: FrameDoneHook | None = None,
                  paint: Callable[[Path], None] | None = None, resumed_after: str | None = None) -> None:
         self.nexus_path = nexus_path
-        self.resumed_after = resumed_after  # why the last session of this scan stopped (a full disk), if it did
-        self.disk_full: str | None = None  # set when this session stops for want of space: the daemon retries the scan
+        self.resumed_after = resumed_after  # why the last session of this scan stopped (a full disk, no descriptors), if it did
+        self.stalled: tuple[str, str] | None = None  # (wanting, reason) once a shortage stopped it: the daemon retries the scan
         self.key = str(nexus_path)
         self.config = config
         self.submit = submit
@@ -143,9 +137,13 @@ class ScanSession:
                 self.max_index = max(self.max_index, frame.index)
                 self.state.frames_read = self.max_index + 1
             self.post(ScanEnded(self, self.follower.end_reason or "stopped"))
-        except _StoreDiskFull as error:
-            self.post(DiskFull(self, str(error)))
-        except (ScanError, PermissionError, OSError, ValueError) as error:
+        except OSError as error:
+            wanting = shortage_of(error)
+            if wanting is None:
+                self.post(ScanFailed(self, one_line(error)))
+            else:  # the file may be fine: try again when the shortage has passed
+                self.post(ScanStalled(self, f"{self.nexus_path}: stopped for want of {wanting} ({one_line(error)})", wanting))
+        except (ScanError, PermissionError, ValueError) as error:
             self.post(ScanFailed(self, one_line(error)))
         except Exception as error:  # a bug must cost one scan, never the daemon or its drain
             log.exception("%s: unexpected error while following", self.nexus_path)
@@ -161,11 +159,12 @@ class ScanSession:
             self.store = ScanStore.create_or_resume(self.store_path, self._info, self.config.follow.frame_shape, attrs,
                                                     fsync=self.config.output.fsync)
             if self.resumed_after is not None:
-                self.store.record_resumed_after_disk_full(self.resumed_after)
-                log.info("%s: space again where its store is; resuming (%s)", self.nexus_path.name, self.resumed_after)
+                if SPACE in self.resumed_after:
+                    self.store.record_resumed_after_disk_full(self.resumed_after)
+                log.info("%s: resuming after a shortage (%s)", self.nexus_path.name, self.resumed_after)
         except OSError as error:
-            if is_disk_full(error):
-                raise _StoreDiskFull(f"{self.store_path}: disk full ({one_line(error)})") from None
+            if shortage_of(error) is not None:
+                raise  # not the store's fault: the scan stalls and is tried again
             self.store_unusable = True
             raise ScanError(f"{self.nexus_path}: cannot create its store {self.store_path} ({_why_not_writable(self.store_path, error)})") from None
         except StoreRefused as error:
@@ -287,14 +286,14 @@ class ScanSession:
         self.finished.set()
         self._release()
 
-    def wait_for_space(self, reason: str) -> None:
-        """Stop for want of space without failing: the store keeps what is done (and says why it stopped, if it
-        can), and the daemon starts the scan again, resuming it, once space returns (output.resume_free_mib)."""
-        log.error("%s: %s; the scan stops and resumes when there is space", self.nexus_path.name, reason)
-        if self.store is not None:
+    def stall(self, reason: str, wanting: str) -> None:
+        """Stop for want of space or descriptors without failing: the store keeps what is done (and, for space, says
+        why it stopped if it can), and the daemon starts the scan again, resuming it, once the shortage has passed."""
+        log.error("%s; the scan stops and resumes when there is %s again", reason, wanting)
+        if self.store is not None and wanting == SPACE:
             self.store.record_disk_full(reason)
-        self.disk_full = reason
-        self.state.status, self.state.reason = WAITING_FOR_SPACE, reason
+        self.stalled = (wanting, reason)
+        self.state.status, self.state.reason = waiting_status(wanting), reason
         self.finished.set()
         self._release()
 

@@ -16,10 +16,10 @@ import time
 from collections.abc import Callable
 
 from pipeline.errors import one_line
-from pipeline.live.events import DiskFull, FrameContext, Quit, ResultArrived, ScanEnded, ScanFailed, SinkEvent
+from pipeline.live.events import FrameContext, Quit, ResultArrived, ScanEnded, ScanFailed, ScanStalled, SinkEvent
 from pipeline.live.session import FrameOutcome, ScanSession
+from pipeline.live.shortage import shortage_of
 from pipeline.live.timings import FrameTimings
-from pipeline.store.writer import is_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,9 @@ class Sink:
             work()
         except Exception as error:  # one scan's broken store must not stop the others
             session.stop.set()
-            if is_disk_full(error):  # nothing wrong with the scan: it resumes when there is space again
-                session.wait_for_space(f"{session.store_path}: disk full ({one_line(error)})")
+            wanting = shortage_of(error)
+            if wanting is not None:  # nothing wrong with the scan: it resumes when the shortage has passed
+                session.stall(f"{session.store_path}: writing stopped for want of {wanting} ({one_line(error)})", wanting)
             else:
                 log.exception("%s: writing the store failed", session.nexus_path)
                 session.fail(f"{session.store_path}: writing failed ({one_line(error)})")
@@ -106,7 +107,9 @@ class Sink:
             if not session.finished.is_set():
                 self._guarded(session, functools.partial(session.accept_many, outcomes))
 
-    def _end(self, event: ScanEnded | ScanFailed | DiskFull) -> None:
+    def _end(self, event: ScanEnded | ScanFailed | ScanStalled) -> None:
         session = event.session
-        finish = session.end if isinstance(event, ScanEnded) else session.wait_for_space if isinstance(event, DiskFull) else session.fail
-        self._guarded(session, functools.partial(finish, event.reason))
+        if isinstance(event, ScanStalled):
+            self._guarded(session, functools.partial(session.stall, event.reason, event.wanting))
+        else:
+            self._guarded(session, functools.partial(session.end if isinstance(event, ScanEnded) else session.fail, event.reason))

@@ -36,6 +36,8 @@ REJOIN = b"rejoin"  # daemon -> worker: I do not know you (I restarted, or dropp
 MAX_NUMBER = 1e12  # no box, score, id or time in a result comes near this
 
 
+HANDSHAKE_MS = 5000  # a connection that has not completed the ZeroMQ handshake by then is closed: idle ones cannot pile up to EMFILE
+
 class WireError(ValueError):
     """A message that breaks the protocol; the message says why in one line."""
 

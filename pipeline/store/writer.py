@@ -9,7 +9,6 @@ with `use_consolidated=False`.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import logging
 import os
@@ -398,11 +397,6 @@ def _runs(indices: list[int]) -> list[list[int]]:
         else:
             runs.append([index])
     return runs
-
-
-def is_disk_full(error: BaseException) -> bool:
-    """A write that failed for want of space (ENOSPC) or quota (EDQUOT): worth a retry once space returns."""
-    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def mark_failed(path: Path, reason: str, source: Path | None = None, start_time: str | None = None,
