@@ -83,7 +83,9 @@ class WorkerSettings(Strict):
     insecure: bool = False  # allow binding beyond loopback without CurveZMQ (a network you trust entirely)
     heartbeat_s: float = Field(1.0, gt=0)
     timeout_s: float = Field(30.0, gt=0)  # a worker silent this long is dead; its frames go elsewhere
-    task_timeout_s: float = Field(300.0, gt=0)  # a worker holding a frame this long without an answer is dropped; its frames go elsewhere
+    # a worker that holds frames and answers none for this long is dropped; its frames go elsewhere
+    # (a worker that keeps delivering keeps its queue; one frame held `credit` times this long is dropped too)
+    task_timeout_s: float = Field(300.0, gt=0)
     threads: int = Field(0, ge=0)  # torch threads per worker, 0 = torch's default
     curve_secret_key: Path | None = None  # set to require CurveZMQ: this side's `.key_secret` file
     authorized_keys: Path | None = None  # daemon: directory of workers' public `.key` files

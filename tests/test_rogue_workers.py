@@ -121,3 +121,36 @@ def test_peers_that_join_take_a_frame_and_vanish_cannot_make_it_fail() -> None:
         honest.close(linger=0)
     finally:
         dispatcher.stop()
+
+
+def test_a_slow_worker_that_keeps_delivering_keeps_its_queue() -> None:
+    """Four frames held, one answered every 0.6 s, a task deadline of 1 s: the last frame waits 2.4 s at the worker,
+    yet the worker answers all the time, so it is slow, not hung (the soak's CPU workers under load were dropped)."""
+    results: list[tuple] = []
+    dispatcher = Dispatcher(WorkerSettings(credit=4, timeout_s=30.0, task_timeout_s=1.0),
+                            lambda d, r, e: results.append((d.task.frame, r, e))).start()
+    slow = zmq.Context.instance().socket(zmq.DEALER)
+    slow.connect(dispatcher.endpoint)
+    try:
+        slow.send_multipart(wire.encode_control(wire.HELLO, {"name": "slow", "n": 4}))
+        assert poll(lambda: len(dispatcher.stats()["workers"]) == 1)
+        for index in range(8):
+            assert dispatcher.submit("scan", index, FRAME)
+        answered = 0
+        deadline = time.monotonic() + 30
+        while answered < 8 and time.monotonic() < deadline:
+            if not slow.poll(100):
+                continue
+            task = wire.decode_frame(slow.recv_multipart())
+            time.sleep(0.6)
+            prediction = FramePrediction(np.zeros((4, 5), np.uint16), [], np.zeros((4, 5), np.uint8), np.zeros((4, 5), np.uint8))
+            slow.send_multipart(wire.encode_result(wire.FrameResult(task.task, task.scan, task.frame, "slow", prediction)))
+            slow.send_multipart(wire.encode_control(wire.HEARTBEAT, {}))
+            answered += 1
+        assert poll(lambda: len(results) == 8, timeout=5)
+        assert sorted(frame for frame, _, _ in results) == list(range(8))
+        assert all(result is not None and result.worker == "slow" for _, result, _ in results)
+        assert dispatcher.stats()["tasks_timed_out"] == 0 and [w["name"] for w in dispatcher.stats()["workers"]] == ["slow"]
+    finally:
+        slow.close(linger=0)
+        dispatcher.stop()

@@ -48,6 +48,7 @@ class WorkerState:
     last_seen: float
     in_flight: set[int] = field(default_factory=set)
     frames_done: int = 0
+    last_result: float = 0.0  # monotonic time of its last accepted result: a worker that delivers is slow, not hung
 
 
 @dataclass
@@ -241,6 +242,7 @@ class Dispatcher:
             worker.in_flight.discard(result.task)
             worker.credit += 1
             worker.frames_done += 1
+            worker.last_result = time.monotonic()
         self.counters["results"] += 1
         result.worker = worker.name
         self._deliver(dispatch, result, None)
@@ -278,9 +280,16 @@ class Dispatcher:
                 self._drop_worker(worker, f"silent for {now - worker.last_seen:.1f} s")
                 continue
             held = [self.in_flight[task].sent_monotonic for task in worker.in_flight if task in self.in_flight]
-            if held and now - min(held) > self.settings.task_timeout_s:
+            if not held:
+                continue
+            # hung: no answer for task_timeout_s since its oldest frame was sent or its last result, whichever is later
+            # (a slow worker with a queue of frames keeps them while it delivers); a frame held credit times longer
+            # than that is stuck however the others go
+            waiting = now - max(min(held), worker.last_result)
+            oldest = now - min(held)
+            if waiting > self.settings.task_timeout_s or oldest > self.settings.task_timeout_s * max(1, self.settings.credit):
                 self.counters["tasks_timed_out"] += len(held)
-                self._drop_worker(worker, f"held a frame {now - min(held):.1f} s without an answer (workers.task_timeout_s "
+                self._drop_worker(worker, f"held a frame {oldest:.1f} s, no answer for {waiting:.1f} s (workers.task_timeout_s "
                                           f"{self.settings.task_timeout_s:g})")
 
     def _next_dispatch(self) -> Dispatch | None:

@@ -1,20 +1,31 @@
-"""The faults a soak injects, one at a time: worker kill -9, daemon kill -9 and restart, bad files, hostile bursts,
-worker stalls (SIGSTOP past workers.timeout_s)."""
+"""The faults a soak injects, one at a time: worker kill -9, daemon kill -9 and restart, bad and hostile files, hostile
+bursts, worker stalls (SIGSTOP past workers.timeout_s), hung and rogue peers on the worker port, idle connections."""
 
 from __future__ import annotations
 
 import os
+import socket
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.tools.soak.hostile import hostile_messages
+from pipeline.detector import FRAME_SHAPE
+from pipeline.tools.soak.hostile import MisbehavingPeer, hostile_messages
 from pipeline.tools.soak.processes import Incarnation
 from pipeline.tools.soak.scans import BadFile
-from pipeline.tools.soak.settings import BAD_FILE_KINDS, SOAK_TIMEOUT_S, WORKERS_EXIT_S, SoakSettings
+from pipeline.tools.soak.settings import (
+    BAD_FILE_KINDS,
+    IDLE_CONNECTIONS,
+    MIB,
+    MISBEHAVING_S,
+    SOAK_TIMEOUT_S,
+    WORKERS_EXIT_S,
+    SoakSettings,
+)
 
 if TYPE_CHECKING:
     import psutil
@@ -42,7 +53,8 @@ class FaultInjector:
     def __init__(self, soak: Soak, settings: SoakSettings, rng: np.random.Generator) -> None:
         self.soak, self.rng = soak, rng
         self.kinds, self.every_s, self.hostile_mix = list(settings.faults), settings.fault_every, settings.hostile_mix
-        order = [k for k in ("worker_kill", "hostile", "bad_file", "worker_stall", "daemon_restart") if k in self.kinds]
+        order = [k for k in ("worker_kill", "hostile", "bad_file", "hung_worker", "worker_stall", "rogue_worker", "idle_connections",
+                             "daemon_restart") if k in self.kinds]
         self.first_round = order
         self.next_at = min(self.every_s, 3.0 + self.every_s / 2)
         self.pending: str | None = None
@@ -51,6 +63,7 @@ class FaultInjector:
 
     def tick(self, elapsed: float) -> None:
         self.thaw()
+        self.soak.close_idle_connections()
         if not self.kinds or elapsed < self.next_at:
             return
         if self.pending is None:
@@ -185,6 +198,32 @@ class FaultInjector:
 
             _appear(path, write)
             detail = "HDF5 with entry1 but no detector dataset"
+        elif kind == "link_outside":  # another visit's data, through an external link out of the watched directory
+            outside = self.soak.outside / f"other-visit-{number:03d}.h5"
+            with h5py.File(outside, "w") as handle:
+                handle.create_dataset("/entry/instrument/detector/data", data=np.ones((3, *FRAME_SHAPE), np.int32))
+
+            def write(p: Path) -> None:
+                with h5py.File(p, "w") as handle:
+                    entry = handle.create_group("entry1")
+                    entry.create_dataset("start_time", data="2024-01-01T00:00:00")
+                    entry.create_dataset("end_time", data="2024-01-01T00:01:00")
+                    entry["pil3_100k/data"] = h5py.ExternalLink(str(outside), "/entry/instrument/detector/data")
+
+            _appear(path, write)
+            detail = f"external link to {outside}"
+        elif kind == "chunk_bomb":  # frame 1's 400 KB chunk holds zlib-compressed zeros of 256 MiB
+            def write(p: Path) -> None:
+                with h5py.File(p, "w") as handle:
+                    entry = handle.create_group("entry1")
+                    entry.create_dataset("start_time", data="2024-01-01T00:00:00")
+                    entry.create_dataset("end_time", data="2024-01-01T00:01:00")
+                    data = entry.create_dataset("pil3_100k/data", data=np.ones((3, *FRAME_SHAPE), np.int32),
+                                                chunks=(1, *FRAME_SHAPE), compression="gzip")
+                    data.id.write_direct_chunk((1, 0, 0), zlib.compress(bytes(256 * MIB), 1))
+
+            _appear(path, write)
+            detail = "a deflate bomb in frame 1's chunk"
         else:
             source = finished[int(self.rng.integers(0, len(finished)))].plan.nxs_path
             data = source.read_bytes()
@@ -194,6 +233,47 @@ class FaultInjector:
         self.soak.bad_files.append(BadFile(path, kind, detail, time.time()))
         self.soak.event("bad_file", file=path.name, kind=kind, detail=detail)
         return True
+
+    def _hung_worker(self) -> bool:
+        return self._misbehave("hung")
+
+    def _rogue_worker(self) -> bool:
+        return self._misbehave("rogue")
+
+    def _misbehave(self, mode: str) -> bool:
+        """A peer that joins as a worker and holds frames without answering (hung) or answers with forgeries (rogue)."""
+        ready = self._ready()
+        if ready is None:
+            return False
+        status, _ = ready
+        name = f"{mode}-{self.soak.counts[f'{mode}_worker'] + 1}"
+        peer = MisbehavingPeer(status["dispatch"]["endpoint"], name, mode, MISBEHAVING_S).start()
+        self.soak.misbehaving.append(peer)
+        self.soak.event(f"{mode}_worker", name=name, seconds=MISBEHAVING_S, daemon_pid=status["pid"])
+        return True
+
+    def _idle_connections(self) -> bool:
+        """Plain connections to the worker port that never speak: each holds one of the daemon's descriptors."""
+        ready = self._ready()
+        if ready is None:
+            return False
+        status, _ = ready
+        endpoint = str(status["dispatch"]["endpoint"])
+        opened = []
+        for _ in range(IDLE_CONNECTIONS):
+            try:
+                if endpoint.startswith("ipc://"):
+                    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    connection.connect(endpoint.removeprefix("ipc://"))
+                else:
+                    host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
+                    connection = socket.create_connection((host, int(port)), timeout=1.0)
+            except OSError:
+                break
+            opened.append(connection)
+        self.soak.idle_connections.append((opened, time.monotonic() + MISBEHAVING_S))
+        self.soak.event("idle_connections", opened=len(opened), daemon_pid=status["pid"])
+        return bool(opened)
 
     def _hostile(self) -> bool:
         import zmq

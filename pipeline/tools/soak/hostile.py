@@ -88,3 +88,74 @@ class HostileSenders:
 
     def close_all(self) -> None:
         self.service(current_pid=None)
+
+
+class MisbehavingPeer:
+    """A peer that joins the worker port as a worker and then does not do the work, on its own thread.
+
+    `hung`: takes frames and heartbeats, never answers (a model stuck on the GPU); the dispatcher must
+    take its frames back after `workers.task_timeout_s` and drop it. `rogue`: takes frames and answers
+    with forged results, for tasks it does not hold and for its own tasks with another frame's index
+    (a peer that would plant results in someone's store); every one must be rejected, so no store may
+    name it as the maker of a frame (the soak counts any that does as a forged result accepted).
+    """
+
+    def __init__(self, endpoint: str, name: str, mode: str, seconds: float) -> None:
+        import threading
+
+        self.endpoint, self.name, self.mode, self.seconds = endpoint, name, mode, seconds
+        self.frames_taken = 0
+        self.forged_sent = 0
+        self._thread = threading.Thread(target=self._run, name=f"soak-{name}", daemon=True)
+
+    def start(self) -> MisbehavingPeer:
+        self._thread.start()
+        return self
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        import time
+
+        import zmq
+
+        from pipeline.live import wire
+        from pipeline.models.prediction import Detection, FramePrediction
+
+        sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.endpoint)
+        try:
+            sock.send_multipart(wire.encode_control(wire.HELLO, {"name": self.name, "n": 4}))
+            shape = (195, 487)
+            forged = FramePrediction(np.ones(shape, np.uint16), [Detection(box=(0.0, 0.0, 487.0, 195.0), score=0.99, instance_id=1)],
+                                     np.full(shape, 7, np.uint8), np.ones(shape, np.uint8))
+            if self.mode == "rogue":  # guessed task numbers first: results for frames it was never given
+                for task_id in range(1, 21):
+                    sock.send_multipart(wire.encode_result(wire.FrameResult(task_id, "forged", task_id, self.name, forged)))
+                    self.forged_sent += 1
+            ends = time.monotonic() + self.seconds
+            next_beat = 0.0
+            while time.monotonic() < ends:
+                if time.monotonic() >= next_beat:
+                    sock.send_multipart(wire.encode_control(wire.HEARTBEAT, {"held": self.frames_taken}))
+                    next_beat = time.monotonic() + 0.3
+                if not sock.poll(100):
+                    continue
+                parts = sock.recv_multipart()
+                if parts[0] != wire.FRAME:
+                    continue
+                task = wire.decode_frame(parts)
+                self.frames_taken += 1
+                if self.mode != "rogue":
+                    continue
+                shape = task.data.shape  # a peak over the whole frame, with a confident box
+                forged = FramePrediction(np.ones(shape, np.uint16), [Detection(box=(0.0, 0.0, float(shape[1]), float(shape[0])),
+                                                                               score=0.99, instance_id=1)],
+                                         np.full(shape, 7, np.uint8), np.ones(shape, np.uint8))
+                for task_id, frame in ((task.task + 1, task.frame), (task.task + 10_000, task.frame), (task.task, task.frame + 1)):
+                    sock.send_multipart(wire.encode_result(wire.FrameResult(task_id, task.scan, frame, self.name, forged)))
+                    self.forged_sent += 1
+        finally:
+            sock.close(linger=0)

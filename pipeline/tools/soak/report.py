@@ -86,6 +86,14 @@ def format_report(report: dict[str, Any]) -> str:
     ]
     if report["worker_stalls"]:
         lines.append(f"worker stalls (SIGSTOP)      {report['worker_stalls']:>8}")
+    if report["hung_workers"] or report["rogue_workers"]:
+        lines += [
+            f"hung / rogue peers           {report['hung_workers']:>4} / {report['rogue_workers']:<4}   took "
+            f"{report['frames_taken_by_misbehaving']} frames, sent {report['forged_sent']} forged results",
+            f"forged results accepted      {report['forged_accepted']:>8}",
+        ]
+    if report["idle_connection_bursts"]:
+        lines.append(f"idle-connection bursts       {report['idle_connection_bursts']:>8}")
     lines += [
         f"hostile messages sent        {report['hostile_sent']:>8}   in {report['hostile_bursts']} bursts",
         f"rejected by the daemons      {report['rejected']:>8}   (" + ", ".join(

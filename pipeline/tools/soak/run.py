@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -13,18 +14,20 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from pipeline.store import read_attributes, schema, store_status
+from pipeline.store import open_live, read_attributes, schema, store_status
 from pipeline.tools.soak.faults import FaultInjector
-from pipeline.tools.soak.hostile import HostileSenders
+from pipeline.tools.soak.hostile import HostileSenders, MisbehavingPeer
 from pipeline.tools.soak.processes import DaemonProcess, Incarnation, RemoteWorkers
 from pipeline.tools.soak.report import compare_with_process, daemon_figures, done_flags
 from pipeline.tools.soak.scans import BadFile, GoodScan
 from pipeline.tools.soak.settings import (
     MIB,
+    MISBEHAVING_S,
     READY_TIMEOUT_S,
     RSS_EVERY_S,
     SOAK_HEARTBEAT_S,
     SOAK_IDLE_TIMEOUT_S,
+    SOAK_TASK_TIMEOUT_S,
     SOAK_TIMEOUT_S,
     STATUS_EVERY_S,
     TICK_S,
@@ -69,6 +72,8 @@ class Soak:
         self._final: dict[Path, str] = {}  # stores whose status is final: complete or failed
         self._daemon: DaemonProcess | None = None  # made by run()
         self._remote: RemoteWorkers | None = None
+        self.misbehaving: list[MisbehavingPeer] = []  # hung and rogue peers (FaultInjector)
+        self.idle_connections: list[tuple[list[socket.socket], float]] = []  # (connections, close at)
         self.t0 = time.time()
 
     # -- set-up ----------------------------------------------------------------------------
@@ -89,6 +94,8 @@ class Soak:
             "watch.dirs": [str(self.watch)], "watch.resume_existing": True,
             "watch.rescan_interval_s": min(base.watch.rescan_interval_s, 2.0),
             "workers.local": self.settings.workers, "workers.timeout_s": SOAK_TIMEOUT_S, "workers.heartbeat_s": SOAK_HEARTBEAT_S,
+            "workers.task_timeout_s": SOAK_TASK_TIMEOUT_S,
+            "follow.allowed_roots": [],  # the `link_outside` bad files link out of the watched directory: they must fail
             # remote workers need an endpoint that stays the same across daemon restarts
             "workers.bind": f"tcp://127.0.0.1:{free_port()}" if self.settings.remote_workers else None,
             "follow.idle_timeout_s": SOAK_IDLE_TIMEOUT_S,
@@ -142,8 +149,10 @@ class Soak:
                 raise SoakError(f"{root} is not empty: give a new or empty directory")
         self.root, self.watch, self.logs = root, root / "scans", root / "logs"
         self.audit_path = root / "audit.jsonl"
+        self.outside = root / "another-visit"  # outside the watched directory: where `link_outside` bad files point
         self.watch.mkdir()
         self.logs.mkdir()
+        self.outside.mkdir()
         try:
             live_config, offline_config, figures = self._config(root)
             self._daemon = DaemonProcess(live_config, self.watch, self.logs, figures["control"])
@@ -434,6 +443,9 @@ class Soak:
 
     def _cleanup(self) -> None:
         self.hostile_senders.close_all()
+        self.close_idle_connections(everything=True)
+        for peer in self.misbehaving:
+            peer.join(timeout=MISBEHAVING_S + 5)
         for scan in self.scans:
             if scan.writer.is_alive():
                 scan.writer.kill()
@@ -449,6 +461,33 @@ class Soak:
             self._remote.kill()
 
     # -- the end ---------------------------------------------------------------------------------
+
+    def close_idle_connections(self, everything: bool = False) -> None:
+        """Close the idle connections whose time is up (all of them at the end)."""
+        keep = []
+        for connections, until in self.idle_connections:
+            if everything or time.monotonic() >= until:
+                for connection in connections:
+                    connection.close()
+            else:
+                keep.append((connections, until))
+        self.idle_connections = keep
+
+    def _forged_accepted(self, stores: list[Path]) -> list[str]:
+        """Frames in `stores` that name a hung or rogue peer as their maker: forged (or never made) results accepted."""
+        names = {peer.name for peer in self.misbehaving}
+        found: list[str] = []
+        for store in stores:
+            try:
+                worker = open_live(store)[schema.FRAMES_WORKER]
+            except Exception:
+                continue
+            makers = list(worker.attrs.get(schema.WORKER_NAMES_ATTR, []))
+            for number, maker in enumerate(makers, start=1):
+                if maker in names:
+                    frames = np.flatnonzero(worker[:] == number)
+                    found += [f"{store.name} frame {int(i)} by {maker}" for i in frames]
+        return found
 
     def _report(self, figures: dict[str, Any], startup_s: float, drain_s: float) -> dict[str, Any]:
         settings = self.settings
@@ -512,6 +551,9 @@ class Soak:
             if settled and incarnation.rejected < incarnation.hostile_sent:
                 problems.append(f"daemon {incarnation.pid} counted {incarnation.rejected} rejections for {incarnation.hostile_sent} "
                                 f"hostile messages sent to it ({incarnation.received} messages of any kind read by its dispatcher)")
+        forged = self._forged_accepted([s.store for s in good])
+        if forged:
+            problems.append(f"{len(forged)} frame(s) made by a hung or rogue peer were accepted: {', '.join(forged[:5])}")
         lost = lost_in_store + lost_in_audit
         passed = lost == 0 and doubled == 0 and not incomplete and not problems
         return {
@@ -531,6 +573,10 @@ class Soak:
             "failed_scans": failed_scans, "bad_files": bad, "bad_files_injected": len(self.bad_files),
             "restarts_survived": self.counts["daemon_restart"], "worker_kills": self.counts["worker_kill"],
             "worker_stalls": self.counts["worker_stall"],
+            "hung_workers": self.counts["hung_worker"], "rogue_workers": self.counts["rogue_worker"],
+            "forged_sent": sum(peer.forged_sent for peer in self.misbehaving),
+            "frames_taken_by_misbehaving": sum(peer.frames_taken for peer in self.misbehaving),
+            "forged_accepted": len(forged), "idle_connection_bursts": self.counts["idle_connections"],
             "hostile_bursts": self.counts["hostile"], "hostile_sent": hostile_sent, "rejected": rejected,
             "scans_resumed": sum(1 for s in scans if s["resumed"]),
             "memory": {"daemon_peak_rss_mib": round(max((i.peak_rss_mib for i in daemon.incarnations), default=0.0), 1),

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-FAULT_KINDS = ("worker_kill", "daemon_restart", "bad_file", "hostile", "worker_stall")
-DEFAULT_FAULTS = ("worker_kill", "daemon_restart", "bad_file", "hostile")
-BAD_FILE_KINDS = ("not_hdf5", "no_detector", "truncated")
+FAULT_KINDS = ("worker_kill", "daemon_restart", "bad_file", "hostile", "worker_stall", "hung_worker", "rogue_worker", "idle_connections")
+DEFAULT_FAULTS = ("worker_kill", "daemon_restart", "bad_file", "hostile", "hung_worker", "rogue_worker", "idle_connections")
+# hostile files besides broken ones: an external link out of the watched roots, a deflate bomb in a frame's chunk
+BAD_FILE_KINDS = ("not_hdf5", "no_detector", "truncated", "link_outside", "chunk_bomb")
 HOSTILE_MIXES = ("basic", "full")
 DEFAULT_MINUTES = 10.0
 
@@ -26,6 +27,9 @@ MIB = 1024 * 1024
 
 # the daemon's settings during a soak (the rest comes from --config)
 SOAK_TIMEOUT_S = 5.0
+SOAK_TASK_TIMEOUT_S = 20.0  # a hung peer's frames are taken back after this (an honest CPU worker under load may hold its 8 for 10 s)
+MISBEHAVING_S = SOAK_TASK_TIMEOUT_S + 4.0  # how long a hung or rogue peer stays
+IDLE_CONNECTIONS = 200  # plain connections opened to the worker port and left idle by the `idle_connections` fault
 SOAK_HEARTBEAT_S = 0.5
 SOAK_IDLE_TIMEOUT_S = 6.0
 
