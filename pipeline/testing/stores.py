@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.store import open_live, schema
+from pipeline.store.reader import TABLE_ATOL, TABLE_RTOL
 
 ARRAYS = (schema.TLM_LABELS, schema.SSL_CLUSTERS, schema.SSL_MASK, schema.VOLUME_LABELS, schema.FRAMES_DONE)
 
@@ -23,7 +24,7 @@ def assert_stores_equal(live: Path, offline: Path) -> None:
     for table in schema.TABLES:
         assert sorted(a[table].array_keys()) == sorted(b[table].array_keys())
         for column in a[table].array_keys():
-            np.testing.assert_allclose(a[table][column][:], b[table][column][:], rtol=1e-6, err_msg=f"{table}/{column}")
+            np.testing.assert_allclose(a[table][column][:], b[table][column][:], rtol=TABLE_RTOL, atol=TABLE_ATOL, err_msg=f"{table}/{column}")
 
 
 def done_count(store: Path) -> int:
