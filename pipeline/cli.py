@@ -79,10 +79,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UserError("nothing to watch: give --watch DIR or set watch.dirs in the config")
     _setup_logging(config)
     stop = _stop_on_signals()
+    web = None
+    if config.web.port is not None:  # bound before the daemon starts: a taken port stops the start
+        from pipeline.web.server import serve_beside_daemon
+
+        web = serve_beside_daemon(config)
     daemon = Daemon(config).start()
     log.info("watching %s; workers connect to %s; status at %s", ", ".join(map(str, config.watch.dirs)), daemon.dispatcher.endpoint,
              config.daemon.control)
+    if web is not None:
+        web.start(daemon.status)
+        log.info("live web view at %s", web.url)
     stop.wait()
+    if web is not None:
+        web.stop()
     daemon.shutdown(drain=True)
     return 0
 
@@ -272,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     from pipeline.pictures import view
     from pipeline.simulator import writers as simulate
     from pipeline.tools import bench, demo, soak
+    from pipeline.web import server as web
 
     simulate.add_parser(sub)
     demo.add_parser(sub)
@@ -280,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser(sub)
     soak.add_parser(sub)
     view.add_parsers(sub)
+    web.add_parser(sub)
     return one_line_errors(parser)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 
 from pipeline.detector import FRAME_SHAPE
 from pipeline.errors import PipelineError
@@ -158,6 +158,31 @@ class DaemonSettings(Strict):
     audit_log: Path | None = None  # JSON line per frame done (scan, frame, pid): proves none lost or doubled
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+MIN_TOKEN_CHARACTERS = 16
+
+
+class WebSettings(Strict):
+    # the live web view (`pipeline web`, and `pipeline run` serves it on a thread when a port is set); null: off, 0: any free port
+    port: int | None = Field(None, ge=0, le=65535)
+    host: str = "127.0.0.1"  # beyond loopback only with a token
+    # asked of every request (a cookie, `Authorization: Bearer`, or `?token=` once); required beyond loopback
+    # (a secret: stores record it as "**********", logs never show it)
+    token: SecretStr | None = Field(None, validate_default=True)
+    roots: list[Path] = Field(default_factory=list)  # where stores are looked for; empty: output.root if set, else watch.dirs
+    poll_interval_s: float = Field(1.0, gt=0)  # how often stores are looked at for changes
+
+    @field_validator("token")
+    @classmethod
+    def _no_open_door(cls, token: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        host = str(info.data.get("host", "127.0.0.1"))
+        if token is None and host.strip("[]") not in LOOPBACK_HOSTS:
+            raise ValueError(f"required when web.host ({host}) reaches beyond this host; set {MIN_TOKEN_CHARACTERS} characters or more")
+        if token is not None and len(token.get_secret_value()) < MIN_TOKEN_CHARACTERS:
+            raise ValueError(f"too short: {MIN_TOKEN_CHARACTERS} characters or more (e.g. python3 -c 'import secrets; print(secrets.token_urlsafe())')")
+        return token
+
+
 class Config(Strict):
     watch: WatchSettings = WatchSettings()
     follow: FollowSettings = FollowSettings()
@@ -166,6 +191,7 @@ class Config(Strict):
     volume: VolumeSettings = VolumeSettings()
     output: OutputSettings = OutputSettings()
     daemon: DaemonSettings = DaemonSettings()
+    web: WebSettings = WebSettings()
 
     def with_overrides(self, overrides: dict[str, Any]) -> Config:
         """A copy with dotted keys replaced (`{"workers.local": 4}`), validated like a file."""
@@ -185,7 +211,10 @@ def _one_line(error: ValidationError, source: str) -> str:
     if first["type"] == "extra_forbidden":
         return f"{source}: unknown key '{key}'"
     value = first.get("input")
-    return f"{source}: {key}: {first['msg']} (got {value!r})"
+    message = str(first["msg"]).removeprefix("Value error, ")
+    if isinstance(value, dict) or key.endswith("token"):  # a whole section says nothing more; a secret is not echoed
+        return f"{source}: {key}: {message}"
+    return f"{source}: {key}: {message} (got {value!r})"
 
 
 def _validate(data: Any, source: str) -> Config:
@@ -202,6 +231,7 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     data = config.model_dump()
     data["watch"]["dirs"] = [resolve(Path(p)) for p in data["watch"]["dirs"]]
     data["follow"]["allowed_roots"] = [resolve(Path(p)) for p in data["follow"]["allowed_roots"]]
+    data["web"]["roots"] = [resolve(Path(p)) for p in data["web"]["roots"]]
     data["output"]["root"] = resolve(data["output"]["root"])
     data["daemon"]["log_file"] = resolve(data["daemon"]["log_file"])
     data["daemon"]["audit_log"] = resolve(data["daemon"]["audit_log"])

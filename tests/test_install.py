@@ -1,4 +1,4 @@
-"""A non-editable install finds its shipped weights: they are package data, not files of the source tree.
+"""A non-editable install finds its shipped weights and the web view's pages: package data, not files of the source tree.
 
 Builds the wheel from this checkout, unpacks it into a fresh directory (its own copy of the
 package, nothing of the source tree on its path) and asks that copy where its default weights
@@ -20,9 +20,13 @@ PROBE = """
 import json, pipeline
 from pipeline.models.card import default_weights_path, read_card
 paths = {name: default_weights_path(name) for name in ("tlm", "sslm")}
-print(json.dumps({"package": pipeline.__file__, **{name: [str(path), path.is_file(), read_card(path).architecture]
-                                                    for name, path in paths.items()}}))
+from pipeline.web.app import STATIC
+static = sorted(str(p.relative_to(STATIC)) for p in STATIC.rglob("*") if p.is_file())
+print(json.dumps({"package": pipeline.__file__, "static": [str(STATIC), static],
+                  **{name: [str(path), path.is_file(), read_card(path).architecture] for name, path in paths.items()}}))
 """
+WEB_FILES = ["common.js", "favicon.svg", "index.html", "scan.html", "scan.js", "scans.js", "style.css", "vendor/uPlot.LICENSE",
+             "vendor/uPlot.iife.min.js", "vendor/uPlot.min.css"]  # the web view's pages, scripts and styles: nothing from a CDN
 
 
 def test_a_wheel_install_has_its_default_weights(tmp_path: Path) -> None:
@@ -41,6 +45,7 @@ def test_a_wheel_install_has_its_default_weights(tmp_path: Path) -> None:
         names = archive.namelist()
         assert "pipeline/weights/tlm.safetensors" in names and "pipeline/weights/sslm.safetensors" in names
         assert "pipeline/simulator/data/peak_outlines.npz" in names
+        assert all(f"pipeline/web/static/{name}" in names for name in WEB_FILES), sorted(n for n in names if "/web/" in n)
         archive.extractall(installed)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -49,6 +54,8 @@ def test_a_wheel_install_has_its_default_weights(tmp_path: Path) -> None:
     assert probe.returncode == 0, probe.stderr[-3000:]
     found = json.loads(probe.stdout)
     assert Path(found["package"]).is_relative_to(installed)
+    static, files = found["static"]
+    assert Path(static).is_relative_to(installed) and files == WEB_FILES
     for name in ("tlm", "sslm"):
         path, exists, architecture = found[name]
         assert Path(path).is_relative_to(installed) and exists and architecture == name

@@ -93,7 +93,7 @@ def test_view_with_napari_opens_the_layers(truth_store, monkeypatch):
     monkeypatch.setitem(sys.modules, "napari", fake)
     assert run(["view", str(truth_store)]) == 0
     shape = (N_FRAMES, 195, 487)
-    assert calls[0] == ("viewer", f"{SCAN} (complete)")
+    assert calls[0] == ("viewer", f"{SCAN}: {N_FRAMES} of {N_FRAMES} frames done (complete)")
     assert calls[1][:3] == ("image", "raw counts (log1p)", shape) and calls[1][3] > 0
     assert calls[2:] == [("labels", "tlm/labels", shape, True), ("labels", "ssl/mask", shape, False),
                          ("labels", "volume/labels", shape, True), ("run",)]

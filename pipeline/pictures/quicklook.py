@@ -114,6 +114,58 @@ class _FootprintBuilder:
         return Footprint(self.y0, self.x0, self.mask)
 
 
+class QuicklookAccumulator:
+    """The quick look's projection, footprints and rocking curves, built up one done frame at a time.
+
+    `quicklook_data` feeds it every done frame in one pass; a live view (the web view) keeps one per
+    scan and feeds it only the frames that became done since it last looked, so a long scan is read once.
+    """
+
+    def __init__(self, frame_shape: tuple[int, int]) -> None:
+        self.projection = np.zeros(frame_shape, dtype=np.float64)
+        self.frames: list[int] = []
+        self.axis_values: list[float] = []
+        self._builders: dict[int, _FootprintBuilder] = {}
+        self._curve_parts: dict[int, list[tuple[int, float, float]]] = {}
+
+    def add(self, frame: int, axis_value: float, labels: np.ndarray, raw: np.ndarray) -> None:
+        """One done frame: its raw counts (clipped at 0) and its 3D labels; frames may come in any order."""
+        np.maximum(self.projection, raw, out=self.projection)
+        self.frames.append(int(frame))
+        self.axis_values.append(float(axis_value))
+        _add_frame(int(frame), float(axis_value), labels, raw, self._builders, self._curve_parts)
+
+    @property
+    def peak_ids(self) -> list[int]:
+        return sorted(self._curve_parts)
+
+    def data(self, scan: str, status: str, frames_total: int, axis_name: str) -> QuicklookData:
+        """What the quick look draws; the frame index stands in for the scan axis where any value is missing."""
+        frames = np.array(self.frames, dtype=np.int64)
+        order = np.argsort(frames, kind="stable")
+        frames, axis_values = frames[order], np.array(self.axis_values, dtype=np.float64)[order]
+        by_frame = axis_name == "frame" or not np.isfinite(axis_values).all()
+        if by_frame:
+            axis_name, axis_values = "frame", frames.astype(np.float64)
+        curves = {}
+        for peak_id, parts in sorted(self._curve_parts.items()):
+            rows = sorted(parts)
+            curve_frames = np.array([row[0] for row in rows], dtype=np.int64)
+            curves[peak_id] = RockingCurve(curve_frames, curve_frames.astype(np.float64) if by_frame else np.array([row[1] for row in rows]),
+                                           np.array([row[2] for row in rows]))
+        return QuicklookData(
+            scan=scan,
+            status=status,
+            frames_total=frames_total,
+            frames=frames,
+            axis_name=axis_name,
+            axis_values=axis_values,
+            projection=self.projection.copy(),
+            footprints={peak_id: builder.footprint() for peak_id, builder in sorted(self._builders.items())},
+            curves=curves,
+        )
+
+
 def quicklook_data(store_path: Path) -> QuicklookData:
     """Projection, footprints and rocking curves of a (possibly live) store, reading one frame at a time."""
     store = StoreReader(store_path)
@@ -121,33 +173,14 @@ def quicklook_data(store_path: Path) -> QuicklookData:
     frames = store.done_frames()
     axis_name, axis_values = store.scan_axis(frames)
     height, width = volume.shape[1:]
-    projection = np.zeros((height, width), dtype=np.float64)
-    builders: dict[int, _FootprintBuilder] = {}
-    curve_parts: dict[int, list[tuple[int, float, float]]] = {}
+    accumulator = QuicklookAccumulator((height, width))
     if frames.size:
         with store.raw_frames() as dataset:
             if tuple(dataset.shape[1:]) != (height, width):
                 raise StoreError(f"{store.path}: raw frames are {tuple(dataset.shape[1:])}, the store's are {(height, width)}")
             for frame, axis_value in zip(frames.tolist(), axis_values.tolist()):
-                raw = read_raw_frame(dataset, frame)
-                np.maximum(projection, raw, out=projection)
-                _add_frame(frame, axis_value, cast(np.ndarray, volume[frame]), raw, builders, curve_parts)
-    curves = {
-        peak_id: RockingCurve(np.array([p[0] for p in parts], dtype=np.int64), np.array([p[1] for p in parts]),
-                              np.array([p[2] for p in parts]))
-        for peak_id, parts in sorted(curve_parts.items())
-    }
-    return QuicklookData(
-        scan=store.name,
-        status=store.status,
-        frames_total=store.frames_total,
-        frames=frames,
-        axis_name=axis_name,
-        axis_values=axis_values,
-        projection=projection,
-        footprints={peak_id: builder.footprint() for peak_id, builder in sorted(builders.items())},
-        curves=curves,
-    )
+                accumulator.add(frame, axis_value, cast(np.ndarray, volume[frame]), read_raw_frame(dataset, frame))
+    return accumulator.data(store.name, store.status, store.frames_total, axis_name)
 
 
 def _add_frame(frame: int, axis_value: float, labels: np.ndarray, raw: np.ndarray, builders: dict[int, _FootprintBuilder],
@@ -198,7 +231,8 @@ def _log_norm(image: np.ndarray) -> LogNorm:
     return LogNorm(vmin=1.0, vmax=max(2.0, float(image.max())), clip=True)
 
 
-def _colour(peak_id: int) -> tuple[float, float, float, float]:
+def peak_colour(peak_id: int) -> tuple[float, float, float, float]:
+    """A peak's colour (RGBA, 0..1) in every picture of it: the quick look, the 3D picture, the web view."""
     from matplotlib import colormaps
 
     return colormaps["tab10"](peak_id % 10)
@@ -235,9 +269,9 @@ def draw_quicklook(data: QuicklookData, out: Path) -> Path:
     for peak_id, footprint in data.footprints.items():
         if peak_id not in labelled:
             continue
-        _outline(image_axes, footprint.y0, footprint.x0, footprint.mask, _colour(peak_id))
+        _outline(image_axes, footprint.y0, footprint.x0, footprint.mask, peak_colour(peak_id))
         image_axes.text(footprint.x0 + footprint.mask.shape[1] + 3, footprint.y0 + footprint.mask.shape[0] / 2, str(peak_id),
-                        color=_colour(peak_id), fontsize=10, fontweight="bold", va="center", ha="left", path_effects=_READABLE)
+                        color=peak_colour(peak_id), fontsize=10, fontweight="bold", va="center", ha="left", path_effects=_READABLE)
     more = f"; outlined: the {MAX_LABELLED_PEAKS} brightest" if len(data.curves) > MAX_LABELLED_PEAKS else ""
     image_axes.set_title(f"maximum projection of the raw counts over {data.frames.size} frames (log scale){more}", fontsize=10)
     image_axes.set_xlabel("x (pixel)")
@@ -245,7 +279,7 @@ def draw_quicklook(data: QuicklookData, out: Path) -> Path:
 
     for peak_id in brightest[:MAX_CURVES]:
         curve = data.curves[peak_id]
-        curve_axes.plot(curve.axis_values, curve.sums, "o-", markersize=3, color=_colour(peak_id), label=f"peak {peak_id}")
+        curve_axes.plot(curve.axis_values, curve.sums, "o-", markersize=3, color=peak_colour(peak_id), label=f"peak {peak_id}")
     if len(data.curves) > MAX_CURVES:
         curve_axes.set_title(f"rocking curves of the {MAX_CURVES} brightest of {len(data.curves)} peaks", fontsize=10)
     else:
@@ -390,7 +424,7 @@ def draw_volume(store_path: Path, out: Path | None = None) -> Path:
         for peak_id in np.unique(sample.peak_id).tolist():
             here = sample.peak_id == peak_id
             label = f"peak {peak_id}" if peak_id in sample.peak_ids[:MAX_CURVES] else None
-            axes.scatter(sample.x[here], sample.frame[here], sample.y[here], color=_colour(peak_id), s=2, depthshade=False, label=label)
+            axes.scatter(sample.x[here], sample.frame[here], sample.y[here], color=peak_colour(peak_id), s=2, depthshade=False, label=label)
         more = f" (first {MAX_CURVES} of {len(sample.peak_ids)})" if len(sample.peak_ids) > MAX_CURVES else ""
         axes.legend(loc="upper left", fontsize=8, frameon=False, markerscale=4, title=f"3D peak id{more}")
     else:

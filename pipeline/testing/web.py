@@ -1,0 +1,149 @@
+"""The web view under test: a real uvicorn server on a free port, plain HTTP requests, the event stream, Debian's chromium.
+
+Chromium and its driver are Debian's (`apt-get install chromium chromium-driver`, which the README's
+test command does): Selenium is pointed at both binaries, so its manager downloads nothing.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from pipeline.web.server import WebOptions, WebServer
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+
+
+@contextmanager
+def web_server(roots: Sequence[Path], raw_roots: Sequence[Path] | None = None, token: str | None = None,
+               poll_interval_s: float = 0.3) -> Iterator[WebServer]:
+    """`pipeline web`'s server in this process, on a free loopback port, stopped afterwards."""
+    options = WebOptions(roots=list(roots), raw_roots=list(raw_roots if raw_roots is not None else roots), host="127.0.0.1", port=0,
+                         token=token, poll_interval_s=poll_interval_s)
+    server = WebServer(options).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    def image(self) -> np.ndarray:
+        with Image.open(io.BytesIO(self.body)) as picture:
+            assert picture.format == "PNG"
+            return np.asarray(picture.convert("RGB"))
+
+
+def get(url: str, headers: dict[str, str] | None = None, follow_redirects: bool = True) -> Answer:
+    """One GET; an HTTP error status is an answer too (its body holds the one-line error)."""
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+            return None
+
+    opener = urllib.request.build_opener() if follow_redirects else urllib.request.build_opener(NoRedirect)
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with opener.open(request, timeout=30) as response:
+            return Answer(response.status, {k.lower(): v for k, v in response.headers.items()}, response.read())
+    except urllib.error.HTTPError as error:
+        return Answer(error.code, {k.lower(): v for k, v in error.headers.items()}, error.read())
+
+
+def raw_get(port: int, path: str, headers: dict[str, str] | None = None) -> Answer:
+    """A GET of exactly `path` as written (urllib would normalise `..` and `%2F` away), on 127.0.0.1."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.putrequest("GET", path, skip_host=bool(headers and "Host" in headers))
+        for name, value in (headers or {}).items():
+            connection.putheader(name, value)
+        connection.endheaders()
+        response = connection.getresponse()
+        return Answer(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
+    finally:
+        connection.close()
+
+
+def events(port: int, path: str, until: Callable[[str, Any], bool], timeout: float) -> list[tuple[str, Any]]:
+    """Server-sent events from `path` until `until(name, data)` is true; AssertionError after `timeout` seconds."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    seen: list[tuple[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    try:
+        connection.request("GET", path, headers={"Accept": "text/event-stream"})
+        response = connection.getresponse()
+        assert response.status == 200, response.read()
+        assert response.getheader("content-type", "").startswith("text/event-stream")
+        name, data = "message", ""
+        while time.monotonic() < deadline:
+            line = response.readline().decode()
+            if not line:
+                break
+            line = line.rstrip("\n")
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                data += line[6:]
+            elif line == "" and data:
+                payload = json.loads(data)
+                seen.append((name, payload))
+                if until(name, payload):
+                    return seen
+                name, data = "message", ""
+    finally:
+        connection.close()
+    raise AssertionError(f"not seen within {timeout} s; events: {[n for n, _ in seen]}")
+
+
+def chromium(width: int = 1280, height: int = 1800) -> Any:
+    """A headless Debian chromium under Selenium (nothing downloaded: both binaries are given)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", f"--window-size={width},{height}",
+                     "--hide-scrollbars", "--force-device-scale-factor=1"):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+
+
+def element_pixels(driver: Any, screenshot: Path, selector: str) -> np.ndarray:
+    """The RGB pixels of the element `selector` in a screenshot just taken (the window's device pixels are CSS pixels)."""
+    from selenium.webdriver.common.by import By
+
+    driver.save_screenshot(str(screenshot))
+    element = driver.find_element(By.CSS_SELECTOR, selector)
+    box = driver.execute_script("const r = arguments[0].getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom];", element)
+    with Image.open(screenshot) as picture:
+        pixels = np.asarray(picture.convert("RGB"))
+    left, top, right, bottom = (int(round(v)) for v in box)
+    return pixels[max(0, top):bottom, max(0, left):right]
+
+
+def colour_share(pixels: np.ndarray, colour: tuple[int, int, int], tolerance: int = 40) -> float:
+    """The fraction of `pixels` within `tolerance` (per channel) of `colour`."""
+    close = np.all(np.abs(pixels.astype(np.int32) - np.array(colour)) <= tolerance, axis=-1)
+    return float(close.mean()) if close.size else 0.0
