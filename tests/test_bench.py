@@ -54,6 +54,29 @@ def test_bench_measures_a_live_scan(tmp_path: Path, untrained_weights: dict[str,
     assert rows[0] == "time_s,frames_done,process,pid,rss_mib" and len(rows) > 2
 
 
+def test_bench_models_none_measures_the_daemons_own_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Workers answer at once with empty predictions: live and finished-file figures, beside DiPID's way without models."""
+    figures = tmp_path / "bench.json"
+    args = _parse(["--models", "none", "--frames", str(FRAMES), "--workers", "1", "--baseline-frames", "2",
+                   "--json", str(figures), "--no-progress", "--keep", str(tmp_path / "kept")])
+    assert run_bench(args) == 0
+    printed = capsys.readouterr().out
+    assert "tlm: disabled" in printed and "sslm: disabled" in printed
+    assert "pipeline, finished file (every frame ready)" in printed and "no models: read, dead pixels, savez" in printed
+    report = json.loads(figures.read_text())
+    assert report["settings"]["models_mode"] == "none"
+    assert report["pipeline"]["frames_done"] == FRAMES and report["pipeline"]["writer_fps"] > 0
+    finished = report["finished_file"]
+    assert finished["frames_done"] == FRAMES and finished["fps"] > 0
+    assert (report["pipeline"]["stages_ms"]["tlm"] or 0.0) < 1.0  # no model ran: microseconds of bookkeeping
+    from pipeline.store import StoreReader, schema
+
+    for store in (tmp_path / "kept").rglob("*.zarr"):
+        reader = StoreReader(store)
+        assert reader.status == schema.STATUS_COMPLETE and reader.done_frames().tolist() == list(range(FRAMES))
+        assert int(reader.group[schema.TLM_LABELS][:].max()) == 0  # empty predictions, really
+
+
 @pytest.mark.parametrize("argv", [["--frames", "0"], ["--scale", "1,x"], ["--rate", "-3"], ["--workers", "two"]])
 def test_bad_arguments_give_one_line_and_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as stopped:

@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.simulator.writers import ScanPlan, ScanWriter
 from pipeline.store import open_live
-from pipeline.testing.configs import write_config
+from pipeline.testing.configs import MODELS_OFF, write_config
 from pipeline.testing.daemons import start_daemon, stop_daemon, wait_for_status, wait_for_workers
 from pipeline.testing.stores import assert_stores_equal, done_count, process_offline
 
@@ -36,8 +36,10 @@ def _run_until(config, scans, plan, log, frames_done: int, signals: int):
 def test_sigterm_drains_then_a_restart_completes_the_scan(tmp_path, untrained_weights):
     scans = tmp_path / "scans"
     scans.mkdir()
-    config = write_config(tmp_path / "config.yaml", untrained_weights, follow={"idle_timeout_s": 20.0})
-    plan = ScanPlan(directory=scans, name="drain", layout="gda9", n_frames=14, rate_hz=3.0, seed=31)
+    # models off: frames are done as soon as they are read, so the stop comes while the writer still has frames to write
+    # (with the models on a loaded machine, 3 frames done could take longer than the whole scan)
+    config = write_config(tmp_path / "config.yaml", untrained_weights, follow={"idle_timeout_s": 20.0}, models=MODELS_OFF)
+    plan = ScanPlan(directory=scans, name="drain", layout="gda9", n_frames=14, rate_hz=2.5, seed=31)
     daemon, writer, store = _run_until(config, scans, plan, tmp_path / "first.log", frames_done=3, signals=1)
     assert daemon.returncode == 0
     group = open_live(store)

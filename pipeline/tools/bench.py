@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 DEFAULT_FRAMES = 100
 DEFAULT_RATE_HZ = 1000.0  # as fast as the writer can: measures the pipeline, not the detector
 DEFAULT_BASELINE_FRAMES = 20
+MODEL_MODES = ("config", "none")
 DIPID_MIN_SIZE, DIPID_MAX_SIZE = 800, 1333  # torchvision's default detection resize, which DiPID ran at
 RSS_INTERVAL_S = 0.2
 FLUSH_POLL_S = 0.002
@@ -93,6 +94,10 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                         help=f"frames per second the writer writes (default {DEFAULT_RATE_HZ:g}: as fast as it can, "
                              "to measure throughput; e.g. 10 or 100 for latency at a detector's rate)")
     parser.add_argument("--layout", choices=LAYOUTS, default="gda9", help="file layout of the scan (default gda9)")
+    parser.add_argument("--models", choices=MODEL_MODES, default="config",
+                        help="config: the config's models (default); none: workers answer every frame at once with an empty "
+                             "prediction, through the real sockets, so the daemon's own path (read, dispatch, result, link, "
+                             "write, done) is measured on any machine, live and on a finished file")
     parser.add_argument("--workers", type=positive_int, default=2, metavar="N", help="local worker processes (default 2)")
     parser.add_argument("--scale", type=worker_counts, default=None, metavar="N,N,...",
                         help="also run the pipeline with each of these worker counts and compare frames/s")
@@ -148,6 +153,8 @@ def _load_bench_config(args: argparse.Namespace) -> Any:
             overrides["workers.device"] = args.device
         if args.precision is not None:
             overrides["models.precision"] = args.precision
+        if args.models == "none":
+            overrides.update({"models.tlm.enabled": False, "models.sslm.enabled": False})
         config = config.with_overrides(overrides)
     except ConfigError as error:
         raise BenchError(str(error)) from None
@@ -384,6 +391,8 @@ class PipelineRun:
         from_flush = [self.frames[i]["done_at"] - flushed for i in indices
                       if i < len(self.flushed_at) and (flushed := self.flushed_at[i]) is not None]
         from_queued = [t["done_at"] - t["queued_at"] for t in timings]
+        flush_times = [at for at in self.flushed_at if at is not None]
+        writer_s = flush_times[-1] - flush_times[0] if len(flush_times) > 1 else 0.0
 
         def stage(key: str) -> list[float]:
             return [t[key] for t in timings if key in t]
@@ -415,6 +424,7 @@ class PipelineRun:
             "frames_done": len(self.frames),
             "elapsed_s": round(elapsed, 3),
             "fps": round(len(self.frames) / elapsed, 3) if elapsed > 0 else None,
+            "writer_fps": round((len(flush_times) - 1) / writer_s, 1) if writer_s > 0 else None,  # how fast the scan was written
             "latency_ms": {"flush_to_done": percentiles_ms(from_flush), "queued_to_done": percentiles_ms(from_queued)},
             "stages_ms": stages,
             "memory": memory,
@@ -441,15 +451,18 @@ def _wait_for_workers(daemon: Any, count: int) -> None:
 
 
 def run_pipeline(config: Any, directory: Path, workers: int, n_frames: int, rate_hz: float, layout: str, seed: int,
-                 show_progress: bool) -> PipelineRun:
-    """The real daemon with `workers` local workers following a scan written live; every frame's timings."""
+                 show_progress: bool, finished: bool = False) -> PipelineRun:
+    """The real daemon with `workers` local workers following a scan written live (or, with `finished`, a scan
+    written in full before the daemon starts: every frame ready at once, the writer out of the way); every frame's timings."""
     from pipeline.live.daemon import Daemon
     from pipeline.live.follow import ScanFollower
     from pipeline.simulator.writers import ScanPlan, ScanWriter
 
     directory.mkdir(parents=True, exist_ok=True)
-    plan = ScanPlan(directory=directory, name=f"bench-{layout}-w{workers}", layout=layout, n_frames=n_frames,
-                    rate_hz=rate_hz, seed=seed)
+    plan = ScanPlan(directory=directory, name=f"bench-{layout}-w{workers}{'-finished' if finished else ''}", layout=layout,
+                    n_frames=n_frames, rate_hz=rate_hz, seed=seed)
+    if finished:
+        ScanWriter(plan).start().join()
     run = PipelineRun(workers=workers, scan=plan.nxs_path)
     config = config.with_overrides({"watch.dirs": [str(directory)], "workers.local": workers})
     lock = threading.Lock()
@@ -459,7 +472,7 @@ def run_pipeline(config: Any, directory: Path, workers: int, n_frames: int, rate
             with lock:
                 run.frames[index] = timings.as_dict()
 
-    daemon = Daemon(config, on_frame_done=on_frame_done).start()
+    daemon = Daemon(config, watch=not finished, on_frame_done=on_frame_done).start()  # a finished scan is handed over once workers are in
     memory = MemorySampler(lambda: [p.pid for p in daemon.workers], lambda: len(run.frames))
     bar = _progress(n_frames, f"pipeline, {workers} worker{'s' if workers > 1 else ''}", show_progress)
     writer: ScanWriter | None = None
@@ -467,9 +480,12 @@ def run_pipeline(config: Any, directory: Path, workers: int, n_frames: int, rate
     try:
         _wait_for_workers(daemon, workers)
         memory.start()
-        writer = ScanWriter(plan).start()
-        flush = FlushClock(lambda: writer.frames_written, n_frames)
-        flush.start()
+        if finished:
+            daemon.add_scan(plan.nxs_path)
+        else:
+            writer = ScanWriter(plan).start()
+            flush = FlushClock(lambda: writer.frames_written, n_frames)
+            flush.start()
         last_count, last_change = 0, time.monotonic()
         while True:
             count = len(run.frames)
@@ -482,8 +498,9 @@ def run_pipeline(config: Any, directory: Path, workers: int, n_frames: int, rate
                 raise BenchError(f"pipeline run with {workers} worker(s) stalled: {count}/{n_frames} frames done "
                                  f"and none for {STALL_TIMEOUT_S:g} s")
             time.sleep(0.05)
-        writer.join(timeout=60)
-        run.frames_written = writer.frames_written
+        if writer is not None:
+            writer.join(timeout=60)
+        run.frames_written = writer.frames_written if writer is not None else n_frames
     finally:
         bar.close()
         if flush is not None:
@@ -607,7 +624,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         setup_logging("WARNING")
     report: dict[str, Any] = {
         "machine": machine_description(facts),
-        "settings": {"frames": args.frames, "rate_hz": args.rate, "layout": args.layout, "workers": args.workers,
+        "settings": {"frames": args.frames, "rate_hz": args.rate, "layout": args.layout, "workers": args.workers, "models_mode": args.models,
                      "scale": args.scale, "baseline_frames": baseline_frames, "device": config.workers.device,
                      "resolved_device": facts["resolved_device"],
                      "config": None if args.config is None else str(args.config), "seed": args.seed,
@@ -629,6 +646,12 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                                            args.layout, args.seed, show_progress)
         report["pipeline"] = main.summary()
         report["pipeline"]["per_frame"] = main.per_frame()
+        if args.models == "none":  # the daemon's ceiling with the writer out of the way: a finished scan, every frame ready
+            ready = run_pipeline(config, root / f"finished-w{args.workers}", args.workers, args.frames, args.rate, args.layout,
+                                 args.seed, show_progress, finished=True)
+            report["finished_file"] = {k: v for k, v in ready.summary().items() if k != "memory"}
+        else:
+            report["finished_file"] = None
         report["scaling"] = [{"workers": count, **{k: runs[count].summary()[k] for k in ("fps", "frames_done", "elapsed_s")}}
                              for count in (args.scale or [args.workers])]
         if baseline_frames:
@@ -669,10 +692,16 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"{name}: {model['weights']} (sha256 {model['sha256'][:12]})" if model.get("enabled") else f"{name}: disabled")
     lines += ["", f"{'throughput':<44}{'frames/s':>10}"]
     if baseline:
-        lines.append(f"  {'baseline, DiPID way (' + str(baseline['frames']) + ' frames, TLM at 800)':<42}{_cell(baseline['fps'], 2):>10}")
+        what = "TLM at 800" if settings["models"]["tlm"].get("enabled") else "no models: read, dead pixels, savez"
+        lines.append(f"  {'baseline, DiPID way (' + str(baseline['frames']) + ' frames, ' + what + ')':<42}{_cell(baseline['fps'], 2):>10}")
     workers = f"{pipeline['workers']} worker{'s' if pipeline['workers'] > 1 else ''}"
     done = f"{pipeline['frames_done']}/{pipeline['frames_written']} frames done"
     lines.append(f"  {'pipeline (' + workers + ', ' + done + ')':<42}{_cell(pipeline['fps'], 2):>10}")
+    if pipeline.get("writer_fps") is not None:
+        lines.append(f"  {'  (the writer wrote at)':<42}{_cell(pipeline['writer_fps'], 1):>10}")
+    finished = report.get("finished_file")
+    if finished:
+        lines.append(f"  {'pipeline, finished file (every frame ready)':<42}{_cell(finished['fps'], 2):>10}")
     if report.get("ratio") is not None:
         lines.append(f"  {'ratio pipeline / baseline':<42}{report['ratio']:>9.1f}x")
     lines += ["", f"{'latency (ms)':<34}{'p50':>10}{'p95':>10}{'p99':>10}"]
