@@ -4,7 +4,7 @@ frames wait in the file, nothing is dropped.
 A real `pipeline run` daemon with one real worker process, made slow on purpose with the worker's
 test kit's slow worker (`pipeline.testing.slow_worker`, `PIPELINE_WORKER_DELAY_S` in the daemon's
 environment, so only its workers are slow), follows a scan written at 50 Hz, more
-than 15 times faster than the worker takes it (0.3 s per frame plus the models' own time). While
+than 15 times faster than the worker takes it (0.3 s per frame; the models are off, the delay is the work). While
 it works, the test samples what `pipeline status --json` reports (through the same `query_status`
 call) and the daemon process's RSS (psutil).
 """
@@ -23,7 +23,7 @@ import yaml
 from pipeline.live.control import query_status
 from pipeline.simulator.writers import ScanPlan, ScanWriter
 from pipeline.store import open_live
-from pipeline.testing.configs import write_config
+from pipeline.testing.configs import MODELS_OFF, write_config
 from pipeline.testing.daemons import start_daemon, stop_daemon, wait_for_status, wait_for_workers
 from pipeline.testing.slow_worker import DELAY_ENV
 from pipeline.testing.stores import assert_stores_equal
@@ -41,7 +41,7 @@ def test_a_slow_worker_holds_memory_bounded_frames_wait_in_the_file_and_none_is_
     scans = tmp_path / "scans"
     scans.mkdir()
     audit = tmp_path / "audit.jsonl"
-    config = write_config(tmp_path / "config.yaml", untrained_weights,
+    config = write_config(tmp_path / "config.yaml", untrained_weights, models=MODELS_OFF,  # the delay alone makes the worker slow
                           workers={"local": 1, "credit": CREDIT, "batch_size": 4, "timeout_s": 20.0,
                                    "command": [sys.executable, "-m", "pipeline.testing.slow_worker"]},
                           follow={"idle_timeout_s": 10.0}, daemon={"audit_log": str(audit)})

@@ -22,7 +22,7 @@ import zmq
 from pipeline.config import WorkerSettings
 from pipeline.live import wire
 from pipeline.live.dispatch import Dispatcher
-from pipeline.testing.configs import write_config
+from pipeline.testing.configs import MODELS_OFF, write_config
 from pipeline.testing.daemons import poll as _wait
 from pipeline.tools.soak import hostile_messages
 
@@ -39,7 +39,7 @@ def _soak(*args: str, timeout: float = 420, env: dict | None = None) -> subproce
 
 
 def test_soak_with_every_fault_loses_and_doubles_nothing(tmp_path, untrained_weights):
-    config = write_config(tmp_path / "c.yaml", untrained_weights)
+    config = write_config(tmp_path / "c.yaml", untrained_weights, models=MODELS_OFF)  # the faults are the test, not the models
     figures = tmp_path / "soak.json"
     result = _soak("--seconds", "45", "--fault-every", "5", "--faults", FORCED, "--hostile-mix", "basic", "--frames", "4,8",
                    "--rate", "5,10", "--seed", "3", "--config", str(config), "--out", str(tmp_path / "soak"), "--json", str(figures))
