@@ -160,6 +160,10 @@ class JointPredictor:
         if count == 0:
             return []
         started = time.perf_counter()
+        if self.tlm is None and self.sslm is None:  # nothing to feed (`pipeline bench --models none`): empty predictions at once
+            return [FramePrediction(tlm_labels=np.zeros(shape, dtype=np.uint16), detections=[], ssl_clusters=np.zeros(shape, np.uint8),
+                                    ssl_mask=np.zeros(shape, np.uint8), timings={"preprocess": 0.0, "tlm": 0.0, "sslm": 0.0})
+                    for _ in range(count)]
         fixed = [fix_dead_pixels(frame) for frame in frames]
         inputs = torch.from_numpy(np.stack([to_model_input(frame) for frame in fixed])).to(self.device)
         sslm_inputs = inputs
