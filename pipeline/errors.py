@@ -7,12 +7,12 @@ line and exits with the error's `exit_code`, never with a traceback.
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Callable
 from typing import TypeVar
 
 T = TypeVar("T")
-
 
 
 class PipelineError(Exception):
@@ -25,6 +25,17 @@ class UserError(PipelineError):
     """A bad argument on the command line."""
 
     exit_code = 2
+
+
+SPACE = "space"
+DESCRIPTORS = "file descriptors"
+_SHORTAGE_ERRNOS = {errno.ENOSPC: SPACE, errno.EDQUOT: SPACE, errno.EMFILE: DESCRIPTORS, errno.ENFILE: DESCRIPTORS}
+
+
+def shortage_of(error: BaseException) -> str | None:
+    """SPACE or DESCRIPTORS when `error` is a failure for want of one (h5py and zarr keep the OSError's errno), else None:
+    such an error says nothing about the file or store at hand (see pipeline.live.shortage)."""
+    return _SHORTAGE_ERRNOS.get(error.errno) if isinstance(error, OSError) and error.errno is not None else None
 
 
 def one_line(error: BaseException, limit: int | None = None) -> str:

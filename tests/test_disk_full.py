@@ -101,3 +101,31 @@ def test_a_full_disk_stops_the_scan_and_space_resumes_it(tmp_path: Path, small_d
     assert "No space left on device" in event["error"] and event["resumed_at"]
     process_offline(write_config(tmp_path / "offline.yaml", untrained_weights, models=MODELS_OFF), plan.nxs_path, tmp_path / "offline")
     assert_stores_equal(store, tmp_path / "offline" / store.name)
+
+
+def test_a_store_resumed_on_a_full_disk_is_kept_not_moved_aside(tmp_path: Path, small_disk: Path) -> None:
+    """Resuming writes the store's status: on a full disk that fails, and the store must stay as it is (it used to be
+    taken for unreadable, moved aside and made again, so its frames were done twice; the soak's audit log showed it)."""
+    import errno
+
+    import numpy as np
+
+    from pipeline.nexus import ScanInfo
+    from pipeline.store.writer import ScanStore
+
+    info = ScanInfo(nexus_path=tmp_path / "s.nxs", scan_id="s", layout="gda9", entry="entry", source_file=tmp_path / "s.nxs",
+                    dataset="/entry/data", scan_command="scan", expected_frames=None, axis_name="eta")
+    path = small_disk / "s.zarr"
+    store = ScanStore.create_or_resume(path, info, (12, 17), {})
+    store.ensure_frames(2)
+    store.write_volumes(0, [np.zeros((12, 17), np.uint32)] * 2, [1.0, 2.0], [True, True])
+    store.close()
+    filler = _fill(small_disk)
+    with pytest.raises(OSError) as raised:
+        ScanStore.create_or_resume(path, info, (12, 17), {})
+    assert raised.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "s.zarr", "s.zarr.lock"]  # nothing moved aside
+    os.remove(filler)
+    resumed = ScanStore.create_or_resume(path, info, (12, 17), {})
+    assert resumed.done_prefix() == 2  # the frames already done are still done
+    resumed.close()

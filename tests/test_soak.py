@@ -28,7 +28,7 @@ from pipeline.tools.soak import hostile_messages
 
 pytestmark = pytest.mark.daemon
 
-FORCED = "worker_kill,daemon_restart,bad_file,hostile,hung_worker,rogue_worker,idle_connections"
+FORCED = "worker_kill,daemon_restart,bad_file,hostile,hung_worker,rogue_worker,idle_connections,disk_full"
 
 
 def _soak(*args: str, timeout: float = 420, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -41,7 +41,7 @@ def _soak(*args: str, timeout: float = 420, env: dict | None = None) -> subproce
 def test_soak_with_every_fault_loses_and_doubles_nothing(tmp_path, untrained_weights):
     config = write_config(tmp_path / "c.yaml", untrained_weights, models=MODELS_OFF)  # the faults are the test, not the models
     figures = tmp_path / "soak.json"
-    result = _soak("--seconds", "45", "--fault-every", "5", "--faults", FORCED, "--hostile-mix", "basic", "--frames", "4,8",
+    result = _soak("--seconds", "50", "--fault-every", "5", "--faults", FORCED, "--hostile-mix", "basic", "--frames", "4,8",
                    "--rate", "5,10", "--seed", "3", "--config", str(config), "--out", str(tmp_path / "soak"), "--json", str(figures))
     printout = result.stdout + result.stderr
     assert figures.exists(), printout[-4000:]
@@ -70,6 +70,7 @@ def test_soak_with_every_fault_loses_and_doubles_nothing(tmp_path, untrained_wei
         if daemon["hostile_sent"] and daemon["how_ended"] == "stopped":
             assert daemon["rejected"] >= daemon["hostile_sent"], daemon
     assert report["hung_workers"] >= 1 and report["rogue_workers"] >= 1 and report["idle_connection_bursts"] >= 1
+    assert report["disk_full_faults"] + report["disk_full_skipped"] >= 1  # (skipped, and said so, where no tmpfs can be mounted)
     assert report["forged_sent"] > 0 and report["forged_accepted"] == 0  # every forgery rejected, no frame credited to a rogue
     assert report["memory"]["daemon_peak_rss_mib"] > 0 and report["memory"]["worker_peak_rss_mib"] > 0
     assert report["compare"]["equal"] is True, report["compare"]

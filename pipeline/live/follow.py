@@ -43,9 +43,8 @@ import numpy as np
 from pipeline.chunks import BoundedFrameReader, ChunkRefused, chunk_problem
 from pipeline.config import FollowSettings
 from pipeline.detector import DEAD_PIXEL
-from pipeline.errors import PipelineError, one_line
+from pipeline.errors import PipelineError, one_line, shortage_of
 from pipeline.live.confinement import dataset_outside, external_link_target, links_outside
-from pipeline.live.shortage import shortage_of
 from pipeline.nexus import (
     H5_ERRORS,
     HDF5_SIGNATURE,

@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import Config
-from pipeline.errors import one_line
+from pipeline.errors import one_line, shortage_of
 from pipeline.live import wire
 from pipeline.live.events import FrameContext, ScanEnded, ScanFailed, ScanStalled, SinkEvent
 from pipeline.live.follow import ScanError, ScanFollower
-from pipeline.live.shortage import SPACE, shortage_of, waiting_status
+from pipeline.live.shortage import SPACE, waiting_status
 from pipeline.live.timings import FrameTimings
 from pipeline.models.prediction import FramePrediction
 from pipeline.nexus import ScanInfo
@@ -283,8 +283,8 @@ class ScanSession:
         self.state.status, self.state.reason = status, reason
         log.info("%s: %s (%s), %d/%d frames done, %d peaks -> %s", self.nexus_path.name, status, reason, done,
                  frames_total, len(self.linker.peaks), self.store_path)
+        self._release()  # first: the store's lock is free before the daemon may start this scan again
         self.finished.set()
-        self._release()
 
     def stall(self, reason: str, wanting: str) -> None:
         """Stop for want of space or descriptors without failing: the store keeps what is done (and, for space, says
@@ -294,8 +294,8 @@ class ScanSession:
             self.store.record_disk_full(reason)
         self.stalled = (wanting, reason)
         self.state.status, self.state.reason = waiting_status(wanting), reason
+        self._release()  # first: the store's lock is free before the daemon may start this scan again
         self.finished.set()
-        self._release()
 
     def fail(self, reason: str) -> None:
         log.error("%s", reason)
@@ -305,8 +305,8 @@ class ScanSession:
             mark_failed(self.store_path, reason, self.nexus_path, self.info.start_time if self.info else None,
                         make_parents=root is not None and Path(root).is_dir())
         self.state.status, self.state.reason = schema.STATUS_FAILED, reason
+        self._release()  # first: the store's lock is free before the daemon may start this scan again
         self.finished.set()
-        self._release()
 
     def _release(self) -> None:
         """A finished session stays listed by the daemon: keep only what `status` shows, not frames or peaks."""

@@ -8,21 +8,14 @@ idle connections under a 300-descriptor limit) failed for good, unrecorded.
 
 from __future__ import annotations
 
-import errno
 import os
 import resource
 import shutil
 from pathlib import Path
 
-SPACE = "space"
-DESCRIPTORS = "file descriptors"
+from pipeline.errors import SPACE
+
 SPARE_DESCRIPTORS = 64  # free below the limit before a scan stopped for descriptors is tried again
-_ERRNOS = {errno.ENOSPC: SPACE, errno.EDQUOT: SPACE, errno.EMFILE: DESCRIPTORS, errno.ENFILE: DESCRIPTORS}
-
-
-def shortage_of(error: BaseException) -> str | None:
-    """SPACE or DESCRIPTORS when `error` is a failure for want of one (h5py and zarr keep the OSError's errno), else None."""
-    return _ERRNOS.get(error.errno) if isinstance(error, OSError) and error.errno is not None else None
 
 
 def waiting_status(wanting: str) -> str:

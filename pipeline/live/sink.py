@@ -15,10 +15,9 @@ import threading
 import time
 from collections.abc import Callable
 
-from pipeline.errors import one_line
+from pipeline.errors import one_line, shortage_of
 from pipeline.live.events import FrameContext, Quit, ResultArrived, ScanEnded, ScanFailed, ScanStalled, SinkEvent
 from pipeline.live.session import FrameOutcome, ScanSession
-from pipeline.live.shortage import shortage_of
 from pipeline.live.timings import FrameTimings
 
 log = logging.getLogger(__name__)

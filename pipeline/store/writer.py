@@ -24,7 +24,7 @@ import zarr
 
 import pipeline.store.schema as schema
 from pipeline import __version__
-from pipeline.errors import PipelineError, one_line
+from pipeline.errors import PipelineError, one_line, shortage_of
 from pipeline.models.prediction import Detection, FramePrediction
 from pipeline.nexus import ScanInfo
 from pipeline.store.durable import store_for
@@ -155,6 +155,8 @@ class ScanStore:
                     log.warning("%s: belongs to another source (%s); replacing it", path, group.attrs.get(Attr.SOURCE_FILE))
             except Exception as error:  # an unreadable store is never half-trusted, and never deleted: a passing
                 # error (EMFILE, a network file system) must not cost hours of results
+                if shortage_of(error) is not None:
+                    raise  # a full disk or no descriptor says nothing about the store: the scan stalls, the store stays
                 aside = path.with_name(f"{path.name}.unreadable-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}")
                 os.rename(path, aside)
                 log.warning("%s: unreadable store (%s); moved aside to %s, making a fresh one", path, one_line(error), aside.name)

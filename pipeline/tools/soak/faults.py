@@ -19,6 +19,7 @@ from pipeline.tools.soak.processes import Incarnation
 from pipeline.tools.soak.scans import BadFile
 from pipeline.tools.soak.settings import (
     BAD_FILE_KINDS,
+    DISK_FULL_S,
     IDLE_CONNECTIONS,
     MIB,
     MISBEHAVING_S,
@@ -54,7 +55,7 @@ class FaultInjector:
         self.soak, self.rng = soak, rng
         self.kinds, self.every_s, self.hostile_mix = list(settings.faults), settings.fault_every, settings.hostile_mix
         order = [k for k in ("worker_kill", "hostile", "bad_file", "hung_worker", "worker_stall", "rogue_worker", "idle_connections",
-                             "daemon_restart") if k in self.kinds]
+                             "disk_full", "daemon_restart") if k in self.kinds]
         self.first_round = order
         self.next_at = min(self.every_s, 3.0 + self.every_s / 2)
         self.pending: str | None = None
@@ -64,6 +65,7 @@ class FaultInjector:
     def tick(self, elapsed: float) -> None:
         self.thaw()
         self.soak.close_idle_connections()
+        self.soak.free_space()
         if not self.kinds or elapsed < self.next_at:
             return
         if self.pending is None:
@@ -230,7 +232,7 @@ class FaultInjector:
             cut = int(len(data) * float(self.rng.uniform(0.3, 0.8)))
             _appear(path, lambda p: p.write_bytes(data[:cut]))
             detail = f"first {cut} of {len(data)} bytes of {source.name}"
-        self.soak.bad_files.append(BadFile(path, kind, detail, time.time()))
+        self.soak.bad_files.append(BadFile(path, kind, detail, time.time(), self.soak.stores_disk))
         self.soak.event("bad_file", file=path.name, kind=kind, detail=detail)
         return True
 
@@ -250,6 +252,25 @@ class FaultInjector:
         peer = MisbehavingPeer(status["dispatch"]["endpoint"], name, mode, MISBEHAVING_S).start()
         self.soak.misbehaving.append(peer)
         self.soak.event(f"{mode}_worker", name=name, seconds=MISBEHAVING_S, daemon_pid=status["pid"])
+        return True
+
+    def _disk_full(self) -> bool:
+        """Fill the stores' file system to the last byte for DISK_FULL_S: scans stall, then resume when it is freed."""
+        if self.soak.stores_disk is None:
+            if not self.soak.counts["disk_full_skipped"]:
+                self.soak.warnings.append("disk_full: no file system of its own for the stores (mounting a tmpfs needs root); skipped")
+            self.soak.counts["disk_full_skipped"] += 1
+            return True
+        filler = self.soak.stores_disk / f"filler-{self.soak.counts['disk_full']:03d}"
+        with open(filler, "wb", buffering=0) as handle:
+            for size in (MIB, 4096, 1):
+                try:
+                    while True:
+                        handle.write(bytes(size))
+                except OSError:
+                    pass
+        self.soak.fillers.append((filler, time.monotonic() + DISK_FULL_S))
+        self.soak.event("disk_full", filler=filler.name, bytes=filler.stat().st_size, seconds=DISK_FULL_S)
         return True
 
     def _idle_connections(self) -> bool:

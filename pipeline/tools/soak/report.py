@@ -94,6 +94,9 @@ def format_report(report: dict[str, Any]) -> str:
         ]
     if report["idle_connection_bursts"]:
         lines.append(f"idle-connection bursts       {report['idle_connection_bursts']:>8}")
+    if report["disk_full_faults"] or report["disk_full_skipped"]:
+        skipped = f"   ({report['disk_full_skipped']} skipped: no tmpfs without root)" if report["disk_full_skipped"] else ""
+        lines.append(f"stores' disk filled          {report['disk_full_faults']:>8}{skipped}")
     lines += [
         f"hostile messages sent        {report['hostile_sent']:>8}   in {report['hostile_bursts']} bursts",
         f"rejected by the daemons      {report['rejected']:>8}   (" + ", ".join(

@@ -30,6 +30,7 @@ from pipeline.tools.soak.settings import (
     SOAK_TASK_TIMEOUT_S,
     SOAK_TIMEOUT_S,
     STATUS_EVERY_S,
+    STORES_DISK_MIB,
     TICK_S,
     SoakError,
     SoakSettings,
@@ -74,6 +75,8 @@ class Soak:
         self._remote: RemoteWorkers | None = None
         self.misbehaving: list[MisbehavingPeer] = []  # hung and rogue peers (FaultInjector)
         self.idle_connections: list[tuple[list[socket.socket], float]] = []  # (connections, close at)
+        self.stores_disk: Path | None = None  # the stores' own small file system (disk_full fault), when one could be mounted
+        self.fillers: list[tuple[Path, float]] = []  # (file filling it, delete at)
         self.t0 = time.time()
 
     # -- set-up ----------------------------------------------------------------------------
@@ -95,13 +98,14 @@ class Soak:
             "watch.rescan_interval_s": min(base.watch.rescan_interval_s, 2.0),
             "workers.local": self.settings.workers, "workers.timeout_s": SOAK_TIMEOUT_S, "workers.heartbeat_s": SOAK_HEARTBEAT_S,
             "workers.task_timeout_s": SOAK_TASK_TIMEOUT_S,
+            "output.root": None if self.stores_disk is None else str(self.stores_disk), "output.resume_free_mib": 1.0,
             "follow.allowed_roots": [],  # the `link_outside` bad files link out of the watched directory: they must fail
             # remote workers need an endpoint that stays the same across daemon restarts
             "workers.bind": f"tcp://127.0.0.1:{free_port()}" if self.settings.remote_workers else None,
             "follow.idle_timeout_s": SOAK_IDLE_TIMEOUT_S,
             "follow.link_timeout_s": min(base.follow.link_timeout_s, 30.0),
             "follow.open_timeout_s": min(base.follow.open_timeout_s, 30.0),
-            "output.root": None, "daemon.control": control, "daemon.log_level": "INFO", "daemon.log_file": None,
+            "daemon.control": control, "daemon.log_level": "INFO", "daemon.log_file": None,
             "daemon.metrics_port": None, "daemon.audit_log": str(self.audit_path),
         }
         if self.settings.device is not None:
@@ -153,6 +157,8 @@ class Soak:
         self.watch.mkdir()
         self.logs.mkdir()
         self.outside.mkdir()
+        if "disk_full" in settings.faults:
+            self.stores_disk = self._mount_stores_disk(root / "stores")
         try:
             live_config, offline_config, figures = self._config(root)
             self._daemon = DaemonProcess(live_config, self.watch, self.logs, figures["control"])
@@ -160,6 +166,7 @@ class Soak:
             report = self._run(figures, offline_config)
         finally:
             self._cleanup()
+            self._unmount_stores_disk(keep=not temporary or settings.keep)
             if temporary and not settings.keep:
                 shutil.rmtree(root, ignore_errors=True)
         report["outputs"] = str(root) if (not temporary or settings.keep) else None
@@ -410,7 +417,7 @@ class Soak:
                         n_frames=int(self.rng.integers(low, high + 1)), rate_hz=float(self.rng.uniform(rate_low, rate_high)),
                         seed=int(self.rng.integers(0, 2**31)),
                         link_delay_s=float(self.rng.choice([0.0, 0.0, 0.5, 1.5])) if layout != "nexus" else 0.0)
-        self.scans.append(GoodScan(plan, ScanWriter(plan).start(), now))
+        self.scans.append(GoodScan(plan, ScanWriter(plan).start(), now, output_root=self.stores_disk))
 
     def _drain(self, bar: Any) -> None:
         """Let every scan finish: writers first, then every store (good and bad) reaching its final status."""
@@ -461,6 +468,40 @@ class Soak:
             self._remote.kill()
 
     # -- the end ---------------------------------------------------------------------------------
+
+    def free_space(self, everything: bool = False) -> None:
+        """Delete the disk_full fault's fillers whose time is up (all of them at the end)."""
+        keep = []
+        for filler, until in self.fillers:
+            if everything or time.monotonic() >= until:
+                filler.unlink(missing_ok=True)
+            else:
+                keep.append((filler, until))
+        self.fillers = keep
+
+    def _mount_stores_disk(self, directory: Path) -> Path | None:
+        """A tmpfs of STORES_DISK_MIB for the stores, so the disk_full fault fills only them; None where it cannot be mounted."""
+        import subprocess
+
+        directory.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={STORES_DISK_MIB}m", "tmpfs", str(directory)],
+                                capture_output=True, text=True)
+        return directory if result.returncode == 0 else None
+
+    def _unmount_stores_disk(self, keep: bool) -> None:
+        """Copy the stores off the tmpfs when the outputs are kept, then unmount it."""
+        import subprocess
+
+        disk = self.stores_disk
+        if disk is None:
+            return
+        self.free_space(everything=True)
+        if keep:
+            shutil.copytree(disk, disk.with_name("stores-copy"), symlinks=True)
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+        if keep:
+            disk.rmdir()
+            disk.with_name("stores-copy").rename(disk)
 
     def close_idle_connections(self, everything: bool = False) -> None:
         """Close the idle connections whose time is up (all of them at the end)."""
@@ -577,6 +618,8 @@ class Soak:
             "forged_sent": sum(peer.forged_sent for peer in self.misbehaving),
             "frames_taken_by_misbehaving": sum(peer.frames_taken for peer in self.misbehaving),
             "forged_accepted": len(forged), "idle_connection_bursts": self.counts["idle_connections"],
+            "disk_full_faults": self.counts["disk_full"] - self.counts["disk_full_skipped"],
+            "disk_full_skipped": self.counts["disk_full_skipped"],
             "hostile_bursts": self.counts["hostile"], "hostile_sent": hostile_sent, "rejected": rejected,
             "scans_resumed": sum(1 for s in scans if s["resumed"]),
             "memory": {"daemon_peak_rss_mib": round(max((i.peak_rss_mib for i in daemon.incarnations), default=0.0), 1),

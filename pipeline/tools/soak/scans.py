@@ -19,10 +19,11 @@ class GoodScan:
     started: float
     written_at: float | None = None
     writer_error: str | None = None
+    output_root: Path | None = None  # the daemon's output.root (a small file system of its own for the disk_full fault)
 
     @property
     def store(self) -> Path:
-        return store_path_for(self.plan.nxs_path, None)  # the soak's daemon runs without output.root
+        return store_path_for(self.plan.nxs_path, self.output_root, [self.plan.nxs_path.parent])
 
 
 @dataclass
@@ -31,7 +32,8 @@ class BadFile:
     kind: str
     detail: str
     made_at: float
+    output_root: Path | None = None
 
     @property
     def store(self) -> Path:
-        return store_path_for(self.path, None)
+        return store_path_for(self.path, self.output_root, [self.path.parent])

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-FAULT_KINDS = ("worker_kill", "daemon_restart", "bad_file", "hostile", "worker_stall", "hung_worker", "rogue_worker", "idle_connections")
-DEFAULT_FAULTS = ("worker_kill", "daemon_restart", "bad_file", "hostile", "hung_worker", "rogue_worker", "idle_connections")
+FAULT_KINDS = ("worker_kill", "daemon_restart", "bad_file", "hostile", "worker_stall", "hung_worker", "rogue_worker", "idle_connections",
+               "disk_full")
+DEFAULT_FAULTS = ("worker_kill", "daemon_restart", "bad_file", "hostile", "hung_worker", "rogue_worker", "idle_connections", "disk_full")
 # hostile files besides broken ones: an external link out of the watched roots, a deflate bomb in a frame's chunk
 BAD_FILE_KINDS = ("not_hdf5", "no_detector", "truncated", "link_outside", "chunk_bomb")
 HOSTILE_MIXES = ("basic", "full")
@@ -29,6 +30,8 @@ MIB = 1024 * 1024
 SOAK_TIMEOUT_S = 5.0
 SOAK_TASK_TIMEOUT_S = 20.0  # a hung peer's frames are taken back after this (an honest CPU worker under load may hold its 8 for 10 s)
 MISBEHAVING_S = SOAK_TASK_TIMEOUT_S + 4.0  # how long a hung or rogue peer stays
+STORES_DISK_MIB = 512  # the `disk_full` fault's file system for the stores (a tmpfs: mounting it needs root)
+DISK_FULL_S = 6.0  # how long the `disk_full` fault keeps the stores' file system full
 IDLE_CONNECTIONS = 200  # plain connections opened to the worker port and left idle by the `idle_connections` fault
 SOAK_HEARTBEAT_S = 0.5
 SOAK_IDLE_TIMEOUT_S = 6.0
