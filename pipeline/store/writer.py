@@ -79,9 +79,12 @@ class StoreLock:
             os.close(fd)
             raise StoreBusy(f"{self.path.with_suffix('')}: being written by another process (pid {holder}); "
                             "a store has one writer") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+        try:  # who holds it, for the next writer's message; a full disk must not leave the lock held and forgotten
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass
 
     def release(self) -> None:
         if self._fd is not None:
