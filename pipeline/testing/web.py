@@ -132,11 +132,12 @@ def chromium(width: int = 1280, height: int = 1800) -> Any:
 
 def element_pixels(driver: Any, screenshot: Path, selector: str) -> np.ndarray:
     """The RGB pixels of the element `selector` in a screenshot just taken (the window's device pixels are CSS pixels)."""
-    from selenium.webdriver.common.by import By
-
     driver.save_screenshot(str(screenshot))
-    element = driver.find_element(By.CSS_SELECTOR, selector)
-    box = driver.execute_script("const r = arguments[0].getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom];", element)
+    # looked up and measured in one call: a chart redrawn meanwhile replaces its canvas (a held element would be stale)
+    box = driver.execute_script("const e = document.querySelector(arguments[0]); if (!e) return null; "
+                                "const r = e.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom];", selector)
+    if box is None:
+        raise AssertionError(f"no element {selector!r} on the page")
     with Image.open(screenshot) as picture:
         pixels = np.asarray(picture.convert("RGB"))
     left, top, right, bottom = (int(round(v)) for v in box)
