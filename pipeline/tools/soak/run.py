@@ -425,7 +425,9 @@ class Soak:
         while time.monotonic() < deadline:
             self._tick()
             self._reap_writers()
-            self.injector.thaw()
+            self.injector.thaw()  # faults still in progress end on time after the time is up, too
+            self.free_space()
+            self.close_idle_connections()
             pending = [s.store for s in self.scans if s.written_at is None or self._status_of(s.store) not in schema.FINAL_STATUSES]
             pending += [b.store for b in self.bad_files if self._status_of(b.store) not in schema.FINAL_STATUSES]
             bar.set_postfix_str(f"{len(pending)} scans still running; {self._postfix()}", refresh=True)
