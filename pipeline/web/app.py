@@ -35,7 +35,7 @@ from pipeline.store.reader import StoreError
 from pipeline.web import render
 from pipeline.web.index import StoreIndex
 from pipeline.web.monitor import Monitor
-from pipeline.web.scanview import ScanViews
+from pipeline.web.scanview import ScanView, ScanViews
 from pipeline.web.stream import scan_events, scans_events
 
 STATIC = Path(__file__).parent / "static"
@@ -173,7 +173,8 @@ def api_scan(request: Request) -> Response:
         return error(409, one_line(problem))
 
 
-def api_curves(request: Request) -> Response:
+def _advanced_view(request: Request) -> ScanView | Response:
+    """The requested scan's view, fed the frames done since the last look; the error answer when there is none."""
     state: WebState = request.app.state.web
     scan_id = request.path_params["scan_id"]
     path = state.lookup(scan_id)
@@ -184,20 +185,19 @@ def api_curves(request: Request) -> Response:
         view.advance(API_ADVANCE_S, wait=False)
     except StoreError as problem:
         return error(409, one_line(problem))
-    return JSONResponse(view.curves())
+    return view
+
+
+def api_curves(request: Request) -> Response:
+    view = _advanced_view(request)
+    return view if isinstance(view, Response) else JSONResponse(view.curves())
 
 
 def api_projection(request: Request) -> Response:
-    state: WebState = request.app.state.web
+    view = _advanced_view(request)
+    if isinstance(view, Response):
+        return view
     scan_id = request.path_params["scan_id"]
-    path = state.lookup(scan_id)
-    if path is None:
-        return not_found(scan_id)
-    view = state.views.get(scan_id, path)
-    try:
-        view.advance(API_ADVANCE_S, wait=False)
-    except StoreError as problem:
-        return error(409, one_line(problem))
     png = view.projection_png()
     if png is None:
         return error(409, view.problem or f"{scan_id}: no frame is done yet")
