@@ -32,6 +32,7 @@ import signal
 import struct
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -51,6 +52,7 @@ END_TIME_DTYPE = "S32"
 _MESSAGE = struct.Struct("<ii")  # (kind, frame index or frame count)
 _READY, _FLUSHED, _DONE = 1, 2, 3
 _FRAME_CHUNKS = (1, *FRAME_SHAPE)
+DISTINCT_FRAMES_ATTR = "distinct_frames"  # truth file attribute: frame i's truth is row i % this (ScanPlan.distinct_frames)
 
 
 @dataclass
@@ -72,6 +74,9 @@ class ScanPlan:
     end_marker_lead: int = 0
     """The end marker (scan_finished, end_time) is written this many frames before the detector flushes its
     last frame, as when the scan file's writer runs ahead of the detector's own writer."""
+    distinct_frames: int | None = None
+    """Synthesise only this many frames and write them over and over (frame i is frame i % distinct_frames, its
+    truth too): a detector faster than the synthesis (~7 ms a frame of Poisson noise), for measuring the daemon."""
 
     def __post_init__(self) -> None:
         self.directory = Path(self.directory)
@@ -89,6 +94,8 @@ class ScanPlan:
             raise ValueError(f"abandon_after must be >= 0, got {self.abandon_after}")
         if not 0 <= self.end_marker_lead < self.n_frames:
             raise ValueError(f"end_marker_lead must be in 0..n_frames-1, got {self.end_marker_lead}")
+        if self.distinct_frames is not None and self.distinct_frames < 1:
+            raise ValueError(f"distinct_frames must be >= 1, got {self.distinct_frames}")
 
     @property
     def end_marker_after(self) -> int:
@@ -176,6 +183,18 @@ def _append(dataset: h5py.Dataset, index: int, value: np.ndarray | float) -> Non
     dataset[index] = value
 
 
+def _frames(plan: ScanPlan, scan: RockingScan) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(counts, truth) of each frame to write, synthesised as it is needed or, with `distinct_frames`, once each."""
+    bank: list[tuple[np.ndarray, np.ndarray]] = []
+    for index in range(plan.frames_to_write):
+        if plan.distinct_frames is None:
+            yield scan.frame(index)
+            continue
+        if len(bank) < plan.distinct_frames:
+            bank.append(scan.frame(index))
+        yield bank[index % plan.distinct_frames]
+
+
 def _child_setup() -> None:
     """Children leave Ctrl-C to the parent, which stops them; avoids tracebacks from every process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -194,6 +213,9 @@ class _TruthWriter:
         self.file.attrs["n_frames"] = plan.n_frames
         self.file.attrs["n_peaks_requested"] = -1 if plan.n_peaks is None else plan.n_peaks
         self.file.attrs["generator"] = "pipeline.simulator.synth.RockingScan(n_frames, seed, settings, n_peaks)"
+        self.distinct_frames = plan.distinct_frames
+        if plan.distinct_frames is not None:  # frame i is frame i % distinct_frames: only those rows are written
+            self.file.attrs[DISTINCT_FRAMES_ATTR] = plan.distinct_frames
         self.labels = self.file.create_dataset(
             "labels", shape=(plan.n_frames, *FRAME_SHAPE), dtype=np.uint16,
             chunks=_FRAME_CHUNKS, compression="gzip", compression_opts=1, fillvalue=0)
@@ -212,8 +234,9 @@ class _TruthWriter:
         self.file.swmr_mode = True
 
     def write(self, index: int, truth: np.ndarray) -> None:
-        self.labels[index] = truth
-        self.labels.flush()
+        if self.distinct_frames is None or index < self.distinct_frames:
+            self.labels[index] = truth
+            self.labels.flush()
         self.frames_written[()] = index + 1
         self.frames_written.flush()
 
@@ -243,8 +266,7 @@ def _detector_process(plan: ScanPlan, to_gda: multiprocessing.connection.Connect
         data = _frame_dataset(detector, "data")
         handle.swmr_mode = True
         start = time.monotonic()
-        for index in range(plan.frames_to_write):
-            counts, labels = scan.frame(index)
+        for index, (counts, labels) in enumerate(_frames(plan, scan)):
             _wait_until(start + index / plan.rate_hz)
             _append(data, index, counts)
             data.flush()
@@ -378,8 +400,7 @@ def _nexus_process(plan: ScanPlan, progress: ctypes.c_int) -> None:
         handle.swmr_mode = True
         start = time.monotonic()
         marked = False
-        for index in range(plan.frames_to_write):
-            counts, labels = scan.frame(index)
+        for index, (counts, labels) in enumerate(_frames(plan, scan)):
             _wait_until(start + index / plan.rate_hz)
             if plan.end_marker_lead and index == plan.end_marker_after + 1 and plan.abandon_after is None:
                 end_time[()] = np.bytes_(_now().encode())  # the end marker before the last frames are written
@@ -437,6 +458,11 @@ class ScanWriter:
         return self
 
     @property
+    def pids(self) -> list[int]:
+        """The writer processes' ids (for measuring what they cost)."""
+        return [process.pid for process in self._processes if process.pid is not None]
+
+    @property
     def frames_written(self) -> int:
         """Frames flushed so far (for progress bars)."""
         return int(self._progress.value)
@@ -492,6 +518,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="seed of the first scan of each layout; scan k uses S + k (default: 0)")
     parser.add_argument("--peaks", type=non_negative_int, default=None, metavar="N",
                         help="3D peaks per scan (default: drawn, about 1.6 present per frame)")
+    parser.add_argument("--distinct-frames", type=positive_int, default=None, metavar="K",
+                        help="synthesise only K frames and write them over and over (frame i is frame i %% K): a detector "
+                             "faster than the synthesis, which takes ~7 ms a frame (default: every frame synthesised)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=run_simulate)
 
@@ -526,7 +555,8 @@ def run_simulate(args: argparse.Namespace) -> int:
         scan_number = args.scans - remaining[layout]
         remaining[layout] -= 1
         plan = ScanPlan(directory=directory, name=name, layout=layout, n_frames=args.frames,
-                        rate_hz=args.rate, seed=args.seed + scan_number, n_peaks=args.peaks)
+                        rate_hz=args.rate, seed=args.seed + scan_number, n_peaks=args.peaks,
+                        distinct_frames=getattr(args, "distinct_frames", None))
         print(f"{layout}: {plan.nxs_path}  truth: {plan.truth_path}", flush=True)
         bar = None
         if show_progress:

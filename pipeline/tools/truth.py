@@ -11,6 +11,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from pipeline.simulator.writers import DISTINCT_FRAMES_ATTR
 from pipeline.store import open_live, schema
 
 
@@ -48,6 +49,7 @@ def compare_store_to_truth(store_path: Path, truth_path: Path, iou_threshold: fl
     with h5py.File(truth_path, "r") as truth_file:
         truth = truth_file["labels"]
         frames = min(truth.shape[0], volume.shape[0])
+        distinct = int(truth_file.attrs.get(DISTINCT_FRAMES_ATTR, frames) or frames)  # a scan repeating its first frames
         pair_counts: dict[tuple[int, int], int] = {}
         truth_sizes: dict[int, int] = {}
         store_sizes: dict[int, int] = {}
@@ -55,7 +57,7 @@ def compare_store_to_truth(store_path: Path, truth_path: Path, iou_threshold: fl
         store_ranges: dict[int, list[int]] = {}
         ious = []
         for index in range(frames):
-            t = truth[index].astype(np.int64)
+            t = truth[index % distinct].astype(np.int64)
             p = volume[index].astype(np.int64)
             union = np.count_nonzero((t > 0) | (p > 0))
             ious.append(1.0 if union == 0 else np.count_nonzero((t > 0) & (p > 0)) / union)
