@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,7 +162,7 @@ class Dispatcher:
                 for _ in range(256):  # drain what has arrived, bounded so sending is not starved
                     if not poller.poll(0 if _ else POLL_MS):
                         break
-                    parts = self._socket.recv_multipart(copy=True)
+                    parts = wire.received_parts(self._socket.recv_multipart(copy=False))  # results' masks: no copy
                     self.counters["received"] += 1
                     self._receive(parts)
                 self._expire_silent_workers()
@@ -175,9 +175,9 @@ class Dispatcher:
             if self._curve is not None:
                 self._curve.stop()
 
-    def _send(self, identity: bytes, parts: list[bytes]) -> bool:
+    def _send(self, identity: bytes, parts: Sequence[wire.Part]) -> bool:
         try:
-            self._socket.send_multipart([identity, *parts], flags=zmq.NOBLOCK)
+            self._socket.send_multipart([identity, *parts], flags=zmq.NOBLOCK, copy=False)  # frames: no copy
             return True
         except zmq.ZMQError:
             return False
@@ -187,12 +187,12 @@ class Dispatcher:
         if self.counters["rejected"] <= 20 or self.counters["rejected"] % 1000 == 0:
             log.warning("rejected message from %r: %s (%d rejected so far)", identity[:16], reason, self.counters["rejected"])
 
-    def _receive(self, parts: list[bytes]) -> None:
+    def _receive(self, parts: list[wire.Part]) -> None:
         if len(parts) < 2:
             return self._reject(b"?", "empty message")
         if len(parts) > wire.MAX_PARTS + 1:  # the routing identity, then at most MAX_PARTS
-            return self._reject(parts[0], f"message of {len(parts) - 1} parts (at most {wire.MAX_PARTS})")
-        identity, body = parts[0], parts[1:]
+            return self._reject(bytes(parts[0]), f"message of {len(parts) - 1} parts (at most {wire.MAX_PARTS})")
+        identity, body = bytes(parts[0]), parts[1:]  # a routing identity: at most 255 bytes
         kind = body[0]
         worker = self.workers.get(identity)
         try:

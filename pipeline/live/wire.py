@@ -8,14 +8,18 @@ claimed dtype and shape, and raises `WireError` with a one-line reason otherwise
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 
 from pipeline.models.prediction import Detection, FramePrediction
 
 PROTOCOL = 1
+Part: TypeAlias = bytes | memoryview
+"""A message part: bytes, or a view of the message's own memory (array parts sent and received without a copy)."""
+ZERO_COPY_BYTES = 64 * 1024  # parts at least this long travel as views of their memory (pyzmq's own copy threshold)
 MAX_HEADER_BYTES = 64 * 1024
 MAX_SIDE = 8192  # no detector we serve has a side longer than this
 MAX_DETECTIONS = 1000
@@ -85,12 +89,12 @@ def _json(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
-def parse_header(raw: bytes) -> dict[str, Any]:
+def parse_header(raw: Part) -> dict[str, Any]:
     """The JSON object in `raw`, or WireError."""
     if len(raw) > MAX_HEADER_BYTES:
         raise WireError(f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
     try:
-        header = json.loads(raw)
+        header = json.loads(bytes(raw))
     except (ValueError, RecursionError):  # bad JSON, bad UTF-8, absurd numbers, absurd nesting
         raise WireError("header is not valid JSON") from None
     if not isinstance(header, dict):
@@ -116,20 +120,27 @@ def _shape(header: dict[str, Any]) -> tuple[int, int]:
     return shape[0], shape[1]
 
 
-def _array(payload: bytes, dtype: str, shape: tuple[int, int], what: str) -> np.ndarray:
+def _array(payload: Part, dtype: str, shape: tuple[int, int], what: str) -> np.ndarray:
     expected = int(np.dtype(dtype).itemsize) * shape[0] * shape[1]
     if len(payload) != expected:
         raise WireError(f"{what}: {len(payload)} bytes, but {dtype} {shape} needs {expected}")
     return np.frombuffer(payload, dtype=dtype).reshape(shape)
 
 
-def encode_frame(task: FrameTask) -> list[bytes]:
+def encode_frame(task: FrameTask) -> list[Part]:
+    """The frame's pixels go as a view of the array, not a copy: send with `copy=False` (the array must not change
+    until ZeroMQ has sent it; frames are never written to once read)."""
     data = np.ascontiguousarray(task.data)
     header = {"task": task.task, "scan": task.scan, "frame": task.frame, "dtype": str(data.dtype), "shape": list(data.shape)}
-    return [FRAME, _json(header), data.tobytes()]
+    return [FRAME, _json(header), memoryview(data).cast("B")]  # type: ignore[arg-type]  # numpy arrays are buffers
 
 
-def decode_frame(parts: list[bytes]) -> FrameTask:
+def received_parts(frames: list[Any]) -> list[Part]:
+    """`recv_multipart(copy=False)`'s frames as parts: short ones as bytes, long ones (arrays) as views of their memory."""
+    return [frame.buffer if len(frame) >= ZERO_COPY_BYTES else frame.bytes for frame in frames]
+
+
+def decode_frame(parts: Sequence[Part]) -> FrameTask:
     if len(parts) != 3 or parts[0] != FRAME:
         raise WireError(f"frame message needs 3 parts starting {FRAME!r}, got {len(parts)}")
     header = parse_header(parts[1])
@@ -183,7 +194,7 @@ def _detections(raw: Any) -> list[Detection]:
     return detections
 
 
-def decode_result(parts: list[bytes]) -> FrameResult:
+def decode_result(parts: Sequence[Part]) -> FrameResult:
     if len(parts) != 5 or parts[0] != RESULT:
         raise WireError(f"result message needs 5 parts starting {RESULT!r}, got {len(parts)}")
     header = parse_header(parts[1])
@@ -212,10 +223,10 @@ def encode_control(kind: bytes, body: dict[str, Any] | None = None) -> list[byte
     return [kind, _json(body or {})]
 
 
-def decode_control(parts: list[bytes]) -> tuple[bytes, dict[str, Any]]:
+def decode_control(parts: Sequence[Part]) -> tuple[bytes, dict[str, Any]]:
     if len(parts) != 2:
         raise WireError(f"control message needs 2 parts, got {len(parts)}")
-    return parts[0], parse_header(parts[1])
+    return bytes(parts[0]), parse_header(bytes(parts[1]))
 
 
 def credit_of(body: dict[str, Any], limit: int) -> int:
