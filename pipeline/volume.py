@@ -75,10 +75,11 @@ class VolumeLinker:
         """The uint32 3D labels of frame `index`, which must be the next frame in order."""
         if index != self.next_frame:
             raise ValueError(f"frame {index} linked out of order (expected {self.next_frame})")
-        components, count = volume_components(mask, self.min_pixels)
         labels = np.zeros(mask.shape, dtype=np.uint32)
-        if count:
-            labels = self._assign(components, count)
+        if mask.any():  # most frames of a scan hold no peak: no labelling to do
+            components, count = volume_components(mask, self.min_pixels)
+            if count:
+                labels = self._assign(components, count)
         self.record(index, labels, raw, axis_value)
         return labels
 
@@ -104,7 +105,7 @@ class VolumeLinker:
         """Add a frame's already-assigned labels to the running sums (also used to replay on resume)."""
         if axis_value is not None:
             self.axis_values[index] = axis_value
-        present = np.unique(labels[labels > 0])
+        present = np.unique(labels[labels > 0]) if labels.any() else np.zeros(0, dtype=labels.dtype)
         if present.size:
             self.next_id = max(self.next_id, int(present.max()) + 1)
             weights = np.clip(raw.astype(np.float64), 0, None)
