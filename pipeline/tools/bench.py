@@ -50,6 +50,7 @@ DEFAULT_FRAMES = 100
 DEFAULT_RATE_HZ = 1000.0  # as fast as the writer can: measures the pipeline, not the detector
 DEFAULT_BASELINE_FRAMES = 20
 MODEL_MODES = ("config", "none")
+FAST_WRITER_FRAMES = 64  # --models none: distinct frames the writer cycles through (a writer at ~1,000 Hz, not ~100)
 DIPID_MIN_SIZE, DIPID_MAX_SIZE = 800, 1333  # torchvision's default detection resize, which DiPID ran at
 RSS_INTERVAL_S = 0.2
 FLUSH_POLL_S = 0.002
@@ -98,6 +99,10 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                         help="config: the config's models (default); none: workers answer every frame at once with an empty "
                              "prediction, through the real sockets, so the daemon's own path (read, dispatch, result, link, "
                              "write, done) is measured on any machine, live and on a finished file")
+    parser.add_argument("--distinct-frames", type=positive_int, default=None, metavar="K",
+                        help="the simulated detector synthesises K frames and writes them over and over, so it can write "
+                             f"faster than its synthesis (~7 ms a frame) (default: {FAST_WRITER_FRAMES} with --models none, "
+                             "where the writer must outrun the daemon; otherwise every frame synthesised)")
     parser.add_argument("--workers", type=positive_int, default=2, metavar="N", help="local worker processes (default 2)")
     parser.add_argument("--scale", type=worker_counts, default=None, metavar="N,N,...",
                         help="also run the pipeline with each of these worker counts and compare frames/s")
@@ -281,25 +286,62 @@ class MemorySampler(threading.Thread):
     """
 
     def __init__(self, worker_pids: Callable[[], list[int]], frames_done: Callable[[], int],
-                 interval_s: float = RSS_INTERVAL_S) -> None:
+                 interval_s: float = RSS_INTERVAL_S, writer_pids: Callable[[], list[int]] = list) -> None:
         super().__init__(name="bench-rss", daemon=True)
         import psutil
 
         self._psutil = psutil
         self.worker_pids = worker_pids
+        self.writer_pids = writer_pids  # the simulated detector's processes: their CPU is counted, not their memory
         self.frames_done = frames_done
         self.interval_s = interval_s
         self.samples: list[tuple[float, int, str, int, float]] = []  # (time_s, frames_done, process, pid, rss_mib)
+        self.cpu_s: dict[int, tuple[str, float, float]] = {}  # pid -> (role, CPU seconds at its first sample, at its last)
         self.started_at = time.time()
         self._halt = threading.Event()
         self._processes: dict[int, Any] = {}
+        self._cpu_frozen = False
+        self.threads_at_start: dict[int, tuple[str, float]] = {}
+        self.threads_at_end: dict[int, tuple[str, float]] = {}  # each thread as last seen: threads that ended still count
+
+    def start(self) -> None:
+        self.threads_at_start = thread_cpu_s()
+        super().start()
+
+    def daemon_threads_ms_per_frame(self, frames: int) -> dict[str, float]:
+        """The daemon's CPU per frame by thread (see `thread_cpu_s`), between `start` and `freeze_cpu`."""
+        if not frames or not self.threads_at_end:
+            return {}
+        stages: dict[str, float] = {}
+        for tid, (stage, spent) in self.threads_at_end.items():
+            before = self.threads_at_start.get(tid, (stage, 0.0))[1]
+            stages[stage] = stages.get(stage, 0.0) + (spent - before) * 1000.0 / frames
+        return {stage: round(ms, 3) for stage, ms in sorted(stages.items(), key=lambda item: -item[1]) if ms >= 0.005}
+
+    def _process(self, pid: int) -> Any:
+        return self._processes.setdefault(pid, self._psutil.Process(pid))
 
     def _rss_mib(self, pid: int) -> float | None:
         try:
-            process = self._processes.setdefault(pid, self._psutil.Process(pid))
-            return process.memory_info().rss / MIB
+            return self._process(pid).memory_info().rss / MIB
         except (self._psutil.NoSuchProcess, self._psutil.AccessDenied, self._psutil.ZombieProcess):
             return None
+
+    def freeze_cpu(self) -> None:
+        """Count CPU up to now only: called when the last frame is done, before the quick look and shut-down."""
+        self.sample()
+        self._cpu_frozen = True
+        self.threads_at_end.update(thread_cpu_s())
+
+    def _note_cpu(self, role: str, pid: int) -> None:
+        if self._cpu_frozen:
+            return
+        try:
+            times = self._process(pid).cpu_times()
+        except (self._psutil.NoSuchProcess, self._psutil.AccessDenied, self._psutil.ZombieProcess):
+            return
+        spent = times.user + times.system
+        self.cpu_s[pid] = (role, self.cpu_s.get(pid, (role, spent, spent))[1], spent)
 
     def sample(self) -> None:
         now, done = time.time() - self.started_at, self.frames_done()
@@ -308,6 +350,19 @@ class MemorySampler(threading.Thread):
             rss = self._rss_mib(pid)
             if rss is not None:
                 self.samples.append((round(now, 3), done, role, pid, round(rss, 2)))
+            self._note_cpu("daemon" if role == "daemon" else "workers", pid)
+        if not self._cpu_frozen:
+            self.threads_at_end.update(thread_cpu_s())
+        for pid in self.writer_pids():
+            self._note_cpu("writer", pid)
+
+    def cpu_ms_per_frame(self, frames: int) -> dict[str, float | None]:
+        """CPU time (user + system) spent while the run was sampled, per frame done, by role: the daemon (this process:
+        follower, dispatcher, sink), all workers together, the simulated detector's processes."""
+        spent: dict[str, float] = {"daemon": 0.0, "workers": 0.0, "writer": 0.0}
+        for role, first, last in self.cpu_s.values():
+            spent[role] += last - first
+        return {role: round(seconds * 1000.0 / frames, 3) if frames else None for role, seconds in spent.items()}
 
     def run(self) -> None:
         while not self._halt.is_set():
@@ -340,6 +395,32 @@ class MemorySampler(threading.Thread):
             writer = csv.writer(handle)
             writer.writerow(["time_s", "frames_done", "process", "pid", "rss_mib"])
             writer.writerows(self.samples)
+
+
+THREAD_STAGES = (("scan-", "follow (read frames)"), ("dispatch", "dispatch (ZeroMQ, results)"), ("sink", "sink (link, write)"),
+                 ("ZMQbg", "ZeroMQ I/O threads"), ("quicklook", "quick-look pictures"), ("bench-", "the bench's own threads"),
+                 ("MainThread", "the bench's own threads"))
+
+
+def thread_cpu_s() -> dict[int, tuple[str, float]]:
+    """Thread id -> (stage, CPU seconds so far, user + system) of this process's threads: Python threads by their names
+    (pipeline.live names each), the others by the name the system gives them (ZeroMQ's I/O threads; tensorstore's and
+    zarr's pools, which write and read chunks)."""
+    names = {thread.native_id: thread.name for thread in threading.enumerate() if thread.native_id is not None}
+    ticks = os.sysconf("SC_CLK_TCK")
+    spent: dict[int, tuple[str, float]] = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            comm = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended
+            continue
+        tid = int(task.name)
+        name = names.get(tid, comm)
+        stage = next((label for prefix, label in THREAD_STAGES if name.startswith(prefix)),
+                     f"{name.split('_')[0]} (Python)" if tid in names else "native pools (tensorstore, zarr, HDF5)")
+        spent[tid] = (stage, (int(fields[11]) + int(fields[12])) / ticks)  # utime, stime
+    return spent
 
 
 class FlushClock(threading.Thread):
@@ -418,6 +499,8 @@ class PipelineRun:
                 "daemon_rss_at_100pct_mib": self.memory.daemon_rss_at(self.frames_written),
                 "samples": len(self.memory.samples),
             }
+        cpu = self.memory.cpu_ms_per_frame(len(self.frames)) if self.memory is not None else {}
+        daemon_threads = self.memory.daemon_threads_ms_per_frame(len(self.frames)) if self.memory is not None else {}
         return {
             "workers": self.workers,
             "frames_written": self.frames_written,
@@ -427,6 +510,8 @@ class PipelineRun:
             "writer_fps": round((len(flush_times) - 1) / writer_s, 1) if writer_s > 0 else None,  # how fast the scan was written
             "latency_ms": {"flush_to_done": percentiles_ms(from_flush), "queued_to_done": percentiles_ms(from_queued)},
             "stages_ms": stages,
+            "cpu_ms_per_frame": cpu,
+            "daemon_cpu_ms_per_frame_by_thread": daemon_threads,
             "memory": memory,
             "scan": str(self.scan),
         }
@@ -451,7 +536,7 @@ def _wait_for_workers(daemon: Any, count: int) -> None:
 
 
 def run_pipeline(config: Any, directory: Path, workers: int, n_frames: int, rate_hz: float, layout: str, seed: int,
-                 show_progress: bool, finished: bool = False) -> PipelineRun:
+                 show_progress: bool, finished: bool = False, distinct_frames: int | None = None) -> PipelineRun:
     """The real daemon with `workers` local workers following a scan written live (or, with `finished`, a scan
     written in full before the daemon starts: every frame ready at once, the writer out of the way); every frame's timings."""
     from pipeline.live.daemon import Daemon
@@ -460,7 +545,7 @@ def run_pipeline(config: Any, directory: Path, workers: int, n_frames: int, rate
 
     directory.mkdir(parents=True, exist_ok=True)
     plan = ScanPlan(directory=directory, name=f"bench-{layout}-w{workers}{'-finished' if finished else ''}", layout=layout,
-                    n_frames=n_frames, rate_hz=rate_hz, seed=seed)
+                    n_frames=n_frames, rate_hz=rate_hz, seed=seed, distinct_frames=distinct_frames)
     if finished:
         ScanWriter(plan).start().join()
     run = PipelineRun(workers=workers, scan=plan.nxs_path)
@@ -473,7 +558,8 @@ def run_pipeline(config: Any, directory: Path, workers: int, n_frames: int, rate
                 run.frames[index] = timings.as_dict()
 
     daemon = Daemon(config, watch=not finished, on_frame_done=on_frame_done).start()  # a finished scan is handed over once workers are in
-    memory = MemorySampler(lambda: [p.pid for p in daemon.workers], lambda: len(run.frames))
+    memory = MemorySampler(lambda: [p.pid for p in daemon.workers], lambda: len(run.frames),
+                           writer_pids=lambda: writer.pids if writer is not None and writer.frames_written else [])  # from its first frame, not its start-up
     bar = _progress(n_frames, f"pipeline, {workers} worker{'s' if workers > 1 else ''}", show_progress)
     writer: ScanWriter | None = None
     flush = None
@@ -493,6 +579,7 @@ def run_pipeline(config: Any, directory: Path, workers: int, n_frames: int, rate
                 bar.update(count - last_count)
                 last_count, last_change = count, time.monotonic()
             if count >= n_frames:
+                memory.freeze_cpu()
                 break
             if time.monotonic() - last_change > STALL_TIMEOUT_S:
                 raise BenchError(f"pipeline run with {workers} worker(s) stalled: {count}/{n_frames} frames done "
@@ -618,6 +705,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     facts = torch_facts(config.workers.device, config.models.precision)
 
     show_progress = not args.no_progress
+    distinct = args.distinct_frames if args.distinct_frames is not None else (FAST_WRITER_FRAMES if args.models == "none" else None)
     if not logging.getLogger().handlers:  # a host that set up logging (a test, the CLI) keeps its own
         from pipeline.logs import setup_logging
 
@@ -625,6 +713,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {
         "machine": machine_description(facts),
         "settings": {"frames": args.frames, "rate_hz": args.rate, "layout": args.layout, "workers": args.workers, "models_mode": args.models,
+                     "distinct_frames": distinct,
                      "scale": args.scale, "baseline_frames": baseline_frames, "device": config.workers.device,
                      "resolved_device": facts["resolved_device"],
                      "config": None if args.config is None else str(args.config), "seed": args.seed,
@@ -636,19 +725,19 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     try:
         runs: dict[int, PipelineRun] = {}
         main = run_pipeline(config, root / f"pipeline-w{args.workers}", args.workers, args.frames, args.rate,
-                            args.layout, args.seed, show_progress)
+                            args.layout, args.seed, show_progress, distinct_frames=distinct)
         runs[args.workers] = main
         if args.memory_trace is not None and main.memory is not None:
             main.memory.write_csv(args.memory_trace)
         for count in args.scale or []:
             if count not in runs:
                 runs[count] = run_pipeline(config, root / f"pipeline-w{count}", count, args.frames, args.rate,
-                                           args.layout, args.seed, show_progress)
+                                           args.layout, args.seed, show_progress, distinct_frames=distinct)
         report["pipeline"] = main.summary()
         report["pipeline"]["per_frame"] = main.per_frame()
         if args.models == "none":  # the daemon's ceiling with the writer out of the way: a finished scan, every frame ready
             ready = run_pipeline(config, root / f"finished-w{args.workers}", args.workers, args.frames, args.rate, args.layout,
-                                 args.seed, show_progress, finished=True)
+                                 args.seed, show_progress, finished=True, distinct_frames=distinct)
             report["finished_file"] = {k: v for k, v in ready.summary().items() if k != "memory"}
         else:
             report["finished_file"] = None
@@ -683,7 +772,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB, "
         f"GPU: {machine['gpu'] or 'none'}, torch {machine['torch']}, nice {machine['nice']}, "
         f"load {machine['load_average_1m']} at start",
-        f"scan: {settings['layout']}, {settings['frames']} frames written live at {settings['rate_hz']:g} Hz; "
+        f"scan: {settings['layout']}, {settings['frames']} frames written live at {settings['rate_hz']:g} Hz"
+        f"{'' if not settings.get('distinct_frames') else ' (' + str(settings['distinct_frames']) + ' distinct frames, repeated)'}; "
         f"device {settings['device']} ({settings['resolved_device']}), batch {settings['batch_size']}, credit {settings['credit']}, "
         f"precision {settings.get('precision', 'float32')}",
     ]
@@ -718,6 +808,17 @@ def format_report(report: dict[str, Any]) -> str:
         base = base_stages.get(base_key) if base_key else None
         lines.append(f"  {label:<32}{_cell(base, 2):>10}{_cell(pipeline['stages_ms'][key], 2):>10}")
     lines.append("  (pipeline: worker stages are per frame of a batch; workers run side by side)")
+    cpu = pipeline.get("cpu_ms_per_frame") or {}
+    finished_cpu = (finished or {}).get("cpu_ms_per_frame") or {}
+    if cpu:
+        lines += ["", f"{'CPU per frame (ms, user + system)':<34}{'live':>10}{'finished':>10}"]
+        for role, label in (("daemon", "daemon (follow, dispatch, sink)"), ("workers", "workers, all together"),
+                            ("writer", "the simulated detector")):
+            lines.append(f"  {label:<32}{_cell(cpu.get(role), 2):>10}{_cell(finished_cpu.get(role), 2):>10}")
+        threads = pipeline.get("daemon_cpu_ms_per_frame_by_thread") or {}
+        finished_threads = (finished or {}).get("daemon_cpu_ms_per_frame_by_thread") or {}
+        for stage in dict.fromkeys([*threads, *finished_threads]):
+            lines.append(f"    {stage:<30}{_cell(threads.get(stage), 2):>10}{_cell(finished_threads.get(stage), 2):>10}")
     memory = pipeline.get("memory") or {}
     if memory:
         lines += ["", f"{'peak memory (RSS, MiB)':<34}{'peak':>10}"]
