@@ -115,6 +115,8 @@ class TLMSettings(Strict):
     max_size: int | None = Field(None, ge=32)
     score_threshold: float | None = Field(None, ge=0, le=1)
     nms_iou: float | None = Field(None, gt=0, le=1)
+    proposals: int | None = Field(None, ge=1, le=4000)  # region proposals per frame the box head scores (None: the card's)
+    detections: int | None = Field(None, ge=1, le=256)  # at most this many detections per frame (None: the card's)
 
 
 class SSLMSettings(Strict):
@@ -127,6 +129,10 @@ class ModelSettings(Strict):
     # bfloat16: both models under autocast, ~1.6x faster on CPUs with AVX-512 BF16 or AMX, the same
     # held-out figures within 0.01; slower on a GPU (H200: TLM 21 vs 9.4 ms). auto: bfloat16 on such CPUs, else float32
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    # frames per model call, the batch always padded to this many with blank frames: the same kernels run whatever the
+    # batch holds, so a frame's masks do not depend on its neighbours or on how many frames were waiting. 1 (frame by
+    # frame) suits a CPU; a GPU wants 8-16 (measure with `pipeline bench --device cuda`)
+    model_batch: int = Field(1, ge=1, le=64)
     tlm: TLMSettings = TLMSettings()
     sslm: SSLMSettings = SSLMSettings()
 

@@ -72,3 +72,21 @@ def test_paint_instances_best_score_wins() -> None:
     assert [(d.instance_id, d.score) for d in detections] == [(1, pytest.approx(0.9)), (2, pytest.approx(0.3))]
     assert labels[1, 1] == 1 and labels[0, 0] == 2 and labels[3, 3] == 0
     assert labels.dtype == np.uint16
+
+
+def test_proposals_and_detections_are_sized_for_a_few_peaks_and_set_by_the_config() -> None:
+    """The light TLM scores 50 proposals and keeps at most 16 detections per frame (a real frame holds at most 8
+    peaks; 200/50 cost 23% more TLM time for the same held-out figures, README Speed); the config overrides both,
+    and DiPID's resnet50 keeps torchvision's own sizes unless told."""
+    from pipeline.models.joint import load_tlm
+
+    shipped, loaded = load_tlm(TLMSettings())
+    assert shipped.rpn._post_nms_top_n["testing"] == 50 and shipped.roi_heads.detections_per_img == 16
+    assert loaded.card.proposals is None  # the builder's sizes: the shipped card does not set them
+    sized, loaded = load_tlm(TLMSettings(proposals=30, detections=12))
+    assert sized.rpn._post_nms_top_n["testing"] == 30 and sized.roi_heads.detections_per_img == 12
+    assert (loaded.card.proposals, loaded.card.detections) == (30, 12)  # recorded in the store's provenance
+    dipid = build_tlm(light_card(backbone="resnet50_fpn", min_size=195, max_size=487))
+    assert dipid.rpn._post_nms_top_n["testing"] == 1000 and dipid.roi_heads.detections_per_img == 100
+    with pytest.raises(ValueError):
+        TLMSettings(detections=1000)  # more than a frame's 256 stored rows

@@ -84,3 +84,19 @@ def test_significance_is_noise_units_above_background_and_safe() -> None:
     odd = np.array(frame, dtype=np.float64)
     odd[0, 0], odd[0, 1], odd[0, 2] = np.nan, np.inf, -np.inf
     assert np.isfinite(to_significance(odd)).all()
+
+
+def test_background_interpolation_is_map_coordinates_bilinear_held_at_the_edges() -> None:
+    """local_background interpolates between tile centres with two small matrix products; it must be what
+    scipy's map_coordinates(order=1, mode="nearest") gives, which it replaced (4 ms a frame)."""
+    from scipy import ndimage
+
+    from pipeline.models.preprocess import _interpolation_weights
+
+    grid = np.random.default_rng(3).random((9, 21)) * 50
+    block, height, width = 24, 195, 487
+    centre = (block - 1) / 2.0
+    rows, cols = np.meshgrid((np.arange(height) - centre) / block, (np.arange(width) - centre) / block, indexing="ij")
+    expected = ndimage.map_coordinates(grid, [rows, cols], order=1, mode="nearest")
+    found = _interpolation_weights(height, 9, block) @ grid @ _interpolation_weights(width, 21, block).T
+    np.testing.assert_allclose(found, expected, rtol=0, atol=1e-12)

@@ -65,6 +65,8 @@ class ModelCard:
     max_size: int | None = None
     score_threshold: float | None = None  # TLM: detections kept at or above this score
     nms_iou: float | None = None  # TLM: IoU above which lower-scoring boxes are suppressed
+    proposals: int | None = None  # TLM: region proposals per image the box head scores at inference (None: the builder's)
+    detections: int | None = None  # TLM: at most this many detections per image (None: the builder's)
     image_mean: float | None = None  # TLM: normalisation of the 3x repeated model input
     image_std: float | None = None
     peak_channels: list[int] | None = None  # SSLM: argmax clusters that mean "peak"

@@ -58,6 +58,7 @@ def load_tlm(settings: TLMSettings) -> tuple[torch.nn.Module, LoadedWeights]:
     card = card.replace(
         backbone=settings.backbone, min_size=settings.min_size, max_size=settings.max_size,
         score_threshold=settings.score_threshold, nms_iou=settings.nms_iou,
+        proposals=settings.proposals, detections=settings.detections,
     )
     try:
         model = tlm_module.build_tlm(card)
@@ -101,7 +102,11 @@ class JointPredictor:
         sslm_weights: LoadedWeights | None = None,
         device: str = "cpu",
         precision: Literal["auto", "float32", "bfloat16"] = "float32",
+        model_batch: int = 1,
     ) -> None:
+        if model_batch < 1:
+            raise ValueError(f"model_batch must be >= 1, got {model_batch}")
+        self.model_batch = model_batch  # frames per model call, padded with blank frames (see predict_batch)
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         if self.device.type == "cuda":  # no autotuned kernel choice: the same frame gives the same masks
@@ -121,7 +126,8 @@ class JointPredictor:
         """Both models from the config's `models` section; a bad weights file raises one-line WeightsError."""
         tlm, tlm_weights = load_tlm(settings.tlm) if settings.tlm.enabled else (None, None)
         sslm, sslm_weights = load_sslm(settings.sslm) if settings.sslm.enabled else (None, None)
-        return cls(tlm, tlm_weights, sslm, sslm_weights, device=device, precision=settings.precision)
+        return cls(tlm, tlm_weights, sslm, sslm_weights, device=device, precision=settings.precision,
+                   model_batch=settings.model_batch)
 
     def provenance(self) -> dict[str, Any]:
         """Per model: enabled, weights path, SHA-256 and effective settings; JSON-serialisable."""
@@ -145,11 +151,13 @@ class JointPredictor:
         """Raw (B, 195, 487) counts -> one prediction per frame, with per-frame timings.
 
         Dead pixels are fixed and frames normalised here; both models run under inference_mode.
-        The models see one frame at a time: convolution libraries pick their algorithm by batch
-        size (oneDNN on CPU gave TLM features differing by ~6e-6 between a batch of 4 and a
-        single frame, enough to move boxes and, near a threshold, flip a pixel or a detection),
-        and live and offline runs must give the same store. On CPU this costs nothing measurable
-        (the backbone ran at ~40 ms/frame alone vs ~47 ms/frame in a batch of 4).
+        The models see `model_batch` frames per call, always that many: the frames given, then
+        blank frames up to it. Convolution libraries pick their algorithm by batch size (oneDNN on
+        CPU gave TLM features differing by ~6e-6 between a batch of 4 and a single frame, enough to
+        move boxes and, near a threshold, flip a pixel or a detection), and live and offline runs
+        must give the same store; with one fixed shape a frame's masks do not depend on its batch.
+        On CPU frame by frame (1, the default) costs nothing measurable (the backbone ran at
+        ~40 ms/frame alone vs ~47 ms/frame in a batch of 4); a GPU needs batches to be busy.
         """
         frames = np.asarray(frames)
         if frames.ndim == 2:
@@ -188,11 +196,22 @@ class JointPredictor:
             for i, (labels, detections) in enumerate(tlm_results)
         ]
 
+    def _padded_batches(self, inputs: torch.Tensor) -> Iterator[tuple[torch.Tensor, int]]:
+        """(a batch of exactly `model_batch` frames, how many of them are real) over `inputs`; blank frames pad the last."""
+        for first in range(0, inputs.shape[0], self.model_batch):
+            batch = inputs[first:first + self.model_batch]
+            real = batch.shape[0]
+            if real < self.model_batch:
+                batch = torch.cat([batch, batch.new_zeros((self.model_batch - real, *batch.shape[1:]))])
+            yield batch, real
+
     def _run_tlm(self, inputs: torch.Tensor, shape: tuple[int, ...]) -> list[tuple[np.ndarray, list]]:
         if self.tlm is None:
             return [(np.zeros(shape, dtype=np.uint16), []) for _ in range(inputs.shape[0])]
-        with torch.inference_mode(), self._autocast():  # frame by frame: see predict_batch
-            outputs = [self.tlm(tlm_module.to_images(inputs[i:i + 1]))[0] for i in range(inputs.shape[0])]
+        outputs = []
+        with torch.inference_mode(), self._autocast():  # one fixed batch shape: see predict_batch
+            for batch, real in self._padded_batches(inputs):
+                outputs += self.tlm(tlm_module.to_images(batch))[:real]
         outputs = [{key: value.float() if value.is_floating_point() else value for key, value in output.items()}
                    for output in outputs]
         return [tlm_module.paint_instances(output, shape) for output in outputs]
@@ -201,11 +220,11 @@ class JointPredictor:
         if self.sslm is None:
             zeros = np.zeros((inputs.shape[0], *shape), dtype=np.uint8)
             return zeros, zeros.copy()
-        with torch.inference_mode(), self._autocast():  # frame by frame: see predict_batch
-            results = [
-                sslm_module.clusters_and_mask(self.sslm(inputs[i:i + 1, None]), self.peak_channels)
-                for i in range(inputs.shape[0])
-            ]
+        results = []
+        with torch.inference_mode(), self._autocast():  # one fixed batch shape: see predict_batch
+            for batch, real in self._padded_batches(inputs):
+                clusters, mask = sslm_module.clusters_and_mask(self.sslm(batch[:, None]), self.peak_channels)
+                results.append((clusters[:real], mask[:real]))
         return np.concatenate([c for c, _ in results]), np.concatenate([m for _, m in results])
 
     # DiPID's user functions -------------------------------------------------------------------

@@ -9,6 +9,8 @@ cannot tell a faint peak from the top of a broad diffuse hump; after background 
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from scipy import ndimage, special
 
@@ -21,27 +23,34 @@ BACKGROUND_PERCENTILE = 30.0
 """Low enough that a peak covering most of a block does not lift its background estimate."""
 SIGNIFICANCE_SCALE = float(np.arcsinh(1000.0))
 """`to_significance` maps 1000 sigma to 1.0; asinh keeps the noise (|s| ~ 1) linear."""
-_NEIGHBOURS = np.array([[1, 1, 1], [1, 0, 1], [1, 1, 1]], dtype=np.float64)
+_OFFSETS = np.array([(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx])  # the 8 neighbours (row, column)
 
 
 def fix_dead_pixels(frame: np.ndarray) -> np.ndarray:
     """Pixels < 0 replaced by the mean of their positive 8-neighbours (0 if none), as DiPID did.
 
-    Vectorised: two 3x3 convolutions (sum and count of positive neighbours) instead of DiPID's
-    per-pixel loop. Non-finite pixels count as dead. Returns a float64 copy; the input is untouched.
+    Vectorised over the dead pixels only (a frame has tens of them): their 8 neighbours gathered at
+    once, instead of DiPID's per-pixel loop or two whole-frame convolutions (3 ms a frame). Non-finite
+    pixels count as dead. Returns a float64 copy; the input is untouched.
     """
     values = np.asarray(frame, dtype=np.float64)
     if values.ndim != 2:
         raise ValueError(f"expected a 2-D frame, got shape {values.shape}")
     finite = np.isfinite(values)
     dead = (values < 0) | ~finite
-    if not dead.any():
-        return values.copy()
-    positive = np.where(finite & (values > 0), values, 0.0)
-    total = ndimage.convolve(positive, _NEIGHBOURS, mode="constant", cval=0.0)
-    count = ndimage.convolve((positive > 0).astype(np.float64), _NEIGHBOURS, mode="constant", cval=0.0)
     fixed = np.where(finite, values, 0.0)
-    fixed[dead] = np.divide(total, count, out=np.zeros_like(total), where=count > 0)[dead]
+    rows, cols = np.nonzero(dead)
+    if rows.size == 0:
+        return fixed
+    height, width = values.shape
+    neighbour_rows = rows[:, None] + _OFFSETS[:, 0]  # (dead pixels, 8)
+    neighbour_cols = cols[:, None] + _OFFSETS[:, 1]
+    inside = (neighbour_rows >= 0) & (neighbour_rows < height) & (neighbour_cols >= 0) & (neighbour_cols < width)
+    neighbours = fixed[np.clip(neighbour_rows, 0, height - 1), np.clip(neighbour_cols, 0, width - 1)]  # non-finite: 0 here
+    positive = inside & (neighbours > 0)
+    total = np.where(positive, neighbours, 0.0).sum(axis=1)
+    count = positive.sum(axis=1)
+    fixed[rows, cols] = np.divide(total, count, out=np.zeros_like(total), where=count > 0)
     return fixed
 
 
@@ -102,11 +111,22 @@ def local_background(frame: np.ndarray, block: int = BACKGROUND_BLOCK,
     low = np.maximum(np.percentile(tiles, percentile, axis=2), 0.0)
     low = low - special.ndtri(percentile / 100.0) * np.sqrt(low)  # the 30th percentile is 0.52 sigma low
     grid = ndimage.median_filter(low, size=3, mode="nearest")
-    centre = (block - 1) / 2.0
-    grid_rows = (np.arange(height, dtype=np.float64) - centre) / block
-    grid_cols = (np.arange(width, dtype=np.float64) - centre) / block
-    coordinates = np.meshgrid(grid_rows, grid_cols, indexing="ij")
-    return ndimage.map_coordinates(grid, coordinates, order=1, mode="nearest")
+    # bilinear between tile centres, held at the edges: what map_coordinates(order=1, mode="nearest") gives, as two small
+    # matrix products (0.3 ms instead of 4 ms a frame)
+    return _interpolation_weights(height, rows, block) @ grid @ _interpolation_weights(width, cols, block).T
+
+
+@functools.lru_cache(maxsize=16)
+def _interpolation_weights(pixels: int, tiles: int, block: int) -> np.ndarray:
+    """(pixels, tiles): each pixel's linear weights on the two tile centres either side of it, clamped at the ends."""
+    position = np.clip((np.arange(pixels, dtype=np.float64) - (block - 1) / 2.0) / block, 0.0, tiles - 1)
+    below = np.floor(position).astype(np.int64)
+    above = np.minimum(below + 1, tiles - 1)
+    weights = np.zeros((pixels, tiles))
+    np.add.at(weights, (np.arange(pixels), below), 1.0 - (position - below))
+    np.add.at(weights, (np.arange(pixels), above), position - below)
+    weights.flags.writeable = False
+    return weights
 
 
 def to_significance(fixed_frame: np.ndarray) -> np.ndarray:
