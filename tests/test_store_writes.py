@@ -77,3 +77,21 @@ def test_each_frame_records_the_worker_that_made_it(tmp_path: Path) -> None:
     assert names == ["local-0", "gpu-node:4242"]
     made_by = [names[i - 1] if i else None for i in group["frames/worker"][:5].tolist()]
     assert made_by == ["local-0", "gpu-node:4242", None, "local-0", "gpu-node:4242"]
+
+
+def test_frames_are_one_chunk_each_kept_64_to_a_shard_file(tmp_path: Path) -> None:
+    """The store contract: one frame per chunk (what a reader decodes), 64 chunks per shard file (what the disk holds);
+    a reader reopening the store sees each frame as written, and a frame written later into a shard keeps the others."""
+    store = ScanStore._create(tmp_path / "sharded.zarr", _info(tmp_path / "a.nxs", None), SHAPE, {})
+    predictions = {i: _prediction(i) for i in range(70)}
+    store.write_predictions({i: predictions[i] for i in range(0, 70, 2)})
+    store.write_predictions({i: predictions[i] for i in range(1, 70, 2)})  # into the same shards, between the others
+    group = zarr.open_group(store.path, mode="r", use_consolidated=False)
+    labels = group["tlm/labels"]
+    assert labels.chunks == (1, *SHAPE) and labels.shards == (64, *SHAPE)
+    assert group["tlm/boxes"].shards == (64, MAX_DETECTIONS_PER_FRAME, 6)
+    files = sorted(p.relative_to(store.path / "tlm/labels").as_posix() for p in (store.path / "tlm/labels/c").rglob("*") if p.is_file())
+    assert files == ["c/0/0/0", "c/1/0/0"]  # 70 frames: two shard files, not 70 chunk files
+    for index in range(70):
+        np.testing.assert_array_equal(labels[index], predictions[index].tlm_labels, err_msg=str(index))
+        np.testing.assert_array_equal(group["ssl/clusters"][index], predictions[index].ssl_clusters, err_msg=str(index))
