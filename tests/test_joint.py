@@ -69,6 +69,23 @@ def test_padded_batches_give_a_frame_the_same_masks_alone_and_among_others(weigh
     assert sum(len(p.detections) for p in full) > 4  # real detections were compared
 
 
+def test_preprocessing_on_the_device_gives_the_same_predictions(weights, frames) -> None:
+    """A GPU worker fixes dead pixels and normalises in torch on the device (pipeline.models.preprocess_torch); forced
+    here on the CPU, it must give what NumPy's reference preprocessing gives, NaN and dead pixels included."""
+    settings = ModelSettings(tlm=TLMSettings(weights=weights["tlm"]), sslm=SSLMSettings(weights=weights["sslm"]))
+    reference = JointPredictor.from_settings(settings)
+    on_device = JointPredictor.from_settings(settings)
+    on_device.preprocess_on_device = True
+    assert not reference.preprocess_on_device  # a CPU keeps NumPy's version
+    damaged = frames.astype(np.float32)
+    damaged[0, 5, 7], damaged[1, 0, 0], damaged[2, 194, 486] = np.nan, -2.0, np.inf
+    for frame_set in (frames, damaged):
+        for mine, theirs in zip(on_device.predict_batch(frame_set), reference.predict_batch(frame_set)):
+            assert np.array_equal(mine.tlm_labels, theirs.tlm_labels)
+            assert np.array_equal(mine.ssl_clusters, theirs.ssl_clusters) and np.array_equal(mine.ssl_mask, theirs.ssl_mask)
+            assert mine.detections == theirs.detections
+
+
 def test_disabled_models_give_zeros(weights, frames) -> None:
     only_sslm = JointPredictor.from_settings(
         ModelSettings(tlm=TLMSettings(enabled=False), sslm=SSLMSettings(weights=weights["sslm"])))

@@ -100,3 +100,24 @@ def test_background_interpolation_is_map_coordinates_bilinear_held_at_the_edges(
     expected = ndimage.map_coordinates(grid, [rows, cols], order=1, mode="nearest")
     found = _interpolation_weights(height, 9, block) @ grid @ _interpolation_weights(width, 21, block).T
     np.testing.assert_allclose(found, expected, rtol=0, atol=1e-12)
+
+
+def test_torch_preprocessing_equals_numpys() -> None:
+    """The device version (pipeline.models.preprocess_torch) of every step against NumPy's, on simulator frames with
+    dead, NaN and infinite pixels: the inputs the models see are the same (float32), the background within 1e-12."""
+    import torch
+
+    from pipeline.models import preprocess as reference
+    from pipeline.models import preprocess_torch
+    from pipeline.simulator.synth import RockingScan
+
+    frames = np.stack([RockingScan(4, 5).frame(i)[0] for i in range(4)]).astype(np.float64)
+    frames[0, 5, 7], frames[1, 0, 0], frames[2, 194, 486] = np.nan, -2.0, np.inf
+    fixed = np.stack([reference.fix_dead_pixels(frame) for frame in frames])
+    fixed_t = preprocess_torch.fix_dead_pixels(torch.from_numpy(frames))
+    np.testing.assert_array_equal(fixed_t.numpy(), fixed)
+    background = np.stack([reference.local_background(frame) for frame in fixed])
+    np.testing.assert_allclose(preprocess_torch.local_background(fixed_t).numpy(), background, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(preprocess_torch.to_model_input(fixed_t).numpy(), np.stack([reference.to_model_input(f) for f in fixed]))
+    np.testing.assert_allclose(preprocess_torch.to_significance(fixed_t).numpy(),
+                               np.stack([reference.to_significance(f) for f in fixed]), rtol=0, atol=1e-6)

@@ -20,6 +20,7 @@ from scipy import ndimage
 
 from pipeline.detector import FRAME_SHAPE
 from pipeline.devices import resolve_device, resolve_precision
+from pipeline.models import preprocess_torch
 from pipeline.models import sslm as sslm_module
 from pipeline.models import tlm as tlm_module
 from pipeline.models.card import (
@@ -103,11 +104,15 @@ class JointPredictor:
         device: str = "cpu",
         precision: Literal["auto", "float32", "bfloat16"] = "float32",
         model_batch: int = 1,
+        preprocess_on_device: bool | None = None,
     ) -> None:
         if model_batch < 1:
             raise ValueError(f"model_batch must be >= 1, got {model_batch}")
         self.model_batch = model_batch  # frames per model call, padded with blank frames (see predict_batch)
         self.device = resolve_device(device)
+        # dead pixels, log scale and significance where the models run (pipeline.models.preprocess_torch): on a GPU the
+        # worker's CPU no longer holds each frame back; on a CPU NumPy's version, the reference, is as fast
+        self.preprocess_on_device = self.device.type != "cpu" if preprocess_on_device is None else preprocess_on_device
         self.precision = resolve_precision(precision, self.device)
         if self.device.type == "cuda":  # no autotuned kernel choice: the same frame gives the same masks
             torch.backends.cudnn.benchmark = False
@@ -172,11 +177,7 @@ class JointPredictor:
             return [FramePrediction(tlm_labels=np.zeros(shape, dtype=np.uint16), detections=[], ssl_clusters=np.zeros(shape, np.uint8),
                                     ssl_mask=np.zeros(shape, np.uint8), timings={"preprocess": 0.0, "tlm": 0.0, "sslm": 0.0})
                     for _ in range(count)]
-        fixed = [fix_dead_pixels(frame) for frame in frames]
-        inputs = torch.from_numpy(np.stack([to_model_input(frame) for frame in fixed])).to(self.device)
-        sslm_inputs = inputs
-        if self.sslm is not None and self.sslm_input == "significance":
-            sslm_inputs = torch.from_numpy(np.stack([to_significance(frame) for frame in fixed])).to(self.device)
+        inputs, sslm_inputs = self._prepared(frames)
         preprocess_s = (time.perf_counter() - started) / count
 
         started = time.perf_counter()
@@ -195,6 +196,22 @@ class JointPredictor:
             )
             for i, (labels, detections) in enumerate(tlm_results)
         ]
+
+    def _prepared(self, frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(TLM input, SSLM input) of raw (B, H, W) counts, on the models' device."""
+        significance = self.sslm is not None and self.sslm_input == "significance"
+        if self.preprocess_on_device:
+            host = torch.from_numpy(frames if frames.dtype.name in ("int16", "int32", "float32", "float64") else frames.astype(np.float64))
+            if self.device.type == "cuda":
+                host = host.pin_memory()  # page-locked: the copy to the GPU runs without a staging copy
+            fixed = preprocess_torch.fix_dead_pixels(host.to(self.device, non_blocking=True))
+            inputs = preprocess_torch.to_model_input(fixed)
+            return inputs, preprocess_torch.to_significance(fixed) if significance else inputs
+        fixed_frames = [fix_dead_pixels(frame) for frame in frames]
+        inputs = torch.from_numpy(np.stack([to_model_input(frame) for frame in fixed_frames])).to(self.device)
+        if not significance:
+            return inputs, inputs
+        return inputs, torch.from_numpy(np.stack([to_significance(frame) for frame in fixed_frames])).to(self.device)
 
     def _padded_batches(self, inputs: torch.Tensor) -> Iterator[tuple[torch.Tensor, int]]:
         """(a batch of exactly `model_batch` frames, how many of them are real) over `inputs`; blank frames pad the last."""
