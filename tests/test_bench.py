@@ -57,7 +57,8 @@ def test_bench_measures_a_live_scan(tmp_path: Path, untrained_weights: dict[str,
 def test_bench_models_none_measures_the_daemons_own_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Workers answer at once with empty predictions: live and finished-file figures, beside DiPID's way without models."""
     figures = tmp_path / "bench.json"
-    args = _parse(["--models", "none", "--frames", str(FRAMES), "--workers", "1", "--baseline-frames", "2",
+    frames = 300  # enough for the CPU samples (every 0.2 s, in 10 ms ticks) to see every process at work
+    args = _parse(["--models", "none", "--frames", str(frames), "--workers", "1", "--baseline-frames", "2",
                    "--json", str(figures), "--no-progress", "--keep", str(tmp_path / "kept")])
     assert run_bench(args) == 0
     printed = capsys.readouterr().out
@@ -65,15 +66,21 @@ def test_bench_models_none_measures_the_daemons_own_path(tmp_path: Path, capsys:
     assert "pipeline, finished file (every frame ready)" in printed and "no models: read, dead pixels, savez" in printed
     report = json.loads(figures.read_text())
     assert report["settings"]["models_mode"] == "none"
-    assert report["pipeline"]["frames_done"] == FRAMES and report["pipeline"]["writer_fps"] > 0
+    assert report["pipeline"]["frames_done"] == frames and report["pipeline"]["writer_fps"] > 0
     finished = report["finished_file"]
-    assert finished["frames_done"] == FRAMES and finished["fps"] > 0
+    assert finished["frames_done"] == frames and finished["fps"] > 0
     assert (report["pipeline"]["stages_ms"]["tlm"] or 0.0) < 1.0  # no model ran: microseconds of bookkeeping
+    assert report["settings"]["distinct_frames"] == 64  # the fast writer: synthesised once, written over and over
+    cpu, by_thread = report["pipeline"]["cpu_ms_per_frame"], report["pipeline"]["daemon_cpu_ms_per_frame_by_thread"]
+    assert cpu["daemon"] > 0 and cpu["workers"] > 0 and cpu["writer"] > 0  # measured, per process, while frames flowed
+    assert {"follow (read frames)", "dispatch (ZeroMQ, results)", "sink (link, write)"} <= set(by_thread)
+    assert sum(by_thread.values()) <= cpu["daemon"] * 1.5 + 1.0  # the threads' share adds up to about the process's
+    assert "CPU per frame (ms, user + system)" in printed and "sink (link, write)" in printed
     from pipeline.store import StoreReader, schema
 
     for store in (tmp_path / "kept").rglob("*.zarr"):
         reader = StoreReader(store)
-        assert reader.status == schema.STATUS_COMPLETE and reader.done_frames().tolist() == list(range(FRAMES))
+        assert reader.status == schema.STATUS_COMPLETE and reader.done_frames().tolist() == list(range(frames))
         assert int(reader.group[schema.TLM_LABELS][:].max()) == 0  # empty predictions, really
 
 
