@@ -2,21 +2,23 @@
 # Every GPU figure issue 15 asks for, in one run that fits a lent machine's ~15 minutes (README "Speed", "On a GPU").
 # Run from the repository root on the GPU host, after `pip install -e .` there:  bash scripts/gpu_bench.sh [OUT_DIR]
 # Prints each table and keeps the JSON. Never part of CI: a benchmark, not a test.
+# DEVICE=cpu bash scripts/gpu_bench.sh runs the same steps on a CPU (slowly), to check the script itself.
 set -euo pipefail
 out=${1:-gpu-figures}
 mkdir -p "$out"
 py=${PYTHON:-python}
+device=${DEVICE:-cuda}
 
 echo "== batch invariance on the GPU (a frame alone, in a full padded batch, reordered: the same masks)"
 for batch in 1 8; do
-  "$py" - "$batch" <<'EOF'
+  "$py" - "$batch" "$device" <<'EOF'
 import sys
 import numpy as np
 from pipeline.config import ModelSettings
 from pipeline.models.joint import JointPredictor
 from pipeline.simulator import synth
-batch = int(sys.argv[1])
-predictor = JointPredictor.from_settings(ModelSettings(model_batch=batch), device="cuda")
+batch, device = int(sys.argv[1]), sys.argv[2]
+predictor = JointPredictor.from_settings(ModelSettings(model_batch=batch), device=device)
 rng = np.random.default_rng(7)
 frames = np.stack([synth.training_sample(rng)[0] for _ in range(batch * 2)])
 full, alone = predictor.predict_batch(frames), [predictor.predict_image(frame) for frame in frames]
@@ -30,10 +32,10 @@ echo "== the daemon's ceiling (models off) and the GPU table: 1, 2, 4 workers, m
 "$py" -m pipeline bench --models none --frames 2000 --workers 2 --no-progress --json "$out/ceiling.json" | tee "$out/ceiling.txt"
 for batch in 1 8; do
   printf 'models:\n  model_batch: %s\nworkers:\n  batch_size: %s\n' "$batch" "$((batch > 4 ? batch : 4))" > "$out/batch$batch.yaml"
-  "$py" -m pipeline bench --device cuda --config "$out/batch$batch.yaml" --frames 1000 --workers 2 --scale 1,2,4 \
+  "$py" -m pipeline bench --device "$device" --config "$out/batch$batch.yaml" --frames 1000 --workers 2 --scale 1,2,4 \
     --baseline-frames 40 --no-progress --json "$out/gpu-batch$batch.json" | tee "$out/gpu-batch$batch.txt"
 done
 
 echo "== latency at a 100 Hz detector, one GPU worker"
-"$py" -m pipeline bench --device cuda --config "$out/batch8.yaml" --rate 100 --frames 500 --workers 1 --baseline-frames 0 \
+"$py" -m pipeline bench --device "$device" --config "$out/batch8.yaml" --rate 100 --frames 500 --workers 1 --baseline-frames 0 \
   --no-progress --json "$out/gpu-100hz.json" | tee "$out/gpu-100hz.txt"
