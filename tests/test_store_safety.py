@@ -20,7 +20,7 @@ import pytest
 
 from pipeline.simulator.writers import ScanPlan, ScanWriter, write_scan
 from pipeline.store import read_attributes, schema
-from pipeline.testing.configs import write_config
+from pipeline.testing.configs import MODELS_OFF, write_config
 from pipeline.testing.daemons import start_daemon, stop_daemon, wait_for_status, wait_for_workers
 
 pytestmark = pytest.mark.daemon
@@ -36,7 +36,7 @@ def _process(config: Path, *scans: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_a_planted_symlink_is_not_written_through_and_a_damaged_store_is_moved_aside(tmp_path: Path, untrained_weights) -> None:
-    config = write_config(tmp_path / "config.yaml", untrained_weights)
+    config = write_config(tmp_path / "config.yaml", untrained_weights, models=MODELS_OFF)  # stores, not models, are tested
     victim = ScanPlan(directory=tmp_path / "visit-a", name="victim", layout="nexus", n_frames=3, rate_hz=1000.0, seed=1)
     planted = ScanPlan(directory=tmp_path / "visit-b", name="planted", layout="nexus", n_frames=3, rate_hz=1000.0, seed=2)
     damaged = ScanPlan(directory=tmp_path / "visit-b", name="damaged", layout="nexus", n_frames=3, rate_hz=1000.0, seed=3)
@@ -66,7 +66,7 @@ def test_a_planted_symlink_is_not_written_through_and_a_damaged_store_is_moved_a
 def test_one_writer_per_store_a_second_gets_one_line(tmp_path: Path, untrained_weights) -> None:
     scans = tmp_path / "scans"
     scans.mkdir()
-    config = write_config(tmp_path / "config.yaml", untrained_weights, follow={"idle_timeout_s": 10.0})
+    config = write_config(tmp_path / "config.yaml", untrained_weights, models=MODELS_OFF, follow={"idle_timeout_s": 10.0})
     plan = ScanPlan(directory=scans, name="shared", layout="nexus", n_frames=20, rate_hz=1.0, seed=4)
     store = plan.nxs_path.with_suffix(".zarr")
     daemon = start_daemon(config, scans, tmp_path / "daemon.log")
