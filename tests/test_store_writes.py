@@ -95,3 +95,23 @@ def test_frames_are_one_chunk_each_kept_64_to_a_shard_file(tmp_path: Path) -> No
     for index in range(70):
         np.testing.assert_array_equal(labels[index], predictions[index].tlm_labels, err_msg=str(index))
         np.testing.assert_array_equal(group["ssl/clusters"][index], predictions[index].ssl_clusters, err_msg=str(index))
+
+
+def test_a_shard_write_cut_short_by_kill_9_does_not_block_the_resumed_writer(tmp_path: Path) -> None:
+    """tensorstore writes a shard to `<shard>.__lock` and renames it into place; a daemon killed in between leaves that
+    file, half written. The resumed writer must neither wait on it nor read it: the shard keeps its frames, gains the new."""
+    import time
+
+    store = ScanStore._create(tmp_path / "killed.zarr", _info(tmp_path / "a.nxs", None), SHAPE, {})
+    predictions = {i: _prediction(i) for i in range(4)}
+    store.write_predictions({0: predictions[0], 1: predictions[1]})
+    leftover = store.path / "tlm/labels/c/0/0/0.__lock"
+    leftover.write_bytes(b"half a shard")  # what the killed writer left
+    resumed = ScanStore(store.path, zarr.open_group(store.path, mode="r+", use_consolidated=False), SHAPE)
+    started = time.monotonic()
+    resumed.write_predictions({2: predictions[2], 3: predictions[3]})
+    assert time.monotonic() - started < 10
+    labels = zarr.open_group(store.path, mode="r", use_consolidated=False)["tlm/labels"]
+    for index in range(4):
+        np.testing.assert_array_equal(labels[index], predictions[index].tlm_labels, err_msg=str(index))
+    assert not leftover.exists()
