@@ -226,7 +226,7 @@ def encode_control(kind: bytes, body: dict[str, Any] | None = None) -> list[byte
 def decode_control(parts: Sequence[Part]) -> tuple[bytes, dict[str, Any]]:
     if len(parts) != 2:
         raise WireError(f"control message needs 2 parts, got {len(parts)}")
-    return bytes(parts[0]), parse_header(bytes(parts[1]))
+    return bytes(parts[0]), parse_header(parts[1])  # parse_header takes a view too
 
 
 def credit_of(body: dict[str, Any], limit: int) -> int:
