@@ -460,6 +460,11 @@ class RockingScan:
     AXIS_START = 10.0
     AXIS_STEP = 0.02
 
+    @classmethod
+    def axis_for(cls, n_frames: int) -> np.ndarray:
+        """The eta of every frame, without placing the scan's peaks (which takes seconds for a long scan)."""
+        return cls.AXIS_START + cls.AXIS_STEP * np.arange(n_frames, dtype=np.float64)
+
     def __init__(self, n_frames: int, seed: int, settings: SynthSettings = SynthSettings(),
                  n_peaks: int | None = None) -> None:
         if n_frames < 1:
@@ -469,7 +474,7 @@ class RockingScan:
         self.n_frames = int(n_frames)
         self.seed = int(seed)
         self.settings = settings
-        self.axis_values = self.AXIS_START + self.AXIS_STEP * np.arange(self.n_frames, dtype=np.float64)
+        self.axis_values = self.axis_for(self.n_frames)
         rng = np.random.default_rng([self.seed, 0])
         self._background = _background(rng, settings)
         self._background_low = float(self._background.min())
