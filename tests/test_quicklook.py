@@ -20,12 +20,14 @@ from pipeline.pictures.quicklook import (
     OVERLAY_FIGSIZE,
     QUICKLOOK_FIGSIZE,
     StoreError,
+    done_blocks,
     quicklook_data,
     quicklook_title,
     sample_volume,
     save_frame_overlay,
     write_quicklook,
 )
+from pipeline.store.reader import StoreReader
 from pipeline.testing.pictures import N_FRAMES, SCAN, assert_picture, copy_store, png_size, read_raw, read_truth
 
 pytestmark = pytest.mark.daemon
@@ -105,6 +107,33 @@ def test_quicklook_of_a_running_scan_uses_done_frames_only(truth_store, processe
         assert curve.frames.max() < 4
         np.testing.assert_allclose(curve.sums, [raw[f][truth[f] == peak_id].sum() for f in curve.frames])
     assert_picture(write_quicklook(store), png_size(QUICKLOOK_FIGSIZE))
+
+
+def test_quicklook_leaves_out_frames_not_done_between_done_ones(truth_store, processed_scan, tmp_path):
+    """Frames are read a block at a time: a frame not done (a failed one) inside a block stays out of the picture,
+    and blocks never straddle a shard."""
+    store = copy_store(truth_store, tmp_path)
+    group = zarr.open_group(store, mode="r+", use_consolidated=False)
+    group["frames/done"][[2, 5]] = 0
+    done = [0, 1, 3, 4, 6, 7]
+    data = quicklook_data(store)
+    assert data.frames.tolist() == done
+    truth = read_truth(processed_scan.truth)
+    raw = np.clip(read_raw(store).astype(np.float64), 0, None)
+    np.testing.assert_array_equal(data.projection, raw[done].max(axis=0))
+    assert data.curves
+    for peak_id, curve in data.curves.items():
+        assert not set(curve.frames.tolist()) & {2, 5}
+        np.testing.assert_allclose(curve.sums, [raw[f][truth[f] == peak_id].sum() for f in curve.frames])
+
+    reader = StoreReader(store)
+    volume = reader.group["volume/labels"][:]
+    with reader.raw_frames() as dataset:
+        blocks = list(done_blocks(reader.group["volume/labels"], dataset, np.array(done), block_frames=3))
+    assert [block.tolist() for block, _, _ in blocks] == [[0, 1], [3, 4], [6, 7]]
+    for block, labels, block_raw in blocks:
+        np.testing.assert_array_equal(labels, volume[block])
+        np.testing.assert_array_equal(block_raw, raw[block])
 
 
 def test_quicklook_without_a_scan_axis_uses_the_frame_index(truth_store, tmp_path):

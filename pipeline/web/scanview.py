@@ -20,7 +20,7 @@ import numpy as np
 import zarr
 
 from pipeline.errors import one_line
-from pipeline.pictures.quicklook import MAX_CURVES, MAX_LABELLED_PEAKS, QuicklookAccumulator, QuicklookData, peak_colour
+from pipeline.pictures.quicklook import MAX_CURVES, MAX_LABELLED_PEAKS, QuicklookAccumulator, QuicklookData, done_blocks, peak_colour
 from pipeline.store import schema
 from pipeline.store.reader import StoreError, StoreReader
 from pipeline.store.schema import Attr
@@ -151,18 +151,10 @@ class ScanView:
                         self._accumulator = QuicklookAccumulator(tuple(volume.shape[1:]))
                         self._axis_name = reader.scan_axis(done[:1])[0]
                     accumulator = self._accumulator
-                for start in range(0, todo.size, READ_BLOCK):
-                    block = todo[start:start + READ_BLOCK]
-                    block = block[block < dataset.shape[0]]
-                    if not block.size:
-                        break
-                    first, last = int(block[0]), int(block[-1])
-                    raw = np.clip(np.asarray(dataset[first:last + 1], dtype=np.float64), 0, None)
-                    labels = np.asarray(volume[first:last + 1])
+                for block, labels, raw in done_blocks(volume, dataset, todo[todo < dataset.shape[0]], READ_BLOCK):
                     with self._lock:
-                        for frame in block.tolist():
-                            accumulator.add(frame, float(axis[frame]), labels[frame - first], raw[frame - first])
-                            covered[frame] = True
+                        accumulator.add_block(block, axis[block].astype(np.float64), labels, raw)
+                        covered[block] = True
                     added += block.size
                     if time.monotonic() > deadline:
                         break
