@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 GROW_FRAMES = 4096  # the most frames the arrays grow by at once
 MIN_GROW_FRAMES = 256  # the fewest: a resize rewrites every per-frame array's metadata and reopens it (~15 ms)
+COLUMNS: dict[str, Any] = {schema.FRAMES_DONE: 0, schema.FRAMES_AXIS: np.nan, schema.FRAMES_WORKER: 0}
+"""The 1-D per-frame arrays and their fill values."""
 
 class StoreRefused(PipelineError):
     """A store path this daemon must not write (a symbolic link someone planted there)."""
@@ -115,6 +117,9 @@ class ScanStore:
             _create_worker_array(group, self.frames_allocated)
         self.frame_arrays = FrameArrays(path, PER_FRAME_ARRAYS, fsync)
         self.worker_names: list[str] = list(group[schema.FRAMES_WORKER].attrs.get(schema.WORKER_NAMES_ATTR) or [])
+        # the 1-D per-frame arrays, held here whole (a few bytes a frame) so that a batch writes the chunks it touches
+        # from memory: no read back, and tensorstore writes whole chunks without reading them first
+        self.columns: dict[str, np.ndarray] = {name: np.asarray(group[name][:]) for name in COLUMNS}
 
     # -- creating and resuming -------------------------------------------------------------
 
@@ -231,7 +236,7 @@ class ScanStore:
 
     def done_prefix(self) -> int:
         """How many frames from 0 on are done; frames are only ever done as a prefix (3D linking is in order)."""
-        done = self.group[schema.FRAMES_DONE][:]
+        done = self.columns[schema.FRAMES_DONE]
         missing = np.flatnonzero(done == 0)
         return int(missing[0]) if missing.size else int(done.shape[0])
 
@@ -239,7 +244,7 @@ class ScanStore:
         return self.group[schema.VOLUME_LABELS][index]
 
     def read_axis_value(self, index: int) -> float | None:
-        value = float(self.group[schema.FRAMES_AXIS][index])
+        value = float(self.columns[schema.FRAMES_AXIS][index])
         return None if np.isnan(value) else value
 
     def recorded_bad_frames(self) -> dict[str, list[int]]:
@@ -261,11 +266,18 @@ class ScanStore:
         for name in FRAME_ARRAYS:
             self.group[name].resize((n, height, width))
         self.group[schema.TLM_BOXES].resize((n, MAX_DETECTIONS_PER_FRAME, len(BOX_FIELDS)))
-        self.group[schema.FRAMES_DONE].resize((n,))
-        self.group[schema.FRAMES_AXIS].resize((n,))
-        self.group[schema.FRAMES_WORKER].resize((n,))
+        for name, fill in COLUMNS.items():
+            self.group[name].resize((n,))
+            column = self.columns[name][:n]
+            self.columns[name] = np.concatenate([column, np.full(n - column.size, fill, dtype=column.dtype)])
         self.frames_allocated = n
         self.frame_arrays.reopen()
+
+    def _column_write(self, name: str, block: slice) -> tuple[str, slice, np.ndarray]:
+        """The write of every chunk of column `name` that `block` touches, whole, from memory."""
+        start = block.start - block.start % schema.DONE_CHUNK
+        stop = min(self.frames_allocated, -(-block.stop // schema.DONE_CHUNK) * schema.DONE_CHUNK)
+        return name, slice(start, stop), self.columns[name][start:stop]
 
     def _check_present(self) -> None:
         """zarr makes missing directories on write: a store moved or deleted under us must not grow back piecemeal."""
@@ -282,6 +294,7 @@ class ScanStore:
         self.ensure_frames(max(predictions) + 1)
         known = len(self.worker_names)
         writes: list[tuple[str, slice, np.ndarray]] = []
+        worker_column = self.columns[schema.FRAMES_WORKER]
         for run in _runs(sorted(predictions)):
             block = slice(run[0], run[-1] + 1)
             frames = [predictions[i] for i in run]
@@ -290,8 +303,10 @@ class ScanStore:
                 (schema.SSL_CLUSTERS, block, np.stack([p.ssl_clusters for p in frames])),
                 (schema.SSL_MASK, block, np.stack([p.ssl_mask for p in frames])),
                 (schema.TLM_BOXES, block, np.stack([self._boxes(i, p) for i, p in zip(run, frames)])),
-                (schema.FRAMES_WORKER, block, np.array([self._worker_id((workers or {}).get(i)) for i in run], dtype=np.uint16)),
             ]
+            worker_column[block] = [self._worker_id((workers or {}).get(i)) for i in run]
+        indices = sorted(predictions)
+        writes.append(self._column_write(schema.FRAMES_WORKER, slice(indices[0], indices[-1] + 1)))
         self.frame_arrays.write(writes)
         if len(self.worker_names) != known:
             self.group[schema.FRAMES_WORKER].attrs[schema.WORKER_NAMES_ATTR] = self.worker_names
@@ -321,16 +336,16 @@ class ScanStore:
         self.ensure_frames(block.stop)
         writes = [(schema.VOLUME_LABELS, block, np.stack(labels))]
         if any(value is not None for value in axis_values):
-            axis = self.frame_arrays.read(schema.FRAMES_AXIS, block)
+            axis = self.columns[schema.FRAMES_AXIS]
             for offset, value in enumerate(axis_values):
                 if value is not None:
-                    axis[offset] = value
-            writes.append((schema.FRAMES_AXIS, block, axis))
+                    axis[first + offset] = value
+            writes.append(self._column_write(schema.FRAMES_AXIS, block))
         self.frame_arrays.write(writes)
         if any(done):  # only once everything else of these frames is written
-            flags = self.frame_arrays.read(schema.FRAMES_DONE, block)
-            flags[np.asarray(done, dtype=bool)] = 1
-            self.frame_arrays.write([(schema.FRAMES_DONE, block, flags)])
+            flags = self.columns[schema.FRAMES_DONE]
+            flags[block][np.asarray(done, dtype=bool)] = 1
+            self.frame_arrays.write([self._column_write(schema.FRAMES_DONE, block)])
 
     def write_tables(self, peaks: dict[str, np.ndarray], done_frames: Iterable[int] | None = None) -> None:
         """Rewrite `peaks` and `tlm/detections` whole (they are small); readers see old or new columns."""
