@@ -63,6 +63,7 @@ from pipeline.shared_datasets import NoSuchDataset, NotADataset, acquire_dataset
 log = logging.getLogger(__name__)
 
 READY_WINDOW = 4096  # rows looked at per poll, from the first frame not yet handed on
+_FIRST_LOOK = 512  # pixels looked at first for a non-zero count (a frame's background has counts almost everywhere)
 READ_BLOCK = 16  # consecutive complete frames read in one HDF5 call (one call per frame cost ~0.1 ms each at 1,000 Hz)
 H5_MESSAGE_LIMIT = 300  # HDF5's own messages can run over many lines and kilobytes
 REOPEN_INTERVAL_S = 1.0  # older layouts add their end marker as a new object: only a reopen shows it
@@ -138,9 +139,15 @@ def inspect_frame(data: np.ndarray) -> tuple[np.ndarray, str | None]:
         if bad.any():
             problem = "nan" if np.isnan(data).any() else "inf"
             data = np.where(bad, DEAD_PIXEL, data)
-    if problem is None and not data.any():
+    if problem is None and not _any_counts(data):
         problem = "all_zero"
     return data, problem
+
+
+def _any_counts(data: np.ndarray) -> bool:
+    """Whether any pixel is non-zero, usually from the first row alone: a whole frame's `any` cost ~0.1 ms a frame."""
+    flat = data.reshape(-1)
+    return bool(flat[:_FIRST_LOOK].any() or flat[_FIRST_LOOK:].any())
 
 
 def _link_at(nexus: h5py.File, path: str) -> object | None:
