@@ -31,6 +31,7 @@ from pipeline.config import WorkerSettings
 from pipeline.detector import FRAME_SHAPE
 from pipeline.live import wire
 from pipeline.live.security import CurveServer
+from pipeline.live.wakeup import Wakeup
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class Dispatcher:
         self.may_send = may_send
         self.context = context or zmq.Context.instance()
         self.queue: queue.Queue[Dispatch] = queue.Queue(maxsize=max_queued)
+        self._wakeup = Wakeup()
         self.retry: deque[Dispatch] = deque()
         self.in_flight: dict[int, Dispatch] = {}
         self.workers: dict[bytes, WorkerState] = {}
@@ -123,6 +125,7 @@ class Dispatcher:
         while not self._stop.is_set():
             try:
                 self.queue.put(item, timeout=0.1)
+                self._wakeup.set()  # sent now, not after the dispatcher's poll
                 return True
             except queue.Full:
                 if stop is not None and stop.is_set():
@@ -157,10 +160,14 @@ class Dispatcher:
     def _loop(self) -> None:
         poller = zmq.Poller()
         poller.register(self._socket, zmq.POLLIN)
+        poller.register(self._wakeup.fd, zmq.POLLIN)
         try:
             while not self._stop.is_set():
                 for _ in range(256):  # drain what has arrived, bounded so sending is not starved
-                    if not poller.poll(0 if _ else POLL_MS):
+                    ready = dict(poller.poll(0 if _ else POLL_MS))
+                    if self._wakeup.fd in ready:  # frames were queued: send them
+                        self._wakeup.clear()
+                    if self._socket not in ready:
                         break
                     parts = wire.received_parts(self._socket.recv_multipart(copy=False))  # results' masks: no copy
                     self.counters["received"] += 1
@@ -171,6 +178,7 @@ class Dispatcher:
             for identity in list(self.workers):
                 self._send(identity, wire.encode_control(wire.STOP))
             self._socket.close(linger=200)
+            self._wakeup.close()
             shutil.rmtree(self._private, ignore_errors=True)
             if self._curve is not None:
                 self._curve.stop()

@@ -156,7 +156,7 @@ def decode_frame(parts: Sequence[Part]) -> FrameTask:
     )
 
 
-def encode_result(result: FrameResult) -> list[bytes]:
+def encode_result(result: FrameResult) -> list[Part]:
     prediction = result.prediction
     header = {
         "task": result.task,
@@ -168,13 +168,18 @@ def encode_result(result: FrameResult) -> list[bytes]:
         "timings": prediction.timings,
         **({"extra": result.extra} if result.extra else {}),
     }
-    return [
+    return [  # the masks as views, not copies: send with `copy=False` (a prediction is never changed once made)
         RESULT,
         _json(header),
-        np.ascontiguousarray(prediction.tlm_labels, dtype=np.uint16).tobytes(),
-        np.ascontiguousarray(prediction.ssl_clusters, dtype=np.uint8).tobytes(),
-        np.ascontiguousarray(prediction.ssl_mask, dtype=np.uint8).tobytes(),
+        _view(prediction.tlm_labels, np.uint16),
+        _view(prediction.ssl_clusters, np.uint8),
+        _view(prediction.ssl_mask, np.uint8),
     ]
+
+
+def _view(array: np.ndarray, dtype: type[np.generic]) -> memoryview:
+    """The array's bytes as a view (a copy only when it is not already contiguous in `dtype`)."""
+    return memoryview(np.ascontiguousarray(array, dtype=dtype)).cast("B")  # type: ignore[arg-type]  # numpy arrays are buffers
 
 
 def _detections(raw: Any) -> list[Detection]:

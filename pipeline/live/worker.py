@@ -22,6 +22,7 @@ from pipeline.config import Config, WorkerSettings
 from pipeline.devices import resolve_device
 from pipeline.live import wire
 from pipeline.live.security import apply_client
+from pipeline.live.wakeup import Wakeup
 from pipeline.models.prediction import FramePredictor
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,17 @@ class _Link(threading.Thread):
         self.stopping = threading.Event()  # the daemon said stop, or we are shutting down
         self.busy = 0  # frames taken from the inbox and not yet answered
         self.closed = threading.Event()
+        self.wakeup = Wakeup()  # a queued result is sent at once, not after the socket's 20 ms poll
+
+    def post(self, parts: list[wire.Part]) -> None:
+        """Queue a message for the daemon; the socket's thread sends it at once."""
+        self.outbox.put(parts)
+        self.wakeup.set()
+
+    def close(self) -> None:
+        """No more results: the socket's thread sends what is queued, says goodbye and ends."""
+        self.closed.set()
+        self.wakeup.set()
 
     def run(self) -> None:
         context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
@@ -46,12 +58,15 @@ class _Link(threading.Thread):
         apply_client(sock, self.settings)
         sock.connect(self.endpoint)
         sock.send_multipart(wire.encode_control(wire.HELLO, self.hello))
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self.wakeup.fd, zmq.POLLIN)
         last_beat = time.monotonic()
         try:
             while True:
                 while True:
                     try:
-                        sock.send_multipart(self.outbox.get_nowait())
+                        sock.send_multipart(self.outbox.get_nowait(), copy=False)  # results' masks: no copy
                     except queue.Empty:
                         break
                 if self.closed.is_set() and self.outbox.empty():
@@ -60,8 +75,11 @@ class _Link(threading.Thread):
                 if time.monotonic() - last_beat >= self.settings.heartbeat_s:
                     sock.send_multipart(wire.encode_control(wire.HEARTBEAT, {"held": self.inbox.qsize()}))
                     last_beat = time.monotonic()
-                if sock.poll(20):
-                    parts = sock.recv_multipart()
+                ready = dict(poller.poll(20))
+                if self.wakeup.fd in ready:
+                    self.wakeup.clear()
+                if sock in ready:
+                    parts = wire.received_parts(sock.recv_multipart(copy=False))  # the frame's pixels: no copy
                     if parts and parts[0] == wire.STOP:
                         self.stopping.set()
                         continue
@@ -96,7 +114,7 @@ def run_worker(endpoint: str, config: Config, device: str = "auto", name: str | 
         predictor = wrap_predictor(predictor)
     settings = config.workers
     inbox: queue.Queue[wire.FrameTask] = queue.Queue()
-    outbox: queue.Queue[list[bytes]] = queue.Queue()
+    outbox: queue.Queue[list[wire.Part]] = queue.Queue()
     hello = {"name": name, "pid": os.getpid(), "device": device, "n": settings.credit, "protocol": wire.PROTOCOL}
     link = _Link(endpoint, hello, settings, inbox, outbox, wire.max_part_bytes(config.follow.frame_shape))
     link.start()
@@ -119,11 +137,11 @@ def run_worker(endpoint: str, config: Config, device: str = "auto", name: str | 
             elapsed = (time.perf_counter() - started) / len(batch)
             for task, prediction in zip(batch, predictions):
                 prediction.timings.setdefault("worker_total", elapsed)
-                outbox.put(wire.encode_result(wire.FrameResult(task.task, task.scan, task.frame, name, prediction)))
+                link.post(wire.encode_result(wire.FrameResult(task.task, task.scan, task.frame, name, prediction)))
             link.busy = 0
     except KeyboardInterrupt:
         pass
     finally:
-        link.closed.set()
+        link.close()
         link.join(timeout=5)
     return 0
