@@ -115,3 +115,33 @@ def test_a_shard_write_cut_short_by_kill_9_does_not_block_the_resumed_writer(tmp
     for index in range(4):
         np.testing.assert_array_equal(labels[index], predictions[index].tlm_labels, err_msg=str(index))
     assert not leftover.exists()
+
+
+def test_growing_and_trimming_keep_every_arrays_attributes_and_frames(tmp_path: Path) -> None:
+    """Shapes change through tensorstore, which rewrites each array's zarr.json: what zarr-python wrote there
+    (attributes, dimension names, codecs) must survive, and so must the frames already written."""
+    store = ScanStore._create(tmp_path / "grow.zarr", _info(tmp_path / "a.nxs", None), SHAPE, {})
+    store.write_predictions({0: _prediction(0), 1: _prediction(1)}, {0: "local-0", 1: "gpu-node:4242"})  # names attribute
+    store.write_volumes(0, [np.full(SHAPE, 7, np.uint32)] * 2, [0.5, 0.6], [True, True])
+    paths = ("tlm/labels", "ssl/clusters", "ssl/mask", "tlm/boxes", "volume/labels", "frames/done", "frames/axis", "frames/worker")
+    written = zarr.open_group(store.path, mode="r")
+    before = {path: (dict(written[path].attrs), written[path].metadata.dimension_names, written[path].fill_value) for path in paths}
+    store.ensure_frames(1000)  # grown (twice past MIN_GROW_FRAMES at once)
+    store.write_predictions({999: _prediction(999)}, {999: "local-0"})
+    grown = zarr.open_group(store.path, mode="r", use_consolidated=False)
+    for path in paths:
+        array = grown[path]
+        assert array.shape[0] == 1000, path
+        fill = array.fill_value
+        assert (dict(array.attrs), array.metadata.dimension_names) == before[path][:2], path
+        assert fill == before[path][2] or (np.isnan(fill) and np.isnan(before[path][2])), path
+    assert grown["frames/worker"].attrs["names"] == ["local-0", "gpu-node:4242"]
+    assert grown["frames/axis"].attrs["name"] == "eta" and grown["tlm/boxes"].attrs["fields"][4] == "score"
+    assert grown["tlm/labels"][999].sum() == _prediction(999).tlm_labels.sum()
+
+    store.finish("incomplete", "test", 3)  # trimmed to the frames the scan has
+    trimmed = zarr.open_group(store.path, mode="r")
+    assert {trimmed[path].shape[0] for path in paths} == {3}
+    np.testing.assert_array_equal(trimmed["tlm/labels"][1], _prediction(1).tlm_labels)
+    assert trimmed["frames/done"][:].tolist() == [1, 1, 0] and trimmed["volume/labels"][0].max() == 7
+    assert trimmed["frames/worker"].attrs["names"] == ["local-0", "gpu-node:4242"]

@@ -7,9 +7,12 @@ without the interpreter lock. zarr-python still makes the store, its metadata an
 resizes the arrays and reads everything back: both read and write the one format, so readers
 cannot tell which wrote a chunk.
 
-tensorstore reads an array's metadata (its shape) when it opens it, so `reopen` must follow
-every resize. Its errors arrive as ValueError with the system's errno in the text; a shortage
-(a full disk, no descriptors) is turned back into the OSError the daemon waits out.
+Shapes change here too (`resize`): zarr-python took ~3 ms per array per resize (a metadata read
+and a write, through its event loop), tensorstore rewrites the same `zarr.json` (attributes and
+dimension names kept) for every array at once. A handle's shape is the one it was opened or
+resized with: an array resized by anything else must be `reopen`ed. tensorstore's errors arrive as
+ValueError with the system's errno in the text; a shortage (a full disk, no descriptors) is
+turned back into the OSError the daemon waits out.
 """
 
 from __future__ import annotations
@@ -47,11 +50,24 @@ class FrameArrays:
         self._arrays: dict[str, Any] = {}
         self.reopen()
 
-    def reopen(self) -> None:
-        """(Re)read every array's metadata: after zarr-python resized them, writes past the old shape are allowed."""
+    def reopen(self, names: Iterable[str] | None = None) -> None:
+        """(Re)read these arrays' metadata (all by default): after something else resized or made them."""
         futures = {name: ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(self.store_path / name)}},
-                                 context=self._context, open=True) for name in self.names}
-        self._arrays = {name: _result(future) for name, future in futures.items()}
+                                 context=self._context, open=True) for name in (self.names if names is None else names)}
+        self._arrays.update({name: _result(future) for name, future in futures.items()})
+
+    def resize(self, lengths: dict[str, int]) -> None:
+        """Give each array a new first dimension, all at once. Growing writes metadata only (the new frames are fill
+        until written); shrinking also deletes the chunks beyond the end, so a regrown array cannot show stale data."""
+        futures = {}
+        for name, length in lengths.items():
+            array = self._arrays[name]
+            if length == array.shape[0]:
+                continue
+            grow = length > array.shape[0]
+            futures[name] = array.resize(exclusive_max=[length, *array.shape[1:]], resize_metadata_only=grow,
+                                         expand_only=grow, shrink_only=not grow)
+        self._arrays.update({name: _result(future) for name, future in futures.items()})
 
     def write(self, writes: Iterable[tuple[str, slice, np.ndarray]]) -> None:
         """Write each (array, frames, values) at once and return when all are on the file system (or raise the first
@@ -68,6 +84,9 @@ class FrameArrays:
 
     def read(self, name: str, block: slice) -> np.ndarray:
         return np.asarray(_result(self._arrays[name][block].read()))
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._arrays[name].shape)
 
 
 def _result(future: Any) -> Any:

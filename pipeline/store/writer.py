@@ -46,7 +46,7 @@ from pipeline.store.schema import (
 log = logging.getLogger(__name__)
 
 GROW_FRAMES = 4096  # the most frames the arrays grow by at once
-MIN_GROW_FRAMES = 256  # the fewest: a resize rewrites every per-frame array's metadata and reopens it (~15 ms)
+MIN_GROW_FRAMES = 256  # the fewest: a resize rewrites every per-frame array's metadata
 COLUMNS: dict[str, Any] = {schema.FRAMES_DONE: 0, schema.FRAMES_AXIS: np.nan, schema.FRAMES_WORKER: 0}
 """The 1-D per-frame arrays and their fill values."""
 
@@ -262,16 +262,11 @@ class ScanStore:
             self._resize_frames(max(n, grown))
 
     def _resize_frames(self, n: int) -> None:
-        height, width = self.frame_shape
-        for name in FRAME_ARRAYS:
-            self.group[name].resize((n, height, width))
-        self.group[schema.TLM_BOXES].resize((n, MAX_DETECTIONS_PER_FRAME, len(BOX_FIELDS)))
+        self.frame_arrays.resize({name: n for name in PER_FRAME_ARRAYS})
         for name, fill in COLUMNS.items():
-            self.group[name].resize((n,))
             column = self.columns[name][:n]
             self.columns[name] = np.concatenate([column, np.full(n - column.size, fill, dtype=column.dtype)])
         self.frames_allocated = n
-        self.frame_arrays.reopen()
 
     def _column_write(self, name: str, block: slice) -> tuple[str, slice, np.ndarray]:
         """The write of every chunk of column `name` that `block` touches, whole, from memory."""
