@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
+import pytest
 import zmq
 
 from pipeline.live.wakeup import Wakeup
@@ -27,4 +29,13 @@ def test_a_wakeup_set_by_another_thread_ends_a_long_poll():
         assert dict(poller.poll(0)) == {}  # cleared: the next poll sleeps again
     finally:
         wakeup.close()
-    wakeup.set()  # after close (a thread still handing work to an ended poller): ignored
+    reused_read, reused_write = os.pipe()  # the closed descriptor numbers, given to the next file opened
+    try:
+        wakeup.set()  # after close (a thread still handing work to an ended poller): ignored, nothing written anywhere
+        wakeup.close()
+        os.set_blocking(reused_read, False)
+        with pytest.raises(BlockingIOError):
+            os.read(reused_read, 1)
+    finally:
+        os.close(reused_read)
+        os.close(reused_write)

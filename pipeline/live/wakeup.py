@@ -10,6 +10,7 @@ inproc socket: ZeroMQ sockets must not be shared between threads, a pipe's write
 from __future__ import annotations
 
 import os
+import threading
 
 
 class Wakeup:
@@ -19,6 +20,10 @@ class Wakeup:
         self._read, self._write = os.pipe()
         os.set_blocking(self._read, False)
         os.set_blocking(self._write, False)
+        # `set` and `close` under one lock: once closed, the descriptor numbers may belong to another file, into
+        # which a late `set` (a session thread still submitting) must never write
+        self._lock = threading.Lock()
+        self._closed = False
 
     @property
     def fd(self) -> int:
@@ -26,12 +31,13 @@ class Wakeup:
         return self._read
 
     def set(self) -> None:
-        try:
-            os.write(self._write, b"\0")
-        except BlockingIOError:  # the pipe is full of wake-ups: the poller is awake anyway
-            pass
-        except OSError:  # closed: the polling thread has ended, nobody is left to wake
-            pass
+        with self._lock:
+            if self._closed:  # the polling thread has ended: nobody is left to wake
+                return
+            try:
+                os.write(self._write, b"\0")
+            except BlockingIOError:  # the pipe is full of wake-ups: the poller is awake anyway
+                pass
 
     def clear(self) -> None:
         try:
@@ -41,8 +47,9 @@ class Wakeup:
             pass
 
     def close(self) -> None:
-        for fd in (self._read, self._write):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            os.close(self._read)
+            os.close(self._write)

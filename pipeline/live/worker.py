@@ -94,6 +94,7 @@ class _Link(threading.Thread):
                         log.warning("ignored a bad message from the daemon: %s", error)
         finally:
             sock.close()
+            self.wakeup.close()
 
 
 def run_worker(endpoint: str, config: Config, device: str = "auto", name: str | None = None, threads: int = 0,
