@@ -4,7 +4,7 @@ Why: at detector rates the sink's time went into zarr-python's codec pipeline an
 bridge (about 2 ms of CPU per chunk here, measured in `pipeline bench` and the README's Speed
 section); tensorstore encodes and writes the same Zarr v3 chunks from C++, several at once,
 without the interpreter lock. zarr-python still makes the store, its metadata and attributes,
-resizes the arrays and reads everything back: both read and write the one format, so readers
+writes the tables and reads everything back: both read and write the one format, so readers
 cannot tell which wrote a chunk.
 
 Shapes change here too (`resize`): zarr-python took ~3 ms per array per resize (a metadata read
@@ -58,7 +58,8 @@ class FrameArrays:
 
     def resize(self, lengths: dict[str, int]) -> None:
         """Give each array a new first dimension, all at once. Growing writes metadata only (the new frames are fill
-        until written); shrinking also deletes the chunks beyond the end, so a regrown array cannot show stale data."""
+        until written); shrinking also deletes the shard files wholly beyond the end (a shard the new end cuts keeps
+        its frames past it, as zarr-python's resize did: the store is only trimmed past frames never written)."""
         futures = {}
         for name, length in lengths.items():
             array = self._arrays[name]
@@ -82,11 +83,6 @@ class FrameArrays:
         if errors:
             raise as_os_error(errors[0]) from None
 
-    def read(self, name: str, block: slice) -> np.ndarray:
-        return np.asarray(_result(self._arrays[name][block].read()))
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._arrays[name].shape)
 
 
 def _result(future: Any) -> Any:

@@ -103,8 +103,8 @@ def now_iso() -> str:
 
 
 class ScanStore:
-    """The writer side of one scan's store: zarr-python for its metadata, attributes, shapes and tables; tensorstore for
-    the chunks of the per-frame arrays (pipeline.store.frame_arrays)."""
+    """The writer side of one scan's store: zarr-python for its metadata, attributes and tables; tensorstore for
+    the chunks and shapes of the per-frame arrays (pipeline.store.frame_arrays)."""
 
     def __init__(self, path: Path, group: zarr.Group, frame_shape: tuple[int, int], fsync: bool = False) -> None:
         self.path = path
