@@ -32,7 +32,7 @@ from matplotlib.patheffects import withStroke
 from scipy import ndimage
 
 from pipeline.store import schema
-from pipeline.store.reader import StoreError, StoreReader, read_raw_frame
+from pipeline.store.reader import StoreError, StoreReader, read_raw_frame, require_raw_frame
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -187,8 +187,7 @@ def quicklook_data(store_path: Path) -> QuicklookData:
         with store.raw_frames() as dataset:
             if tuple(dataset.shape[1:]) != (height, width):
                 raise StoreError(f"{store.path}: raw frames are {tuple(dataset.shape[1:])}, the store's are {(height, width)}")
-            if frames[-1] >= dataset.shape[0]:
-                raise StoreError(f"frame {frames[-1]} is not in the raw file ({dataset.shape[0]} frames there)")
+            require_raw_frame(dataset, int(frames[-1]))
             position = 0
             for block, labels, raw in done_blocks(volume, dataset, frames):
                 accumulator.add_block(block, axis_values[position:position + block.size], labels, raw)

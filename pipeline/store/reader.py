@@ -247,10 +247,15 @@ class StoreReader:
             release_dataset(dataset)
 
 
-def read_raw_frame(dataset: h5py.Dataset, index: int) -> np.ndarray:
-    """One raw frame as float64 counts, dead pixels (-2) and other negatives clipped to 0."""
+def require_raw_frame(dataset: h5py.Dataset, index: int) -> None:
+    """StoreError unless the raw file holds frame `index` (a store can name more frames than its raw file has)."""
     if index >= dataset.shape[0]:
         raise StoreError(f"frame {index} is not in the raw file ({dataset.shape[0]} frames there)")
+
+
+def read_raw_frame(dataset: h5py.Dataset, index: int) -> np.ndarray:
+    """One raw frame as float64 counts, dead pixels (-2) and other negatives clipped to 0."""
+    require_raw_frame(dataset, index)
     return np.clip(np.asarray(dataset[index], dtype=np.float64), 0, None)
 
 
