@@ -13,7 +13,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 
-from pipeline.detector import FRAME_SHAPE
 from pipeline.errors import PipelineError
 
 
@@ -44,7 +43,12 @@ class FollowSettings(Strict):
     # the detector's group names tried in order (then any NXdetector with data); I16's first
     detectors: list[str] = Field(default_factory=lambda: list(I16_DETECTORS), min_length=1)
     entries: list[str] = Field(default_factory=lambda: ["entry", "entry1"])
-    frame_shape: tuple[int, int] = FRAME_SHAPE
+    # frames of any shape are read (taken from each scan's file); set this to accept only one shape, e.g. [195, 487]
+    frame_shape: tuple[int, int] | None = None
+    max_frame_pixels: int = Field(8 * 2**20, gt=0)  # a larger frame is refused: it bounds every frame's memory and message
+    # link and group walks of a scan file (the confinement check) are bounded: a file with more is refused, naming the limit
+    max_links: int = Field(20_000, gt=0)
+    max_group_depth: int = Field(32, gt=0)
     poll_interval_s: float = Field(0.05, gt=0)
     settle_s: float = Field(0.5, ge=0)  # no keys: the newest frame counts once the shape held this long (and its chunk is on disk)
     idle_timeout_s: float = Field(30.0, gt=0)  # no new frame this long and no end marker: incomplete
@@ -152,6 +156,17 @@ class OutputSettings(Strict):
     resume_free_mib: float = Field(64.0, ge=0)
 
 
+class ReaderSettings(Strict):
+    """The processes that open and read scan files: HDF5 never runs in the daemon (pipeline.live.readers)."""
+
+    processes: int | None = Field(None, ge=1)  # null: one per active scan (daemon.max_active_scans)
+    # one step of a reader (opening a file, reading its metadata, one look at a growing file, one read of frames) that
+    # takes longer than this has its reader killed and its scan failed naming the step: HDF5 can block for minutes on
+    # a damaged file, holding its process whole
+    step_timeout_s: float = Field(5.0, gt=0)
+    start_timeout_s: float = Field(20.0, gt=0)  # a new reader process must say it is ready within this
+
+
 class DaemonSettings(Strict):
     # `pipeline status` asks here: by default a socket file in a directory only the daemon's user can open;
     # tcp://127.0.0.1:PORT for other users on this host (they then read scan and store paths)
@@ -192,6 +207,7 @@ class WebSettings(Strict):
 class Config(Strict):
     watch: WatchSettings = WatchSettings()
     follow: FollowSettings = FollowSettings()
+    readers: ReaderSettings = ReaderSettings()
     workers: WorkerSettings = WorkerSettings()
     models: ModelSettings = ModelSettings()
     volume: VolumeSettings = VolumeSettings()

@@ -1,7 +1,7 @@
 """Facts about the detector the pipeline serves (Pilatus3 100K on I16), defined once.
 
-The frame shape is only the default: `follow.frame_shape` in the config is what a running daemon
-checks frames against, so that another detector is a config change, not a code change.
+The frame shape is only I16's: the daemon takes each scan's frame shape from its file (any
+detector), unless `follow.frame_shape` in the config asks for one shape.
 """
 
 from __future__ import annotations

@@ -45,6 +45,7 @@ class ScanInfo:
     axis_path: str | None = None  # the dataset whose values are the scan axis
     axis_source: str | None = None  # how that dataset was chosen
     expected_frames_source: str | None = None  # where the expected frame count was read
+    frame_shape: tuple[int, int] = (195, 487)  # (rows, columns) of the detector's frames, as the file stores them
 
 
 def open_hdf5(path: Path) -> h5py.File:

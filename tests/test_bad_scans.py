@@ -170,14 +170,17 @@ def test_unreadable_files_fail_with_one_line_each_and_the_next_scan_completes(li
         nexus_file(directory / "compound.nxs", shape=(2, 195, 487), dtype=np.dtype([("counts", "<i4"), ("gain", "<f4")])):
             ["dtype [('counts'", "not a number type"],
         nexus_file(directory / "two_d.nxs", np.ones((195, 487), dtype=np.int32)): ["rank 2", "expected 3"],
-        nexus_file(directory / "small_frames.nxs", np.ones((3, 100, 100), dtype=np.int32)): ["100 x 100 pixels", "expected 195 x 487"],
+        nexus_file(directory / "huge_frames.nxs", shape=(2, 4096, 4096), dtype=np.int32):
+            ["4096 x 4096 pixels", "more than follow.max_frame_pixels (8,388,608)"],
         nexus_file(directory / "lost_link.nxs", link="lost_link-pilatus3_100k-files/lost_link.hdf"):
             ["target file did not appear within 2 s", str(directory / "lost_link-pilatus3_100k-files" / "lost_link.hdf")],
     }
     good_plan, good_writer = start_scan(directory, "good", seed=3)
     good_writer.join(timeout=60)
-    stores = [path.with_suffix(".zarr") for path in bad] + [good_plan.nxs_path.with_suffix(".zarr")]
+    other_shape = nexus_file(directory / "small_frames.nxs", np.ones((3, 100, 100), dtype=np.int32))  # any detector's frames
+    stores = [path.with_suffix(".zarr") for path in bad] + [good_plan.nxs_path.with_suffix(".zarr"), other_shape.with_suffix(".zarr")]
     wait_for_status(stores, timeout=60)
+    assert open_live(other_shape.with_suffix(".zarr"))["frames/done"][:].tolist() == [1, 1, 1]
 
     for path, words in {text: ["not an HDF5 file", "starts with b'this is "], **bad}.items():
         attrs = attrs_of(path.with_suffix(".zarr"))

@@ -81,3 +81,37 @@ def test_second_sigterm_stops_at_once_and_done_frames_stay_true(tmp_path, untrai
     finally:
         stop_daemon(restarted)
     assert_stores_equal(store, tmp_path / "offline" / store.name)
+
+
+def test_ctrl_c_in_the_terminal_leaves_the_store_saying_stopped(tmp_path, untrained_weights):
+    """Ctrl-C signals the terminal's whole process group: the daemon and, before, its workers too (whose frames in
+    flight then never came back, so the store said `running` for ever). Now the store ends `incomplete`/`stopped`."""
+    import os
+    import subprocess
+    import sys
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    config = write_config(tmp_path / "config.yaml", untrained_weights, follow={"idle_timeout_s": 20.0})  # models on: frames in flight
+    log = tmp_path / "daemon.log"
+    daemon = subprocess.Popen([sys.executable, "-m", "pipeline", "run", "--config", str(config), "--watch", str(scans)],
+                              stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)  # its own group, as a shell's job
+    try:
+        wait_for_workers(config, 1)
+        plan = ScanPlan(directory=scans, name="interrupted", layout="gda9", n_frames=60, rate_hz=5.0, seed=33)
+        writer = ScanWriter(plan).start()
+        store = plan.nxs_path.with_suffix(".zarr")
+        deadline = time.monotonic() + 120
+        while done_count(store) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.killpg(daemon.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        daemon.wait(timeout=90)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+    writer.kill()
+    assert daemon.returncode == 0, log.read_text()[-2000:]
+    group = open_live(store)
+    assert group.attrs["status"] == "incomplete" and group.attrs["end_reason"] == "stopped", dict(group.attrs)
+    done = group["frames/done"][:]
+    assert 2 <= done.sum() < 60

@@ -6,15 +6,55 @@ An HDF5 file can make its reader open other files: an external link (absolute, o
 `/etc/passwd`). The daemon runs under an account that can read every visit's data, so each of them
 is checked before a frame is read, and anything that leads outside the roots fails the scan with
 one line naming the link and where it leads.
+
+Only regular files are opened: a FIFO (or a device) behind a scan file, an external link, a virtual
+dataset's source or external raw storage would block its reader for ever. And the walk over a
+file's links is bounded in count and depth, so a crafted file cannot hold its reader for minutes.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
 import h5py
+
+
+class NotRegular(OSError):
+    """A path that names something other than a regular file (a FIFO, a device, a directory, a socket)."""
+
+
+_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+          stat.S_IFDIR: "a directory", stat.S_IFSOCK: "a socket"}
+
+
+def _kind(mode: int) -> str:
+    return _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+
+
+def read_head(path: Path | str, size: int) -> tuple[bytes, int]:
+    """The first `size` bytes of a regular file and its size. Opened with O_NONBLOCK and checked with fstat before
+    any read, so a FIFO answers NotRegular at once instead of blocking (a plain open() of a FIFO waits for a writer)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    try:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            raise NotRegular(f"{path}: {_kind(status.st_mode)}, not a regular file; only regular files are read")
+        return os.pread(fd, size, 0), status.st_size
+    finally:
+        os.close(fd)
+
+
+def not_regular(path: Path | str) -> str | None:
+    """Why an existing `path` must not be opened (it is not a regular file), or None (a regular file, or nothing
+    there yet). `stat` never blocks, unlike an open."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    return None if stat.S_ISREG(mode) else f"{path}: {_kind(mode)}, not a regular file; only regular files are read"
 
 
 def is_inside(path: Path | str, roots: Sequence[Path]) -> bool:
@@ -34,15 +74,27 @@ def external_link_target(filename: str, holder: Path) -> Path:
     return holder.parent / target.parent.name / target.name
 
 
-def links_outside(handle: h5py.File, holder: Path, roots: Sequence[Path]) -> str | None:
-    """The first external link in `handle` whose file lies outside `roots`, as one line, or None."""
+def links_outside(handle: h5py.File, holder: Path, roots: Sequence[Path], max_links: int = 20_000,
+                  max_depth: int = 32) -> str | None:
+    """The first external link in `handle` whose file lies outside `roots` or is not a regular file, or the limit a
+    file with more than `max_links` links or groups nested deeper than `max_depth` passes, as one line; else None."""
     found: list[str] = []
+    seen = 0
 
-    def visit(name: str, link: object) -> None:
-        if not found and isinstance(link, h5py.ExternalLink):
+    def visit(name: str, link: object) -> bool | None:
+        nonlocal seen
+        seen += 1
+        if seen > max_links:
+            found.append(f"{holder}: more than {max_links:,} links (follow.max_links); refused unread")
+        elif name.count("/") + 1 > max_depth:
+            found.append(f"{holder}:/{name}: groups nested deeper than {max_depth} (follow.max_group_depth); refused unread")
+        elif isinstance(link, h5py.ExternalLink):
             target = external_link_target(link.filename, holder)
             if not is_inside(target, roots):
                 found.append(f"{holder}:/{name}: external link to {link.filename}:{link.path} leads outside the allowed roots")
+            elif (why := not_regular(target)) is not None:
+                found.append(f"{holder}:/{name}: external link to {link.filename}: {why.split(': ', 1)[1]}")
+        return True if found else None  # anything but None ends HDF5's walk at once
 
     handle.visititems_links(visit)
     return found[0] if found else None
@@ -58,6 +110,8 @@ def dataset_outside(data: h5py.Dataset, holder: Path, roots: Sequence[Path]) -> 
             target = Path(name) if Path(name).is_absolute() else holder.parent / name
             if not is_inside(target, roots):
                 return f"{holder}:{data.name}: virtual dataset over {name}:{source.dset_name}, outside the allowed roots"
+            if (why := not_regular(target)) is not None:
+                return f"{holder}:{data.name}: virtual dataset over {name}: {why.split(': ', 1)[1]}"
     plist = data.id.get_create_plist()
     for index in range(plist.get_external_count()):
         raw = plist.get_external(index)[0]
@@ -65,4 +119,7 @@ def dataset_outside(data: h5py.Dataset, holder: Path, roots: Sequence[Path]) -> 
         candidates = [Path(name)] if Path(name).is_absolute() else [holder.parent / name, Path.cwd() / name]
         if not all(is_inside(candidate, roots) for candidate in candidates):
             return f"{holder}:{data.name}: raw data stored in the external file {name}, outside the allowed roots"
+        for candidate in candidates:
+            if (why := not_regular(candidate)) is not None:
+                return f"{holder}:{data.name}: raw data stored in the external file {name}: {why.split(': ', 1)[1]}"
     return None

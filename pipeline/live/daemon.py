@@ -1,9 +1,15 @@
 """The daemon: watcher, scan sessions, dispatcher, local workers and the sink, wired together.
 
-Threads: the watcher reports new files; each scan's session thread follows its file and submits
-frames; the dispatcher thread owns the workers' socket; the sink thread (`pipeline.live.sink`)
-alone writes stores; the control thread answers `pipeline status`. Local workers are child
-processes, restarted if they die.
+Threads: the watcher reports new files; each scan's session thread takes its file's frames from a
+reader process and submits them; the dispatcher thread owns the workers' socket; the sink thread
+(`pipeline.live.sink`) alone writes stores; the control thread answers `pipeline status`. Child
+processes: local workers (restarted if they die), readers (pipeline.live.readers: every HDF5 call,
+under deadlines) and the quick-look painter. The daemon's own process never calls HDF5, so no
+scan file, however broken, can stop it.
+
+Scans wait in arrival order, except that a file still being written (modified in the last
+LIVE_WINDOW_S) goes first and may take one slot beyond `daemon.max_active_scans`: a live scan is
+never queued behind a backlog of finished files.
 """
 
 from __future__ import annotations
@@ -11,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import subprocess
 import threading
 import time
@@ -22,10 +27,11 @@ from pipeline import __version__
 from pipeline.config import Config
 from pipeline.live.control import ControlServer
 from pipeline.live.dispatch import Dispatch, Dispatcher
-from pipeline.live.events import ResultArrived
+from pipeline.live.events import ResultArrived, ScanEnded
 from pipeline.live.local_workers import LocalWorkers
 from pipeline.live.metrics import Metrics
 from pipeline.live.painter import QuickLookPainter
+from pipeline.live.readers import ReaderPool
 from pipeline.live.session import FrameDoneHook, ScanSession
 from pipeline.live.shortage import has_passed, raise_descriptor_limit
 from pipeline.live.sink import Sink
@@ -33,12 +39,14 @@ from pipeline.live.timings import FrameTimings
 from pipeline.live.watch import Watcher, find_scans
 from pipeline.live.wire import FrameResult
 from pipeline.store import schema
-from pipeline.store.location import store_made_from, store_path_for
+from pipeline.store.location import recorded_stat_matches, store_path_for
 from pipeline.store.provenance import describe_models
 from pipeline.store.reader import store_status
 
 log = logging.getLogger(__name__)
 
+LIVE_WINDOW_S = 5.0  # a scan file modified this recently is being written: it goes before finished ones
+STOP_READERS_S = 5.0  # at a stop, readers get this long to end their scans before they are killed
 KEEP_FINISHED_SESSIONS = 256  # finished scans still listed by `pipeline status`
 SPACE_CHECK_INTERVAL_S = 2.0  # how often scans stopped by a shortage (space, descriptors) look again
 
@@ -49,14 +57,16 @@ class Daemon:
         self.watch = watch
         self.started = time.time()
         self.sessions: dict[str, ScanSession] = {}
-        self.waiting_scans: queue.Queue[Path] = queue.Queue()
+        self.waiting_scans = WaitingScans()
         self.stopping = threading.Event()
         self._session_ended = threading.Event()
         self.sink = Sink(on_scan_finished=self._session_ended.set)
         self.dispatcher = Dispatcher(config.workers, self._on_result, max_queued=max(16, config.workers.credit * 2),
-                                     may_send=self.sink.may_send, frame_shape=config.follow.frame_shape)
+                                     may_send=self.sink.may_send, max_frame_pixels=config.follow.max_frame_pixels)
         self.watcher = Watcher(config.watch, self.add_scan) if watch else None
         self.painter = QuickLookPainter()
+        self.readers = ReaderPool(config.readers, config.readers.processes or config.daemon.max_active_scans + 1,
+                                  log_level=config.daemon.log_level)
         self.local_workers = LocalWorkers(config, self.dispatcher.local_endpoint)
         self._said_unable: str | None = None
         self._resume_reasons: dict[Path, str] = {}  # scans stopped by a shortage, queued again: why they stopped
@@ -87,6 +97,7 @@ class Daemon:
         if self.metrics is not None and self.config.daemon.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.config.daemon.metrics_port, self.config.daemon.metrics_address)
             log.info("Prometheus metrics on http://%s:%d/metrics", self.config.daemon.metrics_address, self.metrics_port)
+        self.readers.start(count=1)  # the first scan waits for no process start
         self.dispatcher.start()
         self.sink.start()
         self.painter.start()
@@ -116,19 +127,17 @@ class Daemon:
         (rerun those with `pipeline process --force`); a replaced file gets a fresh store."""
         store = store_path_for(path, self.config.output.root, self.config.watch.dirs)
         status = store_status(store, follow_symlinks=False)
-        if status in (schema.STATUS_COMPLETE, schema.STATUS_FAILED) and store_made_from(store, path):
+        if status in (schema.STATUS_COMPLETE, schema.STATUS_FAILED) and recorded_stat_matches(store, path):
             log.debug("%s: store already %s; skipped", path.name, status)
-            return
+            return  # the very file, unchanged; anything less sure is for a reader to look at (the daemon reads no HDF5)
         self.waiting_scans.put(path)
 
     def _scheduler_loop(self) -> None:
         while not self.stopping.is_set():
             active = sum(1 for s in self.sessions.values() if not s.finished.is_set())
-            if active < self.config.daemon.max_active_scans:
-                try:
-                    path = self.waiting_scans.get(timeout=0.2)
-                except queue.Empty:
-                    path = None
+            limit = self.config.daemon.max_active_scans
+            if active < limit + 1:  # the slot beyond the limit is for a live scan only
+                path = self.waiting_scans.take(timeout=0.2, live_only=active >= limit)
                 if path is not None:
                     self._start_session(path)
                     continue
@@ -167,7 +176,7 @@ class Daemon:
             retry.start()
             return
         session = ScanSession(path, self.config, self.dispatcher.submit, self.provenance, self.sink.post, self._frame_done,
-                              self.painter.paint, resumed_after=self._resume_reasons.pop(path, None))
+                              self.painter.paint, resumed_after=self._resume_reasons.pop(path, None), readers=self.readers)
         with self._lock:
             self.sessions[key] = session
             finished = [k for k, s in self.sessions.items() if s.finished.is_set()]
@@ -205,6 +214,7 @@ class Daemon:
                 for s in sessions
             ],
             "waiting_scans": self.waiting_scans.qsize(),
+            "readers": self.readers.status(),
             "local_workers": self.local_workers.status(),
             "unable": self.local_workers.unable,
             "dispatch": self.dispatcher.stats(),
@@ -224,15 +234,41 @@ class Daemon:
             time.sleep(0.05)
         return False
 
+    def _stop_readers(self) -> None:
+        """Give the readers STOP_READERS_S to end their scans, then kill those still busy: a reader blocked inside HDF5
+        answers no stop, and stopping must always work (its scan ends `stopped`, its frames read so far drained)."""
+        deadline = time.monotonic() + STOP_READERS_S
+        for session in list(self.sessions.values()):
+            if session.thread.is_alive():
+                session.thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        if any(session.thread.is_alive() for session in self.sessions.values()):
+            log.warning("readers still busy %.0f s after the stop; stopping them", STOP_READERS_S)
+            self.readers.close()
+
+    def _end_unfinished(self, wait_s: float = 10.0) -> None:
+        """Scans still open at the stop (results that will not come: workers gone, the drain out of time) end now, their
+        stores `incomplete` with `end_reason: stopped` and their missing frames not done: never left saying `running`."""
+        with self._lock:
+            unfinished = [s for s in self.sessions.values() if not s.finished.is_set() and s.store is not None]
+        for session in unfinished:
+            self.sink.post(ScanEnded(session, "stopped", abandon_in_flight=True))
+        deadline = time.monotonic() + wait_s
+        for session in unfinished:
+            session.finished.wait(max(0.0, deadline - time.monotonic()))
+
     def shutdown(self, drain: bool = True, timeout: float = 60.0) -> None:
         """Stop following; with `drain`, let frames already read reach their stores first."""
         if self.watcher is not None:
             self.watcher.stop()
         for session in list(self.sessions.values()):
             session.stop.set()
-        if drain:
-            self.wait_idle(timeout)
+        self._stop_readers()
+        if drain and not self.wait_idle(timeout):
+            self._end_unfinished()
+        elif not drain:
+            self._end_unfinished(wait_s=2.0)
         self.stopping.set()
+        self.readers.close()
         self.dispatcher.stop()
         self.sink.stop()
         for thread in self._threads:
@@ -243,3 +279,47 @@ class Daemon:
             self.metrics.stop()
         if self._audit is not None:
             self._audit.close()
+
+
+class WaitingScans:
+    """Scans waiting for a slot: in arrival order, but a file being written now (modified in the last LIVE_WINDOW_S,
+    the newest first) before any other, so a live scan never waits behind a backlog of finished files."""
+
+    def __init__(self) -> None:
+        self._paths: list[Path] = []
+        self._ready = threading.Condition()
+
+    def put(self, path: Path) -> None:
+        with self._ready:
+            self._paths.append(path)
+            self._ready.notify()
+
+    def qsize(self) -> int:
+        with self._ready:
+            return len(self._paths)
+
+    def empty(self) -> bool:
+        return self.qsize() == 0
+
+    def take(self, timeout: float, live_only: bool = False) -> Path | None:
+        """The next scan to start, or None after `timeout`; with `live_only`, only a live one."""
+        with self._ready:
+            if not self._paths:
+                self._ready.wait(timeout)
+            if not self._paths:
+                return None
+            now = time.time()
+            live = [(mtime, i) for i, path in enumerate(self._paths) if now - (mtime := _modified(path)) <= LIVE_WINDOW_S]
+            if live:
+                return self._paths.pop(max(live)[1])
+            if live_only:
+                self._ready.wait(timeout)  # nothing to start: do not spin
+                return None
+            return self._paths.pop(0)
+
+
+def _modified(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0

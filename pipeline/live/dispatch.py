@@ -28,7 +28,6 @@ import numpy as np
 import zmq
 
 from pipeline.config import WorkerSettings
-from pipeline.detector import FRAME_SHAPE
 from pipeline.live import wire
 from pipeline.live.security import CurveServer
 from pipeline.live.wakeup import Wakeup
@@ -72,7 +71,7 @@ ResultHandler = Callable[[Dispatch, "wire.FrameResult | None", str | None], None
 class Dispatcher:
     def __init__(self, settings: WorkerSettings, on_result: ResultHandler, max_queued: int = 64,
                  context: zmq.Context | None = None, may_send: Callable[[], bool] | None = None,
-                 frame_shape: tuple[int, int] = FRAME_SHAPE) -> None:
+                 max_frame_pixels: int = 8 * 2**20) -> None:
         self.settings = settings
         self.on_result = on_result
         # False while whoever takes the results is behind: no new frame goes out, so the results in
@@ -95,7 +94,7 @@ class Dispatcher:
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # no part larger than a frame: a peer sending one is disconnected before its part is kept
-        self._socket.setsockopt(zmq.MAXMSGSIZE, wire.max_part_bytes(frame_shape))
+        self._socket.setsockopt(zmq.MAXMSGSIZE, wire.max_part_bytes(max_frame_pixels))
         self._socket.setsockopt(zmq.HANDSHAKE_IVL, wire.HANDSHAKE_MS)  # a connection that never speaks ZMTP is closed, not kept
         self._curve = CurveServer(settings, self.context) if settings.curve_secret_key is not None else None
         if self._curve is not None:

@@ -9,13 +9,32 @@ has one writer.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from pipeline.live.dispatch import Dispatch
-    from pipeline.live.session import ScanSession
     from pipeline.live.wire import FrameResult
+
+
+class ScanSession(Protocol):
+    """What the sink does with a scan's session (pipeline.live.session.ScanSession). A protocol, so that the events
+    a session posts need not import the session: no import circle in `live/`."""
+
+    nexus_path: Path
+    store_path: Path
+    stop: threading.Event
+    finished: threading.Event
+
+    def accept_many(self, outcomes: list[Any]) -> None: ...
+
+    def end(self, reason: str, abandon_in_flight: bool = False) -> None: ...
+
+    def fail(self, reason: str) -> None: ...
+
+    def stall(self, reason: str, wanting: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -37,10 +56,12 @@ class ResultArrived:
 
 @dataclass(frozen=True)
 class ScanEnded:
-    """The session has submitted its last frame; `reason` is the follower's end reason."""
+    """The session has submitted its last frame; `reason` is the follower's end reason. With `abandon_in_flight` (a stop
+    whose drain ran out of time, or whose workers went), frames still in flight are left not done instead of awaited."""
 
     session: ScanSession
     reason: str
+    abandon_in_flight: bool = False
 
 
 @dataclass(frozen=True)

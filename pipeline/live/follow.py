@@ -44,7 +44,7 @@ from pipeline.chunks import BoundedFrameReader, ChunkRefused, chunk_problem
 from pipeline.config import FollowSettings
 from pipeline.detector import DEAD_PIXEL
 from pipeline.errors import PipelineError, one_line, shortage_of
-from pipeline.live.confinement import dataset_outside, external_link_target, links_outside
+from pipeline.live.confinement import NotRegular, dataset_outside, external_link_target, links_outside, read_head
 from pipeline.nexus import (
     H5_ERRORS,
     HDF5_SIGNATURE,
@@ -85,7 +85,18 @@ class Frame:
     index: int
     data: np.ndarray
     axis_value: float | None
-    problem: str | None = None  # "nan", "inf" or "all_zero": processed anyway, recorded in the store's `bad_frames`
+    # "nan", "inf" or "all_zero": processed anyway, recorded in the store's `bad_frames`; "lost": the file was truncated
+    # under the frame (its pixels read as the hole's zeros), so it is not processed and the scan ends incomplete
+    problem: str | None = None
+
+
+Progress = Callable[[str | None], None]
+"""Told each step a follower takes (a name such as "opening the scan file") and, with None, that it is still alive
+between steps: a reader process passes these on, so the daemon can tell a slow scan from a blocked one."""
+
+
+def _no_progress(step: str | None) -> None:
+    """A follower in the caller's own process has nobody to tell."""
 
 
 def _settled(path: Path) -> bool:
@@ -96,10 +107,17 @@ def _settled(path: Path) -> bool:
         return True
 
 
+def _head(path: Path, size: int) -> tuple[bytes, int]:
+    """The first bytes of a regular file (ScanError for a FIFO or device: opening one would block its reader)."""
+    try:
+        return read_head(path, size)
+    except NotRegular as error:
+        raise ScanError(str(error)) from None
+
+
 def check_signature(path: Path) -> None:
-    """ScanError if `path` is certainly not HDF5; _NotYet while it may still be being created (empty, zeros)."""
-    with open(path, "rb") as handle:
-        head = handle.read(8)
+    """ScanError if `path` is certainly not HDF5 (or not a regular file); _NotYet while it may still be being created."""
+    head, size = _head(path, 8)
     if head == HDF5_SIGNATURE:
         return
     if not head:
@@ -107,7 +125,7 @@ def check_signature(path: Path) -> None:
     if head.strip(b"\0") and not HDF5_SIGNATURE.startswith(head) and not h5py.is_hdf5(path):
         raise ScanError(f"{path}: not an HDF5 file (starts with {head!r})")
     if not h5py.is_hdf5(path):
-        raise _NotYet(f"not an HDF5 file (no HDF5 signature in its {path.stat().st_size} bytes)")
+        raise _NotYet(f"not an HDF5 file (no HDF5 signature in its {size} bytes)")
 
 
 def check_truncated(path: Path) -> None:
@@ -115,9 +133,7 @@ def check_truncated(path: Path) -> None:
 
     Older superblocks (v0/v1) are checked by HDF5 itself when the file is opened.
     """
-    with open(path, "rb") as handle:
-        head = handle.read(64)
-        size = os.fstat(handle.fileno()).st_size
+    head, size = _head(path, 64)
     if head[:8] != HDF5_SIGNATURE or len(head) < 12 or head[8] not in (2, 3) or head[9] not in (4, 8):
         return
     offset_size = head[9]
@@ -167,8 +183,9 @@ class ScanFollower:
     """Yields the frames of one NeXus scan as they become complete; see the module docstring."""
 
     def __init__(self, nexus_path: Path, settings: FollowSettings, stop: threading.Event | None = None,
-                 roots: Sequence[Path] | None = None) -> None:
+                 roots: Sequence[Path] | None = None, progress: Progress = _no_progress) -> None:
         self.nexus_path = Path(nexus_path)
+        self.progress = progress
         # pixels only from files under these (see pipeline.live.confinement); by default the scan's own directory
         self.roots = [Path(root) for root in roots] if roots else [self.nexus_path.parent]
         self.settings = settings
@@ -185,6 +202,8 @@ class ScanFollower:
         self._nexus_datasets: dict[str, h5py.Dataset | None] = {}
         self._reader: BoundedFrameReader | None = None
         self._identities: dict[Path, tuple[int, int] | None] = {}  # the files we opened, to notice them replaced
+        self._largest_size = 0  # the detector file's largest size seen; a smaller one later means it was truncated
+        self.holes: list[tuple[int, int]] = []  # byte ranges (start, end) a truncation cut out of the detector file
 
     # -- opening --------------------------------------------------------------------------
 
@@ -210,6 +229,7 @@ class ScanFollower:
                     raise ScanError(f"{path}: {problem}") from None
                 if exists and time.monotonic() > deadline:
                     raise ScanError(f"{path}: {problem}, still after {timeout_s:g} s") from None
+            self.progress(None)
             if self.stop.wait(min(0.2, timeout_s / 10)):
                 raise ScanError(f"{self.nexus_path}: stopped while opening")
 
@@ -245,14 +265,13 @@ class ScanFollower:
 
     def _open(self) -> ScanInfo:
         self._nexus_datasets.clear()
+        self.progress("opening the scan file")
         self._nexus, entry, data_path, link = self._wait(self.nexus_path, self.settings.open_timeout_s, self._open_nexus)
-        outside = links_outside(self._file, self.nexus_path, self.roots)
-        if outside is not None:
-            raise ScanError(outside)
         keys_path = f"{entry}/diamond_scan/keys/uniqueKeys"
         if isinstance(link, h5py.ExternalLink):
             layout = "gda9" if keys_path in self._file else "gda8"
             source_file = self._resolve_link_target(link.filename)
+            self.progress("opening the detector file")
             self._source, self._data = self._wait(
                 source_file, self.settings.link_timeout_s, lambda: self._open_target(source_file, link.path),
                 missing=f"external link {data_path} -> {source_file}:{link.path}: target file did not appear",
@@ -266,6 +285,7 @@ class ScanFollower:
         if outside is not None:
             raise ScanError(outside)
         self._keys = self._file[keys_path] if layout == "gda9" else None
+        self.progress("reading the scan's metadata")
         command = scan_command_of(self._file, entry)
         axis = find_scan_axis(self._file, entry, command)
         self._axis_path = None if axis is None else axis.path
@@ -285,9 +305,10 @@ class ScanFollower:
             axis_path=self._axis_path,
             axis_source=None if axis is None else axis.source,
             expected_frames_source=expected_from,
+            frame_shape=(int(self._frames.shape[1]), int(self._frames.shape[2])),
         )
-        log.info("%s: %s layout, frames in %s:%s (detector %s), scan axis %s, %s frames expected%s", self.nexus_path.name, layout,
-                 source_file.name, dataset, data_path, self._axis_path or "none found", expected if expected is not None else "unknown",
+        log.info("%s: %s layout, frames of %d x %d in %s:%s (detector %s), scan axis %s, %s frames expected%s", self.nexus_path.name, layout,
+                 *self.info.frame_shape, source_file.name, dataset, data_path, self._axis_path or "none found", expected if expected is not None else "unknown",
                  f" ({expected_from})" if expected_from else "")
         return self.info
 
@@ -297,6 +318,11 @@ class ScanFollower:
         check_truncated(self.nexus_path)
         handle = open_hdf5(self.nexus_path)
         try:
+            self.progress("checking the scan file's links")
+            outside = links_outside(handle, self.nexus_path, self.roots, self.settings.max_links, self.settings.max_group_depth)
+            if outside is not None:
+                raise ScanError(outside)  # before anything follows a link
+            self.progress("finding the detector's frames")
             entry, data_path, link = self._find_detector(handle)
             if not isinstance(link, h5py.ExternalLink):
                 data = handle[data_path]
@@ -348,15 +374,19 @@ class ScanFollower:
         return data.file, data
 
     def _check_dataset(self, data: h5py.Dataset, source: Path, dataset: str) -> None:
-        """Dtype, rank and frame shape never change once a dataset exists: a wrong one is final."""
-        height, width = self.settings.frame_shape
+        """Dtype, rank and frame shape never change once a dataset exists: a wrong one is final. Frames of any shape
+        are read (a Pilatus 100K, 300K, an Eiger), up to `follow.max_frame_pixels`, unless `follow.frame_shape` asks one."""
         if data.dtype.kind not in "iuf" or data.dtype.itemsize > 8:
             raise ScanError(f"{source}:{dataset}: dtype {data.dtype} is not a number type (expected integer or float counts)")
         if data.ndim != 3:
-            raise ScanError(f"{source}:{dataset}: rank {data.ndim} (shape {data.shape}), expected 3 (frame, {height}, {width})")
-        if tuple(data.shape[1:]) != (height, width):
-            raise ScanError(f"{source}:{dataset}: frames of {data.shape[1]} x {data.shape[2]} pixels, "
-                            f"expected {height} x {width} (follow.frame_shape)")
+            raise ScanError(f"{source}:{dataset}: rank {data.ndim} (shape {data.shape}), expected 3 (frame, rows, columns)")
+        height, width = int(data.shape[1]), int(data.shape[2])
+        wanted = self.settings.frame_shape
+        if wanted is not None and (height, width) != tuple(wanted):
+            raise ScanError(f"{source}:{dataset}: frames of {height} x {width} pixels, expected {wanted[0]} x {wanted[1]} (follow.frame_shape)")
+        if height < 1 or width < 1 or height * width > self.settings.max_frame_pixels:
+            raise ScanError(f"{source}:{dataset}: frames of {height} x {width} pixels, more than follow.max_frame_pixels "
+                            f"({self.settings.max_frame_pixels:,})" if height * width else f"{source}:{dataset}: frames of {height} x {width} pixels")
         too_big = chunk_problem(data, int(self.settings.max_chunk_mib * 2**20))
         if too_big is not None:
             raise ScanError(f"{source}:{dataset}: {too_big}")
@@ -480,6 +510,52 @@ class ScanFollower:
             values[: known - start] = np.asarray(axis[start:known], dtype=np.float64).reshape(-1)
         return values
 
+    def _note_truncation(self) -> None:
+        """Remember what a truncation of the detector file cut out: a writer that writes on leaves a hole there, which
+        reads as zeros, so frames stored in it are lost, not frames of zero counts."""
+        try:
+            size = os.fstat(self._frames.file.id.get_vfd_handle()).st_size
+        except (OSError, ValueError, TypeError, RuntimeError):
+            return
+        if size < self._largest_size:
+            self.holes.append((size, self._largest_size))
+            log.warning("%s: detector file truncated from %d to %d bytes while being read; frames stored past that are lost",
+                        self._opened.source_file, self._largest_size, size)
+            self._largest_size = size
+        self._largest_size = max(self._largest_size, size)
+
+    def _cut_out(self, index: int, data: np.ndarray) -> bool:
+        """Whether frame `index` was read from a hole that a truncation left (the writer writes on past it, so it reads
+        as zeros): its chunk's bytes are not all on disk (SEEK_HOLE), or, where the storage cannot say where the frame
+        is, it reads all zero after a truncation was seen. A cut reaches the chunk's end, so only frames whose last
+        pixels read zero are looked up (a lookup costs ~20 us)."""
+        tail = data.reshape(-1)[-_FIRST_LOOK:]
+        if tail.any():
+            return False
+        span = self._chunk_span(index)
+        if span is None:
+            return bool(self.holes) and not _any_counts(data)
+        return self._in_hole(*span)
+
+    def _chunk_span(self, index: int) -> tuple[int, int] | None:
+        """Where frame `index`'s chunk lies in the detector file, (start, end) in bytes, or None when unknown."""
+        try:
+            chunk = self._frames.id.get_chunk_info_by_coord((index,) + (0,) * (self._frames.ndim - 1))
+        except H5_ERRORS:
+            return None
+        if chunk is None or chunk.byte_offset is None:
+            return None
+        return int(chunk.byte_offset), int(chunk.byte_offset + chunk.size)
+
+    def _in_hole(self, start: int, end: int) -> bool:
+        """Whether any byte of [start, end) of the detector file is a hole (never written, or cut out and not rewritten).
+        A file system without SEEK_HOLE reports none."""
+        try:
+            fd = self._frames.file.id.get_vfd_handle()
+            return os.lseek(fd, start, os.SEEK_HOLE) < end or os.fstat(fd).st_size < end
+        except (OSError, ValueError, TypeError, RuntimeError):
+            return False
+
     def _read(self, index: int) -> np.ndarray:
         assert self._reader is not None, "open() the follower first"
         try:
@@ -487,6 +563,10 @@ class ScanFollower:
         except ChunkRefused as error:
             raise ScanError(f"{self._opened.source_file}:{self._opened.dataset}: frame {index}: {error}") from None
         except H5_ERRORS as error:
+            span = self._chunk_span(index)
+            if span is not None and self._in_hole(*span):  # compressed bytes cut out by a truncation: lost, not broken
+                log.warning("%s: frame %d lies where the file was cut (truncated while being read)", self._opened.source_file, index)
+                return np.zeros(self._frames.shape[1:], dtype=self._frames.dtype)
             raise ScanError(f"{self._opened.source_file}:{self._opened.dataset}: frame {index} unreadable ({one_line(error, H5_MESSAGE_LIMIT)})") from None
 
     def _read_run(self, run: range) -> Iterator[tuple[int, np.ndarray]]:
@@ -524,6 +604,7 @@ class ScanFollower:
         """Every complete frame from `start` on, once each, in index order of completion."""
         if self.info is None:
             self.open()
+        self.progress("following the file")
         sent: set[int] = set()
         next_index = start
         last_rows, last_change = -1, time.monotonic()
@@ -547,13 +628,25 @@ class ScanFollower:
                 progressed = False
                 runs = self._ready_runs(n_rows, settled, next_index, sent)
                 axis = self._axis_values(runs[0].start, runs[-1].stop) if runs else np.zeros(0)
+                self._note_truncation()
                 for run in runs:
-                    for index, raw in self._read_run(run):
+                    read: list[tuple[int, np.ndarray]] = []
+                    unreadable: ScanError | None = None
+                    try:
+                        read.extend(self._read_run(run))
+                    except ScanError as error:  # the good frames before the bad one are still handed on
+                        unreadable = error
+                    self._note_truncation()  # a truncation during the read shows now: the reads are bracketed
+                    for index, raw in read:
                         data, problem = inspect_frame(raw)
+                        if self._cut_out(index, raw):
+                            problem = "lost"
                         value = float(axis[index - runs[0].start])
                         yield Frame(index=index, data=data, axis_value=value if np.isfinite(value) else None, problem=problem)
                         sent.add(index)
                         progressed = True
+                    if unreadable is not None:
+                        raise unreadable
                 # indices below next_index are done; keep `sent` small by advancing past a full prefix
                 while next_index in sent:
                     sent.discard(next_index)
@@ -575,6 +668,7 @@ class ScanFollower:
                     self.end_reason = "idle_timeout"
                     log.warning("%s: no new frame for %.0f s and no end marker: ending incomplete", self.nexus_path.name, idle)
                     return
+                self.progress(None)
                 if time.monotonic() - last_reopen >= REOPEN_INTERVAL_S:
                     gone = self._gone()
                     if gone is not None:

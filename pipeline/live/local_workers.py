@@ -74,7 +74,9 @@ class LocalWorkers:
                    "--threads", str(self.threads), "--name", f"local-{slot.index}", "--parent", str(os.getpid()),
                    "--log-level", self.config.daemon.log_level]
         try:
-            slot.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            # a session of its own: Ctrl-C in the daemon's terminal stops the daemon, which drains and then stops its
+            # workers; were they hit too, the frames in flight would never come back (the workers exit with the daemon)
+            slot.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         except OSError as error:  # the program itself is missing or not executable
             slot.process, slot.last_error = None, f"cannot run {command[0]}: {error.strerror or error}"
             self._failed(slot)

@@ -1,18 +1,27 @@
-"""Quick-look pictures drawn beside the sink, not on it.
+"""Quick-look pictures drawn beside the sink, not on it, and in a process of their own.
 
 Drawing a finished scan's picture takes about a second of matplotlib; on the sink thread that
 second held back every other scan's results (at 40 frames/s on a GPU host, 40 frames per scan
-end). The sink hands the finished store to this thread instead and goes on writing.
+end). The sink hands the finished store to this thread instead and goes on writing. The thread
+has the picture drawn by a long-lived child process (`python -m pipeline.live.painter`): drawing
+reads the raw frames through HDF5, which never runs in the daemon (see pipeline.live.readers), and
+the interpreter lock stays with the daemon's own threads. A child that takes longer than
+PICTURE_TIMEOUT_S is killed and the next picture gets a new one.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+PICTURE_TIMEOUT_S = 300.0  # a quick look of a 10,000-frame scan takes seconds; minutes mean a blocked raw file
 
 
 class QuickLookPainter:
@@ -49,13 +58,70 @@ class QuickLookPainter:
             self._thread.join(timeout)
 
     def _loop(self) -> None:
+        artist: _Artist | None = None
         while (store := self._stores.get()) is not None:
             try:
-                from pipeline.pictures.quicklook import write_quicklook  # matplotlib: imported when the first scan ends
-
-                log.info("%s: quick look %s", store.stem, write_quicklook(store))
-                self.painted += 1
+                artist = artist if artist is not None and artist.alive() else _Artist()
+                picture, error = artist.draw(store)
+                if picture is not None:
+                    log.info("%s: quick look %s", store.stem, picture)
+                    self.painted += 1
+                else:
+                    log.warning("%s: no quick look (%s)", store.stem, error)
             except Exception as error:  # a picture must never cost more than itself
                 log.warning("%s: no quick look (%s)", store.stem, str(error).splitlines()[0] if str(error) else type(error).__name__)
+                if artist is not None:
+                    artist.close()
+                artist = None
             finally:
                 self._stores.task_done()
+        if artist is not None:
+            artist.close()
+
+
+class _Artist:
+    """The child process that draws: a store path in on its standard input, one JSON line out per picture."""
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen([sys.executable, "-m", "pipeline.live.painter"], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def draw(self, store: Path) -> tuple[str | None, str | None]:
+        """(the picture's path, None), or (None, why not)."""
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(json.dumps(str(store)) + "\n")
+        self.process.stdin.flush()
+        answer: list[str] = []
+        reading = threading.Thread(target=lambda: answer.append(self.process.stdout.readline() if self.process.stdout else ""), daemon=True)
+        reading.start()
+        reading.join(PICTURE_TIMEOUT_S)
+        if reading.is_alive() or not answer or not answer[0]:
+            self.close()
+            return None, f"the drawing process {'took over ' + format(PICTURE_TIMEOUT_S, 'g') + ' s' if reading.is_alive() else 'ended'}"
+        reply = json.loads(answer[0])
+        return reply.get("picture"), reply.get("error")
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=10)
+
+
+def _serve() -> None:
+    """The child's loop: draw each store named on standard input, answer on standard output."""
+    from pipeline.pictures.quicklook import write_quicklook  # matplotlib, h5py: here, never in the daemon
+
+    for line in sys.stdin:
+        store = Path(json.loads(line))
+        try:
+            reply = {"picture": str(write_quicklook(store))}
+        except Exception as error:
+            reply = {"error": str(error).splitlines()[0] if str(error) else type(error).__name__}
+        sys.stdout.write(json.dumps(reply) + "\n")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    _serve()

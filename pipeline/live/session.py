@@ -22,13 +22,15 @@ from pipeline.config import Config
 from pipeline.errors import one_line, shortage_of
 from pipeline.live import wire
 from pipeline.live.events import FrameContext, ScanEnded, ScanFailed, ScanStalled, SinkEvent
-from pipeline.live.follow import ScanError, ScanFollower
+from pipeline.live.follow import ScanError
+from pipeline.live.readers import ReaderPool, RemoteScan, Shortage
 from pipeline.live.shortage import SPACE, waiting_status
 from pipeline.live.timings import FrameTimings
 from pipeline.models.prediction import FramePrediction
 from pipeline.nexus import ScanInfo
 from pipeline.store import schema
-from pipeline.store.location import store_path_for
+from pipeline.store.location import stat_identity, store_made_from, store_path_for
+from pipeline.store.reader import store_status
 from pipeline.store.writer import ScanStore, StoreRefused, mark_failed
 from pipeline.volume import VolumeLinker
 
@@ -89,7 +91,8 @@ class SessionState:
 class ScanSession:
     def __init__(self, nexus_path: Path, config: Config, submit: Callable[..., bool], provenance: dict[str, Any],
                  post: Callable[[SinkEvent], None], on_frame_done: FrameDoneHook | None = None,
-                 paint: Callable[[Path], None] | None = None, resumed_after: str | None = None) -> None:
+                 paint: Callable[[Path], None] | None = None, resumed_after: str | None = None,
+                 readers: ReaderPool | None = None) -> None:
         self.nexus_path = nexus_path
         self.resumed_after = resumed_after  # why the last session of this scan stopped (a full disk, no descriptors), if it did
         self.stalled: tuple[str, str] | None = None  # (wanting, reason) once a shortage stopped it: the daemon retries the scan
@@ -106,7 +109,8 @@ class ScanSession:
         self.finished = threading.Event()
         self.state = SessionState()
         roots = [*config.watch.dirs, *config.follow.allowed_roots, Path(nexus_path).parent]  # the scan's own directory: chosen by whoever put it there
-        self.follower = ScanFollower(nexus_path, config.follow, self.stop, roots=roots)
+        assert readers is not None, "a session reads its scan through the daemon's reader processes"
+        self.follower = RemoteScan(readers, nexus_path, config.follow, roots, self.stop)
         self.info: ScanInfo | None = None
         self.store: ScanStore | None = None
         self.linker = VolumeLinker(self.config.volume.min_pixels)
@@ -116,6 +120,7 @@ class ScanSession:
         self.max_index = -1
         self.failed_frames: list[int] = []
         self.bad_frames: dict[str, list[int]] = {}  # "nan", "inf", "all_zero" -> frames (processed anyway)
+        self.lost_frames: list[int] = []  # frames a truncation of the file cut out: never processed, the scan incomplete
         self.end_reason: str | None = None
         self.last_tables = 0.0
         self.thread = threading.Thread(target=self._follow, name=f"scan-{nexus_path.stem}", daemon=True)
@@ -125,9 +130,15 @@ class ScanSession:
     def _follow(self) -> None:
         try:
             self.info = self.follower.open()
-            start = self._open_store()
+            if self._already_final():
+                return
+            self._open_store()
             self.state.status = "running"
-            for frame in self.follower.frames(start=start):
+            for frame in self.follower.frames():
+                if frame.problem == "lost":
+                    self.lost_frames.append(frame.index)
+                    self.max_index = max(self.max_index, frame.index)
+                    continue
                 if frame.problem is not None:
                     self.bad_frames.setdefault(frame.problem, []).append(frame.index)
                 if not self.submit(self.key, frame.index, wire.carried(frame.data), context=FrameContext(self, frame.axis_value),
@@ -137,6 +148,8 @@ class ScanSession:
                 self.max_index = max(self.max_index, frame.index)
                 self.state.frames_read = self.max_index + 1
             self.post(ScanEnded(self, self.follower.end_reason or "stopped"))
+        except Shortage as error:
+            self.post(ScanStalled(self, f"{self.nexus_path}: stopped for want of {error.wanting} ({error})", error.wanting))
         except OSError as error:
             wanting = shortage_of(error)
             if wanting is None:
@@ -144,19 +157,39 @@ class ScanSession:
             else:  # the file may be fine: try again when the shortage has passed
                 self.post(ScanStalled(self, f"{self.nexus_path}: stopped for want of {wanting} ({one_line(error)})", wanting))
         except (ScanError, PermissionError, ValueError) as error:
-            self.post(ScanFailed(self, one_line(error)))
+            if self.stop.is_set() and self.store is None:  # stopped before anything was written: nothing to record
+                log.info("%s: stopped before its store was opened", self.nexus_path.name)
+                self.state.status, self.state.reason = "stopped", "stopped before the scan was opened"
+                self.finished.set()
+            else:
+                self.post(ScanFailed(self, one_line(error)))
         except Exception as error:  # a bug must cost one scan, never the daemon or its drain
             log.exception("%s: unexpected error while following", self.nexus_path)
             self.post(ScanFailed(self, f"{self.nexus_path}: internal error {type(error).__name__}: {error}"))
         finally:
             self.follower.close()
 
+    def _already_final(self) -> bool:
+        """Whether this very file already has a complete or failed store (the daemon could not tell without reading the
+        file, which only a reader does): then nothing is written and the scan is listed as it was."""
+        status = store_status(self.store_path, follow_symlinks=False)
+        if status not in (schema.STATUS_COMPLETE, schema.STATUS_FAILED):
+            return False
+        info = self._info
+        if not store_made_from(self.store_path, self.nexus_path, {"start_time": info.start_time, "scan_command": info.scan_command}):
+            return False
+        log.debug("%s: store already %s; skipped", self.nexus_path.name, status)
+        self.follower.leave()
+        self.state.status, self.state.reason = status, "already processed"
+        self.finished.set()
+        return True
+
     def _open_store(self) -> int:
         """Create or resume the store; returns the first frame still to do."""
         attrs = {"config": self.config.model_dump(mode="json"), "models": self.provenance.get("models", {}),
                  "device": self.provenance.get("device", "")}
         try:
-            self.store = ScanStore.create_or_resume(self.store_path, self._info, self.config.follow.frame_shape, attrs,
+            self.store = ScanStore.create_or_resume(self.store_path, self._info, self._info.frame_shape, attrs,
                                                     fsync=self.config.output.fsync)
             if self.resumed_after is not None:
                 if SPACE in self.resumed_after:
@@ -176,11 +209,11 @@ class ScanSession:
             kept = [int(i) for i in frames if int(i) < start]
             if kept:
                 self.bad_frames[problem] = kept
+        self.follower.begin(start, replay=start)
         if start:
             log.info("%s: resuming at frame %d", self.nexus_path.name, start)
-            for index in range(start):  # rebuild the running peak sums from what is already done
-                frame_data = wire.carried(self.follower.read_frame(index))
-                self.linker.record(index, self.store.read_volume(index), frame_data, self.store.read_axis_value(index))
+        for index, raw in self.follower.replayed():  # rebuild the running peak sums from what is already done
+            self.linker.record(index, self.store.read_volume(index), wire.carried(raw), self.store.read_axis_value(index))
         self.state.frames_done = start
         self.max_index = start - 1
         return start
@@ -231,7 +264,7 @@ class ScanSession:
                 mask, raw, axis, timings = self.waiting.pop(index)
                 done = index not in self.failed_frames
             elif fill_gaps and index <= self.max_index:  # a frame never read: linked as empty, left not done
-                shape = self.config.follow.frame_shape
+                shape = self._info.frame_shape
                 mask, raw, axis, timings, done = np.zeros(shape, bool), np.zeros(shape), None, None, False
             else:
                 break
@@ -257,8 +290,12 @@ class ScanSession:
         self._store.write_tables(self.linker.table(), range(self.linker.next_frame))
         self.last_tables = time.monotonic()
 
-    def end(self, reason: str) -> None:
+    def end(self, reason: str, abandon_in_flight: bool = False) -> None:
         self.end_reason = reason
+        if abandon_in_flight and self.received < self.submitted:
+            log.warning("%s: %d frame(s) still in flight at the stop are left not done", self.nexus_path.name,
+                        self.submitted - self.received)
+            self.submitted = self.received
         self._maybe_finish()
 
     def _maybe_finish(self) -> None:
@@ -270,10 +307,17 @@ class ScanSession:
         frames_total = self.max_index + 1
         expected = self._info.expected_frames
         done = self._store.done_prefix()
-        complete = reason in COMPLETE_ENDINGS and done == frames_total and (expected is None or frames_total == expected)
+        complete = (reason in COMPLETE_ENDINGS and done == frames_total and (expected is None or frames_total == expected)
+                    and not self.lost_frames)
         status = schema.STATUS_COMPLETE if complete else schema.STATUS_INCOMPLETE
+        if self.lost_frames:
+            lost = sorted(set(self.lost_frames))
+            reason = f"{reason}; {len(lost)} frame(s) lost: the detector file was truncated while being read ({_frame_list(lost)})"
+            log.error("%s: %s", self.nexus_path, reason)
         bad_frames = {problem: sorted(set(frames)) for problem, frames in sorted(self.bad_frames.items())}
-        self._store.finish(status, reason, frames_total, {"failed_frames": self.failed_frames, "bad_frames": bad_frames})
+        self._store.finish(status, reason, frames_total, {"failed_frames": self.failed_frames, "bad_frames": bad_frames,
+                                                          "lost_frames": sorted(set(self.lost_frames)),
+                                                          schema.Attr.SOURCE_STAT: stat_identity(self.nexus_path)})
         if bad_frames:
             log.warning("%s: %s; processed anyway (non-finite pixels as dead pixels), listed in the store's bad_frames",
                         self.nexus_path, "; ".join(f"{len(frames)} frame(s) {BAD_FRAME_WORDS.get(problem, problem)} "

@@ -16,8 +16,8 @@ import time
 from collections.abc import Callable
 
 from pipeline.errors import one_line, shortage_of
-from pipeline.live.events import FrameContext, Quit, ResultArrived, ScanEnded, ScanFailed, ScanStalled, SinkEvent
-from pipeline.live.session import FrameOutcome, ScanSession
+from pipeline.live.events import FrameContext, Quit, ResultArrived, ScanEnded, ScanFailed, ScanSession, ScanStalled, SinkEvent
+from pipeline.live.session import FrameOutcome
 from pipeline.live.timings import FrameTimings
 
 log = logging.getLogger(__name__)
@@ -110,5 +110,7 @@ class Sink:
         session = event.session
         if isinstance(event, ScanStalled):
             self._guarded(session, functools.partial(session.stall, event.reason, event.wanting))
+        elif isinstance(event, ScanEnded):
+            self._guarded(session, functools.partial(session.end, event.reason, event.abandon_in_flight))
         else:
-            self._guarded(session, functools.partial(session.end if isinstance(event, ScanEnded) else session.fail, event.reason))
+            self._guarded(session, functools.partial(session.fail, event.reason))

@@ -66,10 +66,10 @@ class FrameResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def max_part_bytes(frame_shape: tuple[int, int]) -> int:
-    """The largest message part either side accepts (ZMQ_MAXMSGSIZE): one frame of 4-byte pixels and a header's worth.
-    A larger part disconnects its sender before anything of it is kept."""
-    return MAX_HEADER_BYTES + 4 * frame_shape[0] * frame_shape[1]  # room for CurveZMQ's framing too
+def max_part_bytes(max_frame_pixels: int) -> int:
+    """The largest message part either side accepts (ZMQ_MAXMSGSIZE): the largest frame allowed (`follow.max_frame_pixels`)
+    of 4-byte pixels and a header's worth. A larger part disconnects its sender before anything of it is kept."""
+    return MAX_HEADER_BYTES + 4 * max_frame_pixels  # room for CurveZMQ's framing too
 
 
 def carried(data: np.ndarray) -> np.ndarray:

@@ -117,7 +117,7 @@ def run_worker(endpoint: str, config: Config, device: str = "auto", name: str | 
     inbox: queue.Queue[wire.FrameTask] = queue.Queue()
     outbox: queue.Queue[list[wire.Part]] = queue.Queue()
     hello = {"name": name, "pid": os.getpid(), "device": device, "n": settings.credit, "protocol": wire.PROTOCOL}
-    link = _Link(endpoint, hello, settings, inbox, outbox, wire.max_part_bytes(config.follow.frame_shape))
+    link = _Link(endpoint, hello, settings, inbox, outbox, wire.max_part_bytes(config.follow.max_frame_pixels))
     link.start()
     log.info("worker %s on %s connected to %s", name, device, endpoint)
     try:

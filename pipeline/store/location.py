@@ -50,20 +50,30 @@ def _relative_dir(directory: Path, roots: list[Path]) -> Path:
     return Path(".")
 
 
-def store_made_from(store: Path, nexus_path: Path) -> bool:
+def store_made_from(store: Path, nexus_path: Path, identity: dict[str, str | None] | None = None) -> bool:
     """Whether the existing store was made from the file now at `nexus_path`, not from an earlier file of the same
     name that has since been replaced: by the NeXus `start_time` and `scan_command` it recorded, else by the file's
-    inode, size and modification time recorded when it failed. A store that records neither counts as made from it."""
+    inode, size and modification time recorded when it failed. A store that records neither counts as made from it.
+    `identity` ({"start_time", "scan_command"}) is what the file says, when the caller has read it already (the daemon
+    reads no HDF5 itself: its reader processes do); else the file is opened here."""
     attrs = read_attributes(store)
     if attrs is None:
         return False
     if attrs.get(Attr.SOURCE_START_TIME):
-        now = read_scan_identity(nexus_path)
+        now = identity if identity is not None else read_scan_identity(nexus_path)
         return now is not None and now["start_time"] == attrs[Attr.SOURCE_START_TIME] and (
             not attrs.get(Attr.SCAN_COMMAND) or now["scan_command"] == attrs[Attr.SCAN_COMMAND])
     if attrs.get(Attr.SOURCE_STAT):
         return bool(attrs[Attr.SOURCE_STAT] == stat_identity(nexus_path))
     return True
+
+
+def recorded_stat_matches(store: Path, nexus_path: Path) -> bool:
+    """Whether the store recorded the inode, size and modification time the file has now: the same file, unchanged
+    since (known without opening it, so without HDF5)."""
+    attrs = read_attributes(store)
+    recorded = None if attrs is None else attrs.get(Attr.SOURCE_STAT)
+    return recorded is not None and recorded == stat_identity(nexus_path)
 
 
 def stat_identity(path: Path) -> list[int] | None:

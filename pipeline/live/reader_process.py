@@ -1,0 +1,148 @@
+"""A reader process: opens, checks and follows scan files for the daemon, so that HDF5 never runs in the daemon.
+
+HDF5 can block for minutes on a damaged file (a flipped bit in a v3 superblock makes it retry its
+checksum with sleeps) while h5py holds the interpreter lock, and a FIFO behind a link blocks a read
+for ever: in a thread, that stops the whole daemon. Here it stops one process, which the daemon
+kills when a step misses its deadline (pipeline.live.readers). One scan at a time; the process
+serves scan after scan.
+
+Started as `python -m pipeline.live.reader_process --fd N`, N being its end of a socketpair. What
+it sends and takes is described in pipeline.live.readers (`ReaderProcess`); messages are
+pipeline.live.channel's (JSON header, raw pixels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import queue
+import socket
+import sys
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import FollowSettings
+from pipeline.errors import one_line, shortage_of
+from pipeline.live import channel
+from pipeline.live.follow import ScanError, ScanFollower
+
+log = logging.getLogger("pipeline.reader")
+
+ALIVE_EVERY_S = 0.5  # how often a reader that has nothing else to say tells the daemon it is not blocked
+
+
+class _Link:
+    """The reader's end of the channel: a thread takes the daemon's requests (so `stop` is seen mid-scan), the main
+    thread sends. The process ends as soon as the daemon closes its end."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.requests: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.stop = threading.Event()  # the scan in hand is to stop
+        self._send_lock = threading.Lock()
+        self._last_sent = 0.0
+        self._step: str | None = None
+        threading.Thread(target=self._receive, name="requests", daemon=True).start()
+
+    def _receive(self) -> None:
+        try:
+            while True:
+                request, _ = channel.receive(self.sock)
+                if request.get("op") == "stop":
+                    self.stop.set()
+                else:
+                    self.requests.put(request)
+        except (channel.ChannelClosed, channel.ChannelBroken, OSError):
+            os._exit(0)  # the daemon has gone or let this reader go: nothing is left to do
+
+    def send(self, header: dict[str, Any], data: Any = None) -> None:
+        with self._send_lock:
+            channel.send(self.sock, header, data)
+            self._last_sent = time.monotonic()
+
+    def progress(self, step: str | None) -> None:
+        """A follower's step, passed on; between steps, an `alive` now and then so the daemon's deadline restarts."""
+        if step is not None and step != self._step:
+            self._step = step
+            self.send({"type": "step", "step": step})
+        elif time.monotonic() - self._last_sent >= ALIVE_EVERY_S:
+            self.send({"type": "alive"})
+
+
+class _ToDaemon(logging.Handler):
+    """Log records go to the daemon, which logs them as its own: one log, in the daemon's format and file."""
+
+    def __init__(self, link: _Link) -> None:
+        super().__init__(level=logging.INFO)
+        self.link = link
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.link.send({"type": "log", "level": record.levelno, "logger": record.name, "message": record.getMessage()})
+        except Exception:  # the daemon has gone: the process ends on its own
+            pass
+
+
+def _info_message(info: Any) -> dict[str, Any]:
+    fields = asdict(info)
+    return {key: (str(value) if isinstance(value, Path) else value) for key, value in fields.items()}
+
+
+def _follow(link: _Link, request: dict[str, Any]) -> None:
+    """One scan: open it, say what it is, replay the frames the daemon already has, then hand on every new frame."""
+    link.stop.clear()
+    settings = FollowSettings.model_validate(request["follow"])
+    roots = [Path(root) for root in request["roots"]]
+    follower = ScanFollower(Path(request["scan"]), settings, link.stop, roots=roots, progress=link.progress)
+    try:
+        info = follower.open()
+        link.send({"type": "info", "info": _info_message(info)})
+        begin = link.requests.get()
+        if begin.get("op") != "begin":
+            return
+        start = int(begin["start"])
+        link.progress("reading frames already done (resuming)")
+        for index in range(int(begin.get("replay", 0))):
+            link.send({"type": "frame", "index": index, "replay": True}, follower.read_frame(index))
+        link.send({"type": "replayed"})
+        for frame in follower.frames(start=start):
+            link.send({"type": "frame", "index": frame.index, "axis": frame.axis_value, "problem": frame.problem}, frame.data)
+        link.send({"type": "end", "reason": follower.end_reason or "stopped"})
+    except OSError as error:
+        wanting = shortage_of(error)
+        link.send({"type": "error", "reason": one_line(error), "wanting": wanting})
+    except (ScanError, PermissionError, ValueError) as error:
+        link.send({"type": "error", "reason": one_line(error)})
+    except Exception as error:  # a bug costs one scan; the process serves the next
+        log.exception("%s: unexpected error while reading", request.get("scan"))
+        link.send({"type": "error", "reason": f"{request.get('scan')}: internal error {type(error).__name__}: {error}"})
+    finally:
+        follower.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.live.reader_process",
+                                     description="A reader process of the daemon (started by it; not for people).")
+    parser.add_argument("--fd", type=int, required=True, help="this process's end of the daemon's socketpair")
+    parser.add_argument("--log-level", default="INFO", help="the lowest level of log record passed on to the daemon")
+    args = parser.parse_args(argv)
+    sock = socket.socket(fileno=args.fd)
+    link = _Link(sock)
+    handler = _ToDaemon(link)
+    handler.setLevel(args.log_level)
+    logging.basicConfig(level=args.log_level, handlers=[handler])
+    logging.getLogger("hdfmap").setLevel(logging.ERROR)
+    link.send({"type": "ready", "pid": os.getpid()})
+    while True:
+        request = link.requests.get()
+        if request.get("op") == "follow":
+            _follow(link, request)
+            link.send({"type": "idle"})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
