@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import h5py
@@ -75,7 +75,7 @@ def external_link_target(filename: str, holder: Path) -> Path:
 
 
 def links_outside(handle: h5py.File, holder: Path, roots: Sequence[Path], max_links: int = 20_000,
-                  max_depth: int = 32) -> str | None:
+                  max_depth: int = 32, alive: Callable[[], None] | None = None) -> str | None:
     """The first external link in `handle` whose file lies outside `roots` or is not a regular file, or the limit a
     file with more than `max_links` links or groups nested deeper than `max_depth` passes, as one line; else None."""
     found: list[str] = []
@@ -84,6 +84,8 @@ def links_outside(handle: h5py.File, holder: Path, roots: Sequence[Path], max_li
     def visit(name: str, link: object) -> bool | None:
         nonlocal seen
         seen += 1
+        if alive is not None and seen % 1000 == 0:
+            alive()  # a long walk is progress, not a blocked reader
         if seen > max_links:
             found.append(f"{holder}: more than {max_links:,} links (follow.max_links); refused unread")
         elif name.count("/") + 1 > max_depth:

@@ -319,7 +319,8 @@ class ScanFollower:
         handle = open_hdf5(self.nexus_path)
         try:
             self.progress("checking the scan file's links")
-            outside = links_outside(handle, self.nexus_path, self.roots, self.settings.max_links, self.settings.max_group_depth)
+            outside = links_outside(handle, self.nexus_path, self.roots, self.settings.max_links, self.settings.max_group_depth,
+                                    alive=lambda: self.progress(None))
             if outside is not None:
                 raise ScanError(outside)  # before anything follows a link
             self.progress("finding the detector's frames")
