@@ -59,6 +59,7 @@ class Daemon:
         self.sessions: dict[str, ScanSession] = {}
         self.waiting_scans = WaitingScans()
         self.stopping = threading.Event()
+        self._closing = threading.Event()  # set by shutdown: no new scan starts
         self._session_ended = threading.Event()
         self.sink = Sink(on_scan_finished=self._session_ended.set)
         self.dispatcher = Dispatcher(config.workers, self._on_result, max_queued=max(16, config.workers.credit * 2),
@@ -136,7 +137,9 @@ class Daemon:
         while not self.stopping.is_set():
             active = sum(1 for s in self.sessions.values() if not s.finished.is_set())
             limit = self.config.daemon.max_active_scans
-            if active < limit + 1:  # the slot beyond the limit is for a live scan only
+            if self._closing.is_set():
+                time.sleep(0.1)
+            elif active < limit + 1:  # the slot beyond the limit is for a live scan only
                 path = self.waiting_scans.take(timeout=0.2, live_only=active >= limit)
                 if path is not None:
                     self._start_session(path)
@@ -168,6 +171,8 @@ class Daemon:
                 self.waiting_scans.put(session.nexus_path)
 
     def _start_session(self, path: Path) -> None:
+        if self._closing.is_set():
+            return  # the daemon is stopping: the scan is taken up at the next start
         key = str(path)
         previous = self.sessions.get(key)
         if previous is not None and not previous.finished.is_set():
@@ -234,6 +239,15 @@ class Daemon:
             time.sleep(0.05)
         return False
 
+    def _wait_sessions(self, deadline: float) -> bool:
+        """True once every started scan has ended (its frames in flight written), False at `deadline`."""
+        while time.monotonic() < deadline:
+            with self._lock:
+                if all(s.finished.is_set() for s in self.sessions.values()):
+                    return True
+            time.sleep(0.05)
+        return False
+
     def _stop_readers(self) -> None:
         """Give the readers STOP_READERS_S to end their scans, then kill those still busy: a reader blocked inside HDF5
         answers no stop, and stopping must always work (its scan ends `stopped`, its frames read so far drained)."""
@@ -258,12 +272,17 @@ class Daemon:
 
     def shutdown(self, drain: bool = True, timeout: float = 60.0) -> None:
         """Stop following; with `drain`, let frames already read reach their stores first."""
+        deadline = time.monotonic() + timeout
+        self._closing.set()  # no scan starts from now on; those still waiting are taken up again at the next start
+        left_waiting = self.waiting_scans.clear()
+        if left_waiting:
+            log.info("%d scan(s) still waiting are left for the next start", left_waiting)
         if self.watcher is not None:
             self.watcher.stop()
         for session in list(self.sessions.values()):
             session.stop.set()
         self._stop_readers()
-        if drain and not self.wait_idle(timeout):
+        if drain and not self._wait_sessions(deadline):
             self._end_unfinished()
         elif not drain:
             self._end_unfinished(wait_s=2.0)
@@ -273,7 +292,7 @@ class Daemon:
         self.sink.stop()
         for thread in self._threads:
             thread.join(timeout=5)
-        self.painter.stop(finish=drain)
+        self.painter.stop(finish=drain, timeout=max(1.0, deadline - time.monotonic()))
         self.local_workers.stop()
         if self.metrics is not None:
             self.metrics.stop()
@@ -293,6 +312,13 @@ class WaitingScans:
         with self._ready:
             self._paths.append(path)
             self._ready.notify()
+
+    def clear(self) -> int:
+        """Forget every waiting scan (the daemon is stopping); returns how many there were."""
+        with self._ready:
+            count = len(self._paths)
+            self._paths.clear()
+            return count
 
     def qsize(self) -> int:
         with self._ready:
