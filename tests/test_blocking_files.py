@@ -303,7 +303,7 @@ def test_sigterm_stops_the_daemon_within_30_s_while_a_reader_is_blocked(tmp_path
             process.kill()
         writer.kill()
     assert process.returncode == 0 and stopped_in < 30
-    assert store_status(good) == "incomplete"
+    assert store_status(good) in (None, "incomplete")  # stopped (no store if its reader had not opened it yet: a loaded machine)
     assert store_status(store) in (None, "failed")
 
 
