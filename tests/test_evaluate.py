@@ -8,6 +8,7 @@ import torch
 
 from pipeline.models import commands
 from pipeline.models.card import ModelCard, save_weights
+from pipeline.models.real_frames import REAL_MODULES, load_frames
 from pipeline.models.scoring import components, mask_iou, match_instances
 from pipeline.models.sslm import SSLM
 from pipeline.models.tlm import build_tlm, light_card
@@ -47,17 +48,55 @@ def test_evaluate_command_prints_the_table(tmp_path, capsys) -> None:
     card = light_card()
     save_weights(tmp_path / "tlm.safetensors", build_tlm(card).state_dict(), card)
     save_weights(tmp_path / "sslm.safetensors", SSLM().state_dict(), ModelCard(architecture="sslm", peak_channels=[0]))
+    modules, sources = load_frames(REAL_MODULES)
+    np.savez_compressed(tmp_path / "real.npz", frames=modules[[0, 7]], sources=np.array([sources[0], sources[7]]))
     code = commands.main([
         "evaluate", "--frames", "3", "--scans", "1", "--scan-frames", "3", "--tlm", str(tmp_path / "tlm.safetensors"),
         "--sslm", str(tmp_path / "sslm.safetensors"), "--json", str(tmp_path / "eval.json"),
+        "--real-frames", str(tmp_path / "real.npz"),
     ])
     out = capsys.readouterr().out
     assert code == 0
-    for row in ("TLM", "SSLM", "joint (TLM | SSLM)", "baseline: log counts > ", "baseline: significance > "):
+    for row in ("TLM", "SSLM", "joint (TLM | SSLM)", "baseline: log counts > ", "baseline: significance > ",
+                "real frames: 2 frames of real.npz without outlines: counted against 81 reference spots"):
         assert row in out
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["methods"]["tlm"]["frames"] == 3
     assert 0.0 <= report["methods"]["baseline"]["mean_iou"] <= 1.0
+    real = report["real_frames"]
+    assert [row["reference_spots"] for row in real["per_frame"]] == [81, 0]
+    assert real["tlm"]["detections"] == sum(row["tlm_detections"] for row in real["per_frame"])
+
+
+def test_evaluate_counts_real_frames_at_the_cap() -> None:
+    """The shipped TLM told to keep 8 detections: the crowded module reaches the cap, the blank one does not; with
+    its defaults neither does, and what it finds lies on the classical finder's spots."""
+    from pipeline.config import ModelSettings
+    from pipeline.models.evaluate import real_frame_case
+    from pipeline.models.joint import JointPredictor
+
+    def case(**tlm: object) -> dict:
+        predictor = JointPredictor.from_settings(ModelSettings.model_validate({"precision": "float32", "tlm": tlm}))
+        return real_frame_case(predictor)
+
+    capped = case(detections=8)
+    assert capped["frames"] == 8 and capped["reference_spots"] == 390 and capped["tlm"]["caps"] == [8]
+    at_cap = [row["tlm_capped"] for row in capped["per_frame"]]
+    assert at_cap[:4] == [True] * 4 and at_cap[7] is False and capped["tlm"]["frames_at_cap"] == sum(at_cap)
+    assert all(row["tlm_detections"] == 8 for row in capped["per_frame"] if row["tlm_capped"])
+    shipped = case()
+    assert shipped["tlm"]["frames_at_cap"] == 0 and shipped["tlm"]["caps"] == [100]
+    assert shipped["tlm"]["max_detections"] > 16 and shipped["tlm"]["spots_covered"] > capped["tlm"]["spots_covered"]
+    assert shipped["tlm"]["instances_on_spots"] > 0.9 and shipped["sslm"]["spots_covered"] > 0.8
+
+
+def test_evaluate_real_frames_none_and_bad_file(tmp_path, capsys) -> None:
+    (tmp_path / "bad.npz").write_bytes(b"not an npz")
+    assert commands.main(["evaluate", "--frames", "1", "--real-frames", str(tmp_path / "bad.npz")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pipeline evaluate:") and "bad.npz" in err and "\n" not in err
+    assert commands.main(["evaluate", "--frames", "1", "--scans", "0", "--real-frames", "none", "--json", str(tmp_path / "e.json")]) == 0
+    assert "real frames" not in capsys.readouterr().out and "real_frames" not in json.loads((tmp_path / "e.json").read_text())
 
 
 def test_evaluate_command_bad_weights_is_one_line(tmp_path, capsys) -> None:

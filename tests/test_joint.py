@@ -91,7 +91,7 @@ def test_disabled_models_give_zeros(weights, frames) -> None:
         ModelSettings(tlm=TLMSettings(enabled=False), sslm=SSLMSettings(weights=weights["sslm"])))
     prediction = only_sslm.predict_image(frames[0])
     assert prediction.tlm_labels.dtype == np.uint16 and not prediction.tlm_labels.any()
-    assert prediction.detections == []
+    assert prediction.detections == [] and (prediction.detections_capped, prediction.detection_cap) == (False, 0)
     nothing = JointPredictor.from_settings(
         ModelSettings(tlm=TLMSettings(enabled=False), sslm=SSLMSettings(enabled=False)))
     prediction = nothing.predict_image(frames[0])
@@ -103,6 +103,16 @@ def test_predict_scan_batches_in_order(predictor, frames) -> None:
     scan = list(predictor.predict_scan(iter(frames), batch_size=3))
     assert len(scan) == 4
     assert np.array_equal(scan[3].ssl_clusters, predictor.predict_image(frames[3]).ssl_clusters)
+
+
+def test_untrained_tlm_fills_its_cap_and_says_so(weights, frames) -> None:
+    """The untrained TLM at threshold 0 returns as many detections as allowed: every frame is flagged, with its cap."""
+    capped = JointPredictor.from_settings(ModelSettings(tlm=TLMSettings(weights=weights["tlm"], detections=5),
+                                                       sslm=SSLMSettings(enabled=False)))
+    for prediction in capped.predict_batch(frames):
+        assert len(prediction.detections) == 5 and prediction.detections_capped and prediction.detection_cap == 5
+    stacked = np.concatenate([frames[:2], frames[2:]], axis=1)  # 390 x 487: twice the area, twice the cap
+    assert capped.predict_batch(stacked)[0].detection_cap == 10
 
 
 def test_compile_volume_links_frames_in_3d() -> None:

@@ -74,15 +74,15 @@ def test_paint_instances_best_score_wins() -> None:
     assert labels.dtype == np.uint16
 
 
-def test_proposals_and_detections_are_sized_for_a_few_peaks_and_set_by_the_config() -> None:
-    """The light TLM scores 50 proposals and keeps at most 16 detections per frame (a real frame holds at most 8
-    peaks; 200/50 cost 23% more TLM time for the same held-out figures, README Speed); the config overrides both,
-    and DiPID's resnet50 keeps torchvision's own sizes unless told."""
+def test_proposals_and_detections_serve_crowded_frames_and_are_set_by_the_config() -> None:
+    """The light TLM scores 200 proposals and keeps at most 100 detections per 195 x 487 frame (real crowded modules
+    hold 20-80 spots: 50/16 capped them, tlm.py's table); the config overrides both, the effective values are
+    recorded in the provenance, and DiPID's resnet50 keeps torchvision's own sizes unless told."""
     from pipeline.models.joint import load_tlm
 
     shipped, loaded = load_tlm(TLMSettings())
-    assert shipped.rpn._post_nms_top_n["testing"] == 50 and shipped.roi_heads.detections_per_img == 16
-    assert loaded.card.proposals is None  # the builder's sizes: the shipped card does not set them
+    assert shipped.rpn._post_nms_top_n["testing"] == 200 and shipped.roi_heads.detections_per_img == 100
+    assert (loaded.card.proposals, loaded.card.detections) == (200, 100)  # what ran, though the shipped card sets neither
     sized, loaded = load_tlm(TLMSettings(proposals=30, detections=12))
     assert sized.rpn._post_nms_top_n["testing"] == 30 and sized.roi_heads.detections_per_img == 12
     assert (loaded.card.proposals, loaded.card.detections) == (30, 12)  # recorded in the store's provenance
@@ -90,3 +90,51 @@ def test_proposals_and_detections_are_sized_for_a_few_peaks_and_set_by_the_confi
     assert dipid.rpn._post_nms_top_n["testing"] == 1000 and dipid.roi_heads.detections_per_img == 100
     with pytest.raises(ValueError):
         TLMSettings(detections=1000)  # more than a frame's 256 stored rows
+
+
+def test_caps_grow_with_the_frame_area_up_to_the_stores_rows() -> None:
+    model = build_tlm(light_card(proposals=200, detections=100))
+    assert model.caps((195, 487)) == (500, 200, 100)
+    assert model.caps((100, 100)) == (500, 200, 100)  # smaller frames keep them
+    assert model.caps((619, 487)) == (1588, 635, 256)  # 3.17 modules of area; detections stop at the store's 256 rows
+    assert build_tlm(light_card(proposals=50, detections=16)).caps((390, 487)) == (1000, 100, 32)
+
+
+def test_every_frame_shape_gets_the_scale_a_100k_frame_gets() -> None:
+    """torchvision's rule (shorter side to min_size, longer at most max_size) would shrink a 1065 x 1030 frame to
+    201 x 195 for native-size weights; the scale is the one a 195 x 487 frame gets, for every shape."""
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    native = build_tlm(light_card()).eval().transform
+    dipid = build_tlm(light_card(backbone="resnet50_fpn", min_size=800, max_size=1333)).eval().transform
+    reference = GeneralizedRCNNTransform(800, 1333, [0.0] * 3, [1.0] * 3).eval()
+    module = torch.rand(3, 195, 487)
+    torch.testing.assert_close(dipid.resize(module)[0], reference.resize(module)[0], rtol=0, atol=0)  # as before
+    assert native.resize(module)[0] is module  # scale 1: not resampled at all
+    for shape in ((619, 487), (1065, 1030), (40, 33)):
+        image = torch.rand(3, *shape)
+        assert native.resize(image)[0].shape[1:] == shape
+        scale = min(800 / 195, 1333 / 487)
+        assert dipid.resize(image)[0].shape[1:] == (int(shape[0] * scale), int(shape[1] * scale))
+
+
+def test_masks_pasted_from_patches_are_torchvisions_pasted_masks() -> None:
+    """`paint_instances` pastes the mask head's patches into their boxes; the labels equal torchvision's frame-sized
+    paste (`paste_masks_in_image`) thresholded, pixel for pixel, on a frame with many overlapping detections."""
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    from pipeline.models.preprocess import prepare
+    from pipeline.simulator import synth
+
+    torch.manual_seed(3)
+    model = build_tlm(light_card(score_threshold=0.0, detections=100)).eval()
+    frame = synth.training_sample(np.random.default_rng(5))[0]
+    with torch.inference_mode():
+        output = model([torch.from_numpy(prepare(frame)).expand(3, -1, -1)])[0]
+    assert "masks" not in output and output["mask_patches"].shape[1:] == (1, 28, 28) and len(output["scores"]) >= 50
+    pasted = dict(output, masks=paste_masks_in_image(output["mask_patches"], output["boxes"], frame.shape))
+    del pasted["mask_patches"]
+    labels, detections = paint_instances(output, frame.shape)
+    expected, expected_detections = paint_instances(pasted, frame.shape)
+    np.testing.assert_array_equal(labels, expected)
+    assert detections == expected_detections and labels.max() > 20

@@ -64,7 +64,8 @@ def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
         "evaluate", help="evaluate the models on a held-out synthetic set",
         description="Mean IoU, instance precision/recall/F1 and 3D peak recall of TLM, SSLM, their union "
         "and a classical threshold baseline, on held-out synthetic frames and rocking scans made with "
-        "another seed and other generator settings than training.",
+        "another seed and other generator settings than training; then, on real crowded Pilatus frames "
+        "(no outlines), detections, frames at the TLM's cap and the share of a classical spot finder's spots covered.",
     )
     evaluate.add_argument("--frames", type=_positive_int, default=200, help="held-out single frames (default 200)")
     evaluate.add_argument("--scans", type=int, default=4, help="held-out rocking scans for 3D recall (default 4)")
@@ -77,6 +78,10 @@ def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     evaluate.add_argument("--batch-size", type=_positive_int, default=4, help="frames per batch (default 4)")
     evaluate.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default=None,
                           help="run the models in this precision (default: models.precision of the config)")
+    evaluate.add_argument("--real-frames", default=None, metavar="NPZ",
+                          help="real frames without outlines to count detections, cap hits and reference spots on: an .npz "
+                               "with a (N, H, W) 'frames' array (default: the 8 shipped Pilatus modules of a thaumatin "
+                               "crystal; 'none' to skip)")
     evaluate.add_argument("--json", type=Path, default=None, help="also write the figures as JSON here")
     evaluate.add_argument("--labels", type=Path, default=None, metavar="CSV",
                           help="evaluate on these labelled frames (a DiPID/Zooniverse export) instead of the synthetic held-out set")
@@ -186,12 +191,16 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     try:
         settings = evaluate.model_settings(args.config, args.tlm, args.sslm, args.precision)
+        real_frames = None if args.real_frames == "none" else Path(args.real_frames or evaluate.REAL_MODULES)
+        if real_frames is not None:
+            evaluate.load_frames(real_frames)  # a bad file fails now, not after the held-out set
         if args.labels is not None:
-            report = evaluate.evaluate_labelled(settings, _labelled_set(args), device=args.device, batch_size=args.batch_size)
+            report = evaluate.evaluate_labelled(settings, _labelled_set(args), device=args.device, batch_size=args.batch_size,
+                                                real_frames=real_frames)
         else:
             report = evaluate.evaluate(
                 settings, frames=args.frames, scans=args.scans, scan_frames=args.scan_frames, seed=args.seed,
-                device=args.device, batch_size=args.batch_size,
+                device=args.device, batch_size=args.batch_size, real_frames=real_frames,
             )
     except PipelineError as error:
         return _fail(args, one_line(error))

@@ -12,6 +12,12 @@ rocking scans for 3D recall. Figures, per method:
 - 3D recall: per rocking scan the per-frame masks are linked into 3D components
   (`JointPredictor.compile_volume`, 26-connectivity); a true 3D peak counts as found when one
   component has voxel IoU >= 0.5 with it.
+- real frames (`real_frames` in the report; default the 8 shipped Pilatus modules of a thaumatin crystal,
+  `pipeline.models.real_frames`): real frames have no outlines, so nothing there is scored against a
+  truth. Counted instead, per method: detections (TLM) and frames whose detections reached the TLM's
+  cap (`FramePrediction.detections_capped`); reference spots (a classical spot finder: >= 3 pixels
+  > 6 sigma above the local background) covered by the method's mask; the share of its instances
+  (TLM instances, SSLM components) lying on a reference spot. Seconds per frame as above.
 - baselines: threshold + connected components on the log-count input (`to_model_input`, what
   DiPID's models see) and on the background-subtracted significance input (`to_significance`,
   what an SSLM with `input_transform: significance` sees, so that the SSLM is compared with a
@@ -31,6 +37,7 @@ import numpy as np
 
 from pipeline.models.joint import JointPredictor
 from pipeline.models.preprocess import fix_dead_pixels, to_model_input, to_significance
+from pipeline.models.real_frames import REAL_MODULES, instances_on_spots, load_frames, reference_spots, spots_covered
 from pipeline.models.scoring import components, mask_iou, match_instances
 from pipeline.models.training_data import training_frames
 from pipeline.simulator import synth
@@ -156,11 +163,53 @@ def _tally_frames(predictor: JointPredictor, frames: Iterable[tuple[np.ndarray, 
     return timed
 
 
+def real_frame_case(predictor: JointPredictor, path: Path = REAL_MODULES, batch_size: int = 4) -> dict[str, Any]:
+    """What the models find on real frames without outlines (module docstring): counts, cap hits, reference spots."""
+    frames, sources = load_frames(path)
+    rows: list[dict[str, Any]] = []
+    seconds = {"preprocess": 0.0, "tlm": 0.0, "sslm": 0.0}
+    for first in range(0, len(frames), batch_size):
+        batch = frames[first:first + batch_size]
+        for frame, source, prediction in zip(batch, sources[first:first + batch_size], predictor.predict_batch(batch)):
+            spots = reference_spots(frame)
+            sslm_components = components(prediction.ssl_mask)
+            rows.append({
+                "source": source, "shape": list(frame.shape), "reference_spots": int(spots.max()),
+                "tlm_detections": len(prediction.detections), "tlm_capped": prediction.detections_capped,
+                "tlm_cap": prediction.detection_cap, "tlm_spots_covered": spots_covered(spots, prediction.tlm_labels),
+                "tlm_instances_on_spots": instances_on_spots(prediction.tlm_labels, spots),
+                "sslm_components": int(sslm_components.max()), "sslm_spots_covered": spots_covered(spots, prediction.ssl_mask),
+                "sslm_components_on_spots": instances_on_spots(sslm_components, spots),
+            })
+            for stage in seconds:
+                seconds[stage] += prediction.timings.get(stage, 0.0)
+
+    def total(key: str) -> int:
+        return int(sum(row[key] for row in rows))
+
+    def share(part: int, whole: int) -> float:
+        return part / whole if whole else float("nan")
+
+    spot_count = total("reference_spots")
+    return {
+        "path": str(path), "frames": len(rows), "reference_spots": spot_count,
+        "tlm": {"detections": total("tlm_detections"), "max_detections": max(row["tlm_detections"] for row in rows),
+                "frames_at_cap": total("tlm_capped"), "caps": sorted({row["tlm_cap"] for row in rows}),
+                "spots_covered": share(total("tlm_spots_covered"), spot_count),
+                "instances_on_spots": share(total("tlm_instances_on_spots"), total("tlm_detections"))},
+        "sslm": {"components": total("sslm_components"), "spots_covered": share(total("sslm_spots_covered"), spot_count),
+                 "instances_on_spots": share(total("sslm_components_on_spots"), total("sslm_components"))},
+        "seconds_per_frame": {stage: value / len(rows) for stage, value in seconds.items()},
+        "per_frame": rows,
+    }
+
+
 def evaluate(
     settings: Any, frames: int = 200, scans: int = 4, scan_frames: int = 30, seed: int = 12345,
     device: str = "cpu", batch_size: int = 4, baseline_thresholds: dict[str, float] | None = None,
+    real_frames: Path | None = REAL_MODULES,
 ) -> dict[str, Any]:
-    """Figures for every method on the held-out set; see the module docstring for definitions."""
+    """Figures for every method on the held-out set (and on `real_frames`, unless None); see the module docstring."""
     predictor, thresholds = _predictor_and_thresholds(settings, device, baseline_thresholds)
     tallies = {method: Tally() for method in METHODS}
     seconds = {"preprocess": 0.0, "tlm": 0.0, "sslm": 0.0}
@@ -189,13 +238,14 @@ def evaluate(
         "baseline_thresholds": thresholds,
         "methods": {method: tally.summary() for method, tally in tallies.items()},
         "seconds_per_frame": {stage: value / max(timed_frames, 1) for stage, value in seconds.items()},
+        **({"real_frames": real_frame_case(predictor, real_frames, batch_size)} if real_frames is not None else {}),
         "models": predictor.provenance(),
         "definitions": __doc__,
     }
 
 
 def evaluate_labelled(settings: Any, labelled: Any, device: str = "cpu", batch_size: int = 4,
-                      baseline_thresholds: dict[str, float] | None = None) -> dict[str, Any]:
+                      baseline_thresholds: dict[str, float] | None = None, real_frames: Path | None = REAL_MODULES) -> dict[str, Any]:
     """The same table on frames people labelled (a `pipeline.models.labels.LabelledSet`); no 3D recall
     (labelled images are single frames)."""
     predictor, thresholds = _predictor_and_thresholds(settings, device, baseline_thresholds)
@@ -212,6 +262,7 @@ def evaluate_labelled(settings: Any, labelled: Any, device: str = "cpu", batch_s
         "baseline_thresholds": thresholds,
         "methods": {method: tally.summary() for method, tally in tallies.items()},
         "seconds_per_frame": {stage: value / max(timed_frames, 1) for stage, value in seconds.items()},
+        **({"real_frames": real_frame_case(predictor, real_frames, batch_size)} if real_frames is not None else {}),
         "models": predictor.provenance(),
         "definitions": __doc__,
     }
@@ -244,12 +295,29 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(
         "seconds per frame: " + ", ".join(f"{stage} {value * 1000:.1f} ms" for stage, value in timing.items())
     )
+    if "real_frames" in report:
+        lines += format_real_frames(report["real_frames"])
     for name in ("tlm", "sslm"):
         model = report["models"][name]
         if model.get("enabled"):
             lines.append(f"{name}: {model['weights']} sha256 {model['sha256'][:16]}...")
     lines.append(f"precision: {report['models'].get('precision', 'float32')}, device {report['models'].get('device')}")
     return "\n".join(lines)
+
+
+def format_real_frames(real: dict[str, Any]) -> list[str]:
+    """The real-frame lines of the table: counts against reference spots (no outlines, so no IoU or F1)."""
+    tlm, sslm = real["tlm"], real["sslm"]
+    caps = "/".join(str(cap) for cap in tlm["caps"]) or "-"
+    return [
+        f"real frames: {real['frames']} frames of {Path(real['path']).name} without outlines: counted against "
+        f"{real['reference_spots']} reference spots (a classical spot finder)",
+        f"  TLM: {tlm['detections']} detections (at most {tlm['max_detections']} a frame), {tlm['frames_at_cap']} frames at "
+        f"the cap ({caps}); covers {tlm['spots_covered']:.1%} of the spots, {tlm['instances_on_spots']:.1%} of its detections on one",
+        f"  SSLM: {sslm['components']} components; covers {sslm['spots_covered']:.1%} of the spots, "
+        f"{sslm['instances_on_spots']:.1%} of its components on one",
+        "  seconds per frame: " + ", ".join(f"{stage} {value * 1000:.1f} ms" for stage, value in real["seconds_per_frame"].items()),
+    ]
 
 
 def write_json(report: dict[str, Any], path: Path) -> None:

@@ -66,7 +66,8 @@ def load_tlm(settings: TLMSettings) -> tuple[torch.nn.Module, LoadedWeights]:
     except ValueError as error:
         raise WeightsError(f"{path}: {error}") from None
     load_into(path, model, state_dict)
-    return model.eval(), LoadedWeights(path, sha256, card)
+    _, proposals, detections = model.reference_caps  # what runs, recorded in the provenance even where the card is silent
+    return model.eval(), LoadedWeights(path, sha256, card.replace(proposals=proposals, detections=detections))
 
 
 def load_sslm(settings: SSLMSettings) -> tuple[sslm_module.SSLM, LoadedWeights]:
@@ -153,7 +154,7 @@ class JointPredictor:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bfloat16")
 
     def predict_batch(self, frames: np.ndarray) -> list[FramePrediction]:
-        """Raw (B, 195, 487) counts -> one prediction per frame, with per-frame timings.
+        """Raw (B, H, W) counts (any frame shape: see `pipeline.models.tlm`) -> one prediction per frame, with per-frame timings.
 
         Dead pixels are fixed and frames normalised here; both models run under inference_mode.
         The models see `model_batch` frames per call, always that many: the frames given, then
@@ -189,10 +190,11 @@ class JointPredictor:
         sslm_s = (time.perf_counter() - started) / count
 
         timings = {"preprocess": preprocess_s, "tlm": tlm_s, "sslm": sslm_s}
+        cap = 0 if self.tlm is None else tlm_module.detection_cap(self.tlm, shape)
         return [
             FramePrediction(
                 tlm_labels=labels, detections=detections, ssl_clusters=clusters[i], ssl_mask=mask[i],
-                timings=dict(timings),
+                timings=dict(timings), detections_capped=self.tlm is not None and len(detections) >= cap, detection_cap=cap,
             )
             for i, (labels, detections) in enumerate(tlm_results)
         ]

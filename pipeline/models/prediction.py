@@ -26,6 +26,10 @@ class FramePrediction:
     ssl_clusters: np.ndarray  # uint8, argmax channel per pixel
     ssl_mask: np.ndarray  # uint8, 1 where the cluster is a peak channel
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, per frame
+    # the TLM returned as many detections as it may for this frame (`detection_cap`, per 195 x 487 of frame area, at
+    # most 256): more peaks may have been cut; the daemon warns and marks the store. detection_cap is 0 without a TLM.
+    detections_capped: bool = False
+    detection_cap: int = 0
 
 
 class FramePredictor(Protocol):

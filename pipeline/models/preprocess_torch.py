@@ -49,7 +49,7 @@ def to_model_input(fixed: torch.Tensor) -> torch.Tensor:
 def local_background(fixed: torch.Tensor, block: int = BACKGROUND_BLOCK, percentile: float = BACKGROUND_PERCENTILE) -> torch.Tensor:
     """(B, H, W) -> the smooth background of each frame, as `preprocess.local_background`."""
     count, height, width = fixed.shape
-    padded = F.pad(fixed[:, None], (0, -width % block, 0, -height % block), mode="reflect")[:, 0]
+    padded = _reflect_pad(fixed[:, None], -height % block, -width % block)[:, 0]
     rows, cols = padded.shape[1] // block, padded.shape[2] // block
     tiles = padded.reshape(count, rows, block, cols, block).permute(0, 1, 3, 2, 4).reshape(count, rows, cols, block * block)
     low = torch.quantile(tiles, percentile / 100.0, dim=-1).clamp(min=0.0)  # linear interpolation, as NumPy's default
@@ -59,6 +59,26 @@ def local_background(fixed: torch.Tensor, block: int = BACKGROUND_BLOCK, percent
     row_weights = torch.tensor(_interpolation_weights(height, rows, block), device=fixed.device)
     col_weights = torch.tensor(_interpolation_weights(width, cols, block), device=fixed.device)
     return row_weights @ grid @ col_weights.T
+
+
+def _reflect_pad(images: torch.Tensor, bottom: int, right: int) -> torch.Tensor:
+    """NumPy's `np.pad(mode="reflect")` at the bottom and right of (B, C, H, W), for pads of any size.
+
+    torch's reflect pad must be smaller than the dimension: a frame narrower than a background block (a strip, a
+    small crop) would fail. NumPy reflects again and again (at most size - 1 each time), and repeats a single row.
+    """
+    for dim, amount in ((2, bottom), (3, right)):
+        while amount > 0:
+            size = images.shape[dim]
+            if size == 1:
+                shape = list(images.shape)
+                shape[dim] = 1 + amount
+                images, amount = images.expand(shape).contiguous(), 0
+                continue
+            step = min(amount, size - 1)
+            images = F.pad(images, (0, 0, 0, step) if dim == 2 else (0, step, 0, 0), mode="reflect")
+            amount -= step
+    return images
 
 
 def to_significance(fixed: torch.Tensor) -> torch.Tensor:
