@@ -227,6 +227,11 @@ class ReaderPool:
             readers = list(self._all)
             self._all.clear()
             self._count = 0
+        while True:
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                break
         for reader in readers:
             if not reader.dead:
                 reader.kill()
@@ -252,7 +257,6 @@ class RemoteScan:
         self.settings = settings
         self.roots = list(roots)
         self.stop = stop
-        self.info: ScanInfo | None = None
         self.end_reason: str | None = None
         self._reader: ReaderProcess | None = None
         self._stop_sent = [False]
@@ -333,8 +337,7 @@ class RemoteScan:
             except _StoppedReading:
                 raise ScanError(f"{self.nexus_path}: stopped while opening") from None
             if header.get("type") == "info":
-                self.info = _info_from(header["info"])
-                return self.info
+                return _info_from(header["info"])
 
     def begin(self, start: int, replay: int = 0) -> None:
         """Follow from frame `start`, first sending frames 0 to `replay` - 1 again (to rebuild a resumed scan)."""
