@@ -127,7 +127,7 @@ def test_the_scans_list_is_the_stores_own_contents(web, site):
         done = reader.done_frames()
         assert scan["store"] == str(path) and scan["name"] == path.name.removesuffix(".zarr")
         assert scan["status"] == reader.status and scan["end_reason"] == reader.attrs.get(schema.Attr.END_REASON)
-        assert (scan["frames_done"], scan["frames_total"], scan["newest_done"]) == (done.size, reader.frames_total, int(done[-1]))
+        assert (scan["frames_done"], scan["newest_done"]) == (done.size, int(done[-1]))
         assert scan["frames_expected"] == reader.attrs[schema.Attr.FRAMES_EXPECTED]
         assert scan["peaks"] == len(reader.table(schema.PEAKS).get("id", []))
         assert scan["scan_command"] == reader.attrs[schema.Attr.SCAN_COMMAND] and scan["start_time"] == reader.attrs[schema.Attr.START_TIME]
@@ -150,7 +150,7 @@ def test_a_scan_detail_is_the_stores_own_contents(web, site):
     assert rows.shape == (len(table["id"]), len(schema.PEAK_COLUMNS)) and rows.shape[0] == 2
     for index, column in enumerate(schema.PEAK_COLUMNS):
         np.testing.assert_allclose(rows[:, index], table[column].astype(np.float64), rtol=1e-12, err_msg=column)
-    assert detail["done"] == [[0, 11]] and detail["frames_done"] == 12 and detail["frames_total"] == reader.frames_total
+    assert detail["done"] == [[0, 11]] and detail["frames_done"] == 12
     for name, value in detail["attributes"].items():
         assert value == reader.attrs[name], name
     assert detail["axis_name"] == "eta" and detail["quicklook"] is True
@@ -158,6 +158,50 @@ def test_a_scan_detail_is_the_stores_own_contents(web, site):
     assert quicklook.status == 200 and quicklook.body == (site.done.parent / "done.quicklook.png").read_bytes()
     live = get(url(web, "/api/scans/visit/live")).json()
     assert live["done"] == [[0, int(StoreReader(site.live).done_frames()[-1])]] and live["quicklook"] is False
+
+
+def test_every_count_is_frames_done_of_frames_expected(web, site):
+    """The list, a scan's detail and its stream give one count with one meaning: frames whose done flag is set, of the
+    frames the scan file said to expect. The arrays' allocated length (the writer makes room ahead) is no count."""
+    reader = StoreReader(site.live)
+    done, expected = reader.done_frames().size, reader.attrs[schema.Attr.FRAMES_EXPECTED]
+    assert reader.frames_total > done and expected == 20  # room made ahead: a length that must not show as a count
+    listed = scans(web)["visit/live"]
+    detail = get(url(web, "/api/scans/visit/live")).json()
+    streamed = events(web.port, "/api/stream/visit/live", lambda name, data: name == "scan", timeout=30)[-1][1]["summary"]
+    for answer in (listed, detail, streamed):
+        assert (answer["frames_done"], answer["frames_expected"]) == (done, expected)
+        assert "frames_total" not in answer, answer["frames_total"]
+    assert detail["done"] == [[0, done - 1]]
+
+
+def test_a_failed_scan_says_why_once_and_has_no_pictures(web, site):
+    detail = get(url(web, "/api/scans/failed"))
+    assert detail.status == 200, detail.body[:300]  # what there is to say about it: its status and why, no frames
+    body = detail.json()
+    assert (body["status"], body["end_reason"], body["frames_done"], body["done"], body["newest_done"]) == (
+        "failed", "failed.nxs: not an HDF5 file", 0, [], None)
+    assert body["peaks_table"] == {"columns": [], "rows": []} and body["quicklook"] is False and body["problem"] is None
+    assert body["attributes"]["end_reason"] == "failed.nxs: not an HDF5 file"
+    for kind in ("curves", "projection"):  # no pictures of a scan without frames: one line why
+        one_line_error(get(url(web, f"/api/{kind}/failed")), 409, "nothing to show", "not an HDF5 file")
+    one_line_error(get(url(web, "/api/frame/failed")), 409, "no frame is done")
+
+
+def test_the_daemons_problems_are_in_the_list(site):
+    problems = ["watch.dirs /data/visit-9: does not exist", "worker gpu1: exited 3 times in 60 s; not restarted"]
+    status = {"pid": 4242, "version": "test", "uptime_s": 5.0, "dispatch": {"workers": [], "queued": 0, "in_flight": 0},
+              "waiting_scans": 0, "scans": [], "problems": problems}
+    with web_server([site.root], daemon_status=lambda: status) as server:
+        daemon = get(f"http://127.0.0.1:{server.port}/api/scans").json()["daemon"]
+        assert daemon["pid"] == 4242 and daemon["problems"] == problems
+    status["problems"] = [{"not": "a line"}, "two\nlines", "x" * 5000]  # a daemon's nonsense is shown as one line each
+    with web_server([site.root], daemon_status=lambda: status) as server:
+        shown = get(f"http://127.0.0.1:{server.port}/api/scans").json()["daemon"]["problems"]
+        assert len(shown) == 3 and all("\n" not in line and len(line) <= 500 for line in shown) and shown[1] == "two lines"
+    del status["problems"]  # a daemon from before the key: none
+    with web_server([site.root], daemon_status=lambda: status) as server:
+        assert get(f"http://127.0.0.1:{server.port}/api/scans").json()["daemon"]["problems"] == []
 
 
 def test_rocking_curves_and_projection_are_the_quick_looks(web, site):

@@ -32,7 +32,7 @@ from pipeline.store import StoreReader, schema
 from pipeline.testing.configs import MODELS_OFF, free_port, write_config
 from pipeline.testing.daemons import start_daemon, stop_daemon, wait_for_status, wait_for_workers, wait_until
 from pipeline.testing.truth_stores import TruthStoreWriter
-from pipeline.testing.web import chromium, colour_share, element_pixels, get
+from pipeline.testing.web import browser_errors, chromium, colour_share, element_pixels, get, wait_in_page
 from pipeline.web.render import SSL_COLOUR, TLM_COLOUR
 
 pytestmark = pytest.mark.daemon
@@ -104,17 +104,6 @@ def browser() -> Iterator[Any]:
         driver.quit()
 
 
-def wait_in_page(driver: Any, script: str, timeout: float, what: str) -> Any:
-    """Poll a JavaScript expression in the page until it is truthy; its value."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = driver.execute_script(f"return {script};")
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"not within {timeout} s: {what} ({script})")
-
-
 def keep_screenshot(path: Path, name: str, height: int | None = None) -> None:
     """With WEB_SCREENSHOTS=DIR: a small copy (palette PNG, at most 1000 px wide, the top `height` pixels) for the README."""
     target = os.environ.get("WEB_SCREENSHOTS")
@@ -128,11 +117,6 @@ def keep_screenshot(path: Path, name: str, height: int | None = None) -> None:
             picture = picture.resize((1000, round(picture.height * 1000 / picture.width)), Image.Resampling.LANCZOS)
         Path(target).mkdir(parents=True, exist_ok=True)
         picture.quantize(colors=256, method=Image.Quantize.FASTOCTREE).save(Path(target) / name, optimize=True)
-
-
-def browser_errors(driver: Any) -> list[str]:
-    """What the page's console said at error level (a script that failed, a resource refused by the CSP)."""
-    return [entry["message"] for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
 
 
 # -- the front page -------------------------------------------------------------------------------------

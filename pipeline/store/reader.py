@@ -58,8 +58,14 @@ def store_status(store: Path, follow_symlinks: bool = True) -> str | None:
     return None if attributes is None else attributes.get(Attr.STATUS)
 
 
-def open_live(path: Path) -> zarr.Group:
-    """Open a store that may still be written: never trust consolidated metadata there."""
+def open_live(path: Path, confined: bool = False) -> zarr.Group:
+    """Open a store that may still be written: never trust consolidated metadata there. `confined`: a store someone
+    else may have planted (the web view's): no link inside it followed, only regular files read, each no longer than
+    its chunk can be (pipeline.store.confined)."""
+    if confined:
+        from pipeline.store.confined import ConfinedLocalStore
+
+        return zarr.open_group(ConfinedLocalStore(path), mode="r", use_consolidated=False)
     return zarr.open_group(path, mode="r", use_consolidated=False)
 
 
@@ -78,14 +84,15 @@ class FrameDetections:
 
 
 class StoreReader:
-    """One scan store, opened as a live store; a clear StoreError if it is not a scan store."""
+    """One scan store, opened as a live store; a clear StoreError if it is not a scan store. `confined`: see open_live."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, confined: bool = False) -> None:
         self.path = Path(path)
+        self.confined = confined
         if not (self.path / schema.ROOT_METADATA).is_file():
             raise StoreError(f"{self.path}: not a Zarr store (no {schema.ROOT_METADATA} there)")
         try:
-            self.group = open_live(self.path)
+            self.group = open_live(self.path, confined)
         except (ValueError, KeyError, OSError) as error:  # an array, not a group; a damaged zarr.json
             raise StoreError(f"{self.path}: not a scan store ({one_line(error)})") from None
         missing = [name for name in (schema.FRAMES_DONE, schema.VOLUME_LABELS) if name not in self.group]
@@ -167,7 +174,11 @@ class StoreReader:
     def _table_generation(self, name: str) -> int | None:
         """The table's generation mark as on disk now (the group object's attributes are a copy from when it was opened)."""
         try:
-            attributes = json.loads((self.path / name / "zarr.json").read_text()).get("attributes", {})
+            if self.confined:
+                document = self.group.store.get_sync(f"{name}/zarr.json")
+                attributes = json.loads(document.to_bytes() if document is not None else b"{}").get("attributes", {})
+            else:
+                attributes = json.loads((self.path / name / "zarr.json").read_text()).get("attributes", {})
         except (OSError, ValueError):
             return None
         generation = attributes.get(schema.GENERATION_ATTR)

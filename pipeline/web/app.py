@@ -185,6 +185,8 @@ def _advanced_view(request: Request) -> ScanView | Response:
         view.advance(API_ADVANCE_S, wait=False)
     except StoreError as problem:
         return error(409, one_line(problem))
+    if view.nothing_to_show is not None:
+        return error(409, view.nothing_to_show)
     return view
 
 

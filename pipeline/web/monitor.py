@@ -26,7 +26,18 @@ from pipeline.web.summary import signature, sort_key, summarize
 log = logging.getLogger(__name__)
 
 RATE_WINDOW_S = 10.0  # frames per second over this many seconds
+MAX_PROBLEMS = 20
+MAX_PROBLEM_CHARS = 500
 DaemonStatus = Callable[[], "dict[str, Any] | None"]
+
+
+def problem_lines(problems: object) -> list[str]:
+    """The daemon's `problems` (what needs a person: a watched directory that does not exist) as at most
+    MAX_PROBLEMS lines of at most MAX_PROBLEM_CHARS each, whatever the daemon sent."""
+    if not isinstance(problems, list):
+        return []
+    lines = [" ".join(str(problem).split()) for problem in problems[:MAX_PROBLEMS]]
+    return [line if len(line) <= MAX_PROBLEM_CHARS else line[:MAX_PROBLEM_CHARS - 1] + "…" for line in lines if line]
 
 
 class _Seen:
@@ -120,7 +131,7 @@ class Monitor:
             return summarize(path, scan_id)
         except Exception as error:  # whatever a damaged store does, the page lists it with the problem
             return {"id": scan_id, "name": path.name.removesuffix(".zarr"), "store": str(path), "status": "unknown", "end_reason": None,
-                    "frames_done": 0, "frames_total": 0, "frames_expected": None, "newest_done": None, "peaks": 0, "fps": None,
+                    "frames_done": 0, "frames_expected": None, "newest_done": None, "peaks": 0, "fps": None,
                     "start_time": None, "end_time": None, "scan_command": None, "layout": None, "axis_name": None,
                     "problem": f"cannot read the store ({one_line(error)})", "daemon": None}
 
@@ -149,7 +160,8 @@ class Monitor:
         dispatch = status.get("dispatch") or {}
         return {"pid": status.get("pid"), "version": status.get("version"), "uptime_s": status.get("uptime_s"),
                 "workers": len(dispatch.get("workers") or []), "queued": dispatch.get("queued"), "in_flight": dispatch.get("in_flight"),
-                "waiting_scans": status.get("waiting_scans"), "scans": status.get("scans") or []}
+                "waiting_scans": status.get("waiting_scans"), "problems": problem_lines(status.get("problems")),
+                "scans": status.get("scans") or []}
 
     # -- for requests -------------------------------------------------------------------------
 

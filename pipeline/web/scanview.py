@@ -25,6 +25,7 @@ from pipeline.store import schema
 from pipeline.store.reader import StoreError, StoreReader
 from pipeline.store.schema import Attr
 from pipeline.web import render
+from pipeline.web.summary import root_attributes
 
 MAX_VIEWS = 8  # scans whose projection is kept in memory (about 1 MiB each, plus their peaks' footprints)
 READ_BLOCK = 16  # frames read from the store and the raw file in one go
@@ -93,6 +94,7 @@ class ScanView:
         self._axis_name = "frame"
         self.version = 0  # grows whenever the projection or the curves do
         self.problem: str | None = None  # why the projection cannot grow (raw file missing, outside the roots)
+        self.nothing_to_show: str | None = None  # why a scan that failed before it had frames has no pictures
         self._problem_at = 0.0
         self._projection: tuple[int, bytes] | None = None
         self.last_used = time.monotonic()
@@ -124,7 +126,16 @@ class ScanView:
         """Frames are read without the data lock and added under it, a block at a time: pictures and curves
         are answered between blocks."""
         self.last_used = time.monotonic()
-        reader = StoreReader(self.path)
+        try:
+            reader = StoreReader(self.path, confined=True)
+        except StoreError as error:
+            attributes = root_attributes(self.path)
+            if attributes is None or attributes.get(Attr.STATUS) != schema.STATUS_FAILED:
+                raise
+            with self._lock:  # failed before it had frames: why is the scan's reason, said once on its page, not a problem here
+                self.nothing_to_show, self.problem = one_line(error), None
+            return True
+        self.nothing_to_show = None
         done = reader.done_frames()
         with self._lock:
             self._reset_if_replaced(reader)
@@ -210,7 +221,7 @@ class ScanView:
             if self._projection is not None and self._projection[0] == self.version:
                 return self._projection[1]
             data = self._data()
-            if data is None:
+            if data is None or not self._covered.any():  # no frame read yet (or none could be): no picture of nothing
                 return None
             brightest = sorted(data.curves, key=lambda peak_id: -data.curves[peak_id].total)[:MAX_LABELLED_PEAKS]
             outlines = [(peak_id, data.footprints[peak_id], peak_colour(peak_id)) for peak_id in sorted(brightest)]
@@ -221,8 +232,19 @@ class ScanView:
     # -- the rest of the page ----------------------------------------------------------------
 
     def detail(self, summary: dict[str, Any] | None) -> dict[str, Any]:
-        """The scan's summary, the attributes a person asks about, the done frames as runs, and the peaks table."""
-        reader = StoreReader(self.path)
+        """The scan's summary, the attributes a person asks about, the done frames as runs, and the peaks table; for a scan
+        that failed before its store had arrays, its status and why with no frames."""
+        try:
+            reader = StoreReader(self.path, confined=True)
+        except StoreError:
+            attributes = root_attributes(self.path)
+            if attributes is None or attributes.get(Attr.STATUS) != schema.STATUS_FAILED:
+                raise
+            # a scan that failed before its store had arrays (not a scan file, no frames): its status and why, once
+            return jsonable({**(summary or {}), "status": schema.STATUS_FAILED, "end_reason": attributes.get(Attr.END_REASON),
+                             "attributes": {name: attributes.get(name) for name in SHOWN_ATTRIBUTES if name in attributes},
+                             "axis_name": attributes.get(Attr.AXIS_NAME) or "frame", "done": [], "frames_done": 0, "newest_done": None,
+                             "peaks_table": {"columns": [], "rows": []}, "quicklook": False})
         attributes = reader.attrs
         done = reader.done_frames()
         quicklook = reader.output_path(".quicklook.png")
@@ -232,7 +254,6 @@ class ScanView:
             "axis_name": reader.scan_axis(done[:1])[0] if done.size else attributes.get(Attr.AXIS_NAME) or "frame",
             "done": done_ranges(done),
             "frames_done": int(done.size),
-            "frames_total": reader.frames_total,
             "newest_done": int(done[-1]) if done.size else None,
             "peaks_table": peaks_table(reader),
             "quicklook": quicklook.is_file() and not quicklook.is_symlink(),
@@ -240,7 +261,7 @@ class ScanView:
 
     def frame_png(self, frame: int, scale: str, layers: set[str]) -> tuple[bytes, dict[str, str]]:
         """One done frame with the chosen layers drawn over it, and what the picture shows (for the page's caption)."""
-        reader = StoreReader(self.path)
+        reader = StoreReader(self.path, confined=True)
         reader.check_frame(frame)
         with reader.raw_frames(roots=self.raw_roots) as dataset:
             if frame >= dataset.shape[0]:

@@ -10,6 +10,7 @@ answering at `daemon.control` (or in the same process), its scans' progress show
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import signal
 import socket
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from pipeline.config import LOOPBACK_HOSTS, Config, load_config
 from pipeline.errors import PipelineError, UserError, reporting
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 8765  # `pipeline web` when neither --port nor web.port says
 START_TIMEOUT_S = 10.0
+HEADER_TIMEOUT_S = 5.0  # a peer has this long, from its connection or its previous answer, to send a request's headers
 
 
 class WebError(PipelineError):
@@ -64,6 +67,51 @@ def options_from(config: Config, default_port: int = DEFAULT_PORT) -> WebOptions
     raw_roots = list(dict.fromkeys([*roots, *config.watch.dirs, *config.follow.allowed_roots]))
     return WebOptions(roots=roots, raw_roots=raw_roots, host=web.host, port=default_port if web.port is None else web.port,
                       token=None if web.token is None else web.token.get_secret_value(), poll_interval_s=web.poll_interval_s)
+
+
+class HeaderDeadline(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline for a request's headers: HEADER_TIMEOUT_S from the connection, or from
+    the first byte of the next request on a kept-alive one. uvicorn itself waits for headers as long as a peer likes, so
+    peers that connect and send nothing, or a byte now and then (slow loris), held the web view's sockets for good.
+    A request whose headers are in is not timed: an event stream stays open as long as its page."""
+
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[arg-type]
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.cycle is None or self.cycle.response_complete:  # between requests: a new one's headers are arriving
+            self._arm()
+        super().data_received(data)
+
+    def handle_events(self) -> None:
+        before = self.cycle
+        super().handle_events()
+        if self.cycle is not before:  # a request's headers are in (also one pipelined behind the last answer)
+            self._disarm()
+
+    def _arm(self) -> None:
+        if self._header_timer is None:
+            self._header_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._headers_too_slow)
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if self.cycle is not None and not self.cycle.response_complete:
+            return  # a request is being answered
+        if not self.transport.is_closing():
+            log.debug("web view: %s sent no complete request within %.0f s; closed", self.client, HEADER_TIMEOUT_S)
+            self.transport.close()
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -107,7 +155,8 @@ class WebServer:
         self.monitor = Monitor(self.index, daemon_status, self.options.poll_interval_s)
         self.state = WebState(self.index, self.monitor, ScanViews(self.options.raw_roots), self.options.raw_roots)
         app = build_app(self.state, self.options.token, loopback_only=self.options.host.strip("[]") in LOOPBACK_HOSTS)
-        config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2)
+        config = uvicorn.Config(app, http=HeaderDeadline, log_config=None, log_level="warning", access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=2)
         self._server = uvicorn.Server(config)
         self.monitor.start()
         return self._server

@@ -8,6 +8,7 @@ changes (`signature`); a running store is summarised again on every pass.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from datetime import datetime
@@ -16,7 +17,8 @@ from typing import Any
 
 from pipeline.errors import one_line
 from pipeline.store import schema
-from pipeline.store.reader import StoreError, StoreReader, read_attributes, scan_name
+from pipeline.store.confined import ConfinedLocalStore
+from pipeline.store.reader import StoreError, StoreReader, scan_name
 from pipeline.store.schema import Attr
 
 
@@ -27,6 +29,22 @@ def signature(store: Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return info.st_mtime_ns, info.st_size
+
+
+def root_attributes(store: Path) -> dict[str, Any] | None:
+    """The store's root attributes, read as the web view reads every store file (pipeline.store.confined: no link
+    followed, a regular file only, size capped); None while there is no such document (or it is not JSON yet)."""
+    try:
+        document = ConfinedLocalStore(store).get_sync(schema.ROOT_METADATA)
+    except StoreError:
+        return None
+    if document is None:
+        return None
+    try:
+        attributes = json.loads(document.to_bytes()).get("attributes", {})
+    except (ValueError, AttributeError):
+        return None
+    return attributes if isinstance(attributes, dict) else None
 
 
 def epoch(text: object) -> float | None:
@@ -45,9 +63,7 @@ def _number(value: object) -> int | None:
 
 def summarize(store: Path, scan_id: str) -> dict[str, Any] | None:
     """The row of a store, or None while it is not a store yet (no readable `zarr.json`, or one that is a link)."""
-    if (Path(store) / schema.ROOT_METADATA).is_symlink():
-        return None
-    attributes = read_attributes(store, follow_symlinks=False)
+    attributes = root_attributes(store)
     if attributes is None:
         return None
     status = str(attributes.get(Attr.STATUS) or "unknown")
@@ -58,7 +74,6 @@ def summarize(store: Path, scan_id: str) -> dict[str, Any] | None:
         "status": status,
         "end_reason": attributes.get(Attr.END_REASON),
         "frames_done": 0,
-        "frames_total": 0,
         "frames_expected": _number(attributes.get(Attr.FRAMES_EXPECTED)),
         "newest_done": None,
         "peaks": 0,
@@ -72,9 +87,9 @@ def summarize(store: Path, scan_id: str) -> dict[str, Any] | None:
         "daemon": None,
     }
     try:
-        reader = StoreReader(store)
+        reader = StoreReader(store, confined=True)
         done = reader.done_frames()
-        summary.update(frames_done=int(done.size), frames_total=reader.frames_total, newest_done=int(done[-1]) if done.size else None,
+        summary.update(frames_done=int(done.size), newest_done=int(done[-1]) if done.size else None,
                        peaks=reader.table_rows(schema.PEAKS))
     except StoreError as error:  # a failed scan's bare store: its attributes say why, there are no frames
         if status != schema.STATUS_FAILED:

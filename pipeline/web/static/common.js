@@ -33,14 +33,19 @@ const pv = {
     if (Number.isNaN(date.getTime())) return String(iso);
     return date.toLocaleString("en-GB", { year: "numeric", month: "short", day: "2-digit", hour: "2-digit", minute: "2-digit", second: "2-digit" });
   },
+  // The one count every page shows: frames done (their done flag set) of frames expected, where the scan file says.
   framesText(summary) {
-    const expected = summary.frames_expected ?? summary.frames_total;
+    const expected = summary.frames_expected;
     return expected ? `${pv.number(summary.frames_done)} of ${pv.number(expected)}` : pv.number(summary.frames_done);
   },
-  // The status with why a scan ended other than complete, e.g. "incomplete" + "idle_timeout".
+  // Why a scan ended other than complete (e.g. "idle_timeout"), or why its store cannot be read; null if neither.
+  reason(summary) {
+    return summary.problem || (summary.status !== "complete" && summary.status !== "running" ? summary.end_reason : null) || null;
+  },
+  // The status with its reason under it, e.g. "incomplete" + "idle_timeout".
   statusCell(summary) {
     const cell = pv.el("span", { class: `status status-${summary.status}`, text: summary.status });
-    const why = summary.problem || (summary.status !== "complete" && summary.status !== "running" ? summary.end_reason : null);
+    const why = pv.reason(summary);
     if (why) cell.append(pv.el("span", { class: "reason", text: why }));
     return cell;
   },

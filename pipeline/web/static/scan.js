@@ -17,9 +17,11 @@
   $("title").textContent = id;
   $("api-link").href = `/api/scans/${pv.encodeId(id)}`;
 
+  // A problem of this page (a picture that cannot be made), shown unless it is the scan's own reason, shown already.
   function problem(text) {
-    $("problem").hidden = !text;
-    $("problem").textContent = text || "";
+    const shown = text && text !== $("reason").textContent ? text : "";
+    $("problem").hidden = !shown;
+    $("problem").textContent = shown;
   }
 
   // -- one request at a time per kind, the newest wish wins ------------------------------------
@@ -60,6 +62,7 @@
     if (detail.quicklook) $("quicklook-link").href = api("quicklook");
     slider.max = String(Math.max(0, state.done.length - 1));
     slider.disabled = state.done.length === 0;
+    sections(detail);
     if (follow.checked && state.done.length) {
       slider.value = slider.max;
       showFrame();
@@ -68,15 +71,59 @@
     document.body.dataset.framesDone = String(detail.frames_done);
   });
 
+  // The pictures and the table only once there is a done frame: a scan that failed before any has its reason, once.
+  function sections(detail) {
+    const any = state.done.length > 0;
+    for (const name of ["frame-section", "projection-section", "curves-section", "peaks-section"]) $(name).hidden = !any;
+    const final = detail.status && detail.status !== "running";
+    $("no-frames").hidden = any;
+    $("no-frames").textContent = any ? "" : final ? "No frame of this scan was processed: nothing to show." : "No frame is done yet.";
+  }
+
   function header(summary) {
     if (!summary) return;
     const status = $("status");
     status.className = `status status-${summary.status}`;
     status.textContent = summary.status;
-    const why = summary.problem || (summary.status !== "complete" && summary.status !== "running" ? summary.end_reason : "");
     $("progress").textContent = `${pv.framesText(summary)} frames done` +
-      (summary.fps !== null ? `, ${pv.number(summary.fps, 1)} frames/s` : "") + `, ${pv.number(summary.peaks)} peaks` + (why ? ` (${why})` : "");
+      (summary.fps !== null ? `, ${pv.number(summary.fps, 1)} frames/s` : "") + `, ${pv.number(summary.peaks)} peaks`;
+    const why = pv.reason(summary);
+    $("reason").hidden = !why;
+    $("reason").textContent = why || "";
     document.body.dataset.status = summary.status;
+  }
+
+  // -- the colour bar: the grey levels of render.grey, with counts at their level ------------------------
+  function niceStep(range, count) {
+    const rough = range / count;
+    const power = 10 ** Math.floor(Math.log10(rough));
+    return [1, 2, 5, 10].map((m) => m * power).find((step) => step >= rough) || 10 * power;
+  }
+
+  function colourBar(scale, max) {
+    const top = scale === "log" ? Math.log(Math.max(2, max)) : Math.max(1, max);
+    const level = (value) => Math.min(1, Math.max(0, scale === "log" ? Math.log(Math.max(1, value)) / top : value / top));
+    let values = [];
+    if (scale === "log") {
+      for (let decade = 1; decade < max; decade *= 10) values.push(decade);
+    } else {
+      const step = niceStep(Math.max(1, max), 4);
+      for (let value = 0; value < max; value += step) values.push(value);
+    }
+    values = values.filter((value) => level(max) - level(value) > 0.08 || value === 0);  // no label over the top one
+    if (max > 0) values.push(max);
+    const ticks = values.map((value) => {
+      const text = scale === "log" && value === 1 ? "≤ 1" : pv.number(value);
+      const tick = pv.el("span", { class: "colour-bar-tick", text, "data-value": value, "data-level": level(value).toFixed(4) });
+      tick.style.bottom = `${(level(value) * 100).toFixed(2)}%`;
+      return tick;
+    });
+    $("colour-bar-ticks").replaceChildren(...ticks);
+    $("colour-bar-title").textContent = `counts, ${scale} scale`;
+    const bar = $("colour-bar");
+    bar.dataset.scale = scale;
+    bar.dataset.max = String(max);
+    bar.hidden = false;
   }
 
   // -- the frame picture --------------------------------------------------------------------------
@@ -96,6 +143,7 @@
     const h = (name) => response.headers.get(name);
     $("frame-number").textContent = `${frame}`;
     $("frame-axis").textContent = h("X-Axis-Name") !== "frame" ? `${h("X-Axis-Name")} = ${h("X-Axis-Value")}` : "";
+    colourBar($("scale").value, Number(h("X-Counts-Max")));
     $("frame-caption").textContent = `${$("scale").value} scale, 0 to ${pv.number(Number(h("X-Counts-Max")))} counts; ` +
       `${h("X-Instances")} TLM instance(s), ${h("X-Boxes")} box(es)` + (follow.checked ? "; the newest done frame" : "");
   });

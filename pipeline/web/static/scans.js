@@ -9,8 +9,8 @@
 
   function row(summary) {
     const tr = pv.el("tr", { "data-id": summary.id, "data-status": summary.status });
-    const expected = summary.frames_expected ?? summary.frames_total;
-    const fraction = expected ? Math.min(1, summary.frames_done / expected) : 0;
+    const expected = summary.frames_expected;
+    const fraction = expected ? Math.min(1, summary.frames_done / expected) : summary.status === "complete" ? 1 : 0;
     const bar = pv.el("span", { class: `bar bar-${summary.status}` }, pv.el("span"));
     bar.firstChild.style.width = `${(fraction * 100).toFixed(1)}%`;
     tr.append(
@@ -61,6 +61,20 @@
     rows.delete(id);
   }
 
+  // What the daemon says needs a person (a watched directory that does not exist...): above the table, never missed.
+  function problems(daemon) {
+    const lines = (daemon && daemon.problems) || [];
+    const box = document.getElementById("problems");
+    box.hidden = lines.length === 0;
+    document.getElementById("problem-list").replaceChildren(...lines.map((line) => pv.el("li", { text: line })));
+  }
+
+  function daemon(data) {
+    document.getElementById("daemon").textContent = pv.daemonText(data.daemon);
+    problems(data.daemon);
+    document.body.dataset.version = data.version;
+  }
+
   const stream = new EventSource("/api/stream");
   stream.addEventListener("open", () => pv.connection("live"));
   stream.addEventListener("error", () => pv.connection("lost"));
@@ -69,15 +83,13 @@
     for (const id of [...scans.keys()]) remove(id);
     data.scans.forEach(put);
     place();
-    document.getElementById("daemon").textContent = pv.daemonText(data.daemon);
-    document.body.dataset.version = data.version;
+    daemon(data);
   });
   stream.addEventListener("update", (message) => {
     const data = JSON.parse(message.data);
     data.removed.forEach(remove);
     data.changed.forEach(put);
     place();
-    document.getElementById("daemon").textContent = pv.daemonText(data.daemon);
-    document.body.dataset.version = data.version;
+    daemon(data);
   });
 })();
