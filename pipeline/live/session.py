@@ -121,6 +121,8 @@ class ScanSession:
         self.failed_frames: list[int] = []
         self.bad_frames: dict[str, list[int]] = {}  # "nan", "inf", "all_zero" -> frames (processed anyway)
         self.lost_frames: list[int] = []  # frames a truncation of the file cut out: never processed, the scan incomplete
+        self.capped_frames: list[int] = []  # frames whose TLM hit its detection cap (crowded): warned once, listed in the store
+        self.detection_cap = 0
         self.end_reason: str | None = None
         self.last_tables = 0.0
         self.thread = threading.Thread(target=self._follow, name=f"scan-{nexus_path.stem}", daemon=True)
@@ -245,6 +247,8 @@ class ScanSession:
                 mask = np.zeros(outcome.raw.shape, dtype=bool)
             else:
                 mask = combined_mask(outcome.prediction, self.config.volume.source)
+                if outcome.prediction.detections_capped:
+                    self._note_capped(outcome.index, outcome.prediction.detection_cap)
             outcome.timings.write_s = write_s
             self.waiting[outcome.index] = (mask, outcome.raw, outcome.axis_value, outcome.timings)
         self._link_ready()
@@ -252,6 +256,15 @@ class ScanSession:
             self._write_tables()
         if self.end_reason is not None:
             self._maybe_finish()
+
+    def _note_capped(self, index: int, cap: int) -> None:
+        """A crowded frame: said once per scan while it runs (a person can raise models.tlm.detections), listed at the end."""
+        if not self.capped_frames:
+            log.warning("%s frame %d: the TLM returned its cap of %d detections; more peaks may have been cut (frames at the "
+                        "cap are listed in the store's capped_frames; models.tlm.detections raises the cap)",
+                        self.nexus_path.name, index, cap)
+        self.capped_frames.append(index)
+        self.detection_cap = max(self.detection_cap, cap)
 
     def _link_ready(self, fill_gaps: bool = False) -> None:
         """Link every frame that is next in order, then write their volumes and done flags in one go."""
@@ -317,6 +330,8 @@ class ScanSession:
         bad_frames = {problem: sorted(set(frames)) for problem, frames in sorted(self.bad_frames.items())}
         self._store.finish(status, reason, frames_total, {"failed_frames": self.failed_frames, "bad_frames": bad_frames,
                                                           "lost_frames": sorted(set(self.lost_frames)),
+                                                          schema.Attr.CAPPED_FRAMES: sorted(set(self.capped_frames)),
+                                                          schema.Attr.DETECTION_CAP: self.detection_cap,
                                                           schema.Attr.SOURCE_STAT: stat_identity(self.nexus_path)})
         if bad_frames:
             log.warning("%s: %s; processed anyway (non-finite pixels as dead pixels), listed in the store's bad_frames",

@@ -166,6 +166,8 @@ def encode_result(result: FrameResult) -> list[Part]:
         "shape": list(prediction.tlm_labels.shape),
         "detections": [[*d.box, d.score, d.instance_id] for d in prediction.detections],
         "timings": prediction.timings,
+        "detection_cap": prediction.detection_cap,
+        "detections_capped": prediction.detections_capped,
         **({"extra": result.extra} if result.extra else {}),
     }
     return [  # the masks as views, not copies: send with `copy=False` (a prediction is never changed once made)
@@ -207,12 +209,18 @@ def decode_result(parts: Sequence[Part]) -> FrameResult:
     timings = header.get("timings", {})
     if not isinstance(timings, dict) or not all(isinstance(v, (int, float)) and abs(v) < MAX_NUMBER for v in timings.values()):
         raise WireError("'timings' must map stage names to seconds")
+    cap = header.get("detection_cap", 0)  # absent from workers older than the caps: no cap known
+    capped = header.get("detections_capped", False)
+    if not (isinstance(cap, int) and not isinstance(cap, bool) and 0 <= cap <= MAX_DETECTIONS) or not isinstance(capped, bool):
+        raise WireError(f"'detection_cap' must be 0..{MAX_DETECTIONS} and 'detections_capped' true or false: {cap!r}, {capped!r}"[:200])
     prediction = FramePrediction(
         tlm_labels=_array(parts[2], "uint16", shape, "tlm labels"),
         detections=_detections(header.get("detections")),
         ssl_clusters=_array(parts[3], "uint8", shape, "ssl clusters"),
         ssl_mask=_array(parts[4], "uint8", shape, "ssl mask"),
         timings={str(k): float(v) for k, v in timings.items()},
+        detections_capped=capped,
+        detection_cap=cap,
     )
     return FrameResult(
         task=_field(header, "task", int),

@@ -101,3 +101,5 @@ class Attr:
     FRAMES_DONE: Final = "frames_done"
     FAILED_FRAMES: Final = "failed_frames"
     BAD_FRAMES: Final = "bad_frames"
+    CAPPED_FRAMES: Final = "capped_frames"  # frames whose TLM returned as many detections as it may: more peaks may be cut
+    DETECTION_CAP: Final = "detection_cap"  # the most detections the TLM returned for one of those frames
