@@ -18,6 +18,7 @@ from pipeline import __version__
 from pipeline.argtypes import one_line_errors
 from pipeline.config import Config, load_config
 from pipeline.errors import PipelineError, UserError, report
+from pipeline.stop_signals import StopSignals
 
 if TYPE_CHECKING:
     from pipeline.live.daemon import Daemon
@@ -48,24 +49,6 @@ def _setup_logging(config: Config) -> None:
 # -- run -------------------------------------------------------------------------------------
 
 
-def _stop_on_signals() -> threading.Event:
-    """First SIGINT/SIGTERM: drain and stop. Second: stop at once (stores stay consistent, unfinished frames stay not done)."""
-    stop = threading.Event()
-
-    def handler(signum: int, _frame: Any) -> None:
-        if stop.is_set():
-            log.warning("second %s: stopping now", signal.Signals(signum).name)
-            os._exit(130)
-        log.info("%s: draining frames in flight, then stopping (send again to stop at once)", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-    if hasattr(signal, "SIGHUP"):
-        signal.signal(signal.SIGHUP, lambda *_: log.warning("SIGHUP: config reload is not supported; restart the daemon to apply a new config"))
-    return stop
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.live.daemon import Daemon
 
@@ -78,7 +61,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not config.watch.dirs:
         raise UserError("nothing to watch: give --watch DIR or set watch.dirs in the config")
     _setup_logging(config)
-    stop = _stop_on_signals()
+    signals = StopSignals().install()
     web = None
     if config.web.port is not None:  # bound before the daemon starts: a taken port stops the start
         from pipeline.web.server import serve_beside_daemon
@@ -90,11 +73,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if web is not None:
         web.start(daemon.status)
         log.info("live web view at %s", web.url)
-    stop.wait()
+    signals.requested.wait()
     if web is not None:
         web.stop()
-    daemon.shutdown(drain=True)
-    return 0
+    daemon.shutdown(drain=True, hurry=signals.hurry)
+    return signals.exit_code if signals.hurry.is_set() else 0  # a drained stop is the daemon's normal end
 
 
 # -- worker ----------------------------------------------------------------------------------
@@ -148,6 +131,7 @@ def cmd_process(args: argparse.Namespace) -> int:
         "follow.idle_timeout_s": args.idle_timeout,
     })
     _setup_logging(config)
+    signals = StopSignals().install()
     daemon = Daemon(config, watch=False, control=False).start()
     drain = True
     try:
@@ -156,27 +140,44 @@ def cmd_process(args: argparse.Namespace) -> int:
             if args.force and store.exists():
                 shutil.rmtree(store)
             daemon.add_scan(scan)
-        _wait_with_progress(daemon, disable=args.no_progress)
+        _wait_with_progress(daemon, disable=args.no_progress, stop=signals.requested)
     except PipelineError:
         drain = False  # no worker can run: nothing in flight would ever arrive
         raise
     finally:
-        daemon.shutdown(drain=drain, timeout=60.0 if drain else 5.0)
-    worst = 0
+        daemon.shutdown(drain=drain, timeout=60.0 if drain else 5.0, hurry=signals.hurry)
+    worst, complete, not_done = 0, 0, 0
     for scan in scans:
         store = store_path_for(scan, config.output.root, config.watch.dirs)
         status = store_status(store, follow_symlinks=False)  # a planted link's target is not this scan's store
         print(f"{scan.name}: {status} -> {store}")
         worst = max(worst, 0 if status == schema.STATUS_COMPLETE else 1)
+        complete += status == schema.STATUS_COMPLETE
+        not_done += _frames_not_done(store)
+    if signals.signal_name is not None:
+        print(f"stopped by {signals.signal_name}: {complete} of {len(scans)} scan(s) complete, {not_done} frame(s) not done; "
+              "the same command again resumes them", file=sys.stderr)
+        return signals.exit_code
     return worst
 
 
-def _wait_with_progress(daemon: Daemon, disable: bool) -> None:
-    """A progress bar of frames done over frames read, across the scans being processed."""
+def _frames_not_done(store: Path) -> int:
+    """Frames the store has room for and has not done (0 for a store that is not there or cannot be read)."""
+    from pipeline.store import StoreError, StoreReader
+
+    try:
+        reader = StoreReader(store)
+        return max(0, int(reader.attrs.get("frames_expected") or reader.frames_total) - int(reader.done_frames().size))
+    except (StoreError, OSError, ValueError, TypeError):
+        return 0
+
+
+def _wait_with_progress(daemon: Daemon, disable: bool, stop: threading.Event) -> None:
+    """A progress bar of frames done over frames read, across the scans being processed, until done or `stop`."""
     from tqdm import tqdm
 
     with tqdm(desc="process", unit="frame", disable=disable or None, leave=False) as bar:
-        while not daemon.wait_idle(timeout=0.5):
+        while not daemon.wait_idle(timeout=0.5) and not stop.is_set():
             unable = daemon.local_workers.unable
             if unable is not None and not daemon.dispatcher.stats()["workers"]:
                 raise PipelineError(unable)  # nothing would ever process the frames

@@ -64,7 +64,8 @@ def test_second_sigterm_stops_at_once_and_done_frames_stay_true(tmp_path, untrai
     config = write_config(tmp_path / "config.yaml", untrained_weights, follow={"idle_timeout_s": 20.0})
     plan = ScanPlan(directory=scans, name="abrupt", layout="nexus", n_frames=14, rate_hz=3.0, seed=32)
     daemon, writer, store = _run_until(config, scans, plan, tmp_path / "first.log", frames_done=3, signals=2)
-    assert daemon.returncode == 130
+    assert daemon.returncode == 128 + signal.SIGTERM  # not a normal end: frames in flight were left
+    assert (open_live(store).attrs["status"], open_live(store).attrs["end_reason"]) == ("incomplete", "stopped")  # never `running`
     writer.join(timeout=60)
     process_offline(config, plan.nxs_path, tmp_path / "offline")
     reference = open_live(tmp_path / "offline" / store.name)
@@ -115,3 +116,55 @@ def test_ctrl_c_in_the_terminal_leaves_the_store_saying_stopped(tmp_path, untrai
     assert group.attrs["status"] == "incomplete" and group.attrs["end_reason"] == "stopped", dict(group.attrs)
     done = group["frames/done"][:]
     assert 2 <= done.sum() < 60
+
+
+@pytest.mark.parametrize("signal_name, count", [("SIGINT", 1), ("SIGTERM", 1), ("SIGINT", 2)])
+def test_process_stopped_by_a_signal_says_what_was_left_and_a_rerun_resumes(tmp_path, signal_name, count):
+    """Issue 26: one Ctrl-C of `pipeline process` was ignored until the scan ended, two (or a SIGTERM) left the store
+    `running`, and SIGTERM exited 0. Now: non-zero (128 + the signal), one line saying what was left, the store
+    `incomplete`/`stopped`, and the same command again completes it."""
+    import os
+    import subprocess
+    import sys
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    config = write_config(tmp_path / "config.yaml", follow={"idle_timeout_s": 20.0}, models=MODELS_OFF)
+    plan = ScanPlan(directory=scans, name="interrupted", layout="gda9", n_frames=40, rate_hz=4.0, seed=34)
+    writer = ScanWriter(plan).start()
+    store = plan.nxs_path.with_suffix(".zarr")
+    command = [sys.executable, "-m", "pipeline", "process", "--config", str(config), "--no-progress", str(plan.nxs_path)]
+    deadline = time.monotonic() + 60
+    while not plan.nxs_path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while done_count(store) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for _ in range(count):
+            os.killpg(process.pid, getattr(signal, signal_name))  # the terminal's Ctrl-C reaches the whole group
+            time.sleep(0.2)
+        stopped_at = time.monotonic()
+        out, err = process.communicate(timeout=60)
+        took = time.monotonic() - stopped_at
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 128 + getattr(signal, signal_name), err[-3000:]
+    assert took < 30, took
+    group = open_live(store)
+    assert (group.attrs["status"], group.attrs["end_reason"]) == ("incomplete", "stopped"), dict(group.attrs)
+    done = int(group["frames/done"][:].sum())
+    assert 3 <= done < 40
+    assert f"interrupted.nxs: incomplete -> {store}" in out
+    summary = [line for line in err.splitlines() if line.startswith(f"stopped by {signal_name}")]
+    assert summary == [f"stopped by {signal_name}: 0 of 1 scan(s) complete, {40 - done} frame(s) not done; "
+                       "the same command again resumes them"], err[-3000:]
+    writer.join(timeout=60)
+    if count == 1 and signal_name == "SIGINT":
+        again = subprocess.run(command, capture_output=True, text=True, timeout=180)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert f"resuming at frame {done}" in again.stderr
+        group = open_live(store)
+        assert group.attrs["status"] == "complete" and group["frames/done"][:].tolist() == [1] * 40

@@ -239,9 +239,10 @@ class Daemon:
             time.sleep(0.05)
         return False
 
-    def _wait_sessions(self, deadline: float) -> bool:
-        """True once every started scan has ended (its frames in flight written), False at `deadline`."""
-        while time.monotonic() < deadline:
+    def _wait_sessions(self, deadline: float, hurry: threading.Event | None = None) -> bool:
+        """True once every started scan has ended (its frames in flight written), False at `deadline` or once `hurry`
+        is set (a second Ctrl-C: stop without waiting for frames in flight)."""
+        while time.monotonic() < deadline and not (hurry is not None and hurry.is_set()):
             with self._lock:
                 if all(s.finished.is_set() for s in self.sessions.values()):
                     return True
@@ -270,8 +271,9 @@ class Daemon:
         for session in unfinished:
             session.finished.wait(max(0.0, deadline - time.monotonic()))
 
-    def shutdown(self, drain: bool = True, timeout: float = 60.0) -> None:
-        """Stop following; with `drain`, let frames already read reach their stores first."""
+    def shutdown(self, drain: bool = True, timeout: float = 60.0, hurry: threading.Event | None = None) -> None:
+        """Stop following; with `drain`, let frames already read reach their stores first, unless `hurry` is set
+        meanwhile. Either way every scan started ends with an honest status (`incomplete`, `stopped`), never `running`."""
         deadline = time.monotonic() + timeout
         self._closing.set()  # no scan starts from now on; those still waiting are taken up again at the next start
         left_waiting = self.waiting_scans.clear()
@@ -282,7 +284,7 @@ class Daemon:
         for session in list(self.sessions.values()):
             session.stop.set()
         self._stop_readers()
-        if drain and not self._wait_sessions(deadline):
+        if drain and not self._wait_sessions(deadline, hurry):
             self._end_unfinished()
         elif not drain:
             self._end_unfinished(wait_s=2.0)
