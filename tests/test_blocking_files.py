@@ -331,3 +331,53 @@ def test_a_live_scan_is_not_queued_behind_a_backlog_of_finished_files(tmp_path, 
     finally:
         stop_daemon(process)
     assert first_frame_s < 10 and backlog_done < 200, (first_frame_s, backlog_done)  # it went before the backlog's end
+
+
+def _reader_pids(daemon_pid: int) -> list[int]:
+    """The daemon's reader processes (children running pipeline.live.reader_process)."""
+    pids = []
+    for task in Path(f"/proc/{daemon_pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            if b"pipeline.live.reader_process" in Path(f"/proc/{child}/cmdline").read_bytes():
+                pids.append(int(child))
+    return pids
+
+
+def _gone(pid: int) -> bool:
+    """The process has ended (no such process, or a zombie nobody has reaped yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_readers_do_not_outlive_a_daemon_killed_while_one_is_blocked(tmp_path, untrained_weights):
+    """kill -9 of the daemon (OOM killer, a node's watchdog) while a reader is inside HDF5's retry loop: the reader, which
+    runs no Python while HDF5 holds the interpreter lock, must still end (the kernel's parent-death signal), not linger
+    for minutes holding the file and a slot."""
+    watched = tmp_path / "scans"
+    watched.mkdir()
+    config = write_config(tmp_path / "config.yaml", untrained_weights, models=MODELS_OFF, readers={"step_timeout_s": 120.0})
+    process = start_daemon(config, watched, tmp_path / "daemon.log")
+    readers: list[int] = []
+    try:
+        wait_for_workers(config, 1)
+        _flipped_v3(watched / "rot.nxs")
+        endpoint = control_endpoint(config)
+        wait_until(lambda: any(s["scan"] == "rot.nxs" for s in (query_status(endpoint, 3.0) or {}).get("scans", [])), 30, "rot.nxs opened")
+        time.sleep(1.0)  # its reader is inside HDF5's retry loop now
+        readers = _reader_pids(process.pid)
+        assert readers, "no reader process found"
+        process.kill()
+        process.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while not all(_gone(pid) for pid in readers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        lingering = [pid for pid in readers if not _gone(pid)]
+    finally:
+        if process.poll() is None:
+            process.kill()
+        for pid in readers:
+            if not _gone(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert lingering == [], f"readers {lingering} outlived the daemon"

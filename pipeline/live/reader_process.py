@@ -29,6 +29,7 @@ from pipeline.config import FollowSettings
 from pipeline.errors import one_line, shortage_of
 from pipeline.live import channel
 from pipeline.live.follow import ScanError, ScanFollower
+from pipeline.live.lifeline import die_with_parent
 
 log = logging.getLogger("pipeline.reader")
 
@@ -129,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
                                      description="A reader process of the daemon (started by it; not for people).")
     parser.add_argument("--fd", type=int, required=True, help="this process's end of the daemon's socketpair")
     parser.add_argument("--log-level", default="INFO", help="the lowest level of log record passed on to the daemon")
+    parser.add_argument("--parent", type=int, default=None, help="the daemon's pid: this process is killed when it ends")
     args = parser.parse_args(argv)
+    if args.parent is not None:
+        die_with_parent(args.parent)
     sock = socket.socket(fileno=args.fd)
     link = _Link(sock)
     handler = _ToDaemon(link)

@@ -23,6 +23,7 @@ daemon costs no process start. The protocol:
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import signal
 import socket
@@ -37,7 +38,7 @@ from typing import Any, NoReturn
 import numpy as np
 
 from pipeline.config import FollowSettings, ReaderSettings
-from pipeline.live import channel
+from pipeline.live import channel, lifeline
 from pipeline.live.follow import Frame, ScanError
 from pipeline.nexus import ScanInfo
 
@@ -69,8 +70,9 @@ class ReaderProcess:
         ours, theirs = socket.socketpair()
         self.settings = settings
         self.sock = ours
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.live.reader_process", "--fd", str(theirs.fileno()), "--log-level", log_level],
+        self.process = lifeline.spawn(
+            [sys.executable, "-m", "pipeline.live.reader_process", "--fd", str(theirs.fileno()), "--log-level", log_level,
+             "--parent", str(os.getpid())],
             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, start_new_session=True)
         theirs.close()
         self.step = "starting"
