@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import queue
 import shutil
 import tempfile
 import threading
@@ -29,6 +28,7 @@ import zmq
 
 from pipeline.config import WorkerSettings
 from pipeline.live import wire
+from pipeline.live.fair_queue import FairQueue
 from pipeline.live.security import CurveServer
 from pipeline.live.wakeup import Wakeup
 
@@ -79,7 +79,7 @@ class Dispatcher:
         # which must go on reading heartbeats and rejecting strangers
         self.may_send = may_send
         self.context = context or zmq.Context.instance()
-        self.queue: queue.Queue[Dispatch] = queue.Queue(maxsize=max_queued)
+        self.queue: FairQueue[Dispatch] = FairQueue(max_queued)  # scans served in turn (pipeline.live.fair_queue)
         self._wakeup = Wakeup()
         self.retry: deque[Dispatch] = deque()
         self.in_flight: dict[int, Dispatch] = {}
@@ -119,16 +119,14 @@ class Dispatcher:
     # -- called from other threads ----------------------------------------------------------
 
     def submit(self, scan: str, frame: int, data: np.ndarray, context: Any = None, stop: threading.Event | None = None) -> bool:
-        """Queue one frame; blocks while the queue is full. False if stopping before it was queued."""
+        """Queue one frame; blocks while the queue, or this scan's share of it, is full. False if stopping before it was queued."""
         item = Dispatch(task=wire.FrameTask(task=0, scan=scan, frame=frame, data=data), context=context)
         while not self._stop.is_set():
-            try:
-                self.queue.put(item, timeout=0.1)
+            if self.queue.put(scan, item, timeout=0.1):
                 self._wakeup.set()  # sent now, not after the dispatcher's poll
                 return True
-            except queue.Full:
-                if stop is not None and stop.is_set():
-                    return False
+            if stop is not None and stop.is_set():
+                return False
         return False
 
     def pending(self) -> int:
@@ -302,10 +300,7 @@ class Dispatcher:
     def _next_dispatch(self) -> Dispatch | None:
         if self.retry:
             return self.retry.popleft()
-        try:
-            return self.queue.get_nowait()
-        except queue.Empty:
-            return None
+        return self.queue.get_nowait()
 
     def _send_frames(self) -> None:
         if self.may_send is not None and not self.may_send():
