@@ -165,7 +165,6 @@ def test_unreadable_files_fail_with_one_line_each_and_the_next_scan_completes(li
     bad = {  # file -> words its one line and its end_reason must hold
         appear(directory / "truncated.nxs", cut): ["truncated HDF5 file", "bytes on disk"],
         appear(directory / "corrupt.nxs", scribble): ["unreadable"],
-        nexus_file(directory / "no_detector.nxs", frames, detector="pil1_ccd"): ["no detector dataset", "pil3_100k/data"],
         nexus_file(directory / "strings.nxs", np.full((2, 195, 487), b"x", dtype="S1")): ["dtype |S1", "not a number type"],
         nexus_file(directory / "compound.nxs", shape=(2, 195, 487), dtype=np.dtype([("counts", "<i4"), ("gain", "<f4")])):
             ["dtype [('counts'", "not a number type"],
@@ -175,6 +174,8 @@ def test_unreadable_files_fail_with_one_line_each_and_the_next_scan_completes(li
         nexus_file(directory / "lost_link.nxs", link="lost_link-pilatus3_100k-files/lost_link.hdf"):
             ["target file did not appear within 2 s", str(directory / "lost_link-pilatus3_100k-files" / "lost_link.hdf")],
     }
+    # a NeXus file with no detector frames (a scan of counters only): skipped with one line, no store beside it
+    not_a_scan = nexus_file(directory / "no_detector.nxs", frames, detector="pil1_ccd")
     good_plan, good_writer = start_scan(directory, "good", seed=3)
     good_writer.join(timeout=60)
     other_shape = nexus_file(directory / "small_frames.nxs", np.ones((3, 100, 100), dtype=np.int32))  # any detector's frames
@@ -192,6 +193,18 @@ def test_unreadable_files_fail_with_one_line_each_and_the_next_scan_completes(li
         lines = live.log.problems(path.name)
         assert lines == [reason], (path.name, lines)  # one line, and it is the reason
     assert_complete(good_plan.nxs_path.with_suffix(".zarr"), 4)
+    def skipped_lines() -> list[str]:
+        return [line for line in live.log.lines("no_detector.nxs") if "not a detector scan" in line]
+
+    wait_until(skipped_lines, 30, "no_detector.nxs skipped")
+    skipped = skipped_lines()
+    assert len(skipped) == 1 and "no detector dataset" in skipped[0] and "no store made" in skipped[0], skipped
+    assert live.log.problems("no_detector.nxs") == []  # not a problem: nothing to segment
+    assert not not_a_scan.with_suffix(".zarr").exists()
+    scan = next(s for s in live.daemon.status()["scans"] if s["scan"] == "no_detector.nxs")
+    assert scan["status"] == "skipped" and "not a detector scan" in scan["reason"]
+    time.sleep(3 * 1.0)  # a few rescans offer it again: it is not opened again
+    assert len(live.log.lines("no_detector.nxs: following")) == 1
 
 
 def test_nan_and_all_zero_frames_are_processed_counted_and_an_abandoned_scan_ends_incomplete(live):

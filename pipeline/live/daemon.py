@@ -39,7 +39,7 @@ from pipeline.live.timings import FrameTimings
 from pipeline.live.watch import Watcher, find_scans
 from pipeline.live.wire import FrameResult
 from pipeline.store import schema
-from pipeline.store.location import recorded_stat_matches, store_path_for
+from pipeline.store.location import recorded_stat_matches, stat_identity, store_path_for
 from pipeline.store.provenance import describe_models
 from pipeline.store.reader import store_status
 
@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 LIVE_WINDOW_S = 5.0  # a scan file modified this recently is being written: it goes before finished ones
 STOP_READERS_S = 5.0  # at a stop, readers get this long to end their scans before they are killed
 KEEP_FINISHED_SESSIONS = 256  # finished scans still listed by `pipeline status`
+MAX_REMEMBERED_NOT_SCANS = 100_000  # files known to hold no detector frames (a path and three numbers each)
 SPACE_CHECK_INTERVAL_S = 2.0  # how often scans stopped by a shortage (space, descriptors) look again
 
 
@@ -57,6 +58,7 @@ class Daemon:
         self.watch = watch
         self.started = time.time()
         self.sessions: dict[str, ScanSession] = {}
+        self._not_scans: dict[str, list[int]] = {}  # path -> stat identity of files that are no detector scans
         self.waiting_scans = WaitingScans()
         self.stopping = threading.Event()
         self._closing = threading.Event()  # set by shutdown: no new scan starts
@@ -126,6 +128,11 @@ class Daemon:
     def add_scan(self, path: Path) -> None:
         """Queue a scan unless its store, made from this very file, is already complete or failed
         (rerun those with `pipeline process --force`); a replaced file gets a fresh store."""
+        with self._lock:
+            self._remember_not_scans()
+        if self._not_scans.get(str(path)) == stat_identity(path) is not None:
+            log.debug("%s: not a detector scan (unchanged since); skipped", path.name)
+            return
         store = store_path_for(path, self.config.output.root, self.config.watch.dirs)
         status = store_status(store, follow_symlinks=False)
         if status in (schema.STATUS_COMPLETE, schema.STATUS_FAILED) and recorded_stat_matches(store, path):
@@ -187,8 +194,18 @@ class Daemon:
             finished = [k for k, s in self.sessions.items() if s.finished.is_set()]
             for old in finished[: max(0, len(finished) - KEEP_FINISHED_SESSIONS)]:  # status shows the recent ones
                 del self.sessions[old]
+            self._remember_not_scans()
         log.info("%s: following", path)
         session.thread.start()
+
+    def _remember_not_scans(self) -> None:
+        """Files found to be no detector scans, by path and stat identity: offered again unchanged (every rescan does),
+        they are skipped without a reader. Bounded: the oldest are forgotten (and looked at once more)."""
+        for key, session in self.sessions.items():
+            if session.not_a_scan is not None:
+                self._not_scans[key] = session.not_a_scan
+        while len(self._not_scans) > MAX_REMEMBERED_NOT_SCANS:
+            del self._not_scans[next(iter(self._not_scans))]
 
     def _frame_done(self, scan: str, index: int, timings: FrameTimings) -> None:
         for hook in self._frame_hooks:

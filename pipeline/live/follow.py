@@ -76,8 +76,17 @@ class ScanError(PipelineError):
     """A scan that cannot be read; the message is one line naming the file and the problem."""
 
 
+class NotADetectorScan(ScanError):
+    """A NeXus file that has settled without detector frames (a scan of counters only, a processed file): nothing to
+    segment. The daemon skips it without making a store (a `failed` store beside every such file was noise)."""
+
+
 class _NotYet(Exception):
     """A problem that the writer may still fix (the file is still being written); final once it has settled."""
+
+
+class _NoDetector(_NotYet):
+    """No detector dataset (yet): the writer may still add it; once the file has settled it is not a detector scan."""
 
 
 @dataclass(frozen=True)
@@ -225,10 +234,11 @@ class ScanFollower:
                     raise ScanError(f"{path}: no such file (deleted before it could be read)") from None
                 if not exists and time.monotonic() > deadline:
                     raise ScanError(f"{self.nexus_path}: {missing} within {timeout_s:g} s") from None
+                final = NotADetectorScan if isinstance(error, _NoDetector) else ScanError
                 if exists and _settled(path):
-                    raise ScanError(f"{path}: {problem}") from None
+                    raise final(f"{path}: {problem}") from None
                 if exists and time.monotonic() > deadline:
-                    raise ScanError(f"{path}: {problem}, still after {timeout_s:g} s") from None
+                    raise final(f"{path}: {problem}, still after {timeout_s:g} s") from None
             self.progress(None)
             if self.stop.wait(min(0.2, timeout_s / 10)):
                 raise ScanError(f"{self.nexus_path}: stopped while opening")
@@ -356,7 +366,7 @@ class ScanFollower:
                     if link is not None:
                         return entry, f"{entry}/instrument/{name}/data", link
         names = ", ".join(f"[instrument/]{name}/data" for name in self.settings.detectors)
-        raise _NotYet(f"no detector dataset (none of {names} in {' or '.join(self.settings.entries)}, and no NXdetector group with data)")
+        raise _NoDetector(f"no detector dataset (none of {names} in {' or '.join(self.settings.entries)}, and no NXdetector group with data)")
 
     def _resolve_link_target(self, filename: str) -> Path:
         """Relative targets are relative to the NeXus file; absolute beamline paths fall back to it too."""

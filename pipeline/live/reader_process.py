@@ -28,7 +28,7 @@ from typing import Any
 from pipeline.config import FollowSettings
 from pipeline.errors import one_line, shortage_of
 from pipeline.live import channel
-from pipeline.live.follow import ScanError, ScanFollower
+from pipeline.live.follow import NotADetectorScan, ScanError, ScanFollower
 from pipeline.live.lifeline import die_with_parent
 
 log = logging.getLogger("pipeline.reader")
@@ -117,7 +117,7 @@ def _follow(link: _Link, request: dict[str, Any]) -> None:
         wanting = shortage_of(error)
         link.send({"type": "error", "reason": one_line(error), "wanting": wanting})
     except (ScanError, PermissionError, ValueError) as error:
-        link.send({"type": "error", "reason": one_line(error)})
+        link.send({"type": "error", "reason": one_line(error), "not_a_scan": isinstance(error, NotADetectorScan)})
     except Exception as error:  # a bug costs one scan; the process serves the next
         log.exception("%s: unexpected error while reading", request.get("scan"))
         link.send({"type": "error", "reason": f"{request.get('scan')}: internal error {type(error).__name__}: {error}"})

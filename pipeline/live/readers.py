@@ -39,7 +39,7 @@ import numpy as np
 
 from pipeline.config import FollowSettings, ReaderSettings
 from pipeline.live import channel, lifeline
-from pipeline.live.follow import Frame, ScanError
+from pipeline.live.follow import Frame, NotADetectorScan, ScanError
 from pipeline.nexus import ScanInfo
 
 log = logging.getLogger(__name__)
@@ -288,7 +288,7 @@ class RemoteScan:
             reason = str(header.get("reason", "unreadable"))
             if header.get("wanting"):
                 raise Shortage(reason, str(header["wanting"]))
-            raise ScanError(reason)
+            raise NotADetectorScan(reason) if header.get("not_a_scan") is True else ScanError(reason)
         return header, data
 
     def _doing(self, reader: ReaderProcess) -> str:

@@ -22,7 +22,7 @@ from pipeline.config import Config
 from pipeline.errors import one_line, shortage_of
 from pipeline.live import wire
 from pipeline.live.events import FrameContext, ScanEnded, ScanFailed, ScanStalled, SinkEvent
-from pipeline.live.follow import ScanError
+from pipeline.live.follow import NotADetectorScan, ScanError
 from pipeline.live.readers import ReaderPool, RemoteScan, Shortage
 from pipeline.live.shortage import SPACE, waiting_status
 from pipeline.live.timings import FrameTimings
@@ -121,6 +121,7 @@ class ScanSession:
         self.failed_frames: list[int] = []
         self.bad_frames: dict[str, list[int]] = {}  # "nan", "inf", "all_zero" -> frames (processed anyway)
         self.lost_frames: list[int] = []  # frames a truncation of the file cut out: never processed, the scan incomplete
+        self.not_a_scan: list[int] | None = None  # the file's inode, size and mtime once found to hold no detector frames
         self.capped_frames: list[int] = []  # frames whose TLM hit its detection cap (crowded): warned once, listed in the store
         self.detection_cap = 0
         self.end_reason: str | None = None
@@ -158,6 +159,11 @@ class ScanSession:
                 self.post(ScanFailed(self, one_line(error)))
             else:  # the file may be fine: try again when the shortage has passed
                 self.post(ScanStalled(self, f"{self.nexus_path}: stopped for want of {wanting} ({one_line(error)})", wanting))
+        except NotADetectorScan as error:
+            log.info("%s; not a detector scan: skipped, no store made", error)
+            self.not_a_scan = stat_identity(self.nexus_path)
+            self.state.status, self.state.reason = "skipped", f"not a detector scan ({error})"
+            self.finished.set()
         except (ScanError, PermissionError, ValueError) as error:
             if self.stop.is_set() and self.store is None:  # stopped before anything was written: nothing to record
                 log.info("%s: stopped before its store was opened", self.nexus_path.name)

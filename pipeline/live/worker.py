@@ -97,6 +97,14 @@ class _Link(threading.Thread):
             self.wakeup.close()
 
 
+def _by_shape(batch: list[wire.FrameTask]) -> list[list[wire.FrameTask]]:
+    """The batch split into runs of one frame shape and dtype, in the order their first frames came."""
+    groups: dict[tuple[tuple[int, ...], str], list[wire.FrameTask]] = {}
+    for task in batch:
+        groups.setdefault((task.data.shape, task.data.dtype.str), []).append(task)
+    return list(groups.values())
+
+
 def run_worker(endpoint: str, config: Config, device: str = "auto", name: str | None = None, threads: int = 0,
                wrap_predictor: Callable[[FramePredictor], FramePredictor] | None = None) -> int:
     """Serve frames until the daemon says stop (or goes away for good); returns an exit code.
@@ -132,13 +140,14 @@ def run_worker(endpoint: str, config: Config, device: str = "auto", name: str | 
                 except queue.Empty:
                     break
             link.busy = len(batch)
-            frames = np.stack([task.data for task in batch])
-            started = time.perf_counter()
-            predictions = predictor.predict_batch(frames)
-            elapsed = (time.perf_counter() - started) / len(batch)
-            for task, prediction in zip(batch, predictions):
-                prediction.timings.setdefault("worker_total", elapsed)
-                link.post(wire.encode_result(wire.FrameResult(task.task, task.scan, task.frame, name, prediction)))
+            for same_shape in _by_shape(batch):  # frames of several scans (several detectors) can share a batch
+                frames = np.stack([task.data for task in same_shape])
+                started = time.perf_counter()
+                predictions = predictor.predict_batch(frames)
+                elapsed = (time.perf_counter() - started) / len(same_shape)
+                for task, prediction in zip(same_shape, predictions):
+                    prediction.timings.setdefault("worker_total", elapsed)
+                    link.post(wire.encode_result(wire.FrameResult(task.task, task.scan, task.frame, name, prediction)))
             link.busy = 0
     except KeyboardInterrupt:
         pass
