@@ -1,9 +1,10 @@
-"""Every ```python snippet of the README's "Reading the outputs" section runs on a real finished store.
+"""Every ```python snippet of the "Reading the outputs" sections runs on a real finished store.
 
-The section lives in README.md once pasted there (under "## Reading the outputs"), and in
-docs/reading-outputs.md until then. Each snippet's first line must be `store = "..."`; the test
-puts a real store's path there, runs the snippet, and checks what it produced. dask and pandas are
-in the project's test dependencies, so every snippet runs.
+Two places hold such a section (under "## Reading the outputs"): README.md, with one short example
+(xarray, dask and pandas together), and docs/reading-outputs.md, with one example for each way in
+(zarr, xarray, DataTree, dask, the tables as numpy and as pandas). Each snippet's first line must be
+`store = "..."`; the test puts a real store's path there, runs the snippet, and checks what it
+produced. dask and pandas are in the project's test dependencies, so every snippet runs.
 """
 
 from __future__ import annotations
@@ -24,35 +25,44 @@ pytestmark = pytest.mark.daemon
 REPO = Path(__file__).resolve().parents[1]
 HEADING = "## Reading the outputs"
 FIRST_LINE = re.compile(r'^store = "[^"]*"$')
+README = REPO / "README.md"
+GUIDE = REPO / "docs" / "reading-outputs.md"
 
 
-def section_text() -> tuple[Path, str]:
-    """The section from README.md if it is there, else the docs file it is pasted from."""
-    for path in (REPO / "README.md", REPO / "docs" / "reading-outputs.md"):
-        if not path.is_file():
-            continue
-        lines = path.read_text().splitlines()
-        if HEADING in lines:
-            start = lines.index(HEADING) + 1
-            end = next((i for i in range(start, len(lines)) if lines[i].startswith("## ")), len(lines))
-            return path, "\n".join(lines[start:end])
-    raise AssertionError(f"no '{HEADING}' section in README.md or docs/reading-outputs.md")
+def section_text(path: Path) -> str:
+    """The text under HEADING in `path`, up to the next second-level heading."""
+    lines = path.read_text().splitlines()
+    assert HEADING in lines, f"no '{HEADING}' section in {path.relative_to(REPO)}"
+    start = lines.index(HEADING) + 1
+    end = next((i for i in range(start, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return "\n".join(lines[start:end])
 
 
-def snippets() -> list[str]:
-    return re.findall(r"^```python\n(.*?)^```", section_text()[1], flags=re.S | re.M)
+def snippets(path: Path) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", section_text(path), flags=re.S | re.M)
 
 
-SNIPPETS = snippets()
+SNIPPETS = [(path, snippet) for path in (README, GUIDE) for snippet in snippets(path)]
 
 
-def test_the_section_has_snippets_for_each_way_in():
-    text = "\n".join(SNIPPETS)
-    assert len(SNIPPETS) >= 5
-    for needed in ("use_consolidated=False", "frames/done", "xr.open_zarr", "dask.array", "peaks", "pandas"):
+def test_the_guide_has_snippets_for_each_way_in():
+    guide = snippets(GUIDE)
+    text = "\n".join(guide)
+    assert len(guide) >= 5
+    for needed in ("use_consolidated=False", "frames/done", "xr.open_zarr", "open_datatree", "dask.array", "peaks", "pandas", "h5py"):
         assert needed in text, needed
-    for snippet in SNIPPETS:
+    for _, snippet in SNIPPETS:
         assert FIRST_LINE.match(snippet.splitlines()[0]), snippet.splitlines()[0]
+
+
+def test_the_readme_has_one_short_example_and_names_the_installs():
+    (example,) = snippets(README)
+    assert len(example.splitlines()) <= 8, "the README's example stays short; the guide has the rest"
+    for needed in ("xr.open_zarr", "consolidated=False", "use_consolidated=False", "done", "pd.DataFrame", "peaks"):
+        assert needed in example, needed
+    section = section_text(README)
+    assert "pip install xarray dask pandas" in section
+    assert "docs/reading-outputs.md" in section
 
 
 def check_results(namespace: dict) -> list[str]:
@@ -88,17 +98,20 @@ def check_results(namespace: dict) -> list[str]:
 
 
 @pytest.mark.parametrize("which", ["pipeline", "truth"])
-@pytest.mark.parametrize("index", range(len(SNIPPETS)))
+@pytest.mark.parametrize("index", range(len(SNIPPETS)), ids=[f"{path.stem}-{i + 1}" for i, (path, _) in enumerate(SNIPPETS)])
 def test_snippet_runs_on_a_finished_store(index, which, processed_scan, truth_store):
     """On the pipeline's own store (untrained models: few or no peaks) and on its ground-truth copy (2 peaks)."""
     store = processed_scan.store if which == "pipeline" else truth_store
-    lines = SNIPPETS[index].splitlines()
+    path, snippet = SNIPPETS[index]
+    lines = snippet.splitlines()
     code = "\n".join([f"store = {str(store)!r}", *lines[1:]])
     namespace: dict = {}
     output = io.StringIO()
     with contextlib.redirect_stdout(output):
-        exec(compile(code, f"snippet {index + 1} of {section_text()[0].name}", "exec"), namespace)
+        exec(compile(code, f"snippet {index + 1} ({path.relative_to(REPO)})", "exec"), namespace)
     assert output.getvalue().strip(), "the snippet printed nothing"
-    assert check_results(namespace), f"nothing recognisable to check after snippet {index + 1}"
+    assert check_results(namespace), f"nothing recognisable to check after snippet {index + 1} of {path.relative_to(REPO)}"
     if which == "truth" and "n_peaks" in namespace:
         assert namespace["n_peaks"] == 2
+    if which == "truth" and hasattr(namespace.get("peaks"), "columns"):
+        assert len(namespace["peaks"]) == 2
