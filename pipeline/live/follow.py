@@ -207,7 +207,7 @@ class ScanFollower:
         self._keys: h5py.Dataset | None = None
         self._axis_path: str | None = None
         # datasets of the NeXus file looked at on every poll, found once per opening of it: an h5py `get` by path
-        # costs ~120 us, a third of a poll's look (README, Speed); None: not there (until the file is reopened)
+        # costs ~120 us, a third of a poll's look (docs/performance.md); None: not there (until the file is reopened)
         self._nexus_datasets: dict[str, h5py.Dataset | None] = {}
         self._reader: BoundedFrameReader | None = None
         self._identities: dict[Path, tuple[int, int] | None] = {}  # the files we opened, to notice them replaced

@@ -48,7 +48,7 @@ def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     train.add_argument("--stop-after", type=_positive_int, default=None,
                        help="stop at this step with a checkpoint, to be finished later with --resume")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
-    labelled = train.add_argument_group("labelled frames (fine-tuning; see the README's 'Training on your own labelled frames')")
+    labelled = train.add_argument_group("labelled frames (fine-tuning; see 'Training on your own labelled frames' in docs/models.md)")
     labelled.add_argument("--labels", type=Path, default=None, metavar="CSV",
                           help="a DiPID/Zooniverse classification export: fine-tune on these labelled frames")
     labelled.add_argument("--scan-dir", type=Path, default=None, metavar="DIR", help="where the labelled scans' .nxs files are")

@@ -1,7 +1,7 @@
 """The preprocessing of `pipeline.models.preprocess` in torch, so that on a GPU it runs where the models run.
 
 Why: on the H200 a worker spent ~11 ms of CPU per frame on dead pixels, the log scale and the
-significance input before the GPU saw the frame (README, Speed), more than the SSLM itself took.
+significance input before the GPU saw the frame (docs/performance.md), more than the SSLM itself took.
 Here the raw counts go to the device once and everything after happens there, in float64 as the
 NumPy version does, for a batch of frames at a time. The NumPy version stays the reference (and
 what a CPU worker runs): `tests/test_preprocess.py` checks both give the same inputs.

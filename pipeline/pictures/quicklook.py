@@ -200,7 +200,7 @@ def done_blocks(volume: zarr.Array, dataset: h5py.Dataset, frames: np.ndarray,
     """(frames, their 3D labels, their raw counts clipped at 0, in the file's dtype) for sorted `frames` within the raw
     file, a block at a time: each block lies in one shard of the store and is one zarr read and one HDF5 read. Read
     frame by frame, as float64, a 2,000-frame scan's quick look took 2.6-5 s of CPU, about what the daemon spent on the
-    scan itself (README, Speed)."""
+    scan itself (docs/performance.md)."""
     if not frames.size:
         return
     for block in np.split(frames, np.flatnonzero(np.diff(frames // block_frames)) + 1):

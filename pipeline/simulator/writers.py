@@ -186,7 +186,7 @@ def _append(dataset: h5py.Dataset, index: int, value: np.ndarray | float) -> Non
 
 def _append_frame(dataset: h5py.Dataset, index: int, counts: np.ndarray) -> None:
     """A frame written as its chunk's bytes (H5Dwrite_chunk), as detector file writers (Odin, the Eiger's) do: no
-    selection or conversion in HDF5, ~3x less CPU than `dataset[index] = counts` (README, Speed). The chunk is one
+    selection or conversion in HDF5, ~3x less CPU than `dataset[index] = counts` (docs/performance.md). The chunk is one
     uncompressed frame, so its bytes are the frame's."""
     dataset.resize(index + 1, axis=0)
     dataset.id.write_direct_chunk((index, 0, 0), np.ascontiguousarray(counts, dtype=dataset.dtype).data)

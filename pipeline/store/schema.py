@@ -23,7 +23,7 @@ VOLUME_LABELS: Final = "volume/labels"
 FRAME_ARRAYS: Final = {TLM_LABELS: "uint16", SSL_CLUSTERS: "uint8", SSL_MASK: "uint8", VOLUME_LABELS: "uint32"}
 """path -> dtype of the (frame, y, x) arrays."""
 # frames per shard (Zarr v3 sharding) of the frame arrays and tlm/boxes: one file holds this many one-frame chunks,
-# because creating a file costs ~0.4-2 ms of kernel time here, per array per frame (README, Speed). The chunk, the unit a
+# because creating a file costs ~0.4-2 ms of kernel time here, per array per frame (docs/performance.md). The chunk, the unit a
 # reader decodes, is still one frame.
 FRAME_SHARD: Final = 64
 
