@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -15,8 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline import __version__
-from pipeline.argtypes import one_line_errors
-from pipeline.config import Config, load_config
+from pipeline.argtypes import non_negative_int, one_line_errors, positive_float, positive_int
+from pipeline.config import Config, DaemonSettings, load_config
 from pipeline.errors import PipelineError, UserError, report
 from pipeline.stop_signals import StopSignals
 
@@ -50,16 +51,20 @@ def _setup_logging(config: Config) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.live.daemon import Daemon
-
     config = _config_from(args, {
         "watch.dirs": [str(Path(d).resolve()) for d in args.watch] if args.watch else None,
         "output.root": str(Path(args.output_root).resolve()) if args.output_root else None,
         "workers.local": args.workers,
         "workers.device": args.device,
+        "daemon.control": args.control,
     })
     if not config.watch.dirs:
         raise UserError("nothing to watch: give --watch DIR or set watch.dirs in the config")
+    _check_watched_directories(config)
+    _check_output_root(config, "--output-root" if args.output_root else "output.root")
+
+    from pipeline.live.daemon import Daemon
+
     _setup_logging(config)
     signals = StopSignals().install()
     web = None
@@ -68,8 +73,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         web = serve_beside_daemon(config)
     daemon = Daemon(config).start()
-    log.info("watching %s; workers connect to %s; status at %s", ", ".join(map(str, config.watch.dirs)), daemon.dispatcher.endpoint,
-             config.daemon.control)
+    log.info("watching %s; workers connect to %s; `pipeline status` asks at %s", ", ".join(map(str, config.watch.dirs)),
+             daemon.dispatcher.endpoint, config.daemon.control)
     if web is not None:
         web.start(daemon.status)
         log.info("live web view at %s", web.url)
@@ -78,6 +83,51 @@ def cmd_run(args: argparse.Namespace) -> int:
         web.stop()
     daemon.shutdown(drain=True, hurry=signals.hurry)
     return signals.exit_code if signals.hurry.is_set() else 0  # a drained stop is the daemon's normal end
+
+
+def _check_watched_directories(config: Config) -> None:
+    """A watched path that can never be a directory (a regular file, a path through one) is a mistake: refused at start.
+    One that does not exist yet is not: a visit's directory is often made after the daemon starts (`pipeline status` and
+    the web front page say it is missing until then)."""
+    from pipeline.live.watch import MISSING, directory_problem
+
+    for directory in config.watch.dirs:
+        problem = directory_problem(directory)
+        if problem is not None and problem != MISSING:
+            raise UserError(f"watched directory {directory}: {problem}")
+
+
+def _check_output_root(config: Config, name: str) -> None:
+    """Stores must be writable under output.root: said once at start (exit 2), not once per scan in the log."""
+    root = config.output.root
+    if root is None:
+        return
+    problem = output_root_problem(root)
+    if problem is not None:
+        raise UserError(f"{name} {root}: {problem}")
+
+
+def output_root_problem(root: Path) -> str | None:
+    """Why no store can be written under `root`, or None: tried for real (a file made and removed in it, or, while it
+    does not exist, a folder made and removed in its nearest existing parent, where the daemon would make it)."""
+    import tempfile
+
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():
+            return f"{existing} is a link to nothing"
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a regular file, not a directory" if existing.is_file() else f"{existing} is not a directory"
+    try:
+        if existing == root:
+            with tempfile.TemporaryFile(dir=root, prefix=".pipeline-probe-"):
+                pass
+        else:
+            os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".pipeline-probe-"))
+    except OSError as error:
+        return f"cannot write in {existing} ({error.strerror})"
+    return None
 
 
 # -- worker ----------------------------------------------------------------------------------
@@ -130,6 +180,7 @@ def cmd_process(args: argparse.Namespace) -> int:
         "workers.device": args.device,
         "follow.idle_timeout_s": args.idle_timeout,
     })
+    _check_output_root(config, "--output-root" if args.output_root else "output.root")
     _setup_logging(config)
     signals = StopSignals().install()
     daemon = Daemon(config, watch=False, control=False).start()
@@ -147,10 +198,17 @@ def cmd_process(args: argparse.Namespace) -> int:
     finally:
         daemon.shutdown(drain=drain, timeout=60.0 if drain else 5.0, hurry=signals.hurry)
     worst, complete, not_done = 0, 0, 0
+    sessions = {str(session.store_path): session.state for session in list(daemon.sessions.values())}
     for scan in scans:
         store = store_path_for(scan, config.output.root, config.watch.dirs)
         status = store_status(store, follow_symlinks=False)  # a planted link's target is not this scan's store
-        print(f"{scan.name}: {status} -> {store}")
+        if status is not None:
+            print(f"{scan.name}: {status} -> {store}")
+        else:  # no store could be made or read: what the scan's session said, not a status the store does not hold
+            state = sessions.get(str(store))
+            reason = state.reason.removeprefix(f"{scan}: ") if state is not None else ""
+            said = "not started" if state is None else f"{state.status} ({reason})" if reason else state.status
+            print(f"{scan.name}: {said}; no store at {store}")
         worst = max(worst, 0 if status == schema.STATUS_COMPLETE else 1)
         complete += status == schema.STATUS_COMPLETE
         not_done += _frames_not_done(store)
@@ -191,19 +249,22 @@ def _wait_with_progress(daemon: Daemon, disable: bool, stop: threading.Event) ->
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from pipeline.live.control import query_status
+    from pipeline.live.control import expand, query_status
 
     config = _config_from(args)
-    endpoint = args.endpoint or config.daemon.control
+    endpoint, source = control_endpoint(args.endpoint, config, args.config)
     status = query_status(endpoint)
     if status is None:
-        print(f"no daemon answers at {endpoint} (is `pipeline run` running with this config?)", file=sys.stderr)
+        print(f"no daemon answers at {expand(endpoint)} ({source}); is `pipeline run` running with this config? "
+              "(--endpoint or --config names another daemon)", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
     dispatch = status["dispatch"]
     print(f"daemon pid {status['pid']}, up {status['uptime_s']:.0f} s, workers at {dispatch['endpoint']}")
+    for problem in status.get("problems") or []:  # what needs a person first: a watched directory that is not there
+        print(f"problem: {' '.join(str(problem).split())}")
     print(f"queue: {dispatch['queued']} waiting, {dispatch['in_flight']} in flight; {dispatch['results']} results, "
           f"{dispatch['rejected']} rejected, {dispatch['redispatched']} re-dispatched")
     for worker in dispatch["workers"]:
@@ -212,6 +273,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         reason = f" ({scan['reason']})" if scan["reason"] else ""
         print(f"  {scan['scan']}: {scan['status']}{reason}, {scan['frames_done']}/{scan['frames_read']} frames done, {scan['fps']} frames/s")
     return 0
+
+
+def control_endpoint(option: str | None, config: Config, config_file: Path | None) -> tuple[str, str]:
+    """The control endpoint `pipeline status` asks, and where it came from, in words (said when nothing answers)."""
+    if option:
+        return option, "from --endpoint"
+    if config.daemon.control != DaemonSettings().control:
+        return config.daemon.control, f"daemon.control in {config_file}"
+    where = f", not set in {config_file}" if config_file is not None else ""
+    return config.daemon.control, f"the default daemon.control{where}"
 
 
 # -- keys ------------------------------------------------------------------------------------
@@ -230,74 +301,117 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 # -- the parser ------------------------------------------------------------------------------
 
+# Sub-commands whose parsers live beside their code: (name, module, the module's function that adds its parsers, the
+# one-line help of `pipeline --help`). Those modules import numpy, scipy, matplotlib, h5py and torch (seconds on a busy
+# machine), so only the chosen command's module is imported; the others are listed by their help line alone
+# (tests/test_cli_startup.py checks these lines against the modules' own). A module's commands stay together, in its order.
+OTHER_COMMANDS: list[tuple[str, str, str, str]] = [
+    ("simulate", "pipeline.simulator.writers", "add_parser", "write simulated scans live, with ground truth (a beamline stand-in)"),
+    ("demo", "pipeline.tools.demo", "add_parser", "simulated scans written live and processed live, with a summary"),
+    ("train", "pipeline.models.commands", "add_parsers",
+     "train a model on synthetic frames, or fine-tune it on labelled frames (--labels)"),
+    ("evaluate", "pipeline.models.commands", "add_parsers", "evaluate the models on a held-out synthetic set"),
+    ("labels", "pipeline.models.labels", "add_parser",
+     "labelled frames in DiPID's format (a Zooniverse export): export a store's masks, check a CSV"),
+    ("bench", "pipeline.tools.bench", "add_parser", "measure throughput, latency, stage times and memory against DiPID's way"),
+    ("soak", "pipeline.tools.soak", "add_parser",
+     "run the real daemon for minutes under simulated scans and random faults; count lost and doubled frames"),
+    ("show", "pipeline.pictures.view", "add_parsers", "one frame of a scan with its masks and boxes drawn over it, as a PNG"),
+    ("view", "pipeline.pictures.view", "add_parsers", "open a scan's frames and masks in napari (or draw the 3D peaks without it)"),
+    ("quicklook", "pipeline.pictures.view", "add_parsers", "(re)make a scan's quick-look PNG: peak projection and rocking curves"),
+    ("web", "pipeline.web.server", "add_parser",
+     "a live web view of every scan's store: progress, frames with their masks, peaks, rocking curves"),
+]
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pipeline", description="Live peak segmentation for beamline scans.")
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with `command`, only that sub-command's module is imported (the others are listed
+    by their help line), so `pipeline --version`, `status` and `run --help` start without torch."""
+    parser = argparse.ArgumentParser(prog="pipeline", description="Live peak segmentation for beamline scans: `pipeline run` "
+                                     "watches directories and segments every frame of each new scan as it is written; "
+                                     "`pipeline COMMAND --help` explains each command.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    run = sub.add_parser("run", help="the daemon: watch directories, process every new scan live")
+    run = sub.add_parser("run", help="the daemon: watch directories, process every new scan live",
+                         description="Watch directories for scan files, follow each one while it is written and segment "
+                                     "every frame with the TLM and SSLM, writing <scan>.zarr beside it (or under "
+                                     "--output-root). Stops on Ctrl-C or SIGTERM after the frames in flight are written; "
+                                     "a restarted daemon resumes unfinished scans. `pipeline status` asks it what it is doing.")
     _add_config_argument(run)
-    run.add_argument("--watch", action="append", metavar="DIR", help="directory to watch (repeatable; overrides watch.dirs)")
-    run.add_argument("--output-root", metavar="DIR", help="write stores here instead of beside each scan")
-    run.add_argument("--workers", type=int, metavar="N", help="local worker processes (overrides workers.local)")
-    run.add_argument("--device", metavar="DEV", help="auto | cpu | cuda | cuda:N (overrides workers.device)")
+    run.add_argument("--watch", action="append", metavar="DIR",
+                     help="directory to watch, and everything below it (repeatable; overrides watch.dirs). One that does "
+                          "not exist yet is picked up when it is created; a regular file is refused")
+    run.add_argument("--output-root", metavar="DIR", help="write stores under DIR, mirroring the watched tree, instead of beside "
+                                                          "each scan (overrides output.root); it must be writable")
+    run.add_argument("--workers", type=non_negative_int, metavar="N", help="local worker processes to start (overrides workers.local; "
+                                                                           "0: only workers that join with `pipeline worker`)")
+    run.add_argument("--device", metavar="DEV", help="where local workers run the models: auto | cpu | cuda | cuda:N (overrides workers.device)")
+    run.add_argument("--control", metavar="ENDPOINT",
+                     help="where `pipeline status` reaches this daemon (overrides daemon.control, default "
+                          f"{DaemonSettings().control}); give each daemon on one account its own, e.g. ipc://~/.pipeline/i16")
     run.set_defaults(func=cmd_run)
 
-    worker = sub.add_parser("worker", help="a worker that joins a daemon (locally or from another host)")
+    worker = sub.add_parser("worker", help="a worker that joins a daemon (locally or from another host)",
+                            description="Run the models for a daemon: connect to its worker endpoint (workers.bind on the "
+                                        "daemon's host), take frames, send back masks. The daemon starts workers.local of these "
+                                        "itself; start more by hand, e.g. on a GPU host.")
     _add_config_argument(worker)
     worker.add_argument("--connect", required=True, metavar="ENDPOINT", help="the daemon's worker endpoint, e.g. tcp://host:5555")
-    worker.add_argument("--device", metavar="DEV", help="auto | cpu | cuda | cuda:N")
-    worker.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    worker.add_argument("--device", metavar="DEV", help="auto | cpu | cuda | cuda:N (default: workers.device)")
+    worker.add_argument("--threads", type=non_negative_int, default=0, metavar="N", help="torch CPU threads (0: torch's default)")
     worker.add_argument("--name", help="name shown in `pipeline status`")
     worker.add_argument("--parent", type=int, default=0, help=argparse.SUPPRESS)
     worker.set_defaults(func=cmd_worker)
 
-    process = sub.add_parser("process", help="run existing scan files through the same path as the daemon")
+    process = sub.add_parser("process", help="run existing scan files through the same path as the daemon",
+                             description="Process finished (or still growing) scan files through the daemon's own path, with "
+                                         "local workers, then print each scan's status and store. Exit 0 when every store is "
+                                         "complete. A store that is already complete is kept unless --force.")
     _add_config_argument(process)
-    process.add_argument("scans", nargs="+", metavar="SCAN.nxs")
-    process.add_argument("--output-root", metavar="DIR")
-    process.add_argument("--workers", type=int, metavar="N")
-    process.add_argument("--device", metavar="DEV")
-    process.add_argument("--idle-timeout", type=float, default=5.0, metavar="S",
+    process.add_argument("scans", nargs="+", metavar="SCAN.nxs", help="the scan files")
+    process.add_argument("--output-root", metavar="DIR", help="write stores under DIR instead of beside each scan "
+                                                              "(overrides output.root); it must be writable")
+    process.add_argument("--workers", type=positive_int, metavar="N", help="local worker processes (overrides workers.local)")
+    process.add_argument("--device", metavar="DEV", help="where the workers run the models: auto | cpu | cuda | cuda:N "
+                                                         "(overrides workers.device)")
+    process.add_argument("--idle-timeout", type=positive_float, default=5.0, metavar="S",
                          help="a file with no end marker is taken as ended after this long without a new frame (default 5)")
     process.add_argument("--force", action="store_true", help="rebuild a store that is already complete")
     process.add_argument("--no-progress", action="store_true", help="no progress bar")
     process.set_defaults(func=cmd_process)
 
-    status = sub.add_parser("status", help="what a running daemon is doing")
+    status = sub.add_parser("status", help="what a running daemon is doing",
+                            description="Ask a running `pipeline run` for its workers, queue, scans and problems. It asks at "
+                                        "--endpoint, else daemon.control of --config, else the default; exit 1 when nothing answers.")
     _add_config_argument(status)
-    status.add_argument("--endpoint", help="the daemon's control endpoint (default: daemon.control)")
+    status.add_argument("--endpoint", help="the daemon's control endpoint (overrides daemon.control)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=cmd_status)
 
-    keys = sub.add_parser("keys", help="CurveZMQ key pairs for authenticating workers")
+    keys = sub.add_parser("keys", help="CurveZMQ key pairs for authenticating workers",
+                          description="Make CurveZMQ key pairs: the daemon's and each remote worker's (see workers.curve_secret_key).")
     keys_sub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
-    generate = keys_sub.add_parser("generate", help="make a key pair: NAME.key (public) and NAME.key_secret")
+    generate = keys_sub.add_parser("generate", help="make a key pair: NAME.key (public) and NAME.key_secret",
+                                   description="Write NAME.key (public: share it) and NAME.key_secret (private, mode 0600).")
     generate.add_argument("name", help="e.g. daemon, or the worker's host name")
     generate.add_argument("--out", type=Path, default=Path("keys"), help="directory for the key files (default ./keys)")
     generate.set_defaults(func=cmd_keys)
 
-    from pipeline.models import commands as model_commands
-    from pipeline.models import labels as label_commands
-    from pipeline.pictures import view
-    from pipeline.simulator import writers as simulate
-    from pipeline.tools import bench, demo, soak
-    from pipeline.web import server as web
-
-    simulate.add_parser(sub)
-    demo.add_parser(sub)
-    model_commands.add_parsers(sub)
-    label_commands.add_parser(sub)
-    bench.add_parser(sub)
-    soak.add_parser(sub)
-    view.add_parsers(sub)
-    web.add_parser(sub)
+    chosen = next((module for name, module, _, _ in OTHER_COMMANDS if name == command), None)
+    added: set[str] = set()
+    for name, module, adder, help_line in OTHER_COMMANDS:
+        if module not in added and (command is None or module == chosen):
+            getattr(importlib.import_module(module), adder)(sub)
+            added.add(module)
+        if name not in sub.choices:
+            sub.add_parser(name, help=help_line)
     return one_line_errors(parser)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(next((arg for arg in argv if not arg.startswith("-")), ""))  # the top level has no option with a value
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

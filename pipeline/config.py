@@ -7,6 +7,7 @@ Relative paths in a config file are resolved against that file's directory.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -227,11 +228,26 @@ class Config(Strict):
         return _validate(data, source="command line")
 
 
+def _known_keys_hint(path: list[str]) -> str:
+    """`did you mean 'workers.local'?` for a typo of a known key (difflib), else the keys its section has."""
+    section: type[BaseModel] = Config
+    for part in path[:-1]:
+        annotation = section.model_fields[part].annotation if part in section.model_fields else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return "see pipeline.yaml for every key"
+        section = annotation
+    known = list(section.model_fields)
+    close = difflib.get_close_matches(path[-1], known, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean '{'.'.join([*path[:-1], close[0]])}'?"
+    return f"{'.'.join(path[:-1]) or 'the top level'} has: {', '.join(known)}"
+
+
 def _one_line(error: ValidationError, source: str) -> str:
     first = error.errors()[0]
     key = ".".join(str(part) for part in first["loc"]) or "(top level)"
     if first["type"] == "extra_forbidden":
-        return f"{source}: unknown key '{key}'"
+        return f"{source}: unknown key '{key}' ({_known_keys_hint([str(part) for part in first['loc']])})"
     value = first.get("input")
     message = str(first["msg"]).removeprefix("Value error, ")
     if isinstance(value, dict) or key.endswith("token"):  # a whole section says nothing more; a secret is not echoed

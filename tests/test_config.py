@@ -53,3 +53,21 @@ def test_the_command_line_reports_a_bad_config_in_one_line_with_exit_2(tmp_path)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "workers.local" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("workers:\n  locl: 2\n", "unknown key 'workers.locl' (did you mean 'workers.local'?)"),
+        ("wokers:\n  local: 2\n", "unknown key 'wokers' (did you mean 'workers'?)"),
+        ("models:\n  tlm:\n    score_treshold: 0.5\n", "unknown key 'models.tlm.score_treshold' (did you mean 'models.tlm.score_threshold'?)"),
+        ("daemon:\n  controll: tcp://127.0.0.1:5\n", "unknown key 'daemon.controll' (did you mean 'daemon.control'?)"),
+        ("volume:\n  zzz: 1\n", "unknown key 'volume.zzz' (volume has: source, min_pixels)"),
+    ],
+)
+def test_an_unknown_key_says_the_closest_known_one_and_the_file(tmp_path, text, message):
+    path = tmp_path / "typo.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert str(error.value) == f"{path}: {message}"

@@ -100,4 +100,5 @@ def test_status_without_a_daemon_is_one_line_and_exit_1(tmp_path):
         result = pipeline_status(config, *extra)
         assert result.returncode == 1
         assert result.stdout == ""
-        assert result.stderr == f"no daemon answers at {endpoint} (is `pipeline run` running with this config?)\n"
+        assert result.stderr == (f"no daemon answers at {endpoint} (daemon.control in {config}); is `pipeline run` running with this "
+                                 "config? (--endpoint or --config names another daemon)\n")

@@ -141,3 +141,32 @@ def test_polling_mode_finds_files_and_replacements_by_rescans_alone(tmp_path):
         reports.wait_for(scan, times=2)
     finally:
         watcher.stop()
+
+
+def test_problems_name_each_watched_path_that_cannot_be_watched_and_clear_when_fixed(tmp_path):
+    """What `pipeline status` and the web front page show: re-checked at every rescan."""
+    good, missing, a_file = tmp_path / "good", tmp_path / "visit-1", tmp_path / "a-file"
+    good.mkdir()
+    a_file.write_text("not a directory")
+    through = a_file / "sub"
+    reports = Reports()
+    watcher = Watcher(WatchSettings(dirs=[good, missing, a_file, through], mode="polling", poll_interval_s=3600), reports).start()
+    try:
+        assert watcher.problems() == [
+            f"{missing}: watched directory does not exist (when it is created, it is picked up)",
+            f"{a_file}: is a regular file, not a directory",
+            f"{through}: cannot exist: {a_file} is a file, not a directory",
+        ]
+        missing.mkdir()
+        (missing / "scan.nxs").write_bytes(b"x")
+        a_file.unlink()
+        a_file.mkdir()
+        watcher.rescan()
+        assert watcher.problems() == [f"{through}: watched directory does not exist (when it is created, it is picked up)"]
+        reports.wait_for(missing / "scan.nxs", timeout=1)  # the created visit directory is watched
+        (missing / "scan.nxs").unlink()
+        missing.rmdir()
+        watcher.rescan()
+        assert watcher.problems()[0] == f"{missing}: watched directory does not exist (when it is created, it is picked up)"
+    finally:
+        watcher.stop()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -41,7 +42,8 @@ class ControlServer:
         if endpoint.startswith("ipc://"):
             _private_directory(Path(endpoint.removeprefix("ipc://")).parent, endpoint)
             if query_status(endpoint, timeout_s=0.5) is not None:  # binding would take the socket file from a running daemon
-                raise ControlError(f"daemon.control {endpoint}: address in use (is another daemon running with this config?)")
+                raise ControlError(f"daemon.control {endpoint}: address in use (another daemon answers there; give this one "
+                               "its own with --control or daemon.control)")
         self.endpoint = endpoint
         self.status = status
         self.refused = 0
@@ -53,7 +55,8 @@ class ControlServer:
             self._sock.bind(endpoint)
         except zmq.ZMQError as error:
             self._sock.close()
-            why = "address in use (is another daemon running with this config?)" if error.errno == zmq.EADDRINUSE else one_line(error)
+            why = ("address in use (is another daemon running with this config? give this one its own with --control or "
+                   "daemon.control)") if error.errno == zmq.EADDRINUSE else one_line(error)
             raise ControlError(f"daemon.control {endpoint}: {why}") from None
 
     def serve(self, stopping: threading.Event) -> None:
@@ -90,11 +93,38 @@ def _private_directory(directory: Path, endpoint: str) -> None:
         raise ControlError(f"daemon.control {endpoint}: {directory} must belong to this user and be closed to others (chmod 700)")
 
 
+def _refused(endpoint: str) -> bool:
+    """True when a plain connect shows nothing listens at `endpoint` (a socket file that is not there or was left by a
+    daemon that died, a closed local port): said at once, not after the whole timeout. ZeroMQ drops such a bare
+    connection as it drops any peer that never greets."""
+    if endpoint.startswith("ipc://@"):
+        return False  # Linux's abstract socket names: left to ZeroMQ
+    address: str | tuple[str, int]
+    if endpoint.startswith("ipc://"):
+        family, address = socket.AF_UNIX, endpoint.removeprefix("ipc://")
+    elif endpoint.startswith("tcp://") and ":" in endpoint[6:]:
+        host, _, port = endpoint[6:].rpartition(":")
+        if not port.isdigit() or host.strip("[]") not in ("127.0.0.1", "localhost", "::1"):
+            return False  # a remote host (or a ZeroMQ form this does not read) is left to ZeroMQ and its timeout
+        family, address = (socket.AF_INET6, (host.strip("[]"), int(port))) if ":" in host else (socket.AF_INET, (host, int(port)))
+    else:
+        return False
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(address)
+        except (FileNotFoundError, ConnectionRefusedError):
+            return True
+        except OSError:
+            return False
+    return False
+
+
 def query_status(endpoint: str, timeout_s: float = 2.0) -> dict[str, Any] | None:
     """A running daemon's status, or None when nothing answers at `endpoint` within `timeout_s`."""
     endpoint = expand(endpoint)
-    if endpoint.startswith("ipc://") and not Path(endpoint.removeprefix("ipc://")).exists():
-        return None  # connecting would wait for a socket file that is not there
+    if _refused(endpoint):
+        return None  # nothing listens: ZeroMQ would retry until the timeout
     sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)

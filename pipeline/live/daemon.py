@@ -236,6 +236,7 @@ class Daemon:
                 for s in sessions
             ],
             "waiting_scans": self.waiting_scans.qsize(),
+            "problems": self.watcher.problems() if self.watcher is not None else [],
             "readers": self.readers.status(),
             "local_workers": self.local_workers.status(),
             "unable": self.local_workers.unable,

@@ -68,6 +68,30 @@ def _identity(path: Path, follow: bool = True) -> Identity | None:
     return status.st_dev, status.st_ino
 
 
+MISSING = "watched directory does not exist (when it is created, it is picked up)"
+
+
+def directory_problem(path: Path) -> str | None:
+    """Why `path` cannot be watched now, in words, or None when it is a directory this process can list.
+    `MISSING` is the one problem that may pass by itself (a visit directory made after the daemon starts)."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return MISSING
+    except NotADirectoryError:
+        blocker = next((parent for parent in reversed(path.parents) if parent.exists() and not parent.is_dir()), None)
+        return f"cannot exist: {blocker} is a file, not a directory" if blocker is not None else "not a directory"
+    except OSError as error:
+        return f"cannot be looked at ({error.strerror})"
+    if stat.S_ISREG(info.st_mode):
+        return "is a regular file, not a directory"
+    if not stat.S_ISDIR(info.st_mode):
+        return "is not a directory"
+    if not os.access(path, os.R_OK | os.X_OK):
+        return "cannot be listed (permission denied)"
+    return None
+
+
 def walk_scan_dirs(roots: list[Path], recursive: bool) -> Iterator[tuple[Path, list[str]]]:
     """(directory, file names) for every directory that may hold scans, never through links."""
     for root in roots:
@@ -127,7 +151,7 @@ class Watcher:
         self._seen: dict[Path, Identity | None] = {}  # reported path -> the file's (device, inode) then
         self._reoffer: dict[Path, int] = {}  # replaced path -> rescans left at which to offer it again
         self._refused: dict[Path, Path] = {}  # link -> outside target, logged once
-        self._missing_roots: set[Path] = set()
+        self._problems: dict[Path, str] = {}  # watched root -> what is wrong with it, as of the last rescan (each logged once)
         self._unwatchable: set[Path] = set()  # directories whose watch failed, logged once
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -232,15 +256,26 @@ class Watcher:
         for path in due:  # the daemon drops an offer while the path's previous scan is still finishing
             self.on_scan(path)
 
+    def problems(self) -> list[str]:
+        """One line per watched directory that cannot be watched now (naming it and what is wrong), as of the last
+        rescan: for `pipeline status` and the web front page, where a user looks, not only the log."""
+        with self._lock:
+            return [f"{root}: {problem}" for root, problem in self._problems.items()]
+
     def _check_roots(self) -> None:
+        problems: dict[Path, str] = {}
         for root in self.roots:
-            if root.is_dir():
-                if root in self._missing_roots:
-                    self._missing_roots.discard(root)
-                    log.info("%s: watched directory is back", root)
-            elif root not in self._missing_roots:
-                self._missing_roots.add(root)
-                log.warning("%s: watched directory does not exist (now); rescanning for it", root)
+            problem = directory_problem(root)
+            before = self._problems.get(root)
+            if problem is None:
+                if before is not None:
+                    log.info("%s: watched directory is back; watching it", root)
+                continue
+            problems[root] = problem
+            if problem != before:
+                log.warning("%s: %s; looked for again at every rescan", root, problem)
+        with self._lock:
+            self._problems = problems
 
     def _watch_directory(self, directory: Path) -> None:
         """One non-recursive watch per scan directory: a recursive one would also watch every store's chunk folders."""

@@ -18,13 +18,16 @@ log = logging.getLogger(__name__)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo", help="simulated scans written live and processed live, with a summary")
+    parser = subparsers.add_parser("demo", help="simulated scans written live and processed live, with a summary",
+                                   description="Write simulated scans (one per I16 layout) frame by frame, process them live "
+                                               "with the daemon and local workers, and print each scan's status and its "
+                                               "masks against the simulation's ground truth: a first run with no beamline.")
     parser.add_argument("--out", type=Path, default=Path("demo-output"), help="where scans and stores go (default ./demo-output; emptied first)")
     parser.add_argument("--frames", type=int, default=40, help="frames per scan (default 40)")
     parser.add_argument("--rate", type=float, default=5.0, help="frames per second the detector writes (default 5)")
     parser.add_argument("--workers", type=int, default=2, help="local worker processes (default 2)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--seed", type=int, default=7, help="the simulation's random seed (default 7)")
     parser.add_argument("--config", type=Path, help="start from this config instead of the packaged defaults")
     parser.set_defaults(func=run_demo)
 

@@ -1,0 +1,202 @@
+"""Start errors said where the user looks: `pipeline run` refuses what can never work with one line and exit 2, says
+where it looked for a daemon, and `pipeline status` shows what needs a person (a watched directory not there yet).
+
+Everything runs as the user would: `python -m pipeline ...` child processes, real directories, real daemons.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.testing.configs import MODELS_OFF, control_endpoint, free_port, write_config
+from pipeline.testing.daemons import stop_daemon
+from pipeline.testing.files import nexus_file
+
+MISSING = "watched directory does not exist (when it is created, it is picked up)"
+
+
+def pipeline(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pipeline", *argv], capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_refusal(result: subprocess.CompletedProcess[str], command: str, *wanted: str) -> None:
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"pipeline {command}: "), result.stderr[-2000:]
+    assert all(text in result.stderr for text in wanted), result.stderr
+
+
+@contextlib.contextmanager
+def unwritable_directory(path: Path) -> Iterator[Path]:
+    """A directory nobody can write in: mode 0555 for a user; for root (who writes anyway), the immutable attribute."""
+    path.mkdir()
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        yield path
+        path.chmod(0o755)
+        return
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("running as root where this file system has no immutable attribute: no directory root cannot write in")
+    try:
+        yield path
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def test_run_refuses_an_output_root_through_a_regular_file(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "config.yaml", None, workers={"local": 0})
+    watched = tmp_path / "scans"
+    watched.mkdir()
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    result = pipeline("run", "--config", str(config), "--watch", str(watched), "--output-root", str(a_file / "stores"))
+    assert_one_line_refusal(result, "run", f"--output-root {a_file / 'stores'}: {a_file} is a regular file, not a directory")
+    result = pipeline("run", "--config", str(write_config(tmp_path / "c2.yaml", None, output={"root": str(a_file)})),
+                      "--watch", str(watched))
+    assert_one_line_refusal(result, "run", f"output.root {a_file}: {a_file} is a regular file, not a directory")
+
+
+def test_run_and_process_refuse_an_output_root_they_cannot_write_in(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "config.yaml", None, workers={"local": 0})
+    watched = tmp_path / "scans"
+    watched.mkdir()
+    scan = nexus_file(watched / "scan1.nxs", np.ones((2, 195, 487), dtype=np.uint32))
+    with unwritable_directory(tmp_path / "locked") as locked:
+        for root in (locked, locked / "not-yet"):  # the root itself, and where it would be made
+            result = pipeline("run", "--config", str(config), "--watch", str(watched), "--output-root", str(root))
+            assert_one_line_refusal(result, "run", f"--output-root {root}: cannot write in {locked} (")
+        result = pipeline("process", "--config", str(config), str(scan), "--output-root", str(locked))
+        assert_one_line_refusal(result, "process", f"--output-root {locked}: cannot write in {locked} (")
+        assert list(locked.iterdir()) == []
+
+
+def test_run_refuses_a_watched_path_that_is_a_regular_file(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "config.yaml", None, workers={"local": 0})
+    a_file = tmp_path / "scan-list.txt"
+    a_file.write_text("x")
+    result = pipeline("run", "--config", str(config), "--watch", str(a_file))
+    assert_one_line_refusal(result, "run", f"watched directory {a_file}: is a regular file, not a directory")
+    result = pipeline("run", "--config", str(config), "--watch", str(tmp_path), "--watch", str(a_file / "visit"))
+    assert_one_line_refusal(result, "run", f"watched directory {a_file / 'visit'}: cannot exist: {a_file} is a file")
+
+
+@pytest.mark.daemon
+def test_process_says_why_a_scan_has_no_store_and_never_prints_none(tmp_path: Path) -> None:
+    """The output root is writable but this scan's store cannot be made (its place is taken by a directory that
+    cannot be changed or moved aside): the scan's own failure is printed, not `None`, and the exit code is 1."""
+    config = write_config(tmp_path / "config.yaml", None, models=MODELS_OFF)
+    scan = nexus_file(tmp_path / "scan1.nxs", np.ones((2, 195, 487), dtype=np.uint32))
+    out = tmp_path / "out"
+    out.mkdir()
+    with unwritable_directory(out / "scan1.zarr") as blocked:
+        result = pipeline("process", "--config", str(config), str(scan), "--output-root", str(out), "--no-progress",
+                          "--workers", "1", "--idle-timeout", "2", timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "None" not in result.stdout
+    assert result.stdout.startswith(f"scan1.nxs: failed (cannot create its store {blocked} (")
+    assert result.stdout.endswith(f"); no store at {blocked}\n"), result.stdout
+
+
+def wait_for_answer(endpoint: str, daemon: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert daemon.poll() is None, log.read_text()[-3000:]
+        result = pipeline("status", "--endpoint", endpoint)
+        if result.returncode == 0:
+            return result
+        time.sleep(0.3)
+    raise AssertionError(f"no daemon answered at {endpoint} within {timeout} s: {log.read_text()[-3000:]}")
+
+
+@pytest.mark.daemon
+def test_a_missing_watched_directory_is_a_problem_in_status_until_it_is_made(tmp_path: Path) -> None:
+    """Not a refusal: a visit's directory is often made after the daemon starts. `run --control` puts the daemon where
+    asked (not at the config's daemon.control), and `pipeline status` asking the config's says where it asked."""
+    config = write_config(tmp_path / "config.yaml", None, workers={"local": 0})
+    control = f"tcp://127.0.0.1:{free_port()}"
+    visit = tmp_path / "visit-1"
+    log = tmp_path / "daemon.log"
+    daemon = subprocess.Popen([sys.executable, "-m", "pipeline", "run", "--config", str(config), "--watch", str(visit),
+                               "--control", control], stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        shown = wait_for_answer(control, daemon, log)
+        elsewhere = pipeline("status", "--config", str(config))
+        visit.mkdir()
+        deadline = time.monotonic() + 30
+        while f"problem: {visit}" in (cleared := pipeline("status", "--endpoint", control)).stdout and time.monotonic() < deadline:
+            time.sleep(0.3)
+    finally:
+        stop_daemon(daemon)
+    assert daemon.returncode == 0, log.read_text()[-3000:]
+    assert f"problem: {visit}: {MISSING}\n" in shown.stdout, shown.stdout
+    assert f"{visit}: {MISSING}" in log.read_text()
+    assert elsewhere.returncode == 1
+    assert elsewhere.stderr.startswith(f"no daemon answers at {control_endpoint(config)} (daemon.control in {config}); ")
+    assert cleared.returncode == 0 and "problem:" not in cleared.stdout, cleared.stdout
+
+
+def test_status_names_the_endpoint_it_tried_and_where_it_came_from(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home)}
+    config = write_config(tmp_path / "config.yaml")
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("workers:\n  local: 0\n")
+    cases = [([], f"ipc://{home}/.pipeline/control (the default daemon.control)"),
+             (["--config", str(bare)], f"ipc://{home}/.pipeline/control (the default daemon.control, not set in {bare})"),
+             (["--config", str(config)], f"{control_endpoint(config)} (daemon.control in {config})"),
+             (["--config", str(config), "--endpoint", "tcp://127.0.0.1:1"], "tcp://127.0.0.1:1 (from --endpoint)")]
+    for argv, said in cases:
+        result = subprocess.run([sys.executable, "-m", "pipeline", "status", *argv], capture_output=True, text=True, timeout=60, env=env)
+        assert result.returncode == 1 and result.stdout == ""
+        assert result.stderr.startswith(f"no daemon answers at {said}; "), result.stderr
+        assert result.stderr.count("\n") == 1
+
+
+def test_status_is_not_held_by_a_socket_file_a_dead_daemon_left(tmp_path: Path) -> None:
+    """A daemon killed with -9 leaves its socket file; nothing listens there: said at once, not after the timeout."""
+    import socket
+
+    path = tmp_path / "control"
+    with socket.socket(socket.AF_UNIX) as left:
+        left.bind(str(path))
+    assert path.exists()
+    result = pipeline("status", "--endpoint", f"ipc://{path}")
+    assert result.returncode == 1 and result.stderr.startswith(f"no daemon answers at ipc://{path} (from --endpoint)")
+
+
+def test_a_second_daemon_on_the_same_control_endpoint_says_how_to_give_it_another(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "config.yaml", None, workers={"local": 0})
+    watched = tmp_path / "scans"
+    watched.mkdir()
+    log = tmp_path / "first.log"
+    first = subprocess.Popen([sys.executable, "-m", "pipeline", "run", "--config", str(config), "--watch", str(watched)],
+                             stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        wait_for_answer(control_endpoint(config), first, log)
+        second = pipeline("run", "--config", str(config), "--watch", str(watched))
+        other = f"tcp://127.0.0.1:{free_port()}"
+        third = subprocess.Popen([sys.executable, "-m", "pipeline", "run", "--config", str(config), "--watch", str(watched),
+                                  "--control", other], stdout=(tmp_path / "third.log").open("w"), stderr=subprocess.STDOUT)
+        try:
+            answer = wait_for_answer(other, third, tmp_path / "third.log")
+        finally:
+            third.send_signal(signal.SIGTERM)
+            third.wait(timeout=60)
+    finally:
+        stop_daemon(first)
+    assert second.returncode == 1
+    assert f"daemon.control {control_endpoint(config)}: address in use" in second.stderr
+    assert "--control" in second.stderr
+    assert answer.stdout.startswith(f"daemon pid {third.pid}, ")
