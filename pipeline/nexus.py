@@ -162,6 +162,62 @@ def scan_command_scannables(command: str | None) -> list[str]:
     return [words[1]] if len(words) > 1 and words[0].startswith("scan") and not _NUMBER.match(words[1]) else []
 
 
+@dataclass(frozen=True)
+class ScanMove:
+    """A scannable a GDA scan command names with a step, and that step per field (0 for a field it holds still):
+    `scan hkl [0, 0, 0.9] [0, 0, 1.1] [0, 0, 0.001] ...` -> hkl, steps (0, 0, 0.001)."""
+
+    name: str
+    steps: tuple[float, ...]
+
+    def fields(self) -> list[tuple[tuple[str, ...], float]]:
+        """The dataset names each field may have in the scan file, with its step: hkl's l is `hkl_l` (GDA 9) or
+        `l` (GDA 8); a scalar scannable's one field is its own name. Fields of a vector whose parts cannot be
+        named (its length is not its name's) are left out."""
+        if len(self.steps) == 1:
+            return [((self.name,), self.steps[0])]
+        if len(self.steps) != len(self.name):
+            return []
+        return [((f"{self.name}_{letter}", letter), step) for letter, step in zip(self.name, self.steps)]
+
+
+_TOKEN = re.compile(r"\[[^\]]*\]|[^\s\[\]]+")
+
+
+def scan_command_moves(command: str | None) -> list[ScanMove]:
+    """What a GDA scan command steps, and by how much per field: the scan's own word for which fields move.
+    `scan NAME START STOP STEP` (numbers or `[...]` vectors) for the first scannable, then `NAME START STOP STEP`
+    or `NAME START STEP` for each further one moved with it; `scancn NAME STEP N`. A name followed by fewer
+    than two values (a detector and its exposure, a fixed position) moves nothing. Empty for anything else."""
+    if not command:
+        return []
+    tokens = _TOKEN.findall(command)
+    if len(tokens) < 2 or tokens[0] not in ("scan", "scancn"):
+        return []
+    groups: list[tuple[str, list[tuple[float, ...]]]] = []
+    for token in tokens[1:]:
+        values = _numbers(token) if token.startswith("[") else ([float(token)] if _NUMBER.match(token) else None)
+        if values is None:
+            groups.append((token, []))
+        elif groups and values:
+            groups[-1][1].append(tuple(values))
+    moves: list[ScanMove] = []
+    for index, (name, args) in enumerate(groups):
+        if tokens[0] == "scancn":
+            if index == 0 and len(args) >= 2:
+                moves.append(ScanMove(name, args[0]))
+            continue
+        if index == 0 and len(args) < 3:
+            return []  # not a scan this parser knows
+        if len(args) >= 3:  # START STOP STEP: a field whose start is its stop does not move, whatever its step
+            start, stop, step = args[:3]
+            if len(start) == len(stop) == len(step):
+                moves.append(ScanMove(name, tuple(s if a != b else 0.0 for a, b, s in zip(start, stop, step))))
+        elif len(args) == 2 and len(args[0]) == len(args[1]):  # START STEP: moved along with the first
+            moves.append(ScanMove(name, args[1]))
+    return moves
+
+
 def expected_frames(nexus: h5py.File, entry: str, command: str | None) -> tuple[int | None, str | None]:
     """How many frames the scan will have, and where that was read: GDA 9's `diamond_scan/scan_shape`,
     GDA 8's `scan_dimensions`, else the scan command."""
@@ -179,15 +235,35 @@ def _is_axis(node: object) -> bool:
     return isinstance(node, h5py.Dataset) and node.ndim == 1 and node.dtype.kind in "fiu"
 
 
-def _varies(node: h5py.Dataset) -> bool:
-    values = np.asarray(node[()], dtype=np.float64)
+# A field "varies" only against the scan: over the whole scan it must move by more than this fraction of the scan's
+# step. A diffractometer's computed h and k wander by ~4e-14 while l steps by 0.001; they are constants.
+STEP_FRACTION = 1e-3
+# Below this spread (times the values' size, at least 1) a field is constant whatever the scan: float64 rounding.
+NOISE = 1e-9
+
+
+def _spread(node: h5py.Dataset) -> tuple[int, float, float]:
+    """(finite values, their range, their largest magnitude) of a 1-D dataset."""
+    values = np.asarray(node[()], dtype=np.float64).reshape(-1)
     values = values[np.isfinite(values)]
-    return values.size >= 2 and bool(np.ptp(values) > 0)
+    if values.size == 0:
+        return 0, 0.0, 0.0
+    return int(values.size), float(np.ptp(values)), float(np.abs(values).max())
 
 
-def _default_plot_axis(nexus: h5py.File) -> str | None:
+def _varies(node: h5py.Dataset, step: float) -> bool | None:
+    """Whether the field moves against a scan of step `step` (0: unknown, then only rounding counts as constant);
+    None while it has fewer than two values, which cannot tell."""
+    size, spread, magnitude = _spread(node)
+    if size < 2:
+        return None
+    return spread > max(NOISE * max(magnitude, 1.0), STEP_FRACTION * step)
+
+
+def _default_plot_axis(nexus: h5py.File) -> tuple[str, bool] | None:
     """The first axis of the default plottable data by NeXus rules (NXentry@default -> NXdata @signal,
-    @axes, AXISNAME_indices), as Diamond's hdfmap reads it; None when the file names none."""
+    @axes, AXISNAME_indices), as Diamond's hdfmap reads it, and whether the NXdata's `@axes` names it
+    (False: the file names none and hdfmap guessed its first scannable, `count_time` as often as not)."""
     from hdfmap import NexusMap  # imported here: it is only needed when a scan is opened
 
     mapping = NexusMap()
@@ -197,45 +273,100 @@ def _default_plot_axis(nexus: h5py.File) -> str | None:
     except Exception:  # a file hdfmap cannot map: the scan command is the fallback
         return None
     for path in axes:
-        if _is_axis(nexus.get(path)):
-            return str(path)
+        node = nexus.get(path)
+        if _is_axis(node):
+            return str(path), _named_by_axes(node)
     return None
 
 
-def _scannable_fields(nexus: h5py.File, entry: str, scannable: str) -> list[h5py.Dataset]:
-    """1-D datasets of a scan command's scannable in the entry's NXdata groups: `hkl` -> hkl_h, hkl_k, hkl_l
-    (GDA 9) or h, k, l (GDA 8, under `measurement`); `eta` -> eta."""
-    found: list[h5py.Dataset] = []
+def _named_by_axes(node: h5py.Dataset) -> bool:
+    """Whether the NXdata group holding `node` names it in its `@axes` (a list, or one `a:b` string)."""
+    names = node.parent.attrs.get("axes")
+    if names is None:
+        return False
+    names = [names] if isinstance(names, (str, bytes)) else list(np.asarray(names).reshape(-1))
+    words = {word for name in names for word in re.split(r"[:,\s]+", name.decode(errors="replace") if isinstance(name, bytes) else str(name))}
+    return node.name.rsplit("/", 1)[-1] in words
+
+
+def _nxdata_groups(nexus: h5py.File, entry: str) -> list[h5py.Group]:
+    """The entry's NXdata groups, its default (`@default`) first: a field there is the one its plot shows."""
     group = nexus.get(entry)
     if not isinstance(group, h5py.Group):
-        return found
-    for child in group.values():
-        if not isinstance(child, h5py.Group) or child.attrs.get("NX_class") not in (b"NXdata", "NXdata"):
-            continue
-        names = [scannable, *(f"{scannable}_{letter}" for letter in scannable)]
-        if len(scannable) > 1:
-            names += list(scannable)
+        return []
+    default = group.attrs.get("default")
+    default = default.decode(errors="replace") if isinstance(default, bytes) else default
+    groups = [child for child in group.values() if isinstance(child, h5py.Group) and child.attrs.get("NX_class") in (b"NXdata", "NXdata")]
+    return sorted(groups, key=lambda child: child.name.rsplit("/", 1)[-1] != default)
+
+
+@dataclass(frozen=True)
+class _Field:
+    node: h5py.Dataset
+    step: float  # the scan command's step for it: 0 where the command holds it still
+
+
+def _command_fields(nexus: h5py.File, entry: str, moves: list[ScanMove]) -> list[_Field]:
+    """The 1-D datasets of the scan command's fields, in the command's order, each with the command's step:
+    `hkl` -> hkl_h, hkl_k, hkl_l (GDA 9) or h, k, l (GDA 8, under `measurement`); `eta` -> eta."""
+    found: list[_Field] = []
+    groups = _nxdata_groups(nexus, entry)
+    for move in moves:
+        for names, step in move.fields():
+            for group in groups:
+                node = next((group[name] for name in names if _is_axis(group.get(name))), None)
+                if node is not None:
+                    found.append(_Field(node, abs(step)))
+                    break
+    return found
+
+
+def _scannable_fields(nexus: h5py.File, entry: str, scannable: str) -> list[h5py.Dataset]:
+    """1-D datasets of a scannable the command names without steps the parser knows, in the entry's NXdata groups."""
+    names = [scannable, *(f"{scannable}_{letter}" for letter in scannable)]
+    if len(scannable) > 1:
+        names += list(scannable)
+    found: list[h5py.Dataset] = []
+    for group in _nxdata_groups(nexus, entry):
         for name in names:
-            node = child.get(name)
-            if _is_axis(node) and node not in found:
+            node = group.get(name)
+            if _is_axis(node) and all(node.name != other.name for other in found):
                 found.append(node)
     return found
 
 
+def _axis(node: h5py.Dataset, source: str) -> ScanAxis:
+    return ScanAxis(node.name, node.name.rsplit("/", 1)[-1], source)
+
+
 def find_scan_axis(nexus: h5py.File, entry: str, command: str | None) -> ScanAxis | None:
-    """The scan axis: the default plottable data's axis (NeXus rules, read by hdfmap), unless it is
-    constant while a field of the scan command's scannable varies; else the scannable's varying field."""
-    fields = [node for scannable in scan_command_scannables(command) for node in _scannable_fields(nexus, entry, scannable)]
-    varying = [node for node in fields if _varies(node)]
+    """The scan axis. The default plottable data's axis (NeXus rules, read by hdfmap) unless the scan says
+    otherwise: the scan command holds that field still (`scan hkl ... [0, 0, 0.001]` while @axes names h), or
+    it is constant against the scan's step while a field of the command moves. Then (or when the file names
+    no axis) the first field the command steps; without steps, the scannable's varying field.
+    "Constant" is relative to the scan: h and k computed to ~4e-14 while l steps 0.001 do not vary."""
+    moves = scan_command_moves(command)
+    fields = _command_fields(nexus, entry, moves)
+    steps = [field.step for field in fields if field.step > 0]
+    step = min(steps) if steps else 0.0
+    moving = [field.node for field in fields if field.step > 0]
+    held = {field.node.name for field in fields if field.step == 0}
+    if not moves:  # a command the parser does not know: its scannable's fields, judged by their values alone
+        moving = [node for scannable in scan_command_scannables(command) for node in _scannable_fields(nexus, entry, scannable)]
     default = _default_plot_axis(nexus)
-    if default is not None:
-        node = nexus[default]
-        if varying and _varies(varying[0]) and not _varies(node) and node.size >= 2:
-            chosen = varying[0]
-            return ScanAxis(chosen.name, chosen.name.rsplit("/", 1)[-1],
-                            f"scan command scannable (the default plot's axis {default} is constant)")
-        return ScanAxis(default, default.rsplit("/", 1)[-1], f"NeXus default plot axis ({default.rsplit('/', 1)[0]}@axes)")
-    if varying or fields:
-        chosen = (varying or fields)[0]
-        return ScanAxis(chosen.name, chosen.name.rsplit("/", 1)[-1], "scan command scannable")
+    if default is not None and default[1]:
+        node = nexus[default[0]]
+        changed = [other for other in moving if other.name != node.name and _varies(other, step) is not False]
+        if node.name in held and changed:
+            return _axis(changed[0], f"scan command scannable (its step holds the default plot's axis {node.name} still)")
+        if _varies(node, step) is False and (changed := [other for other in changed if _varies(other, step)]):
+            return _axis(changed[0], f"scan command scannable (the default plot's axis {node.name} is constant against the scan)")
+        return _axis(node, f"NeXus default plot axis ({node.parent.name}@axes)")
+    varying = [node for node in moving if _varies(node, step)]
+    undecided = [node for node in moving if _varies(node, step) is None]
+    chosen = (varying or undecided or moving or [field.node for field in fields] or [None])[0]
+    if chosen is not None:
+        return _axis(chosen, "scan command scannable (the file names no axis)")
+    if default is not None and _varies(guess := nexus[default[0]], step) is not False:  # not a constant like count_time
+        return _axis(guess, f"first scannable of the default data ({guess.parent.name} names no axis)")
     return None

@@ -39,6 +39,7 @@ def test_points_of_scan_commands() -> None:
     assert nexus.scan_command_points("scancn eta 0.01 41 pil3_100k 1") == 41
     assert nexus.scan_command_points("pos eta 10") is None and nexus.scan_command_points(None) is None
     assert nexus.scan_command_scannables("scan hkl [0, 0, 0.9] [0, 0, 1.1] [0, 0, 0.001] pil3_100k 1") == ["hkl"]
+    assert nexus.scan_command_moves("scan hkl [0, 0, 0.9] [0, 0, 1.1] [0, 0, 0.001] pil3_100k 1") == [nexus.ScanMove("hkl", (0.0, 0.0, 0.001))]
 
 
 @pytest.mark.daemon
@@ -49,6 +50,9 @@ def test_real_file_metadata_gives_the_axis_the_expected_count_and_the_detector(t
         "renamed": I16Scan(tmp_path, "1010", "gda9", n_frames=5, detector="pilatus3_100k"),  # another of follow.detectors
         "nxdetector": I16Scan(tmp_path, "1011", "gda9", n_frames=5, detector="pilatus_merlin"),  # no listed name: its NXdetector
         "constant_axes": I16Scan(tmp_path, "809", "gda8", n_frames=5, scanned="l", gda8_axis="h"),  # @axes names a constant h
+        # a real hkl scan: the diffractometer's h and k wander by ~4e-14 while l steps 0.001; @axes still names h
+        "jittered": I16Scan(tmp_path, "810", "gda8", n_frames=5, scanned="l", jitter=4e-14, held=(1.0, 0.5, 0.0)),
+        "eta_no_axes": I16Scan(tmp_path, "1012", "gda9", n_frames=5, scanned="eta", start=10.0, step=0.02, jitter=4e-14, axes=False),
     }
     for scan in scans.values():
         (write_gda9 if scan.layout == "gda9" else write_gda8)(scan)
@@ -59,7 +63,8 @@ def test_real_file_metadata_gives_the_axis_the_expected_count_and_the_detector(t
 
     expected_axis = {"gda9": ("hkl_l", "/entry/pil3_100k/hkl_l"), "gda8": ("h", "/entry1/measurement/h"),
                      "renamed": ("hkl_l", "/entry/pilatus3_100k/hkl_l"), "nxdetector": ("hkl_l", "/entry/pilatus_merlin/hkl_l"),
-                     "constant_axes": ("l", "/entry1/measurement/l")}
+                     "constant_axes": ("l", "/entry1/measurement/l"), "jittered": ("l", "/entry1/measurement/l"),
+                     "eta_no_axes": ("eta", "/entry/pil3_100k/eta")}
     for kind, scan in scans.items():
         store = StoreReader(scan.nxs_path.with_suffix(".zarr"))
         attrs = store.attrs
@@ -70,6 +75,7 @@ def test_real_file_metadata_gives_the_axis_the_expected_count_and_the_detector(t
         with h5py.File(scan.nxs_path, "r", locking=False) as handle:
             np.testing.assert_array_equal(axis[:], handle[path][()], err_msg=kind)  # exactly the file's values
         assert np.ptp(axis[:]) > 0, kind  # never a constant (count_time) again
+        np.testing.assert_allclose(axis[:], scan.points(), err_msg=kind)  # the values the scan stepped through
         assert attrs[Attr.FRAMES_EXPECTED] == scan.n_frames, kind
         where = "entry/diamond_scan/scan_shape" if scan.layout == "gda9" else "entry1/scan_dimensions"
         assert attrs[Attr.FRAMES_EXPECTED_SOURCE] == where, kind
@@ -78,7 +84,7 @@ def test_real_file_metadata_gives_the_axis_the_expected_count_and_the_detector(t
         assert store.done_frames().tolist() == list(range(scan.n_frames)), kind
     sources = {kind: StoreReader(s.nxs_path.with_suffix(".zarr")).attrs[Attr.AXIS_SOURCE] for kind, s in scans.items()}
     assert sources["gda9"].startswith("NeXus default plot axis") and sources["gda8"].startswith("NeXus default plot axis")
-    assert sources["constant_axes"].startswith("scan command scannable"), sources
+    assert all(sources[kind].startswith("scan command scannable") for kind in ("constant_axes", "jittered", "eta_no_axes")), sources
 
 
 @pytest.mark.daemon

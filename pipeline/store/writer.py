@@ -9,10 +9,12 @@ with `use_consolidated=False`.
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import logging
 import os
 import shutil
+import threading
 import warnings
 from collections.abc import Iterable
 from datetime import datetime, timezone
@@ -69,33 +71,73 @@ class StoreLock:
     """An exclusive OS lock (flock) on `<scan>.zarr.lock` beside the store, held for as long as the store is written.
 
     Beside, not inside: replacing a store deletes what is inside it, and a lock file deleted while held
-    would let a second writer lock a new one. The kernel drops the lock when its process dies (kill -9 too)."""
+    would let a second writer lock a new one. The kernel drops the lock when its process dies (kill -9 too);
+    the file it leaves is taken by the next writer as any other. Released, the lock file is removed (by its
+    holder, before it lets go), so finished stores have nothing beside them; a writer that opened the old
+    file just before sees, once it has the lock, that the path no longer names that file, and opens again."""
+
+    ATTEMPTS = 100  # opens before giving up on a lock file that keeps being replaced under us
 
     def __init__(self, store: Path) -> None:
         self.path = store.with_name(store.name + ".lock")
         self._fd: int | None = None
+        self._pid = os.getpid()
+        self._guard = threading.Lock()  # the sink's close and the exit handler must not both close the descriptor
 
     def acquire(self) -> None:
-        refuse_symlink(self.path)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise StoreBusy(f"{self.path.with_suffix('')}: being written by another process (pid {holder}); "
-                            "a store has one writer") from None
-        self._fd = fd
+        for _attempt in range(self.ATTEMPTS):
+            refuse_symlink(self.path)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise StoreBusy(f"{self.path.with_suffix('')}: being written by another process (pid {holder}); "
+                                "a store has one writer") from None
+            if self._names(fd):
+                break
+            os.close(fd)  # the file its last holder removed as it let go: a lock on it guards nothing
+        else:
+            raise StoreBusy(f"{self.path}: replaced {self.ATTEMPTS} times while being locked; a store has one writer")
+        self._fd, self._pid = fd, os.getpid()
+        _HELD.add(self)
         try:  # who holds it, for the next writer's message; a full disk must not leave the lock held and forgotten
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         except OSError:
             pass
 
+    def _names(self, fd: int) -> bool:
+        """Whether the lock path still names the file open as `fd`."""
+        try:
+            now, held = os.stat(self.path, follow_symlinks=False), os.fstat(fd)
+        except OSError:
+            return False
+        return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
+
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the lock
-            self._fd = None
+        with self._guard:
+            fd, self._fd = self._fd, None
+            if fd is None:
+                return
+            _HELD.discard(self)
+            if self._pid == os.getpid():  # a forked child never removes its parent's lock file
+                try:  # removed while still held: no other writer holds it now, and any that opened it will open again
+                    if self._names(fd):
+                        os.unlink(self.path)
+                except OSError as error:  # left behind, it is harmless: the next writer locks it as any other
+                    log.warning("%s: lock file not removed (%s)", self.path, one_line(error))
+            os.close(fd)  # closing the descriptor drops the lock
+
+
+_HELD: set[StoreLock] = set()  # locks this process holds, let go (and their files removed) when it exits normally
+
+
+@atexit.register
+def _release_held() -> None:
+    for lock in list(_HELD):
+        lock.release()
 
 
 def now_iso() -> str:

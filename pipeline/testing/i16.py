@@ -6,6 +6,8 @@ do not. These builders follow what a real I16 scan file holds (see the design no
 `kmu`, ...), `diamond_scan/scan_shape` and keys; GDA 8's `entry1/measurement` with `@axes = [h]`
 and `entry1/scan_dimensions`. The frames come from the simulator (`RockingScan`) and sit in a
 separate detector file behind an external link, as the Pilatus' own writer leaves them.
+Options give what real scans show too: h and k held but jittered by ~4e-14 (the diffractometer
+computes them), a motor scan (`scan eta ...`), and a default NXdata without `@axes`.
 """
 
 from __future__ import annotations
@@ -32,11 +34,25 @@ class I16Scan:
     n_frames: int = 6
     seed: int = 3
     detector: str = "pil3_100k"  # the NXdetector group's name
-    scanned: str = "l"  # which of h, k, l varies
+    scanned: str = "l"  # which of h, k, l varies, or a motor's name (`eta`): then h, k and l are all held
     start: float = 0.9
     step: float = 0.001
-    gda8_axis: str = "h"  # what GDA 8's `entry1/measurement@axes` names (the scan's first field, varying or not)
+    gda8_axis: str | None = None  # what GDA 8's `entry1/measurement@axes` names: the scan's first field, varying or not (h; or the motor)
     constants: dict[str, float] = field(default_factory=lambda: {"count_time": 1.0, "kmu": 0.0, "kphi": -90.0})
+    held: tuple[float, float, float] = (0.0, 0.0, 0.0)  # h, k, l where the scan holds them
+    jitter: float = 0.0  # held h, k, l wander by up to this much, as a diffractometer's computed h and k do (~4e-14)
+    axes: bool = True  # whether the default NXdata names its axis (`@axes`); without, only the scan command tells it
+
+    @property
+    def hkl_scan(self) -> bool:
+        return self.scanned in ("h", "k", "l")
+
+    @property
+    def axis_field(self) -> str:
+        """The name of the dataset that holds the scan axis in the default NXdata group."""
+        if not self.hkl_scan:
+            return self.scanned
+        return f"hkl_{self.scanned}" if self.layout == "gda9" else self.scanned
 
     @property
     def nxs_path(self) -> Path:
@@ -50,15 +66,27 @@ class I16Scan:
     def link(self) -> str:
         return f"{self.name}-pilatus3_100k-files/{self.name}.hdf"
 
+    def points(self) -> np.ndarray:
+        """The scanned field's value at every scan point."""
+        return self.start + self.step * np.arange(self.n_frames)
+
     def hkl(self) -> dict[str, np.ndarray]:
-        """h, k, l at every scan point: only `scanned` varies."""
-        values: dict[str, np.ndarray] = {"h": np.zeros(self.n_frames), "k": np.zeros(self.n_frames), "l": np.zeros(self.n_frames)}
-        values[self.scanned] = self.start + self.step * np.arange(self.n_frames)
+        """h, k, l at every scan point: only `scanned` varies; the held ones wander by `jitter` (seeded)."""
+        rng = np.random.default_rng(self.seed)
+        values = {axis: value + rng.uniform(-self.jitter, self.jitter, self.n_frames) for axis, value in zip("hkl", self.held)}
+        if self.hkl_scan:
+            values[self.scanned] = self.points()
         return values
 
+    def motors(self) -> dict[str, np.ndarray]:
+        """The scanned motor's values (an `eta` scan), beside h, k, l; empty for an hkl scan."""
+        return {} if self.hkl_scan else {self.scanned: self.points()}
+
     def scan_command(self) -> str:
-        start = [0.0, 0.0, 0.0]
-        stop = [0.0, 0.0, 0.0]
+        if not self.hkl_scan:
+            return f"scan {self.scanned} {self.start} {self.start + self.step * (self.n_frames - 1)} {self.step} {self.detector} 1"
+        start = list(self.held)
+        stop = list(self.held)
         step = [0.0, 0.0, 0.0]
         axis = "hkl".index(self.scanned)
         start[axis], stop[axis], step[axis] = self.start, self.start + self.step * (self.n_frames - 1), self.step
@@ -104,11 +132,14 @@ def write_gda9(scan: I16Scan, finished: bool = True) -> Path:
             positioners[axis] = values
         nxdata = _group(entry, scan.detector, "NXdata")
         nxdata.attrs["signal"] = "data"
-        nxdata.attrs["axes"] = [f"hkl_{scan.scanned}", ".", "."]
-        nxdata.attrs[f"hkl_{scan.scanned}_indices"] = [0]
+        if scan.axes:
+            nxdata.attrs["axes"] = [scan.axis_field, ".", "."]
+            nxdata.attrs[f"{scan.axis_field}_indices"] = [0]
         nxdata["data"] = h5py.ExternalLink(scan.link, DETECTOR_DATASET)
         for axis, values in hkl.items():
             nxdata[f"hkl_{axis}"] = values
+        for name, values in scan.motors().items():
+            nxdata[name] = values
         for name, value in scan.constants.items():  # constant datasets beside the frames: not the scan axis
             nxdata[name] = np.full(n, value)
         diamond_scan = _group(entry, "diamond_scan", "NXcollection")
@@ -138,9 +169,10 @@ def write_gda8(scan: I16Scan) -> Path:
         detector["count_time"] = np.full(n, scan.constants["count_time"])
         measurement = _group(entry, "measurement", "NXdata")
         measurement.attrs["signal"] = "sum"
-        measurement.attrs["axes"] = [scan.gda8_axis]
-        for axis, values in hkl.items():
-            measurement[axis] = values
+        if scan.axes:
+            measurement.attrs["axes"] = [scan.gda8_axis or ("h" if scan.hkl_scan else scan.scanned)]
+        for name, values in {**scan.motors(), **hkl}.items():
+            measurement[name] = values
         for name, value in scan.constants.items():
             measurement[name] = np.full(n, value)
         measurement["sum"] = np.arange(n, dtype=np.float64)
