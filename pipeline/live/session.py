@@ -223,6 +223,7 @@ class ScanSession:
         for index, raw in self.follower.replayed():  # rebuild the running peak sums from what is already done
             self.linker.record(index, self.store.read_volume(index), wire.carried(raw), self.store.read_axis_value(index))
         self.state.frames_done = start
+        self.last_tables = time.monotonic()  # the first rewrite of the tables after refresh_tables_s, not with the first frame
         self.max_index = start - 1
         return start
 
