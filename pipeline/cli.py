@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline import __version__
-from pipeline.argtypes import non_negative_int, one_line_errors, positive_float, positive_int
+from pipeline.common.argtypes import non_negative_int, one_line_errors, positive_float, positive_int
+from pipeline.common.stop_signals import StopSignals
 from pipeline.config import Config, DaemonSettings, load_config
 from pipeline.errors import PipelineError, UserError, report
-from pipeline.stop_signals import StopSignals
 
 if TYPE_CHECKING:
     from pipeline.live.daemon import Daemon

@@ -60,7 +60,7 @@ class FollowSettings(Strict):
     allowed_roots: list[Path] = Field(default_factory=list)
     # after an end marker, frames still outstanding (zero keys, fewer frames than expected) are waited for this long
     end_grace_s: float = Field(10.0, ge=0)
-    # a frame read never decompresses more than this: chunked datasets whose chunk holds more are refused (see pipeline.chunks)
+    # a frame read never decompresses more than this: chunked datasets whose chunk holds more are refused (see pipeline.common.chunks)
     max_chunk_mib: float = Field(32.0, gt=0)
 
     @model_validator(mode="before")

@@ -3,7 +3,7 @@
 HDF5's deflate filter inflates a chunk until its stream ends, whatever size the chunk declares: a
 frame whose 400 KB chunk held zlib-compressed zeros of 512 MiB was read "fine" at a cost of more
 than 512 MiB. A chunk that spans 200 frames made every frame read decompress all 200 (74 MiB).
-Now the first is refused at its declared size (`pipeline.chunks`) and the second when the scan is
+Now the first is refused at its declared size (`pipeline.common.chunks`) and the second when the scan is
 opened, each with one line naming the file, dataset and chunk; ordinary compressed frames (gzip,
 shuffle, several frames or tiles per chunk) read exactly as HDF5 reads them.
 """
@@ -20,8 +20,8 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.chunks import BoundedFrameReader
-from pipeline.detector import FRAME_SHAPE
+from pipeline.common.chunks import BoundedFrameReader
+from pipeline.common.detector import FRAME_SHAPE
 from pipeline.store import StoreReader, schema
 from pipeline.store.reader import read_attributes
 from pipeline.store.schema import Attr

@@ -17,7 +17,7 @@ from pathlib import Path
 import h5py
 import pytest
 
-from pipeline.detector import FRAME_SHAPE
+from pipeline.common.detector import FRAME_SHAPE
 from pipeline.store import StoreReader, schema
 from pipeline.store.schema import Attr
 from pipeline.testing.configs import MODELS_OFF, write_config

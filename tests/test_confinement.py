@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.detector import FRAME_SHAPE
+from pipeline.common.detector import FRAME_SHAPE
 from pipeline.store import read_attributes, schema
 from pipeline.testing.configs import MODELS_OFF, write_config
 from pipeline.testing.daemons import start_daemon, stop_daemon, wait_for_status, wait_for_workers

@@ -112,7 +112,7 @@ def test_a_store_resumed_on_a_full_disk_is_kept_not_moved_aside(tmp_path: Path, 
 
     import numpy as np
 
-    from pipeline.nexus import ScanInfo
+    from pipeline.common.nexus import ScanInfo
     from pipeline.store.writer import ScanStore
 
     info = ScanInfo(nexus_path=tmp_path / "s.nxs", scan_id="s", layout="gda9", entry="entry", source_file=tmp_path / "s.nxs",

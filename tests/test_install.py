@@ -30,6 +30,8 @@ WEB_FILES = ["common.js", "favicon.svg", "index.html", "scan.html", "scan.js", "
 
 
 def test_a_wheel_install_has_its_default_weights(tmp_path: Path) -> None:
+    assert (REPO / "weights").is_dir() and not (REPO / "weights").is_symlink()  # at the repository's top, as the design says
+    assert (REPO / "pipeline" / "weights").resolve() == (REPO / "weights").resolve()  # the package's way to it
     source = tmp_path / "source"  # a copy of what the wheel is built from: the build leaves nothing in the checkout
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):

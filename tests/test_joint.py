@@ -167,7 +167,7 @@ def test_bfloat16_precision_runs_both_models_and_is_recorded(weights, frames) ->
 def test_auto_precision_is_bfloat16_only_where_the_cpu_has_it() -> None:
     from pathlib import Path
 
-    from pipeline.devices import resolve_precision
+    from pipeline.common.devices import resolve_precision
 
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     native = " avx512_bf16" in flags or " amx_bf16" in flags

@@ -22,7 +22,7 @@ import pytest
 import zarr
 from matplotlib.path import Path as PolygonPath
 
-from pipeline.detector import FRAME_SHAPE
+from pipeline.common.detector import FRAME_SHAPE
 from pipeline.models import labels as L
 from pipeline.models.labels import LabelsError, choose_per_image, export_store, load_labelled_frames, polygons_from_labels, rasterise, read_classifications
 from pipeline.simulator import synth

@@ -22,7 +22,7 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline import nexus
+from pipeline.common import nexus
 from pipeline.simulator.writers import LAYOUTS, ScanPlan, ScanWriter
 from pipeline.store import StoreReader, schema
 from pipeline.store.schema import Attr

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.common.detector import FRAME_SHAPE
 from pipeline.config import ModelSettings
-from pipeline.detector import FRAME_SHAPE
 from pipeline.models.joint import JointPredictor
 from pipeline.models.real_frames import REAL_MODULES, instances_on_spots, load_frames, reference_spots, spots_covered
 

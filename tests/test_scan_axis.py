@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline import nexus
+from pipeline.common import nexus
 from pipeline.testing.i16 import I16Scan, write_gda8, write_gda9
 
 JITTER = 4e-14

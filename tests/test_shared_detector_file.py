@@ -3,7 +3,7 @@
 With the detector file in the old format (a version-0 superblock, as older writers leave it),
 HDF5 corrupts its memory when one object of the dataset is refreshed while another is open: the
 daemon used to fail both scans, then die with a segfault (exit 139, 3 runs of 3). Every reader in
-the process now shares one object per dataset (`pipeline.shared_datasets`).
+the process now shares one object per dataset (`pipeline.common.shared_datasets`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import h5py
 import numpy as np
 import pytest
 
+from pipeline.common.shared_datasets import datasets_open
 from pipeline.config import FollowSettings
 from pipeline.live.follow import ScanFollower
-from pipeline.shared_datasets import datasets_open
 from pipeline.store import StoreReader, schema
 from pipeline.testing.configs import MODELS_OFF, write_config
 from pipeline.testing.i16 import I16Scan, write_detector_file, write_gda9

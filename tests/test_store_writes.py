@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from pipeline.common.nexus import ScanInfo
 from pipeline.models.prediction import Detection, FramePrediction
-from pipeline.nexus import ScanInfo
 from pipeline.store.schema import MAX_DETECTIONS_PER_FRAME
 from pipeline.store.writer import ScanStore, _runs
 

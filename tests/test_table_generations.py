@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.nexus import ScanInfo
+from pipeline.common.nexus import ScanInfo
 from pipeline.store import StoreReader, schema
 from pipeline.store.writer import ScanStore
 

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from pipeline.volume import VolumeLinker
+from pipeline.common.volume import VolumeLinker
 
 
 def _disc(shape, cy, cx, r):

@@ -40,12 +40,9 @@ from typing import TypeVar
 import h5py
 import numpy as np
 
-from pipeline.chunks import BoundedFrameReader, ChunkRefused, chunk_problem
-from pipeline.config import FollowSettings
-from pipeline.detector import DEAD_PIXEL
-from pipeline.errors import PipelineError, one_line, shortage_of
-from pipeline.live.confinement import NotRegular, dataset_outside, external_link_target, links_outside, read_head
-from pipeline.nexus import (
+from pipeline.common.chunks import BoundedFrameReader, ChunkRefused, chunk_problem
+from pipeline.common.detector import DEAD_PIXEL
+from pipeline.common.nexus import (
     H5_ERRORS,
     HDF5_SIGNATURE,
     ScanInfo,
@@ -58,7 +55,10 @@ from pipeline.nexus import (
     scan_command_of,
     start_time_of,
 )
-from pipeline.shared_datasets import NoSuchDataset, NotADataset, acquire_dataset, release_dataset
+from pipeline.common.shared_datasets import NoSuchDataset, NotADataset, acquire_dataset, release_dataset
+from pipeline.config import FollowSettings
+from pipeline.errors import PipelineError, one_line, shortage_of
+from pipeline.live.confinement import NotRegular, dataset_outside, external_link_target, links_outside, read_head
 
 log = logging.getLogger(__name__)
 
@@ -376,7 +376,7 @@ class ScanFollower:
         check_signature(path)
         check_truncated(path)
         try:
-            data = acquire_dataset(path, dataset)  # shared with any other scan that reads it (see pipeline.shared_datasets)
+            data = acquire_dataset(path, dataset)  # shared with any other scan that reads it (see pipeline.common.shared_datasets)
         except NoSuchDataset:
             raise _NotYet(f"no dataset {dataset} (the external link's target)") from None
         except NotADataset as wrong:

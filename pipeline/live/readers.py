@@ -37,10 +37,10 @@ from typing import Any, NoReturn
 
 import numpy as np
 
+from pipeline.common.nexus import ScanInfo
 from pipeline.config import FollowSettings, ReaderSettings
 from pipeline.live import channel, lifeline
 from pipeline.live.follow import Frame, NotADetectorScan, ScanError
-from pipeline.nexus import ScanInfo
 
 log = logging.getLogger(__name__)
 

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.common.nexus import ScanInfo
+from pipeline.common.volume import VolumeLinker
 from pipeline.config import Config
 from pipeline.errors import one_line, shortage_of
 from pipeline.live import wire
@@ -27,12 +29,10 @@ from pipeline.live.readers import ReaderPool, RemoteScan, Shortage
 from pipeline.live.shortage import SPACE, waiting_status
 from pipeline.live.timings import FrameTimings
 from pipeline.models.prediction import FramePrediction
-from pipeline.nexus import ScanInfo
 from pipeline.store import schema
 from pipeline.store.location import stat_identity, store_made_from, store_path_for
 from pipeline.store.reader import store_status
 from pipeline.store.writer import ScanStore, StoreRefused, mark_failed
-from pipeline.volume import VolumeLinker
 
 log = logging.getLogger(__name__)
 

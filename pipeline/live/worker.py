@@ -18,8 +18,8 @@ from collections.abc import Callable
 import numpy as np
 import zmq
 
+from pipeline.common.devices import resolve_device
 from pipeline.config import Config, WorkerSettings
-from pipeline.devices import resolve_device
 from pipeline.live import wire
 from pipeline.live.security import apply_client
 from pipeline.live.wakeup import Wakeup

@@ -28,7 +28,8 @@ if TYPE_CHECKING:
     import torch
 
 CARD_METADATA_KEY = "model_card"
-DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"  # package data: found in any install
+# package data: in a checkout a link to the repository's top-level weights/, in the wheel a copy of it
+DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 WEIGHTS_DIR_ENV = "PIPELINE_WEIGHTS_DIR"
 DEFAULT_FILES = {"tlm": "tlm.safetensors", "sslm": "sslm.safetensors"}
 

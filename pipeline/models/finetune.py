@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from pipeline.common.devices import resolve_device
 from pipeline.config import SSLMSettings, TLMSettings
-from pipeline.devices import resolve_device
 from pipeline.models import sslm as sslm_module
 from pipeline.models import tlm as tlm_module
 from pipeline.models.card import save_weights

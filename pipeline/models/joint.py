@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from pipeline.detector import FRAME_SHAPE
-from pipeline.devices import resolve_device, resolve_precision
+from pipeline.common.detector import FRAME_SHAPE
+from pipeline.common.devices import resolve_device, resolve_precision
 from pipeline.models import preprocess_torch
 from pipeline.models import sslm as sslm_module
 from pipeline.models import tlm as tlm_module

@@ -36,8 +36,8 @@ import contourpy
 import numpy as np
 from matplotlib.path import Path as PolygonPath
 
+from pipeline.common.detector import FRAME_SHAPE
 from pipeline.config import FollowSettings
-from pipeline.detector import FRAME_SHAPE
 from pipeline.errors import PipelineError, one_line, reporting
 from pipeline.live.follow import ScanError, ScanFollower
 from pipeline.models.card import sha256_of

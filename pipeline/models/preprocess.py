@@ -14,7 +14,7 @@ import functools
 import numpy as np
 from scipy import ndimage, special
 
-from pipeline.detector import SATURATION
+from pipeline.common.detector import SATURATION
 
 _LOG_SCALE = float(np.log1p(SATURATION))
 BACKGROUND_BLOCK = 24

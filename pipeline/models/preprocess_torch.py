@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from scipy import special
 
-from pipeline.detector import SATURATION
+from pipeline.common.detector import SATURATION
 from pipeline.models.preprocess import (
     _LOG_SCALE,
     BACKGROUND_BLOCK,

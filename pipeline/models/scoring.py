@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.volume import MIN_PEAK_PIXELS, volume_components
+from pipeline.common.volume import MIN_PEAK_PIXELS, volume_components
 
 MATCH_IOU = 0.5
 MIN_COMPONENT_PX = MIN_PEAK_PIXELS  # instances are counted as the live 3D linking sees them

@@ -37,7 +37,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform, res
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from pipeline.detector import FRAME_SHAPE
+from pipeline.common.detector import FRAME_SHAPE
 from pipeline.models.card import ModelCard
 from pipeline.models.prediction import Detection
 from pipeline.store.schema import MAX_DETECTIONS_PER_FRAME

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.devices import resolve_device
+from pipeline.common.devices import resolve_device
 from pipeline.models import sslm as sslm_module
 from pipeline.models import tlm as tlm_module
 from pipeline.models.card import ModelCard, save_weights

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from pipeline.detector import SATURATION
+from pipeline.common.detector import SATURATION
 from pipeline.errors import reporting
 from pipeline.pictures.quicklook import busiest_frame, draw_volume, save_frame_overlay, write_quicklook
 from pipeline.store import StoreReader, schema

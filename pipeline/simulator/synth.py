@@ -22,7 +22,7 @@ import numpy as np
 from matplotlib.path import Path as _PolygonPath
 from scipy import ndimage
 
-from pipeline.detector import DEAD_PIXEL, FRAME_SHAPE, SATURATION
+from pipeline.common.detector import DEAD_PIXEL, FRAME_SHAPE, SATURATION
 
 DEAD_PIXEL_VALUE = DEAD_PIXEL
 

@@ -41,7 +41,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from pipeline.argtypes import non_negative_int, positive_float, positive_int
+from pipeline.common.argtypes import non_negative_int, positive_float, positive_int
 from pipeline.simulator.synth import FRAME_SHAPE, RockingScan, SynthSettings
 
 LAYOUTS: tuple[str, ...] = ("gda9", "gda8", "nexus")

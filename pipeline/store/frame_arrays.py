@@ -1,8 +1,8 @@
 """The chunk writes of a store's per-frame arrays, made through tensorstore rather than zarr-python.
 
 Why: at detector rates the sink's time went into zarr-python's codec pipeline and its asyncio
-bridge (about 2 ms of CPU per chunk here, measured in `pipeline bench` and the README's Speed
-section); tensorstore encodes and writes the same Zarr v3 chunks from C++, several at once,
+bridge (about 2 ms of CPU per chunk here, measured in `pipeline bench`,
+docs/performance.md); tensorstore encodes and writes the same Zarr v3 chunks from C++, several at once,
 without the interpreter lock. zarr-python still makes the store, its metadata and attributes,
 writes the tables and reads everything back: both read and write the one format, so readers
 cannot tell which wrote a chunk.

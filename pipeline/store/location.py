@@ -10,7 +10,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from pipeline.nexus import read_scan_identity
+from pipeline.common.nexus import read_scan_identity
 from pipeline.store.reader import read_attributes
 from pipeline.store.schema import Attr
 

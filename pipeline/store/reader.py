@@ -22,8 +22,8 @@ import numpy as np
 import zarr
 
 import pipeline.store.schema as schema
+from pipeline.common.shared_datasets import acquire_dataset, release_dataset
 from pipeline.errors import PipelineError, one_line
-from pipeline.shared_datasets import acquire_dataset, release_dataset
 from pipeline.store.schema import Attr
 
 TABLE_READ_ATTEMPTS = 200  # a rewrite takes milliseconds; after this many tries (about 2 s) the writer is taken for dead

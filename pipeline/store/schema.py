@@ -1,7 +1,7 @@
 """The store's layout, defined once: array paths, their dtypes and dimensions, attribute names, statuses.
 
 Every other module names a path or attribute of a scan's store through this module, so the
-contract in the design notes (and the README's table) has one home in the code. Changing a name
+contract in the design notes (and docs/reading-outputs.md's table) has one home in the code. Changing a name
 here changes the contract: do it on purpose and say so in the README.
 """
 

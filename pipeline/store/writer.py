@@ -29,9 +29,9 @@ from zarr.storage import LocalStore, MemoryStore
 
 import pipeline.store.schema as schema
 from pipeline import __version__
+from pipeline.common.nexus import ScanInfo
 from pipeline.errors import PipelineError, one_line, shortage_of
 from pipeline.models.prediction import Detection, FramePrediction
-from pipeline.nexus import ScanInfo
 from pipeline.store.durable import store_for
 from pipeline.store.frame_arrays import FrameArrays
 from pipeline.store.location import stat_identity

@@ -18,7 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline.detector import FRAME_SHAPE
+from pipeline.common.detector import FRAME_SHAPE
 from pipeline.simulator.synth import RockingScan
 
 DETECTOR_DATASET = "/entry/instrument/detector/data"

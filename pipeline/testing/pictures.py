@@ -21,11 +21,11 @@ import zarr
 from PIL import Image
 from scipy import ndimage
 
+from pipeline.common.volume import VolumeLinker
 from pipeline.pictures.quicklook import DPI
 from pipeline.simulator.writers import ScanPlan, write_scan
 from pipeline.store import schema, store_status
 from pipeline.testing.configs import write_config
-from pipeline.volume import VolumeLinker
 
 N_FRAMES = 8
 SCAN = "ql-scan"

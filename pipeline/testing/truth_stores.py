@@ -16,13 +16,13 @@ import h5py
 import numpy as np
 from scipy import ndimage
 
-from pipeline.detector import FRAME_SHAPE
+from pipeline.common.detector import FRAME_SHAPE
+from pipeline.common.nexus import ScanInfo
+from pipeline.common.volume import VolumeLinker
 from pipeline.models.prediction import Detection, FramePrediction
-from pipeline.nexus import ScanInfo
 from pipeline.simulator.synth import RockingScan
 from pipeline.store import schema
 from pipeline.store.writer import ScanStore
-from pipeline.volume import VolumeLinker
 
 RAW_DATASET = "/entry/instrument/detector/data"
 

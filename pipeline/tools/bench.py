@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.argtypes import non_negative_int, one_line_errors, positive_float, positive_int, run_standalone
+from pipeline.common.argtypes import non_negative_int, one_line_errors, positive_float, positive_int, run_standalone
 
 if TYPE_CHECKING:
     from pipeline.live.timings import FrameTimings
@@ -168,7 +168,7 @@ def _load_bench_config(args: argparse.Namespace) -> Any:
 
 _TORCH_PROBE = """
 import json, sys, torch
-from pipeline.devices import resolve_precision
+from pipeline.common.devices import resolve_precision
 device, precision = sys.argv[1], sys.argv[2]
 resolved = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 print(json.dumps({"torch": torch.__version__, "cuda": torch.cuda.is_available(), "resolved_device": resolved,
@@ -620,7 +620,7 @@ def run_baseline(config: Any, scan: Path, n_frames: int, out: Path, show_progres
     """
     import torch
 
-    from pipeline.devices import resolve_device
+    from pipeline.common.devices import resolve_device
     from pipeline.live.follow import ScanFollower, open_hdf5
     from pipeline.models import sslm as sslm_module
     from pipeline.models import tlm as tlm_module

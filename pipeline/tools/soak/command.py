@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.argtypes import non_negative_int, one_line_errors, positive_float, positive_int, run_standalone
+from pipeline.common.argtypes import non_negative_int, one_line_errors, positive_float, positive_int, run_standalone
 from pipeline.tools.soak.report import format_report
 from pipeline.tools.soak.run import Soak
 from pipeline.tools.soak.settings import DEFAULT_FAULTS, FAULT_KINDS, HOSTILE_MIXES, SoakError, SoakSettings, _range, fault_kinds

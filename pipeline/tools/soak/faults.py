@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.detector import FRAME_SHAPE
+from pipeline.common.detector import FRAME_SHAPE
 from pipeline.tools.soak.hostile import MisbehavingPeer, hostile_messages
 from pipeline.tools.soak.processes import Incarnation
 from pipeline.tools.soak.scans import BadFile

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import h5py
 
-from pipeline.nexus import Identity, file_identity, handle_identity, open_hdf5
+from pipeline.common.nexus import Identity, file_identity, handle_identity, open_hdf5
 
 
 class NoSuchDataset(LookupError):
