@@ -34,7 +34,7 @@ class StopSignals:
         signal.signal(signal.SIGINT, self._handle)
         signal.signal(signal.SIGTERM, self._handle)
         if hasattr(signal, "SIGHUP"):
-            signal.signal(signal.SIGHUP, lambda *_: log.warning("SIGHUP: config reload is not supported; restart to apply a new config"))
+            signal.signal(signal.SIGHUP, lambda *_: log.warning("SIGHUP: config reload is not supported; restart the daemon to apply a new config"))
         return self
 
     def _handle(self, signum: int, _frame: Any) -> None:
