@@ -41,7 +41,7 @@ class StopSignals:
         name = signal.Signals(signum).name
         if not self.requested.is_set():
             self.signal_name, self.exit_code = name, 128 + signum
-            log.info("%s: finishing the frames in flight, then stopping (send it again to stop without waiting)", name)
+            log.info("%s: draining frames in flight, then stopping (send it again to stop without waiting for them)", name)
             self.requested.set()
         elif not self.hurry.is_set():
             log.warning("second %s: stopping without waiting for frames in flight (they stay not done; a restart does them)", name)
