@@ -206,7 +206,7 @@ class ScanStore:
                     else:
                         store = cls(path, group, frame_shape, fsync)
                         store._load_detections()
-                        group.attrs.update({Attr.STATUS: STATUS_RUNNING, Attr.RESUMED_AT: now_iso()})
+                        group.update_attributes({Attr.STATUS: STATUS_RUNNING, Attr.RESUMED_AT: now_iso()})
                         return store
                 elif schema.FRAMES_DONE not in group:
                     log.info("%s: holds no frames (%s); making a fresh store", path, group.attrs.get(Attr.END_REASON, "empty"))
@@ -236,7 +236,7 @@ class ScanStore:
         for _node in zarr.create_hierarchy(store=target, nodes=nodes, overwrite=True):
             pass  # created concurrently, metadata only (no chunk yet)
         group = zarr.open_group(target, mode="r+", use_consolidated=False)
-        group.attrs.update({
+        group.update_attributes({
             Attr.SOFTWARE: schema.SOFTWARE,
             Attr.SOFTWARE_VERSION: __version__,
             Attr.SOURCE_NEXUS: str(info.nexus_path),
@@ -415,7 +415,7 @@ class ScanStore:
         self._check_present()
         if frames_total < self.frames_allocated:
             self._resize_frames(frames_total)
-        self.group.attrs.update({
+        self.group.update_attributes({
             Attr.STATUS: status,
             Attr.END_REASON: reason,
             Attr.END_TIME: now_iso(),
@@ -446,7 +446,7 @@ def write_columns(root: zarr.Group, group_name: str, columns: dict[str, np.ndarr
                                        dimension_names=schema.ROW_DIMS, overwrite=True)
         if values.size:
             array[:] = values
-    group.attrs.update({schema.ROWS_ATTR: int(next(iter(columns.values())).shape[0]) if columns else 0,
+    group.update_attributes({schema.ROWS_ATTR: int(next(iter(columns.values())).shape[0]) if columns else 0,
                         schema.GENERATION_ATTR: published + 2})
 
 
@@ -518,7 +518,7 @@ def mark_failed(path: Path, reason: str, source: Path | None = None, start_time:
             attrs[Attr.SOURCE_STAT] = stat_identity(source)
             if start_time and not group.attrs.get(Attr.SOURCE_START_TIME):
                 attrs[Attr.SOURCE_START_TIME] = start_time
-        group.attrs.update(attrs)
+        group.update_attributes(attrs)
     except Exception as error:  # e.g. an unwritable output directory: the log line is all we can leave
         log.error("%s: cannot record the failure in the store (%s)", path, one_line(error))
         return False
