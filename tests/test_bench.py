@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.testing.configs import write_config
-from pipeline.tools.bench import add_parser, percentiles_ms, run_bench, worker_counts
+from pipeline.tools.bench.command import add_parser, run_bench, worker_counts
+from pipeline.tools.bench.measure import percentiles_ms
 
 pytestmark = pytest.mark.daemon
 
