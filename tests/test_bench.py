@@ -74,6 +74,7 @@ def test_bench_models_none_measures_the_daemons_own_path(tmp_path: Path, capsys:
     assert report["settings"]["distinct_frames"] == 64  # the fast writer: synthesised once, written over and over
     cpu, by_thread = report["pipeline"]["cpu_ms_per_frame"], report["pipeline"]["daemon_cpu_ms_per_frame_by_thread"]
     assert cpu["daemon"] > 0 and cpu["workers"] > 0 and cpu["writer"] > 0  # measured, per process, while frames flowed
+    assert cpu["readers"] > 0 and "daemon's readers (HDF5)" in printed  # HDF5 runs in reader processes: their CPU counts too
     assert {"follow (read frames)", "dispatch (ZeroMQ, results)", "sink (link, write)"} <= set(by_thread)
     assert sum(by_thread.values()) <= cpu["daemon"] * 1.5 + 1.0  # the threads' share adds up to about the process's
     assert "CPU per frame (ms, user + system)" in printed and "sink (link, write)" in printed

@@ -39,13 +39,15 @@ class MemorySampler(threading.Thread):
     """
 
     def __init__(self, worker_pids: Callable[[], list[int]], frames_done: Callable[[], int],
-                 interval_s: float = RSS_INTERVAL_S, writer_pids: Callable[[], list[int]] = list) -> None:
+                 interval_s: float = RSS_INTERVAL_S, writer_pids: Callable[[], list[int]] = list,
+                 reader_pids: Callable[[], list[int]] = list) -> None:
         super().__init__(name="bench-rss", daemon=True)
         import psutil
 
         self._psutil = psutil
         self.worker_pids = worker_pids
         self.writer_pids = writer_pids  # the simulated detector's processes: their CPU is counted, not their memory
+        self.reader_pids = reader_pids  # the daemon's reader processes (HDF5 runs there): part of the daemon's cost
         self.frames_done = frames_done
         self.interval_s = interval_s
         self.samples: list[tuple[float, int, str, int, float]] = []  # (time_s, frames_done, process, pid, rss_mib)
@@ -98,12 +100,13 @@ class MemorySampler(threading.Thread):
 
     def sample(self) -> None:
         now, done = time.time() - self.started_at, self.frames_done()
-        targets = [("daemon", os.getpid())] + [(f"worker-{i}", pid) for i, pid in enumerate(self.worker_pids())]
+        targets = ([("daemon", os.getpid())] + [(f"worker-{i}", pid) for i, pid in enumerate(self.worker_pids())]
+                   + [(f"reader-{pid}", pid) for pid in self.reader_pids()])
         for role, pid in targets:
             rss = self._rss_mib(pid)
             if rss is not None:
                 self.samples.append((round(now, 3), done, role, pid, round(rss, 2)))
-            self._note_cpu("daemon" if role == "daemon" else "workers", pid)
+            self._note_cpu(role if role == "daemon" else role.split("-")[0] + "s", pid)
         if not self._cpu_frozen:
             self.threads_at_end.update(thread_cpu_s())
         for pid in self.writer_pids():
@@ -111,8 +114,8 @@ class MemorySampler(threading.Thread):
 
     def cpu_ms_per_frame(self, frames: int) -> dict[str, float | None]:
         """CPU time (user + system) spent while the run was sampled, per frame done, by role: the daemon (this process:
-        follower, dispatcher, sink), all workers together, the simulated detector's processes."""
-        spent: dict[str, float] = {"daemon": 0.0, "workers": 0.0, "writer": 0.0}
+        follower, dispatcher, sink), its reader processes, all workers together, the simulated detector's processes."""
+        spent: dict[str, float] = {"daemon": 0.0, "readers": 0.0, "workers": 0.0, "writer": 0.0}
         for role, first, last in self.cpu_s.values():
             spent[role] += last - first
         return {role: round(seconds * 1000.0 / frames, 3) if frames else None for role, seconds in spent.items()}

@@ -62,7 +62,8 @@ class PipelineRun:
             peaks = self.memory.peaks()
             memory = {
                 "daemon_peak_rss_mib": peaks.get("daemon", {}).get("peak_rss_mib"),
-                "workers": [{"process": role, **entry} for role, entry in sorted(peaks.items()) if role != "daemon"],
+                "workers": [{"process": role, **entry} for role, entry in sorted(peaks.items()) if role.startswith("worker-")],
+                "readers": [{"process": role, **entry} for role, entry in sorted(peaks.items()) if role.startswith("reader-")],
                 "daemon_rss_at_10pct_mib": self.memory.daemon_rss_at(max(1, round(0.1 * self.frames_written))),
                 "daemon_rss_at_100pct_mib": self.memory.daemon_rss_at(self.frames_written),
                 "samples": len(self.memory.samples),
@@ -127,7 +128,8 @@ def run_pipeline(config: Any, directory: Path, workers: int, n_frames: int, rate
 
     daemon = Daemon(config, watch=not finished, on_frame_done=on_frame_done).start()  # a finished scan is handed over once workers are in
     memory = MemorySampler(lambda: [p.pid for p in daemon.workers], lambda: len(run.frames),
-                           writer_pids=lambda: writer.pids if writer is not None and writer.frames_written else [])  # from its first frame, not its start-up
+                           writer_pids=lambda: writer.pids if writer is not None and writer.frames_written else [],
+                           reader_pids=lambda: list(daemon.readers.status()["pids"]))  # from its first frame, not its start-up
     bar = progress_bar(n_frames, f"pipeline, {workers} worker{'s' if workers > 1 else ''}", show_progress)
     writer: ScanWriter | None = None
     flush = None

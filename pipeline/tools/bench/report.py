@@ -59,7 +59,8 @@ def format_report(report: dict[str, Any]) -> str:
     finished_cpu = (finished or {}).get("cpu_ms_per_frame") or {}
     if cpu:
         lines += ["", f"{'CPU per frame (ms, user + system)':<34}{'live':>10}{'finished':>10}"]
-        for role, label in (("daemon", "daemon (follow, dispatch, sink)"), ("workers", "workers, all together"),
+        for role, label in (("daemon", "daemon (follow, dispatch, sink)"), ("readers", "daemon's readers (HDF5)"),
+                            ("workers", "workers, all together"),
                             ("writer", "the simulated detector")):
             lines.append(f"  {label:<32}{_cell(cpu.get(role), 2):>10}{_cell(finished_cpu.get(role), 2):>10}")
         threads = pipeline.get("daemon_cpu_ms_per_frame_by_thread") or {}
@@ -72,7 +73,7 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"  {'daemon (this process)':<32}{_cell(memory['daemon_peak_rss_mib'], 0):>10}"
                      f"   at 10% of frames {_cell(memory['daemon_rss_at_10pct_mib'], 0)}, "
                      f"at 100% {_cell(memory['daemon_rss_at_100pct_mib'], 0)}")
-        for worker in memory["workers"]:
+        for worker in memory["workers"] + memory.get("readers", []):
             lines.append(f"  {worker['process'] + ' (pid ' + str(worker['pid']) + ')':<32}{_cell(worker['peak_rss_mib'], 0):>10}")
     lines += ["", f"{'scaling':<34}{'frames/s':>10}"]
     for entry in report["scaling"]:
