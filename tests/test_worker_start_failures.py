@@ -35,3 +35,25 @@ def test_workers_that_cannot_start_back_off_and_process_exits_with_the_reason(tm
     assert len(lines) == 1 and "no local worker can start" in lines[0] and "CUDA is not available" in lines[0], result.stderr[-3000:]
     starts = result.stderr.count("failed to start")
     assert 3 <= starts <= 4, f"{starts} failed starts logged in {elapsed:.0f} s"
+
+
+def test_a_worker_that_crashes_after_joining_is_called_a_crash_and_replaced(tmp_path: Path) -> None:
+    """A local worker that died mid-scan was logged as one that 'failed to start' (its exit came soon after its start),
+    which sends a person looking at the device or the install. It joined: it crashed, and another one takes its place."""
+    import os
+
+    from pipeline.testing.configs import MODELS_OFF
+    from pipeline.testing.slow_worker import CRASH_ENV
+
+    plan = ScanPlan(directory=tmp_path / "scans", name="crashes", layout="nexus", n_frames=6, rate_hz=1000.0, seed=3)
+    write_scan(plan)
+    config = write_config(tmp_path / "config.yaml", models=MODELS_OFF,
+                          workers={"local": 1, "batch_size": 1, "credit": 1,
+                                   "command": [sys.executable, "-m", "pipeline.testing.slow_worker"]})
+    result = subprocess.run([sys.executable, "-m", "pipeline", "process", "--config", str(config), "--no-progress", str(plan.nxs_path)],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, CRASH_ENV: "2"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "crashes: complete" in result.stdout or "crashes.nxs: complete" in result.stdout, result.stdout
+    crashes = [line for line in result.stderr.splitlines() if "after joining" in line]
+    assert crashes and all("exited with 3 after joining" in line for line in crashes), result.stderr[-3000:]
+    assert "failed to start" not in result.stderr

@@ -70,7 +70,7 @@ class Daemon:
         self.painter = QuickLookPainter()
         self.readers = ReaderPool(config.readers, config.readers.processes or config.daemon.max_active_scans + 1,
                                   log_level=config.daemon.log_level)
-        self.local_workers = LocalWorkers(config, self.dispatcher.local_endpoint)
+        self.local_workers = LocalWorkers(config, self.dispatcher.local_endpoint, joined=self.dispatcher.joined_pids.__contains__)
         self._said_unable: str | None = None
         self._resume_reasons: dict[Path, str] = {}  # scans stopped by a shortage, queued again: why they stopped
         self._space_checked = 0.0

@@ -38,6 +38,9 @@ MAX_ATTEMPTS = 3  # a frame lost this many times by workers that had delivered r
 POLL_MS = 20
 
 
+MAX_JOINED_PIDS = 100_000  # a bound on what hellos can make the dispatcher remember
+
+
 @dataclass
 class WorkerState:
     identity: bytes
@@ -84,6 +87,7 @@ class Dispatcher:
         self.retry: deque[Dispatch] = deque()
         self.in_flight: dict[int, Dispatch] = {}
         self.workers: dict[bytes, WorkerState] = {}
+        self.joined_pids: set[int] = set()  # pids workers gave at hello: a local worker that exits after joining crashed
         self.task_ids = itertools.count(1)
         # received: every message read from the socket, good or bad (so a shortfall in `rejected` can be
         # told apart from messages that never arrived)
@@ -210,6 +214,9 @@ class Dispatcher:
                 with self._lock:
                     self.workers[identity] = WorkerState(identity, str(hello.get("name", "?"))[:64], str(hello.get("device", "?"))[:32],
                                                          hello.get("pid") if isinstance(hello.get("pid"), int) else None, credit, time.monotonic())
+                pid = self.workers[identity].pid
+                if pid is not None and len(self.joined_pids) < MAX_JOINED_PIDS:
+                    self.joined_pids.add(pid)
                 log.info("worker %s joined (%s, credit %d)", self.workers[identity].name, self.workers[identity].device, credit)
                 return
             if worker is None:

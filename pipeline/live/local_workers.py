@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -47,9 +48,10 @@ class _Slot:
 class LocalWorkers:
     """`workers.local` worker processes connecting to `endpoint`; `supervise` is called from the daemon's scheduler."""
 
-    def __init__(self, config: Config, endpoint: str) -> None:
+    def __init__(self, config: Config, endpoint: str, joined: Callable[[int], bool] = lambda pid: False) -> None:
         self.config = config
         self.endpoint = endpoint
+        self.joined = joined  # whether the worker of this pid said hello to the dispatcher: then it started, and its exit is a crash
         self.slots = [_Slot(index) for index in range(config.workers.local)]
         self._config_file: Path | None = None
         self._lock = threading.Lock()
@@ -116,7 +118,11 @@ class LocalWorkers:
                 if process is not None:  # it has exited
                     if slot.reader is not None:
                         slot.reader.join(timeout=1)
-                    if now - slot.started < FAILED_START_S:
+                    if process.pid is not None and self.joined(process.pid):  # it had joined: a crash, not a failed start
+                        log.error("local worker %d (pid %d) exited with %s after joining (%s); starting another", slot.index,
+                                  process.pid, process.returncode, slot.last_error or "no reason given")
+                        slot.last_error = None
+                    elif now - slot.started < FAILED_START_S:
                         slot.last_error = slot.last_error or f"exited with {process.returncode} at start"
                         self._failed(slot)
                     else:

@@ -1,8 +1,9 @@
-"""A real worker made slow on purpose, for back-pressure tests: `python -m pipeline.testing.slow_worker ...`.
+"""A real worker made slow (or made to crash) on purpose, for tests: `python -m pipeline.testing.slow_worker ...`.
 
 It takes the options of `pipeline worker` and runs the same worker, except that with the
 environment variable `PIPELINE_WORKER_DELAY_S` set it sleeps that many extra seconds per frame
-after the models ran. A daemon starts it as its local workers when the config says
+after the models ran, and with `PIPELINE_WORKER_CRASH_AFTER=N` the process dies (exit 3) when it
+has predicted N frames, as a worker that crashes mid-scan. A daemon starts it as its local workers when the config says
 `workers.command: [python, -m, pipeline.testing.slow_worker]`; the variable then comes from the
 daemon's environment, so only the daemon it is set for is slowed down.
 """
@@ -21,6 +22,7 @@ from pipeline.models.prediction import FramePrediction, FramePredictor
 log = logging.getLogger(__name__)
 
 DELAY_ENV = "PIPELINE_WORKER_DELAY_S"
+CRASH_ENV = "PIPELINE_WORKER_CRASH_AFTER"
 
 
 def delay_from_env() -> float:
@@ -48,7 +50,24 @@ class SlowPredictor:
         return predictions
 
 
+class CrashingPredictor:
+    """The real predictor, until `frames` frames are predicted: then the process dies without a word to the daemon."""
+
+    def __init__(self, predictor: FramePredictor, frames: int) -> None:
+        self.predictor, self.left = predictor, frames
+
+    def predict_batch(self, frames: np.ndarray) -> list[FramePrediction]:
+        if self.left <= 0:
+            log.error("%s: this worker crashes on purpose", CRASH_ENV)
+            os._exit(3)
+        self.left -= len(frames)
+        return self.predictor.predict_batch(frames)
+
+
 def slowed(predictor: FramePredictor) -> FramePredictor:
+    crash_after = os.environ.get(CRASH_ENV, "").strip()
+    if crash_after.isdigit():
+        predictor = CrashingPredictor(predictor, int(crash_after))
     delay_s = delay_from_env()
     if not delay_s:
         return predictor
