@@ -91,7 +91,7 @@ class WorkerSettings(Strict):
     # a worker that holds frames and answers none for this long is dropped; its frames go elsewhere
     # (a worker that keeps delivering keeps its queue; one frame held `credit` times this long is dropped too)
     task_timeout_s: float = Field(300.0, gt=0)
-    threads: int = Field(0, ge=0)  # torch threads per worker, 0 = torch's default
+    threads: int = Field(0, ge=0)  # torch CPU threads per local worker; 0 = the machine's cores shared out between the local workers
     curve_secret_key: Path | None = None  # set to require CurveZMQ: this side's `.key_secret` file
     authorized_keys: Path | None = None  # daemon: directory of workers' public `.key` files
     server_public_key: Path | None = None  # remote worker: the daemon's public `.key` file
