@@ -6,7 +6,9 @@ never import each other.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,3 +34,15 @@ def processed_scan(tmp_path_factory, untrained_weights) -> BuiltScan:
 def truth_store(tmp_path_factory, processed_scan) -> Path:
     """A copy of that scan's store with the simulator's true labels in it."""
     return make_truth_store(processed_scan, tmp_path_factory.getbasetemp() / "quicklook-truth")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Debian's headless chromium through Selenium, one per test module (pipeline.testing.web.chromium)."""
+    from pipeline.testing.web import chromium
+
+    driver = chromium()
+    try:
+        yield driver
+    finally:
+        driver.quit()

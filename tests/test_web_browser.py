@@ -32,7 +32,7 @@ from pipeline.store import StoreReader, schema
 from pipeline.testing.configs import MODELS_OFF, free_port, write_config
 from pipeline.testing.daemons import start_daemon, stop_daemon, wait_for_status, wait_for_workers, wait_until
 from pipeline.testing.truth_stores import TruthStoreWriter
-from pipeline.testing.web import browser_errors, chromium, colour_share, element_pixels, get, wait_in_page
+from pipeline.testing.web import browser_errors, colour_share, element_pixels, get, wait_in_page
 from pipeline.web.render import SSL_COLOUR, TLM_COLOUR
 
 pytestmark = pytest.mark.daemon
@@ -93,15 +93,6 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         stop_daemon(daemon)
     assert web.returncode == 0, (base / "web.log").read_text()[-3000:]
     assert daemon.returncode == 0, (base / "daemon.log").read_text()[-3000:]
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    driver = chromium()
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 def keep_screenshot(path: Path, name: str, height: int | None = None) -> None:

@@ -20,7 +20,7 @@ import pytest
 from pipeline.store import StoreReader, schema
 from pipeline.store.writer import mark_failed
 from pipeline.testing.truth_stores import TruthStoreWriter
-from pipeline.testing.web import browser_errors, chromium, element_pixels, get, wait_in_page, web_server
+from pipeline.testing.web import browser_errors, element_pixels, get, wait_in_page, web_server
 from pipeline.web.render import grey
 
 PROBLEMS = ["watch.dirs /data/visit-9: does not exist", "worker gpu1: exited 3 times in 60 s; not restarted"]
@@ -52,15 +52,6 @@ def web(site: Site) -> Iterator[Any]:
               "waiting_scans": 0, "scans": [], "problems": PROBLEMS}
     with web_server([site.root], daemon_status=lambda: status) as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    driver = chromium()
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 def url(web: Any, path: str) -> str:
