@@ -220,12 +220,14 @@ def cmd_process(args: argparse.Namespace) -> int:
 
 
 def _frames_not_done(store: Path) -> int:
-    """Frames the store has room for and has not done (0 for a store that is not there or cannot be read)."""
+    """Frames the scan announced (else the store has room for) and that are not done; 0 for a store that is not there or
+    cannot be read."""
     from pipeline.store import StoreError, StoreReader
+    from pipeline.store.schema import Attr
 
     try:
         reader = StoreReader(store)
-        return max(0, int(reader.attrs.get("frames_expected") or reader.frames_total) - int(reader.done_frames().size))
+        return max(0, int(reader.attrs.get(Attr.FRAMES_EXPECTED) or reader.frames_total) - int(reader.done_frames().size))
     except (StoreError, OSError, ValueError, TypeError):
         return 0
 

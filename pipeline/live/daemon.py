@@ -190,11 +190,11 @@ class Daemon:
         session = ScanSession(path, self.config, self.dispatcher.submit, self.provenance, self.sink.post, self._frame_done,
                               self.painter.paint, resumed_after=self._resume_reasons.pop(path, None), readers=self.readers)
         with self._lock:
+            self._remember_not_scans()  # before old sessions are let go, so none of them is forgotten
             self.sessions[key] = session
             finished = [k for k, s in self.sessions.items() if s.finished.is_set()]
             for old in finished[: max(0, len(finished) - KEEP_FINISHED_SESSIONS)]:  # status shows the recent ones
                 del self.sessions[old]
-            self._remember_not_scans()
         log.info("%s: following", path)
         session.thread.start()
 
