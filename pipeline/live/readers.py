@@ -22,6 +22,7 @@ daemon costs no process start. The protocol:
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import queue
@@ -262,11 +263,30 @@ class RemoteScan:
         self.end_reason: str | None = None
         self._reader: ReaderProcess | None = None
         self._stop_sent = [False]
+        self._unpacked: collections.deque[tuple[dict[str, Any], np.ndarray | None]] = collections.deque()
         self.last_frame: int | None = None
 
     # -- waiting on the reader ----------------------------------------------------------------
 
     def _next(self) -> tuple[dict[str, Any], np.ndarray | None]:
+        """The reader's next message; frames that came together (`frames`) are handed out one `frame` at a time."""
+        if self._unpacked:
+            return self._unpacked.popleft()
+        header, data = self._receive()
+        if header.get("type") != "frames":
+            return header, data
+        entries = header.get("frames")
+        if data is None or not isinstance(entries, list) or data.ndim < 3 or len(entries) != data.shape[0] or not entries:
+            self._lose("its reader sent frames that do not match their header")
+        replay = header.get("replay") is True
+        for entry, frame in zip(entries, data):
+            if not isinstance(entry, dict):
+                self._lose("its reader sent frames that do not match their header")
+            self._unpacked.append(({"type": "frame", "index": entry.get("index"), "axis": entry.get("axis"),
+                                    "problem": entry.get("problem"), "replay": replay}, frame))
+        return self._unpacked.popleft()
+
+    def _receive(self) -> tuple[dict[str, Any], np.ndarray | None]:
         reader = self._reader
         assert reader is not None, "open() first"
         timeout = self.pool.settings.step_timeout_s
