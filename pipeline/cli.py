@@ -271,6 +271,16 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"{dispatch['rejected']} rejected, {dispatch['redispatched']} re-dispatched")
     for worker in dispatch["workers"]:
         print(f"  worker {worker['name']} on {worker['device']}: {worker['frames_done']} frames, {worker['in_flight']} in flight")
+    slurm = status.get("slurm_workers")
+    if slurm:
+        print(f"SLURM worker jobs {slurm['name']}: {len(slurm['jobs'])} of at most {slurm['max_jobs']} ({slurm['wanted']} wanted), "
+              f"logs {slurm['logs']}")
+        for job in slurm["jobs"]:
+            where = f" on {job['node']}" if job.get("node") else ""
+            reason = f" ({job['reason']})" if job.get("reason") else ""
+            print(f"  slurm job {job['job_id']}: {job['state']}{reason}{where}")
+        if slurm.get("unable"):
+            print(f"  cannot submit: {slurm['unable']}")
     for scan in status["scans"]:
         reason = f" ({scan['reason']})" if scan["reason"] else ""
         print(f"  {scan['scan']}: {scan['status']}{reason}, {scan['frames_done']}/{scan['frames_read']} frames done, {scan['fps']} frames/s")
@@ -323,6 +333,8 @@ OTHER_COMMANDS: list[tuple[str, str, str, str]] = [
     ("quicklook", "pipeline.pictures.view", "add_parsers", "(re)make a scan's quick-look PNG: peak projection and rocking curves"),
     ("web", "pipeline.web.server", "add_parser",
      "a live web view of every scan's store: progress, frames with their masks, peaks, rocking curves"),
+    ("zocalo-service", "pipeline.cluster.zocalo_service", "add_parser",
+     "a Zocalo service: recipe steps ask the running daemon to follow a scan now, and get its store once finished"),
 ]
 
 

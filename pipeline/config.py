@@ -74,6 +74,43 @@ class FollowSettings(Strict):
         return data
 
 
+class SlurmSettings(Strict):
+    """`workers.slurm`: worker jobs the daemon submits to SLURM itself (pipeline.cluster.slurm), 0 to `jobs` of them
+    with the frames waiting; with `workers.local: 0` the daemon uses SLURM alone."""
+
+    jobs: int = Field(4, ge=1)  # at most this many worker jobs at once
+    partition: str | None = None  # null: the cluster's default partition
+    sbatch_args: list[str] = Field(default_factory=list)  # more sbatch options, e.g. [--account=i16, --qos=high]
+    time_limit: str = "02:00:00"  # each job's --time; a job that reaches it is replaced while frames wait
+    cpus_per_job: int = Field(4, ge=1)  # --cpus-per-task, and the worker's torch threads
+    gpus_per_job: int = Field(0, ge=0)  # --gres=gpu:N; 0: none
+    # jobs beyond what the frames waiting need (all of them once no scan is active and nothing waits) are cancelled
+    # after this long
+    idle_s: float = Field(300.0, gt=0)
+    # what jobs connect to. null: the daemon's own socket file (jobs on this host only); for other nodes workers.bind's
+    # address as the nodes see it, e.g. tcp://beamline-host:5555 (CurveZMQ: the nodes read the key files)
+    endpoint: str | None = None
+    bin_dir: Path | None = None  # where sbatch, squeue and scancel are; null: found on PATH
+    # the jobs' script, config and logs (<job name>-<job id>.log): a directory the nodes see. null: ~/.pipeline/slurm
+    log_dir: Path | None = None
+    poll_s: float = Field(5.0, gt=0)  # how often squeue is asked about the jobs
+    command_timeout_s: float = Field(30.0, gt=0)  # an sbatch, squeue or scancel that takes longer is killed
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("tcp://", "ipc://")):
+            raise ValueError(f"must be tcp://HOST:PORT (workers.bind as the nodes see it) or ipc://PATH, not {value!r}")
+        return value
+
+    @field_validator("bin_dir", "log_dir")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.expanduser().is_absolute():
+            raise ValueError(f"must be an absolute path (the nodes see it as it is), not {str(value)!r}")
+        return None if value is None else value.expanduser()
+
+
 class WorkerSettings(Strict):
     local: int = Field(2, ge=0)  # worker processes the daemon starts itself
     # the program a local worker runs, before the options the daemon adds (--connect, --config, ...);
@@ -95,6 +132,7 @@ class WorkerSettings(Strict):
     curve_secret_key: Path | None = None  # set to require CurveZMQ: this side's `.key_secret` file
     authorized_keys: Path | None = None  # daemon: directory of workers' public `.key` files
     server_public_key: Path | None = None  # remote worker: the daemon's public `.key` file
+    slurm: SlurmSettings | None = None  # worker jobs the daemon submits to SLURM; null: none
 
     @model_validator(mode="after")
     def _no_open_door(self) -> WorkerSettings:
@@ -102,6 +140,8 @@ class WorkerSettings(Strict):
         if self.bind and host not in ("127.0.0.1", "localhost", "::1") and self.curve_secret_key is None and not self.insecure:
             raise ValueError(f"bind {self.bind} reaches beyond this host without CurveZMQ: set workers.curve_secret_key "
                              "(pipeline keys generate), or workers.insecure: true on a network you trust")
+        if self.slurm is not None and (self.slurm.endpoint or "").startswith("tcp://") and not self.bind:
+            raise ValueError(f"slurm.endpoint {self.slurm.endpoint} needs workers.bind (where the daemon listens for it)")
         return self
 
     @field_validator("device")
@@ -215,6 +255,13 @@ class Config(Strict):
     output: OutputSettings = OutputSettings()
     daemon: DaemonSettings = DaemonSettings()
     web: WebSettings = WebSettings()
+
+    def for_workers(self) -> dict[str, Any]:
+        """This config as the daemon hands it to the workers it starts (a file they load): without the web view's
+        section, which a worker does not use and whose token JSON would only show as `**********` (no longer valid)."""
+        data = self.model_dump(mode="json")
+        data.pop("web", None)
+        return data
 
     def with_overrides(self, overrides: dict[str, Any]) -> Config:
         """A copy with dotted keys replaced (`{"workers.local": 4}`), validated like a file."""

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ import zmq
 
 from pipeline.live.control import query_status
 from pipeline.testing.configs import control_endpoint, write_config
-from pipeline.testing.daemons import start_daemon, stop_daemon, wait_for_workers
+from pipeline.testing.daemons import start_daemon, stop_daemon, wait_for_workers, wait_until
 
 pytestmark = pytest.mark.daemon
 
@@ -113,3 +115,64 @@ def test_the_default_control_socket_answers_only_its_own_user(tmp_path: Path) ->
     refused = subprocess.run([sys.executable, "-m", "pipeline", "run", "--config", str(config), "--watch", str(watched)],
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0 and "closed to others" in refused.stderr, refused.stderr[-2000:]
+
+
+def test_follow_takes_only_a_regular_scan_file_inside_the_watched_directories_and_says_why_in_one_line(tmp_path: Path) -> None:
+    """`follow PATH` (the Zocalo service's request): anything but a regular file inside the watched directories whose name
+    matches watch.patterns is refused with one line naming the path and the reason, at once (a FIFO is not opened); a
+    scan file is queued once however often it is asked for; malformed requests get an error; status still answers."""
+    from pipeline.live.control import ControlError, request_follow
+    from pipeline.testing.files import nexus_file
+
+    watched = tmp_path / "scans"
+    watched.mkdir()
+    # the daemon would not find anything by itself for 10 minutes; no worker: a followed scan stays `running`
+    config = write_config(tmp_path / "config.yaml", None, workers={"local": 0},
+                          watch={"mode": "polling", "poll_interval_s": 600.0, "rescan_interval_s": 600.0, "resume_existing": False})
+    endpoint = control_endpoint(config)
+    outside = nexus_file(tmp_path / "outside.nxs", shape=(3, 4, 5), dtype="int32")
+    scan = nexus_file(watched / "scan.nxs", shape=(3, 4, 5), dtype="int32")
+    os.mkfifo(watched / "fifo.nxs")
+    (watched / "folder.nxs").mkdir()
+    (watched / "notes.txt").write_text("not a scan")
+    (watched / "escape.nxs").symlink_to(outside)
+    daemon = start_daemon(config, watched, tmp_path / "daemon.log")
+    try:
+        wait_for_workers(config, 0)
+        roots = f"outside the watched directories ({watched}); nothing outside them is read"
+        refusals = {
+            str(outside): f"{outside}: {roots}",
+            f"{watched}/../outside.nxs": f"{outside}: {roots}",  # `..` taken out before the check
+            str(watched / "escape.nxs"): f"{watched / 'escape.nxs'}: {roots}",  # a link inside that leads outside
+            str(watched / "missing.nxs"): f"{watched / 'missing.nxs'}: no such file",
+            str(watched / "fifo.nxs"): f"{watched / 'fifo.nxs'}: a FIFO, not a regular file; only regular files are read",
+            str(watched / "folder.nxs"): f"{watched / 'folder.nxs'}: a directory, not a regular file; only regular files are read",
+            str(watched / "notes.txt"): f"{watched / 'notes.txt'}: the name matches no watch.patterns (*.nxs)",
+            "scans/scan.nxs": "'scans/scan.nxs': not an absolute path; send the scan file's absolute path",
+            f"{watched}/a\0b.nxs": f"'{watched}/a\\x00b.nxs': a NUL byte in the path",
+        }
+        for path, reason in refusals.items():
+            started = time.monotonic()
+            answer = request_follow(endpoint, path, timeout_s=5.0) if "\0" not in path else json.loads(
+                (_ask(endpoint, [b"follow", path.encode()]) or [b"{}"])[0])
+            assert answer == {"accepted": False, "reason": reason}, path
+            assert time.monotonic() - started < 3.0, f"{path}: answered only after {time.monotonic() - started:.1f} s"
+        for parts in ([b"follow"], [b"follow", str(scan).encode(), b"more"], [b"follow", b""]):
+            reply = _ask(endpoint, parts)
+            assert reply is not None and ("error" in json.loads(reply[0]) or not json.loads(reply[0])["accepted"]), parts
+
+        store = str(scan.with_suffix(".zarr"))
+        followed = {"accepted": True, "scan": str(scan), "store": store, "queued": True, "pid": daemon.pid}
+        assert request_follow(endpoint, scan, timeout_s=5.0) == followed
+        wait_until(lambda: [s["path"] for s in query_status(endpoint, timeout_s=3.0)["scans"]] == [str(scan)], 30, "the scan followed")
+        for _ in range(2):  # asked again while it is followed: nothing more is queued
+            assert request_follow(endpoint, scan, timeout_s=5.0) == followed
+        status = query_status(endpoint, timeout_s=3.0)
+        assert status is not None and status["waiting_scans"] == 0 and [s["path"] for s in status["scans"]] == [str(scan)], status
+    finally:  # no worker: the scan's frames would never be done, so the second SIGTERM stops without waiting for them
+        daemon.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=60)
+    with pytest.raises(ControlError, match="no daemon answers at"):  # the daemon has stopped: nothing listens there now
+        request_follow(endpoint, scan, timeout_s=1.0)

@@ -49,7 +49,10 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Site:
 @pytest.fixture(scope="module")
 def web(site: Site) -> Iterator[Any]:
     status = {"pid": 4242, "version": "test", "uptime_s": 5.0, "dispatch": {"workers": [], "queued": 0, "in_flight": 0},
-              "waiting_scans": 0, "scans": [], "problems": PROBLEMS}
+              "waiting_scans": 0, "scans": [], "problems": PROBLEMS,
+              "slurm_workers": {"name": "pipeline-worker-i16-control-4242", "wanted": 2, "max_jobs": 4, "unable": None,
+                                "jobs": [{"job_id": "812", "state": "RUNNING", "reason": None, "node": "cs05r-sc-gpu01"},
+                                         {"job_id": "813", "state": "PENDING", "reason": "Resources", "node": None}]}}
     with web_server([site.root], daemon_status=lambda: status) as server:
         yield server
 
@@ -67,6 +70,8 @@ def test_the_front_page_shows_the_daemons_problems_and_one_count(site, web, brow
     box = browser.execute_script("const r = document.getElementById('problems').getBoundingClientRect(); return [r.top, r.height]")
     table_top = browser.execute_script("return document.getElementById('scans').getBoundingClientRect().top")
     assert box[1] > 40 and box[0] < table_top  # above the scans, where it is seen first
+    daemon = browser.execute_script("return document.getElementById('daemon').textContent")
+    assert daemon.endswith("; SLURM job 812 RUNNING on cs05r-sc-gpu01, job 813 PENDING (Resources)"), daemon
     done = StoreReader(site.live).done_frames().size
     frames = browser.execute_script("return document.querySelector('tr[data-id=\"live\"] .frames').textContent")
     assert frames == f"{done} of 20" and StoreReader(site.live).frames_total not in (done, 20)  # the allocated length is no count

@@ -57,3 +57,18 @@ def test_a_worker_that_crashes_after_joining_is_called_a_crash_and_replaced(tmp_
     crashes = [line for line in result.stderr.splitlines() if "after joining" in line]
     assert crashes and all("exited with 3 after joining" in line for line in crashes), result.stderr[-3000:]
     assert "failed to start" not in result.stderr
+
+
+def test_local_workers_start_under_a_daemon_whose_web_view_has_a_token(tmp_path: Path) -> None:
+    """The workers' config file was the daemon's config dumped as JSON, its web token as `**********`: too short to
+    load, so with a token set no local worker could start."""
+    from pipeline.testing.configs import MODELS_OFF
+
+    plan = ScanPlan(directory=tmp_path / "scans", name="token", layout="nexus", n_frames=4, rate_hz=1000.0, seed=4)
+    write_scan(plan)
+    config = write_config(tmp_path / "config.yaml", models=MODELS_OFF, web={"token": "a-long-enough-token-for-the-web-view-1234"})
+    result = subprocess.run([sys.executable, "-m", "pipeline", "process", "--config", str(config), "--no-progress", str(plan.nxs_path)],
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "token.nxs: complete" in result.stdout or "token: complete" in result.stdout, result.stdout
+    assert "failed to start" not in result.stderr and "too short" not in result.stderr

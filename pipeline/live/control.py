@@ -1,10 +1,14 @@
-"""The control socket: `pipeline status` asks a running daemon what it is doing.
+"""The control socket: `pipeline status` asks a running daemon what it is doing, and a trigger (the Zocalo service,
+GDA) asks it to follow a scan now.
 
 The daemon binds it when it starts, so a port that another process holds is an error then (one
 line naming the endpoint), not a `pipeline status` that talks to someone else. Each request is
-read whole (every part); anything but a one-part `status` gets a JSON refusal, so no message shape
-can leave the socket in a state where it stops answering. `query_status` is the client that
-`pipeline status`, the soak and the tests use.
+read whole (every part); anything but a one-part `status` or a two-part `follow` + absolute path
+gets a JSON refusal, so no message shape can leave the socket in a state where it stops answering.
+`query_status` is the client that `pipeline status`, the soak and the tests use; `request_follow`
+the one that `pipeline.cluster.zocalo_service` uses. Whether the daemon takes a scan to follow (a
+regular file inside its watched directories) is the daemon's to decide: this module only carries
+the path.
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ from pipeline.live.wire import HANDSHAKE_MS
 
 log = logging.getLogger(__name__)
 
-MAX_REQUEST_BYTES = 4096
+MAX_REQUEST_BYTES = 4096  # per part: a path as long as Linux allows (PATH_MAX, 4096 bytes with its NUL) still fits
 POLL_MS = 200
 STATUS_REQUEST = b"status"
+FOLLOW_REQUEST = b"follow"
 
 
 class ControlError(PipelineError):
@@ -37,7 +42,8 @@ class ControlError(PipelineError):
 class ControlServer:
     """A REP socket bound at construction; `serve` answers on the calling thread until `stopping` is set."""
 
-    def __init__(self, endpoint: str, status: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, endpoint: str, status: Callable[[], dict[str, Any]],
+                 follow: Callable[[Path], dict[str, Any]] | None = None) -> None:
         endpoint = expand(endpoint)
         if endpoint.startswith("ipc://"):
             _private_directory(Path(endpoint.removeprefix("ipc://")).parent, endpoint)
@@ -46,6 +52,7 @@ class ControlServer:
                                "its own with --control or daemon.control)")
         self.endpoint = endpoint
         self.status = status
+        self.follow = follow  # None: follow requests are refused (this daemon takes scans from its watcher only)
         self.refused = 0
         self._sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.REP)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -68,16 +75,33 @@ class ControlServer:
             self._sock.close()
 
     def _answer(self, request: list[bytes]) -> None:
+        what = "status"
         try:
             if request == [STATUS_REQUEST]:
                 reply = json.dumps(self.status())
+            elif len(request) == 2 and request[0] == FOLLOW_REQUEST:
+                what = "follow"
+                reply = json.dumps(self._follow(request[1]))
             else:
                 self.refused += 1
-                reply = json.dumps({"error": f"unknown request of {len(request)} part(s); send one part: {STATUS_REQUEST.decode()}"})
+                reply = json.dumps({"error": f"unknown request of {len(request)} part(s); send one part: {STATUS_REQUEST.decode()}, "
+                                             f"or two: {FOLLOW_REQUEST.decode()} and an absolute scan path"})
         except Exception as error:  # a status that cannot be made must not end the control thread
-            log.exception("status request failed")
-            reply = json.dumps({"error": f"status failed ({type(error).__name__})"})
+            log.exception("%s request failed", what)
+            reply = json.dumps({"error": f"{what} failed ({type(error).__name__})"})
         self._sock.send(reply.encode())
+
+    def _follow(self, raw: bytes) -> dict[str, Any]:
+        """The daemon's answer to `follow PATH`, or a refusal of a path no file system can hold."""
+        path = os.fsdecode(raw)  # any bytes a file name can hold; shown with escapes in a refusal
+        if self.follow is None:
+            self.refused += 1
+            return {"accepted": False, "reason": "this daemon takes no follow requests"}
+        if "\0" in path or not os.path.isabs(path):
+            self.refused += 1
+            why = "a NUL byte in the path" if "\0" in path else "not an absolute path; send the scan file's absolute path"
+            return {"accepted": False, "reason": f"{path!r}: {why}"}
+        return self.follow(Path(path))
 
 
 def expand(endpoint: str) -> str:
@@ -120,8 +144,8 @@ def _refused(endpoint: str) -> bool:
     return False
 
 
-def query_status(endpoint: str, timeout_s: float = 2.0) -> dict[str, Any] | None:
-    """A running daemon's status, or None when nothing answers at `endpoint` within `timeout_s`."""
+def _ask(endpoint: str, parts: list[bytes], timeout_s: float) -> dict[str, Any] | None:
+    """One request and its JSON answer, or None when nothing answers at `endpoint` within `timeout_s`."""
     endpoint = expand(endpoint)
     if _refused(endpoint):
         return None  # nothing listens: ZeroMQ would retry until the timeout
@@ -129,10 +153,32 @@ def query_status(endpoint: str, timeout_s: float = 2.0) -> dict[str, Any] | None
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)
     try:
-        sock.send(STATUS_REQUEST)
+        sock.send_multipart(parts)
         if not sock.poll(int(timeout_s * 1000)):
             return None
-        answer: dict[str, Any] = json.loads(sock.recv())
-        return None if "error" in answer else answer
+        answer = json.loads(sock.recv())
+        return answer if isinstance(answer, dict) else {"error": f"an answer that is no JSON object ({type(answer).__name__})"}
     finally:
         sock.close()
+
+
+def query_status(endpoint: str, timeout_s: float = 2.0) -> dict[str, Any] | None:
+    """A running daemon's status, or None when nothing answers at `endpoint` within `timeout_s`."""
+    answer = _ask(endpoint, [STATUS_REQUEST], timeout_s)
+    return None if answer is None or "error" in answer else answer
+
+
+def request_follow(endpoint: str, path: Path | str, timeout_s: float = 5.0) -> dict[str, Any]:
+    """Ask the daemon at `endpoint` to follow the scan file `path` now (GDA's trigger, without waiting for the watcher).
+
+    Its answer: `{"accepted": true, "store": ..., "queued": ...}` (`queued` false when the store is already final for
+    this very file: nothing more will be written), or `{"accepted": false, "reason": "<one line>"}`. ControlError when
+    nothing answers within `timeout_s` (no daemon there, or one too busy): the caller may ask again later."""
+    if len(os.fsencode(path)) > MAX_REQUEST_BYTES:
+        return {"accepted": False, "reason": f"{str(path)[:80]}...: a path longer than {MAX_REQUEST_BYTES} bytes"}
+    answer = _ask(endpoint, [FOLLOW_REQUEST, os.fsencode(path)], timeout_s)
+    if answer is None:
+        raise ControlError(f"no daemon answers at {expand(endpoint)} within {timeout_s:g} s")
+    if "error" in answer:  # a daemon of a version without follow, or one whose follow failed
+        return {"accepted": False, "reason": f"the daemon at {expand(endpoint)} refused: {answer['error']}"}
+    return answer

@@ -14,6 +14,7 @@ never queued behind a backlog of finished files.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import os
@@ -24,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
+from pipeline.cluster.slurm import SlurmWorkers
 from pipeline.config import Config
+from pipeline.live.confinement import is_inside, not_regular
 from pipeline.live.control import ControlServer
 from pipeline.live.dispatch import Dispatch, Dispatcher
 from pipeline.live.events import ResultArrived, ScanEnded
@@ -71,6 +74,8 @@ class Daemon:
         self.readers = ReaderPool(config.readers, config.readers.processes or config.daemon.max_active_scans + 1,
                                   log_level=config.daemon.log_level)
         self.local_workers = LocalWorkers(config, self.dispatcher.local_endpoint, joined=self.dispatcher.joined_pids.__contains__)
+        self.slurm_workers = (SlurmWorkers(config, self.dispatcher, lambda: any(not s.finished.is_set() for s in list(self.sessions.values())))
+                              if config.workers.slurm else None)
         self._said_unable: str | None = None
         self._resume_reasons: dict[Path, str] = {}  # scans stopped by a shortage, queued again: why they stopped
         self._space_checked = 0.0
@@ -95,7 +100,7 @@ class Daemon:
         if after != before:
             log.info("open-file limit raised from %d to %d (a socket per peer, files per scan)", before, after)
         if self._serve_control:  # first: a taken port stops the start before anything else runs
-            self.control = ControlServer(self.config.daemon.control, self.status)
+            self.control = ControlServer(self.config.daemon.control, self.status, self.follow)
             self._threads.append(threading.Thread(target=self.control.serve, args=(self.stopping,), name="control", daemon=True))
         if self.metrics is not None and self.config.daemon.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.config.daemon.metrics_port, self.config.daemon.metrics_address)
@@ -107,6 +112,8 @@ class Daemon:
         for thread in self._threads:
             thread.start()
         self.local_workers.start()
+        if self.slurm_workers is not None:
+            self.slurm_workers.start()
         if self.watcher is not None:
             if not self.config.watch.resume_existing:
                 self._ignore_existing_scans(self.watcher)
@@ -140,6 +147,44 @@ class Daemon:
             return  # the very file, unchanged; anything less sure is for a reader to look at (the daemon reads no HDF5)
         self.waiting_scans.put(path)
 
+    def follow(self, path: Path) -> dict[str, Any]:
+        """Follow `path` now, as asked over the control socket (the Zocalo service: GDA's trigger, no wait for the watcher).
+        Only a regular file inside the watched directories whose name matches watch.patterns is taken; otherwise the
+        answer is one line naming the path and the reason. `queued` is false when the store is already complete or failed
+        for this very file (nothing more will be written); asking again while the scan is followed queues nothing more."""
+        path = Path(os.path.abspath(path))  # as the watcher names it, `..` taken out; links are resolved by the checks
+        roots = list(self.config.watch.dirs)
+        why = None
+        if self._closing.is_set():
+            why = "the daemon is stopping"
+        elif not is_inside(path, roots):
+            why = f"outside the watched directories ({', '.join(map(str, roots))}); nothing outside them is read"
+        elif not any(fnmatch.fnmatch(path.name, pattern) for pattern in self.config.watch.patterns):
+            why = f"the name matches no watch.patterns ({', '.join(self.config.watch.patterns)})"
+        elif not path.exists():
+            why = "no such file"
+        elif (kind := not_regular(path)) is not None:
+            why = kind.removeprefix(f"{path}: ")
+        else:
+            with self._lock:
+                self._remember_not_scans()
+            if self._not_scans.get(str(path)) == stat_identity(path) is not None:
+                why = "not a detector scan (looked at before, unchanged since)"
+        if why is not None:
+            log.warning("follow request refused: %s: %s", path, why)
+            return {"accepted": False, "reason": f"{path}: {why}"}
+        store = store_path_for(path, self.config.output.root, self.config.watch.dirs)
+        final = store_status(store, follow_symlinks=False) in (schema.STATUS_COMPLETE, schema.STATUS_FAILED) and recorded_stat_matches(store, path)
+        with self._lock:
+            session = self.sessions.get(str(path))
+        if self.watcher is not None:
+            self.watcher.mark_seen(path)  # its own later look at the file must not queue it a second time
+        following = (session is not None and not session.finished.is_set()) or path in self.waiting_scans
+        if not final and not following:
+            self.add_scan(path)
+        log.info("%s: follow request: %s", path, "store already final" if final else "followed already" if following else "queued")
+        return {"accepted": True, "scan": str(path), "store": str(store), "queued": not final, "pid": os.getpid()}
+
     def _scheduler_loop(self) -> None:
         while not self.stopping.is_set():
             active = sum(1 for s in self.sessions.values() if not s.finished.is_set())
@@ -155,6 +200,8 @@ class Daemon:
                 self._session_ended.wait(0.1)  # woken as soon as a scan ends, so failing files do not queue up
                 self._session_ended.clear()
             self.local_workers.supervise()
+            if self.slurm_workers is not None:
+                self.slurm_workers.supervise()
             self._resume_stalled()
             unable = self.local_workers.unable
             if unable is not None and unable != self._said_unable:
@@ -240,6 +287,7 @@ class Daemon:
             "readers": self.readers.status(),
             "local_workers": self.local_workers.status(),
             "unable": self.local_workers.unable,
+            "slurm_workers": self.slurm_workers.report() if self.slurm_workers is not None else None,
             "dispatch": self.dispatcher.stats(),
         }
 
@@ -314,6 +362,8 @@ class Daemon:
             thread.join(timeout=5)
         self.painter.stop(finish=drain, timeout=max(1.0, deadline - time.monotonic()))
         self.local_workers.stop()
+        if self.slurm_workers is not None:
+            self.slurm_workers.stop()
         if self.metrics is not None:
             self.metrics.stop()
         if self._audit is not None:
@@ -343,6 +393,10 @@ class WaitingScans:
     def qsize(self) -> int:
         with self._ready:
             return len(self._paths)
+
+    def __contains__(self, path: object) -> bool:
+        with self._ready:
+            return path in self._paths
 
     def empty(self) -> bool:
         return self.qsize() == 0

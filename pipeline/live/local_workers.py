@@ -65,7 +65,7 @@ class LocalWorkers:
             return
         handle, name = tempfile.mkstemp(prefix="pipeline-worker-", suffix=".json")
         with os.fdopen(handle, "w") as out:
-            json.dump(self.config.model_dump(mode="json"), out)
+            json.dump(self.config.for_workers(), out)
         self._config_file = Path(name)
         for slot in self.slots:
             self._spawn(slot)

@@ -31,6 +31,23 @@ MAX_PROBLEM_CHARS = 500
 DaemonStatus = Callable[[], "dict[str, Any] | None"]
 
 
+def slurm_job_lines(slurm: object) -> list[str]:
+    """The daemon's SLURM worker jobs (`workers.slurm`) as at most MAX_PROBLEMS short lines, e.g. "job 812 RUNNING on
+    node3"; why none can be submitted comes first. Nothing when the daemon uses no SLURM."""
+    if not isinstance(slurm, dict):
+        return []
+    jobs = slurm.get("jobs")
+    if not isinstance(jobs, list):
+        jobs = []
+    lines = [f"cannot submit: {slurm['unable']}"] if slurm.get("unable") else []
+    for job in jobs[:MAX_PROBLEMS]:
+        if isinstance(job, dict):
+            where = f" on {job['node']}" if job.get("node") else ""
+            reason = f" ({job['reason']})" if job.get("reason") else ""
+            lines.append(f"job {job.get('job_id')} {job.get('state')}{reason}{where}")
+    return [" ".join(line.split())[:MAX_PROBLEM_CHARS] for line in lines[:MAX_PROBLEMS]]
+
+
 def problem_lines(problems: object) -> list[str]:
     """The daemon's `problems` (what needs a person: a watched directory that does not exist) as at most
     MAX_PROBLEMS lines of at most MAX_PROBLEM_CHARS each, whatever the daemon sent."""
@@ -161,7 +178,7 @@ class Monitor:
         return {"pid": status.get("pid"), "version": status.get("version"), "uptime_s": status.get("uptime_s"),
                 "workers": len(dispatch.get("workers") or []), "queued": dispatch.get("queued"), "in_flight": dispatch.get("in_flight"),
                 "waiting_scans": status.get("waiting_scans"), "problems": problem_lines(status.get("problems")),
-                "scans": status.get("scans") or []}
+                "slurm_jobs": slurm_job_lines(status.get("slurm_workers")), "scans": status.get("scans") or []}
 
     # -- for requests -------------------------------------------------------------------------
 

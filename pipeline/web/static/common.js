@@ -51,8 +51,9 @@ const pv = {
   },
   daemonText(daemon) {
     if (!daemon) return "no daemon answers: showing the stores only";
+    const slurm = (daemon.slurm_jobs || []).length ? `; SLURM ${daemon.slurm_jobs.join(", ")}` : "";
     return `daemon pid ${daemon.pid}, up ${pv.number(daemon.uptime_s)} s, ${daemon.workers} worker(s), ` +
-      `${pv.number(daemon.queued)} frames waiting, ${pv.number(daemon.in_flight)} in flight`;
+      `${pv.number(daemon.queued)} frames waiting, ${pv.number(daemon.in_flight)} in flight${slurm}`;
   },
   connection(state) {
     const node = document.getElementById("connection");
