@@ -178,6 +178,13 @@ class ModelSettings(Strict):
     # batch holds, so a frame's masks do not depend on its neighbours or on how many frames were waiting. 1 (frame by
     # frame) suits a CPU; a GPU wants 8-16 (measure with `pipeline bench --device cuda`)
     model_batch: int = Field(1, ge=1, le=64)
+    # what runs the models (pipeline.models.backends). auto: onnxruntime on a CPU when it is installed and precision is
+    # float32 there (~0.6x torch's time for the SSLM, ~0.8x for the TLM, and a worker without torch), torch on a GPU
+    # and where bfloat16 runs; torch is the reference, onnxruntime gives the same masks (tests/test_onnx_backend.py)
+    backend: Literal["auto", "torch", "onnxruntime"] = "auto"
+    # where the ONNX graphs exported from the weights in use are kept; null: $XDG_CACHE_HOME/pipeline/onnx, else
+    # ~/.cache/pipeline/onnx (pipeline.models.onnx_export)
+    onnx_cache: Path | None = None
     tlm: TLMSettings = TLMSettings()
     sslm: SSLMSettings = SSLMSettings()
 
@@ -324,6 +331,7 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         data["workers"][key] = resolve(data["workers"][key])
         if data["workers"][key] is not None and not data["workers"][key].exists():
             raise ConfigError(f"workers.{key}: not found: {data['workers'][key]}")
+    data["models"]["onnx_cache"] = resolve(data["models"]["onnx_cache"])
     for model in ("tlm", "sslm"):
         weights = data["models"][model]["weights"]
         data["models"][model]["weights"] = resolve(weights)

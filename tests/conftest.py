@@ -1,11 +1,15 @@
 """Shared fixtures: small model weights, and a scan processed once for the picture tests.
 
 The helpers themselves live in `pipeline.testing` (the project's test kit), so that test modules
-never import each other.
+never import each other. The ONNX graphs workers export on first use (`models.backend` auto on a
+CPU) go to one cache for the whole run, not the user's ~/.cache: set here, before the test
+processes start, so they and every daemon and worker they start share it (one export per weights file).
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +20,10 @@ from pipeline.testing.configs import write_untrained_weights
 from pipeline.testing.pictures import BuiltScan, build_processed_scan, make_truth_store
 
 REPO = Path(__file__).resolve().parents[1]
+
+if "PIPELINE_TEST_CACHE" not in os.environ:  # the first process (pytest's controller): the test processes inherit it
+    os.environ["PIPELINE_TEST_CACHE"] = tempfile.mkdtemp(prefix="pipeline-test-cache-")
+os.environ["XDG_CACHE_HOME"] = os.environ["PIPELINE_TEST_CACHE"]
 
 
 @pytest.fixture(scope="session")

@@ -121,3 +121,25 @@ def test_daemon_with_curve_on_serves_its_own_local_workers(tmp_path, untrained_w
     store = open_live(plan.nxs_path.with_suffix(".zarr"))
     assert store.attrs["status"] == "complete"
     assert store["frames/done"][:].tolist() == [1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("setting", ["curve_secret_key", "server_public_key"])
+def test_a_worker_with_a_key_file_holding_no_key_stops_with_one_line(tmp_path, setting):
+    """It used to print a traceback from its socket's thread, say "connected" and wait for ever."""
+    from pipeline.live.security import generate_keys
+
+    _, secret = generate_keys(tmp_path, "node")
+    placeholder = tmp_path / "placeholder"
+    placeholder.write_text("REPLACE ME with the file pipeline keys generate writes\n")
+    keys = {"curve_secret_key": secret, "server_public_key": tmp_path / "node.key", setting: placeholder}
+    config = tmp_path / "worker.yaml"
+    config.write_text("workers:\n" + "".join(f"  {key}: {value}\n" for key, value in keys.items())
+                      + "models:\n  tlm: {enabled: false}\n  sslm: {enabled: false}\n")
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "pipeline", "worker", "--connect", "tcp://127.0.0.1:9", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"workers.{setting} {placeholder}: holds no CurveZMQ key" in lines[0], done.stderr
+    assert time.monotonic() - started < 20

@@ -19,6 +19,7 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from pipeline.config import WorkerSettings
+from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +32,34 @@ def generate_keys(directory: Path, name: str) -> tuple[Path, Path]:
     return Path(public), Path(secret)
 
 
+class KeyFileError(PipelineError):
+    """A CurveZMQ key file that cannot be used: named in one line at start-up, before any socket is made."""
+
+
+def _load(key_file: Path, setting: str) -> tuple[bytes, bytes | None]:
+    try:
+        return zmq.auth.load_certificate(key_file)
+    except (OSError, ValueError) as error:  # missing, unreadable, or no key in it (pyzmq: "No public key found in ...")
+        why = error.strerror if isinstance(error, OSError) and error.strerror else "holds no CurveZMQ key"
+        raise KeyFileError(f"workers.{setting} {key_file}: {why} (make key pairs with `pipeline keys generate NAME`)") from None
+
+
 def _keys(secret_file: Path) -> tuple[bytes, bytes]:
-    public, secret = zmq.auth.load_certificate(secret_file)
+    public, secret = _load(secret_file, "curve_secret_key")
     if secret is None:
-        raise ValueError(f"{secret_file}: holds no secret key (use the .key_secret file)")
+        raise KeyFileError(f"workers.curve_secret_key {secret_file}: holds no secret key (use the .key_secret file)")
     return public, secret
+
+
+def client_keys(settings: WorkerSettings) -> tuple[bytes, bytes, bytes] | None:
+    """A worker's (public, secret, daemon's public) keys, or None without CurveZMQ; KeyFileError names a bad file.
+    Called before the worker's socket thread starts, so a bad file stops the worker with one line."""
+    if settings.curve_secret_key is None:
+        return None
+    public, secret = _keys(settings.curve_secret_key)
+    if settings.server_public_key is None:  # a local worker: the daemon's own key pair
+        return public, secret, public
+    return public, secret, _load(settings.server_public_key, "server_public_key")[0]
 
 
 class CurveServer:
@@ -69,10 +93,7 @@ class CurveServer:
 
 def apply_client(sock: zmq.Socket, settings: WorkerSettings) -> None:
     """A worker's side: its own keys, and the daemon's public key (its own, for local workers)."""
-    if settings.curve_secret_key is None:
+    keys = client_keys(settings)
+    if keys is None:
         return
-    public, secret = _keys(settings.curve_secret_key)
-    sock.curve_secretkey = secret
-    sock.curve_publickey = public
-    server_key = settings.server_public_key or settings.curve_secret_key
-    sock.curve_serverkey = zmq.auth.load_certificate(server_key)[0]
+    sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = keys

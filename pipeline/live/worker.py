@@ -21,7 +21,7 @@ import zmq
 from pipeline.common.devices import resolve_device
 from pipeline.config import Config, WorkerSettings
 from pipeline.live import wire
-from pipeline.live.security import apply_client
+from pipeline.live.security import apply_client, client_keys
 from pipeline.live.wakeup import Wakeup
 from pipeline.models.prediction import FramePredictor
 
@@ -110,15 +110,13 @@ def run_worker(endpoint: str, config: Config, device: str = "auto", name: str | 
     """Serve frames until the daemon says stop (or goes away for good); returns an exit code.
 
     `wrap_predictor` lets a caller put something around the joint predictor (the test kit's slow worker does)."""
-    import torch
+    from pipeline.models.backends import build_predictor, choose_backend
 
-    from pipeline.models.joint import JointPredictor
-
-    if threads:
-        torch.set_num_threads(threads)
-    device = str(resolve_device(device))
+    client_keys(config.workers)  # a bad key file: one line now, before the models load, not a traceback in the socket's thread
+    # the device is checked before any model loads (a missing CUDA: one line at once); ONNX Runtime runs on the CPU
+    device = str(resolve_device(device)) if choose_backend(config.models, device) == "torch" else "cpu"
     name = name or f"{socket.gethostname()}:{os.getpid()}"
-    predictor: FramePredictor = JointPredictor.from_settings(config.models, device=device)
+    predictor: FramePredictor = build_predictor(config.models, device=device, threads=threads)
     if wrap_predictor is not None:
         predictor = wrap_predictor(predictor)
     settings = config.workers

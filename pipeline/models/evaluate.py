@@ -23,12 +23,17 @@ rocking scans for 3D recall. Figures, per method:
   what an SSLM with `input_transform: significance` sees, so that the SSLM is compared with a
   threshold on its own input); each threshold tuned for mean IoU on training-distribution frames,
   never on the held-out set.
+- backends: where ONNX Runtime is installed and the models run on the CPU, the same frames also go through
+  `OnnxJointPredictor` (`models.backend: onnxruntime`, graphs exported into the ONNX cache in this process), frame
+  for frame right after torch: its figures for the models (`backends` in the report) and how far its masks agree
+  with torch's (same detection count per frame, equal TLM label and SSLM cluster pixels). torch's figures stay the
+  report's main ones.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +48,7 @@ from pipeline.models.training_data import training_frames
 from pipeline.simulator import synth
 
 METHODS = ("tlm", "sslm", "union", "baseline", "baseline_significance")
+MODEL_METHODS = ("tlm", "sslm", "union")  # what a backend changes; the baselines do not run a model
 BASELINE_INPUTS = {"baseline": "log", "baseline_significance": "significance"}
 HELD_OUT_SETTINGS = synth.SynthSettings(
     background=3.0, diffuse_amplitude=18.0, streak_probability=0.5, hot_pixels_mean=4.0, dead_pixel_fraction=1e-3
@@ -79,6 +85,82 @@ class Tally:
             "frames": len(self.ious), "predicted_instances": self.predicted, "true_instances": self.truths,
             "true_peaks_3d": self.peaks_3d, "predicted_components_3d": self.components_3d,
         }
+
+
+@dataclass
+class Agreement:
+    """How far a second backend's masks agree with torch's, frame by frame."""
+
+    frames: int = 0
+    same_detection_count: int = 0
+    tlm_pixels_equal: int = 0
+    sslm_pixels_equal: int = 0
+    pixels: int = 0
+
+    def add(self, reference: Any, other: Any) -> None:
+        self.frames += 1
+        self.same_detection_count += len(reference.detections) == len(other.detections)
+        self.tlm_pixels_equal += int(np.count_nonzero(reference.tlm_labels == other.tlm_labels))
+        self.sslm_pixels_equal += int(np.count_nonzero(reference.ssl_clusters == other.ssl_clusters))
+        self.pixels += reference.tlm_labels.size
+
+    def summary(self) -> dict[str, float]:
+        pixels = max(self.pixels, 1)
+        return {"frames": self.frames, "same_detection_count": self.same_detection_count,
+                "tlm_pixels_equal": self.tlm_pixels_equal / pixels, "sslm_pixels_equal": self.sslm_pixels_equal / pixels}
+
+
+@dataclass
+class BackendRun:
+    """One backend's predictor and running sums; `agreement` (not the first run's) compares it with the first."""
+
+    predictor: Any
+    tallies: dict[str, Tally] = field(default_factory=lambda: {method: Tally() for method in METHODS})
+    seconds: dict[str, float] = field(default_factory=lambda: {"preprocess": 0.0, "tlm": 0.0, "sslm": 0.0})
+    agreement: Agreement = field(default_factory=Agreement)
+
+
+def default_backends(device: str) -> list[str]:
+    """torch, and onnxruntime too where it is installed and the models run on the CPU (`pipeline evaluate` prints both)."""
+    from pipeline.models.backends import cuda_device_count, onnxruntime_installed
+
+    on_cpu = device == "cpu" or (device == "auto" and cuda_device_count() == 0)
+    return ["torch", "onnxruntime"] if on_cpu and onnxruntime_installed() else ["torch"]
+
+
+def _other_runs(settings: Any, device: str, backends: Sequence[str] | None) -> tuple[list[BackendRun], dict[str, str]]:
+    """Runs of the backends besides torch (onnxruntime), and the reason for each one that could not start."""
+    runs, failed = [], {}
+    for backend in (default_backends(device) if backends is None else backends):
+        if backend == "torch":
+            continue
+        if backend != "onnxruntime":
+            raise ValueError(f"unknown backend {backend!r} (torch, onnxruntime)")
+        try:
+            from pipeline.models import onnx_export
+            from pipeline.models.onnx_predictor import OnnxJointPredictor
+
+            runs.append(BackendRun(OnnxJointPredictor(settings, threads=0, exporter=onnx_export.export_in_process)))
+        except Exception as error:  # an export failing leaves torch's figures standing; the report says why
+            from pipeline.errors import one_line
+
+            failed[backend] = f"{type(error).__name__}: {one_line(error)}"
+    return runs, failed
+
+
+def _backend_reports(runs: list[BackendRun], failed: dict[str, str], timed_frames: int, real_frames: Path | None,
+                     batch_size: int) -> dict[str, Any]:
+    """The `backends` part of a report: per other backend, its model figures and its agreement with torch."""
+    reports: dict[str, Any] = {name: {"error": reason} for name, reason in failed.items()}
+    for run in runs:
+        reports["onnxruntime"] = {
+            "methods": {method: run.tallies[method].summary() for method in MODEL_METHODS},
+            "seconds_per_frame": {stage: value / max(timed_frames, 1) for stage, value in run.seconds.items()},
+            "agreement": run.agreement.summary(),
+            **({"real_frames": real_frame_case(run.predictor, real_frames, batch_size)} if real_frames is not None else {}),
+            "models": run.predictor.provenance(),
+        }
+    return reports
 
 
 def tune_baseline_threshold(seed: int = 0, frames: int = 48, input_transform: str = "log") -> float:
@@ -137,20 +219,33 @@ def _predictor_and_thresholds(settings: Any, device: str, baseline_thresholds: d
 
 
 def _tally_frames(predictor: JointPredictor, frames: Iterable[tuple[np.ndarray, np.ndarray]], thresholds: dict[str, float],
-                  tallies: dict[str, Tally], seconds: dict[str, float], batch_size: int) -> int:
-    """Every method on (raw counts, true instance labels) pairs, `batch_size` frames per prediction; returns the frames seen."""
+                  tallies: dict[str, Tally], seconds: dict[str, float], batch_size: int,
+                  others: Sequence[BackendRun] = ()) -> int:
+    """Every method on (raw counts, true instance labels) pairs, `batch_size` frames per prediction; returns the frames seen.
+
+    `others`: more backends, each run on the same batch right after `predictor` and compared with it.
+    """
     timed = 0
     pending: list[tuple[np.ndarray, np.ndarray]] = []
 
     def flush() -> None:
         nonlocal timed
-        predictions = predictor.predict_batch(np.stack([counts for counts, _ in pending]))
-        for (counts, truth), prediction in zip(pending, predictions):
+        batch = np.stack([counts for counts, _ in pending])
+        predictions = predictor.predict_batch(batch)
+        other_predictions = [run.predictor.predict_batch(batch) for run in others]
+        for index, ((counts, truth), prediction) in enumerate(zip(pending, predictions)):
             inputs = baseline_inputs(counts)
             for method in METHODS:
                 tallies[method].add_frame(_instances(prediction, method, thresholds, inputs), truth)
             for stage in seconds:
                 seconds[stage] += prediction.timings.get(stage, 0.0)
+            for run, predicted in zip(others, other_predictions):
+                other = predicted[index]
+                for method in MODEL_METHODS:
+                    run.tallies[method].add_frame(_instances(other, method, thresholds, inputs), truth)
+                for stage in run.seconds:
+                    run.seconds[stage] += other.timings.get(stage, 0.0)
+                run.agreement.add(prediction, other)
             timed += 1
         pending.clear()
 
@@ -207,29 +302,41 @@ def real_frame_case(predictor: JointPredictor, path: Path = REAL_MODULES, batch_
 def evaluate(
     settings: Any, frames: int = 200, scans: int = 4, scan_frames: int = 30, seed: int = 12345,
     device: str = "cpu", batch_size: int = 4, baseline_thresholds: dict[str, float] | None = None,
-    real_frames: Path | None = REAL_MODULES,
+    real_frames: Path | None = REAL_MODULES, backends: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Figures for every method on the held-out set (and on `real_frames`, unless None); see the module docstring."""
+    """Figures for every method on the held-out set (and on `real_frames`, unless None); see the module docstring.
+
+    `backends`: which run the models (torch always; None: `default_backends(device)`).
+    """
     predictor, thresholds = _predictor_and_thresholds(settings, device, baseline_thresholds)
+    others, failed = _other_runs(settings, device, backends)
     tallies = {method: Tally() for method in METHODS}
     seconds = {"preprocess": 0.0, "tlm": 0.0, "sslm": 0.0}
     held_out = (synth.training_sample(np.random.default_rng([seed, index]), HELD_OUT_SETTINGS) for index in range(frames))
-    timed_frames = _tally_frames(predictor, held_out, thresholds, tallies, seconds, batch_size)
+    timed_frames = _tally_frames(predictor, held_out, thresholds, tallies, seconds, batch_size, others)
     for scan_index in range(scans):
         scan = synth.RockingScan(scan_frames, seed=seed + 1000 + scan_index, settings=HELD_OUT_SETTINGS)
         counts_and_truth = [scan.frame(i) for i in range(scan_frames)]
         predictions = list(predictor.predict_scan((c for c, _ in counts_and_truth), batch_size=batch_size))
         truth_volume = np.stack([truth for _, truth in counts_and_truth])
-        for method in METHODS:
-            masks = [
-                _instances(prediction, method, thresholds, baseline_inputs(counts)) > 0
-                for prediction, (counts, _) in zip(predictions, counts_and_truth)
-            ]
-            volume = JointPredictor.compile_volume(masks)
-            matched, predicted, truths = match_instances(volume, truth_volume)
-            tallies[method].found_3d += matched
-            tallies[method].peaks_3d += truths
-            tallies[method].components_3d += predicted
+        runs: list[tuple[Any, dict[str, Tally], Sequence[str]]] = [(predictions, tallies, METHODS)]
+        for run in others:
+            other_predictions = [run.predictor.predict_batch(counts[None])[0] for counts, _ in counts_and_truth]
+            for prediction, other in zip(predictions, other_predictions):
+                run.agreement.add(prediction, other)
+            runs.append((other_predictions, run.tallies, MODEL_METHODS))
+        for run_predictions, run_tallies, methods in runs:
+            for method in methods:
+                masks = [
+                    _instances(prediction, method, thresholds, baseline_inputs(counts)) > 0
+                    for prediction, (counts, _) in zip(run_predictions, counts_and_truth)
+                ]
+                volume = JointPredictor.compile_volume(masks)
+                matched, predicted, truths = match_instances(volume, truth_volume)
+                run_tallies[method].found_3d += matched
+                run_tallies[method].peaks_3d += truths
+                run_tallies[method].components_3d += predicted
+    backend_reports = _backend_reports(others, failed, timed_frames, real_frames, batch_size)
     return {
         "held_out": {
             "frames": frames, "seed": seed, "scans": scans, "scan_frames": scan_frames,
@@ -240,19 +347,23 @@ def evaluate(
         "seconds_per_frame": {stage: value / max(timed_frames, 1) for stage, value in seconds.items()},
         **({"real_frames": real_frame_case(predictor, real_frames, batch_size)} if real_frames is not None else {}),
         "models": predictor.provenance(),
+        **({"backends": backend_reports} if backend_reports else {}),
         "definitions": __doc__,
     }
 
 
 def evaluate_labelled(settings: Any, labelled: Any, device: str = "cpu", batch_size: int = 4,
-                      baseline_thresholds: dict[str, float] | None = None, real_frames: Path | None = REAL_MODULES) -> dict[str, Any]:
+                      baseline_thresholds: dict[str, float] | None = None, real_frames: Path | None = REAL_MODULES,
+                      backends: Sequence[str] | None = None) -> dict[str, Any]:
     """The same table on frames people labelled (a `pipeline.models.labels.LabelledSet`); no 3D recall
     (labelled images are single frames)."""
     predictor, thresholds = _predictor_and_thresholds(settings, device, baseline_thresholds)
+    others, failed = _other_runs(settings, device, backends)
     tallies = {method: Tally() for method in METHODS}
     seconds = {"preprocess": 0.0, "tlm": 0.0, "sslm": 0.0}
     pairs = ((frame.counts, frame.labels) for frame in labelled.frames)
-    timed_frames = _tally_frames(predictor, pairs, thresholds, tallies, seconds, batch_size)
+    timed_frames = _tally_frames(predictor, pairs, thresholds, tallies, seconds, batch_size, others)
+    backend_reports = _backend_reports(others, failed, timed_frames, real_frames, batch_size)
     return {
         "labelled": {
             "csv": str(labelled.csv_path), "csv_sha256": labelled.csv_sha256, "images": labelled.images,
@@ -264,6 +375,7 @@ def evaluate_labelled(settings: Any, labelled: Any, device: str = "cpu", batch_s
         "seconds_per_frame": {stage: value / max(timed_frames, 1) for stage, value in seconds.items()},
         **({"real_frames": real_frame_case(predictor, real_frames, batch_size)} if real_frames is not None else {}),
         "models": predictor.provenance(),
+        **({"backends": backend_reports} if backend_reports else {}),
         "definitions": __doc__,
     }
 
@@ -302,7 +414,33 @@ def format_report(report: dict[str, Any]) -> str:
         if model.get("enabled"):
             lines.append(f"{name}: {model['weights']} sha256 {model['sha256'][:16]}...")
     lines.append(f"precision: {report['models'].get('precision', 'float32')}, device {report['models'].get('device')}")
+    for backend, figures in report.get("backends", {}).items():
+        lines += format_backend(backend, figures, names, str(report["models"].get("precision", "float32")))
     return "\n".join(lines)
+
+
+def format_backend(backend: str, figures: dict[str, Any], names: dict[str, str], torch_precision: str = "float32") -> list[str]:
+    """The lines of another backend (onnxruntime): its model rows on the same frames, its timing, its agreement with torch."""
+    if "error" in figures:
+        return [f"backend {backend}: not evaluated ({figures['error']})"]
+    lines = [f"backend {backend} ({figures['models'].get('device')}, {figures['models'].get('precision')}), the same frames:"]
+    for method, summary in figures["methods"].items():
+        lines.append(
+            f"  {names[method]:<28} {summary['mean_iou']:>8.3f} {summary['precision']:>9.3f} "
+            f"{summary['recall']:>7.3f} {summary['f1']:>6.3f} "
+            + (f"{summary['recall_3d']:>9.3f}" if summary["recall_3d"] == summary["recall_3d"] else f"{'-':>9}")
+        )
+    lines.append("  seconds per frame: " + ", ".join(f"{stage} {value * 1000:.1f} ms"
+                                                    for stage, value in figures["seconds_per_frame"].items()))
+    agreement = figures["agreement"]
+    lines.append(f"  same masks as torch ({torch_precision}): detection count equal on {agreement['same_detection_count']}/{agreement['frames']} "
+                 f"frames, TLM labels on {agreement['tlm_pixels_equal']:.4%} of pixels, SSLM clusters on "
+                 f"{agreement['sslm_pixels_equal']:.4%}")
+    if "real_frames" in figures:
+        real = figures["real_frames"]
+        lines.append(f"  real frames: TLM {real['tlm']['detections']} detections, covers {real['tlm']['spots_covered']:.1%} "
+                     f"of the spots; SSLM {real['sslm']['components']} components, covers {real['sslm']['spots_covered']:.1%}")
+    return lines
 
 
 def format_real_frames(real: dict[str, Any]) -> list[str]:
