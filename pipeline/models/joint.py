@@ -33,7 +33,7 @@ from pipeline.models.card import (
     load_into,
     load_weights,
 )
-from pipeline.models.prediction import FramePrediction
+from pipeline.models.prediction import FramePrediction, as_frame_batch, empty_predictions
 from pipeline.models.preprocess import fix_dead_pixels, to_model_input, to_significance
 
 if TYPE_CHECKING:
@@ -165,19 +165,13 @@ class JointPredictor:
         On CPU frame by frame (1, the default) costs nothing measurable (the backbone ran at
         ~40 ms/frame alone vs ~47 ms/frame in a batch of 4); a GPU needs batches to be busy.
         """
-        frames = np.asarray(frames)
-        if frames.ndim == 2:
-            frames = frames[None]
-        if frames.ndim != 3:
-            raise ValueError(f"expected frames of shape (B, H, W), got {frames.shape}")
+        frames = as_frame_batch(frames)
         count, shape = frames.shape[0], tuple(frames.shape[1:])
         if count == 0:
             return []
         started = time.perf_counter()
-        if self.tlm is None and self.sslm is None:  # nothing to feed (`pipeline bench --models none`): empty predictions at once
-            return [FramePrediction(tlm_labels=np.zeros(shape, dtype=np.uint16), detections=[], ssl_clusters=np.zeros(shape, np.uint8),
-                                    ssl_mask=np.zeros(shape, np.uint8), timings={"preprocess": 0.0, "tlm": 0.0, "sslm": 0.0})
-                    for _ in range(count)]
+        if self.tlm is None and self.sslm is None:  # nothing to feed (`pipeline bench --models none`)
+            return empty_predictions(count, shape)
         inputs, sslm_inputs = self._prepared(frames)
         preprocess_s = (time.perf_counter() - started) / count
 

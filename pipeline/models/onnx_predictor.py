@@ -28,7 +28,7 @@ from pipeline.errors import one_line
 from pipeline.models import onnx_export
 from pipeline.models.card import DIPID_SSLM_PEAK_CHANNELS, WeightsError, sha256_of
 from pipeline.models.onnx_export import Caps, Graph, Kind
-from pipeline.models.prediction import Detection, FramePrediction
+from pipeline.models.prediction import Detection, FramePrediction, as_frame_batch, empty_predictions
 from pipeline.models.preprocess import fix_dead_pixels, to_model_input, to_significance
 
 if TYPE_CHECKING:
@@ -167,18 +167,12 @@ class OnnxJointPredictor:
         Dead pixels are fixed and frames normalised with NumPy, then each frame runs through each graph on its own
         (one frame per call: a frame's masks never depend on the frames beside it).
         """
-        frames = np.asarray(frames)
-        if frames.ndim == 2:
-            frames = frames[None]
-        if frames.ndim != 3:
-            raise ValueError(f"expected frames of shape (B, H, W), got {frames.shape}")
+        frames = as_frame_batch(frames)
         count, shape = frames.shape[0], tuple(frames.shape[1:])
         if count == 0:
             return []
         if self.tlm_path is None and self.sslm_path is None:
-            return [FramePrediction(tlm_labels=np.zeros(shape, dtype=np.uint16), detections=[], ssl_clusters=np.zeros(shape, np.uint8),
-                                    ssl_mask=np.zeros(shape, np.uint8), timings={"preprocess": 0.0, "tlm": 0.0, "sslm": 0.0})
-                    for _ in range(count)]
+            return empty_predictions(count, shape)
         started = time.perf_counter()
         fixed = [fix_dead_pixels(frame) for frame in frames]
         inputs = [to_model_input(frame) for frame in fixed]

@@ -32,6 +32,23 @@ class FramePrediction:
     detection_cap: int = 0
 
 
+def as_frame_batch(frames: np.ndarray) -> np.ndarray:
+    """What every predictor's `predict_batch` takes: (B, H, W); one (H, W) frame is a batch of one."""
+    frames = np.asarray(frames)
+    if frames.ndim == 2:
+        frames = frames[None]
+    if frames.ndim != 3:
+        raise ValueError(f"expected frames of shape (B, H, W), got {frames.shape}")
+    return frames
+
+
+def empty_predictions(count: int, shape: tuple[int, ...]) -> list[FramePrediction]:
+    """What a predictor with both models off says of `count` frames (`pipeline bench --models none`): nothing, at once."""
+    return [FramePrediction(tlm_labels=np.zeros(shape, dtype=np.uint16), detections=[], ssl_clusters=np.zeros(shape, np.uint8),
+                            ssl_mask=np.zeros(shape, np.uint8), timings={"preprocess": 0.0, "tlm": 0.0, "sslm": 0.0})
+            for _ in range(count)]
+
+
 class FramePredictor(Protocol):
     """What a worker runs on the frames it is sent: the joint predictor, or anything that answers like it."""
 
