@@ -558,6 +558,10 @@ class Sandbox:
         env += [f"PATH={Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin", f"HOSTNAME={name}"]
         argv = command or [*container["command"], *container.get("args", []), *extra_args]
         bound = mounts(deployment, volumes)
+        # the installation is the image's: where a pod's volume lies over it here (a checkout under /tmp, where every pod
+        # mounts an emptyDir), it is bound again on top, read-only, as it would be in the image
+        installed = [DEPLOY.parents[1], Path(sys.prefix)]
+        bound += [(path, str(path), True) for path in installed if any(path.is_relative_to(target) for _, target, _ in bound)]
         mount_args = [str(arg) for host, target, read_only in bound for arg in (host, target, "ro" if read_only else "rw")]
         log = self.root / f"{name}.log"
         assert self.holder is not None
