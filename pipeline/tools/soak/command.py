@@ -23,7 +23,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                     "its watched directory and inject faults at random (seeded): kill -9 of workers and of the daemon "
                     "(restarted: it resumes from frames/done), bad scan files, hostile messages on the worker port. At "
                     "the end, check the stores and the daemon's audit log: no frame lost or done twice, every good scan "
-                    "complete, every bad file failed. Exit code 0 only then.")
+                    "complete, every bad file failed (a file with no detector frames skipped, no store). Exit code 0 only then.")
     duration = parser.add_mutually_exclusive_group()
     duration.add_argument("--minutes", type=positive_float, default=None, metavar="N",
                           help="how long to inject faults and write scans (default 10)")

@@ -130,5 +130,6 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"WARNING: {warning}")
     if report.get("outputs"):
         lines.append(f"outputs kept in {report['outputs']}")
-    lines.append("PASSED: nothing lost or doubled; every good scan complete, every bad file failed" if report["passed"] else "FAILED")
+    lines.append("PASSED: nothing lost or doubled; every good scan complete, every bad file failed (or, with no detector frames, "
+                 "skipped with no store)" if report["passed"] else "FAILED")
     return "\n".join(lines)

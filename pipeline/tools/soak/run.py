@@ -429,13 +429,13 @@ class Soak:
             self.free_space()
             self.close_idle_connections()
             pending = [s.store for s in self.scans if s.written_at is None or self._status_of(s.store) not in schema.FINAL_STATUSES]
-            pending += [b.store for b in self.bad_files if self._status_of(b.store) not in schema.FINAL_STATUSES]
+            pending += [b.store for b in self.bad_files if not b.skipped and self._status_of(b.store) not in schema.FINAL_STATUSES]
             bar.set_postfix_str(f"{len(pending)} scans still running; {self._postfix()}", refresh=True)
             if not pending:
                 return
             time.sleep(TICK_S)
         unfinished = [s.plan.name for s in self.scans if store_status(s.store) not in schema.FINAL_STATUSES]
-        unfinished += [b.path.stem for b in self.bad_files if store_status(b.store) not in schema.FINAL_STATUSES]
+        unfinished += [b.path.stem for b in self.bad_files if not b.skipped and store_status(b.store) not in schema.FINAL_STATUSES]
         self.problems.append(f"{len(unfinished)} scan(s) not finished {self.settings.drain_timeout:g} s after the time was up: "
                              f"{', '.join(unfinished[:8])}")
 
@@ -569,8 +569,12 @@ class Soak:
         for item in self.bad_files:
             attrs = read_attributes(item.store) or {}
             status = attrs.get(schema.Attr.STATUS)
-            bad.append({"file": item.path.name, "kind": item.kind, "status": status, "end_reason": attrs.get(schema.Attr.END_REASON)})
-            if status != schema.STATUS_FAILED:
+            bad.append({"file": item.path.name, "kind": item.kind, "status": status, "end_reason": attrs.get(schema.Attr.END_REASON),
+                        "skipped": item.skipped})
+            if item.skipped:
+                if status is not None:  # skipped, with no store: a store means it was taken for a scan
+                    bad_not_failed.append(f"{item.path.name} ({item.kind}, to be skipped with no store): store {status}")
+            elif status != schema.STATUS_FAILED:
                 bad_not_failed.append(f"{item.path.name} ({item.kind}): {status}")
         failed_scans = [entry for entry in [*scans, *bad] if entry["status"] == schema.STATUS_FAILED]
         hostile_sent = self.counts["hostile_sent"]

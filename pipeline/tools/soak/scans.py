@@ -37,3 +37,9 @@ class BadFile:
     @property
     def store(self) -> Path:
         return store_path_for(self.path, self.output_root, [self.path.parent])
+
+    @property
+    def skipped(self) -> bool:
+        """A file with no detector frames is no scan: the daemon skips it with one line and makes no store (its other
+        bad files end in a `failed` store)."""
+        return self.kind == "no_detector"
