@@ -42,6 +42,11 @@ def has_native_bfloat16(device: torch.device) -> bool:
 
     if device.type == "cuda":
         return bool(torch.cuda.is_bf16_supported())
+    return cpu_has_native_bfloat16()
+
+
+def cpu_has_native_bfloat16() -> bool:
+    """Whether this CPU does bfloat16 natively (AVX-512 BF16 or AMX); asks no torch, so torch-free workers can ask too."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from pipeline.common.devices import cpu_has_native_bfloat16
 from pipeline.models.card import WeightsError
 
 if TYPE_CHECKING:
@@ -55,15 +55,6 @@ def cuda_device_count() -> int:
     return int(count.value)
 
 
-def native_bfloat16_cpu() -> bool:
-    """Whether this CPU does bfloat16 natively (what `pipeline.common.devices.has_native_bfloat16` says for a CPU)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
 def _on_cpu(device: str) -> bool:
     return device == "cpu" or (device == "auto" and cuda_device_count() == 0)
 
@@ -82,7 +73,7 @@ def choose_backend(settings: ModelSettings, device: str) -> Backend:
             raise BackendError("models.backend onnxruntime: the onnxruntime package is not installed "
                                "(pip install onnxruntime, or set models.backend to torch or auto)")
         return "onnxruntime"
-    bfloat16 = settings.precision == "bfloat16" or (settings.precision == "auto" and native_bfloat16_cpu())
+    bfloat16 = settings.precision == "bfloat16" or (settings.precision == "auto" and cpu_has_native_bfloat16())
     return "onnxruntime" if onnxruntime_installed() and not bfloat16 and _on_cpu(device) else "torch"
 
 
