@@ -716,8 +716,10 @@ def test_pods_run_as_the_manifests_say(sandbox: Sandbox) -> None:
     assert reader.status == schema.STATUS_COMPLETE
     assert reader.frames_total == 6 and reader.done_frames().tolist() == list(range(6))
     assert str(reader.attrs[Attr.SOURCE_FILE]).startswith(visit + "/")  # the path users see on the hosts
-    scans = json.loads(web_get(web, "/api/scans").stdout)["scans"]
-    assert [scan["status"] for scan in scans] == ["complete"]
+    # the web view looks at the stores once a second (`web.poll_interval_s`), so it says so within a few
+    def web_statuses() -> list[str]:
+        return [scan["status"] for scan in json.loads(web_get(web, "/api/scans").stdout)["scans"]]
+    wait_for(lambda: web_statuses() == ["complete"], 30, "the web view lists the scan as complete", web)
 
     # SIGTERM, as `kubectl delete` sends it: each stops within its grace period, cleanly
     for container, deployment in ((web, web_deployment), (worker, worker_deployment), (daemon, daemon_deployment)):
