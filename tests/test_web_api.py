@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -204,6 +205,35 @@ def test_the_daemons_problems_are_in_the_list(site):
         assert get(f"http://127.0.0.1:{server.port}/api/scans").json()["daemon"]["problems"] == []
 
 
+def test_a_root_made_after_the_web_view_starts_is_waited_for(tmp_path, site):
+    """A visit's folder often appears with its first scan, after the beamline started its web view: `pipeline web` starts
+    anyway, says so on its terminal and on the page, and lists the scans once the folder is there."""
+    visit = tmp_path / "cm12345-1" / "processed"
+    web = subprocess.Popen([sys.executable, "-m", "pipeline", "web", "--root", str(visit), "--port", "0"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert web.stdout is not None
+        started = web.stdout.readline()
+        assert started.startswith(f"live web view of {visit} at http://127.0.0.1:"), started
+        assert web.stdout.readline().strip() == f"web root {visit} does not exist yet: its scans are listed once it does"
+        base = started.split(" at ")[1].split()[0].rstrip("/")
+        waiting = get(f"{base}/api/scans").json()
+        assert waiting["problems"] == [f"web root {visit} does not exist (yet): its scans are listed once it does"]
+        assert waiting["scans"] == []
+        shutil.copytree(site.done, visit / "scan-1.zarr")
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            listed = get(f"{base}/api/scans").json()
+            if listed["scans"]:
+                break
+            time.sleep(0.2)
+        assert [(scan["id"], scan["status"]) for scan in listed["scans"]] == [("scan-1", "complete")]
+        assert listed["problems"] == []
+    finally:
+        web.terminate()
+        assert web.wait(timeout=30) == 0
+
+
 def test_rocking_curves_and_projection_are_the_quick_looks(web, site):
     curves = get(url(web, "/api/curves/visit/done")).json()
     expected = quicklook_data(site.done)
@@ -333,7 +363,7 @@ def test_beyond_loopback_needs_a_token_and_bad_arguments_are_one_line(tmp_path, 
     for argv, message in (
         (["web", "--host", "0.0.0.0", "--root", str(site.root)], "pipeline web: command line: web.token: required when web.host (0.0.0.0)"),
         (["web", "--config", str(tmp_path / "none.yaml")], "pipeline web: " + str(tmp_path / "none.yaml") + ": cannot read config"),
-        (["web", "--root", str(tmp_path / "missing")], f"pipeline web: web root {tmp_path / 'missing'}: not a directory"),
+        (["web", "--root", str(config)], f"pipeline web: web root {config}: not a directory"),
         (["web"], "pipeline web: nothing to serve: give --root DIR"),
     ):
         assert cli.main(argv) == 2, argv

@@ -158,7 +158,7 @@ async def api_scans(request: Request) -> Response:
         await asyncio.sleep(0.05)
     version, scans, daemon = state.monitor.snapshot()
     return JSONResponse({"version": version, "ready": state.monitor.refreshed.is_set(), "roots": [str(root) for root in state.index.roots],
-                         "daemon": daemon, "scans": scans})
+                         "problems": state.monitor.own_problems(), "daemon": daemon, "scans": scans})
 
 
 def api_scan(request: Request) -> Response:

@@ -48,6 +48,11 @@ def slurm_job_lines(slurm: object) -> list[str]:
     return [" ".join(line.split())[:MAX_PROBLEM_CHARS] for line in lines[:MAX_PROBLEMS]]
 
 
+def missing_root_lines(roots: list[Path]) -> list[str]:
+    """One line per root that is not a folder (yet): the page says why it lists nothing from there."""
+    return [f"web root {root} does not exist (yet): its scans are listed once it does" for root in roots if not os.path.isdir(root)]
+
+
 def problem_lines(problems: object) -> list[str]:
     """The daemon's `problems` (what needs a person: a watched directory that does not exist) as at most
     MAX_PROBLEMS lines of at most MAX_PROBLEM_CHARS each, whatever the daemon sent."""
@@ -76,6 +81,7 @@ class Monitor:
         self.interval_s = interval_s
         self.version = 0
         self.daemon: dict[str, Any] | None = None
+        self.problems: list[str] = []  # the web view's own: a root that does not exist (yet)
         self._seen: dict[Path, _Seen] = {}
         self._scans: list[dict[str, Any]] = []
         self._by_id: dict[str, dict[str, Any]] = {}
@@ -108,6 +114,7 @@ class Monitor:
     def refresh(self) -> None:
         """Look at every store (final ones only when their metadata changed) and at the daemon; publish if anything changed."""
         found = self.index.refresh()
+        problems = missing_root_lines(self.index.roots)
         daemon = self._ask_daemon()
         daemon_scans = {os.path.realpath(str(scan.get("store"))): scan for scan in (daemon or {}).get("scans", [])}
         now = time.monotonic()
@@ -138,8 +145,8 @@ class Monitor:
         rows.sort(key=lambda row: (-row[0], row[1]["id"]))
         scans = [summary for _, summary in rows]
         with self._lock:
-            if scans != self._scans or daemon != self.daemon:
-                self._scans, self.daemon = scans, daemon
+            if scans != self._scans or daemon != self.daemon or problems != self.problems:
+                self._scans, self.daemon, self.problems = scans, daemon, problems
                 self._by_id = {summary["id"]: summary for summary in scans}
                 self.version += 1
 
@@ -186,6 +193,11 @@ class Monitor:
         """(version, summaries newest first, daemon summary or None)."""
         with self._lock:
             return self.version, self._scans, self._public_daemon()
+
+    def own_problems(self) -> list[str]:
+        """What the web view itself needs a person for (the daemon's problems are in its summary)."""
+        with self._lock:
+            return list(self.problems)
 
     def _public_daemon(self) -> dict[str, Any] | None:
         if self.daemon is None:

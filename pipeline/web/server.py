@@ -61,8 +61,8 @@ def options_from(config: Config, default_port: int = DEFAULT_PORT) -> WebOptions
     roots = list(web.roots) or ([config.output.root] if config.output.root is not None else list(config.watch.dirs))
     if not roots:
         raise UserError("nothing to serve: give --root DIR, or set web.roots (or watch.dirs or output.root) in the config")
-    for root in roots:
-        if not Path(root).is_dir():
+    for root in roots:  # one not made yet (a visit's folder before its first scan) is waited for, and said on the page
+        if Path(root).exists() and not Path(root).is_dir():
             raise UserError(f"web root {root}: not a directory")
     raw_roots = list(dict.fromkeys([*roots, *config.watch.dirs, *config.follow.allowed_roots]))
     return WebOptions(roots=roots, raw_roots=raw_roots, host=web.host, port=default_port if web.port is None else web.port,
@@ -234,6 +234,9 @@ def cmd_web(args: argparse.Namespace) -> int:
     server = WebServer(options)
     endpoint = config.daemon.control
     print(f"live web view of {', '.join(map(str, options.roots))} at {server.url} (Ctrl-C stops)", flush=True)
+    for root in options.roots:
+        if not Path(root).exists():
+            print(f"web root {root} does not exist yet: its scans are listed once it does", flush=True)
     server.run(daemon_status=lambda: query_status(endpoint, timeout_s=0.5))
     return 0
 

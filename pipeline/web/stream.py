@@ -45,11 +45,13 @@ async def scans_events(monitor: Monitor, closing: threading.Event) -> AsyncItera
         if current_version != version and (monitor.refreshed.is_set() or sent is None):
             current = {summary["id"]: summary for summary in scans}
             if sent is None:
-                yield event("snapshot", {"version": current_version, "ready": monitor.refreshed.is_set(), "daemon": daemon, "scans": scans})
+                yield event("snapshot", {"version": current_version, "ready": monitor.refreshed.is_set(), "daemon": daemon,
+                                         "problems": monitor.own_problems(), "scans": scans})
             else:
                 changed = [summary for scan_id, summary in current.items() if sent.get(scan_id) != summary]
                 removed = [scan_id for scan_id in sent if scan_id not in current]
-                yield event("update", {"version": current_version, "ready": True, "daemon": daemon, "changed": changed, "removed": removed})
+                yield event("update", {"version": current_version, "ready": True, "daemon": daemon, "problems": monitor.own_problems(),
+                                       "changed": changed, "removed": removed})
             sent, version, last_sent = current, current_version, time.monotonic()
         elif time.monotonic() - last_sent > KEEP_ALIVE_S:
             yield ": keep-alive\n\n"

@@ -61,9 +61,10 @@
     rows.delete(id);
   }
 
-  // What the daemon says needs a person (a watched directory that does not exist...): above the table, never missed.
-  function problems(daemon) {
-    const lines = (daemon && daemon.problems) || [];
+  // What needs a person (a root or watched directory that does not exist...), the web view's own and the daemon's:
+  // above the table, never missed.
+  function problems(data) {
+    const lines = [...(data.problems || []), ...((data.daemon && data.daemon.problems) || [])];
     const box = document.getElementById("problems");
     box.hidden = lines.length === 0;
     document.getElementById("problem-list").replaceChildren(...lines.map((line) => pv.el("li", { text: line })));
@@ -71,7 +72,7 @@
 
   function daemon(data) {
     document.getElementById("daemon").textContent = pv.daemonText(data.daemon);
-    problems(data.daemon);
+    problems(data);
     document.body.dataset.version = data.version;
   }
 
