@@ -256,7 +256,7 @@ class Dispatcher:
             worker.frames_done += 1
             worker.last_result = time.monotonic()
         self.counters["results"] += 1
-        result.worker = worker.name
+        result.worker, result.device = worker.name, worker.device
         self._deliver(dispatch, result, None)
 
     def _deliver(self, dispatch: Dispatch, result: wire.FrameResult | None, error: str | None) -> None:

@@ -119,6 +119,7 @@ class ScanSession:
         self.received = 0
         self.max_index = -1
         self.failed_frames: list[int] = []
+        self.devices: set[str] = set()  # what the workers that made this run's frames said they run on
         self.bad_frames: dict[str, list[int]] = {}  # "nan", "inf", "all_zero" -> frames (processed anyway)
         self.lost_frames: list[int] = []  # frames a truncation of the file cut out: never processed, the scan incomplete
         self.not_a_scan: list[int] | None = None  # the file's inode, size and mtime once found to hold no detector frames
@@ -240,10 +241,16 @@ class ScanSession:
         assert self.info is not None, f"{self.nexus_path}: scan not opened yet"
         return self.info
 
+    def _devices_used(self) -> dict[str, str]:
+        """The store's `device` as the frames were really made (workers on SLURM or Kubernetes GPUs under a daemon whose
+        own `workers.device` is `cpu` or `auto`): replaces the configured one it had while the scan ran."""
+        return {schema.Attr.DEVICE: ", ".join(sorted(self.devices))} if self.devices else {}
+
     def accept_many(self, outcomes: list[FrameOutcome]) -> None:
         """Results that reached the sink together, written together: one write per array for the lot.
         Each outcome's `timings` travel on to `on_frame_done`."""
         self.received += len(outcomes)
+        self.devices.update(o.timings.made_on for o in outcomes if o.timings.made_on)
         write_started = time.perf_counter()
         self._store.write_predictions({o.index: o.prediction for o in outcomes if o.prediction is not None},
                                       {o.index: o.timings.made_by for o in outcomes})
@@ -339,7 +346,8 @@ class ScanSession:
                                                           "lost_frames": sorted(set(self.lost_frames)),
                                                           schema.Attr.CAPPED_FRAMES: sorted(set(self.capped_frames)),
                                                           schema.Attr.DETECTION_CAP: self.detection_cap,
-                                                          schema.Attr.SOURCE_STAT: stat_identity(self.nexus_path)})
+                                                          schema.Attr.SOURCE_STAT: stat_identity(self.nexus_path),
+                                                          **self._devices_used()})
         if bad_frames:
             log.warning("%s: %s; processed anyway (non-finite pixels as dead pixels), listed in the store's bad_frames",
                         self.nexus_path, "; ".join(f"{len(frames)} frame(s) {BAD_FRAME_WORDS.get(problem, problem)} "

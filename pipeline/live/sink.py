@@ -96,7 +96,8 @@ class Sink:
             log.error("%s frame %d: %s", session.nexus_path.name, dispatch.task.frame, error)
         timings = FrameTimings(queued_at=dispatch.queued_at, sent_at=dispatch.sent_at, received_at=time.time(),
                                worker={} if result is None else dict(result.prediction.timings),
-                               made_by=None if result is None else result.worker)
+                               made_by=None if result is None else result.worker,
+                               made_on=None if result is None else result.device or None)
         prediction = None if result is None else result.prediction
         results.setdefault(session, []).append(FrameOutcome(dispatch.task.frame, dispatch.task.data, context.axis_value,
                                                             prediction, timings))

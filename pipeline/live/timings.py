@@ -22,6 +22,7 @@ class FrameTimings:
     link_s: float = 0.0  # 3D linking
     write_s: float = 0.0  # writing its outputs to the store
     made_by: str | None = None  # the worker whose result was written (its name, as it said hello)
+    made_on: str | None = None  # the device that worker said it runs on ("cpu", "cuda:0")
 
     def as_dict(self) -> dict[str, float]:
         """One flat mapping (the worker's stages beside the daemon's), as the benchmark's JSON keeps it."""

@@ -69,6 +69,7 @@ class FrameResult:
     worker: str
     prediction: FramePrediction
     extra: dict[str, Any] = field(default_factory=dict)
+    device: str = ""  # not on the wire: the dispatcher fills it in from the worker's hello
 
 
 def max_part_bytes(max_frame_pixels: int) -> int:
