@@ -9,7 +9,9 @@ test_view.py and test_readme_outputs.py.
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 
 import numpy as np
 import pytest
@@ -71,6 +73,19 @@ def test_quicklook_png_beside_the_store(truth_store):
     assert path == truth_store.parent / f"{SCAN}.quicklook.png"
     assert_picture(path, png_size(QUICKLOOK_FIGSIZE))
     assert quicklook_title(quicklook_data(truth_store)) == f"{SCAN}: complete, 2 peaks"
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
+def test_quicklook_png_has_the_mode_the_umask_gives(truth_store, tmp_path, umask, mode):
+    """As the store's files: a web view running under another account of the group can read it."""
+    store = copy_store(truth_store, tmp_path)
+    before = os.umask(umask)
+    try:
+        path = write_quicklook(store)
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE(path.stat().st_mode) == mode
+    assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == []  # no temporary file left
 
 
 def test_quicklook_of_the_pipeline_store_matches_its_peaks_table(processed_scan):

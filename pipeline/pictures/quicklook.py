@@ -15,7 +15,7 @@ be drawn from any thread without a display.
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,11 +243,12 @@ def _new_figure(figsize: tuple[float, float]) -> Figure:
 
 
 def _save(figure: Figure, out: Path) -> Path:
-    """Write the PNG next to its final name, then rename: a reader never opens half a picture."""
+    """Write the PNG next to its final name, then rename: a reader never opens half a picture. Made with the mode the
+    umask gives, as the store's own files are (tempfile's 0600 kept a web view under another account from reading it)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
-    os.close(handle)
+    temporary = out.parent / f".{out.name}.{secrets.token_hex(8)}.png"
+    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666))
     try:
         figure.savefig(temporary, format="png", dpi=DPI)
         os.replace(temporary, out)
