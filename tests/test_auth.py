@@ -47,7 +47,7 @@ def test_keys_generate_writes_a_loadable_pair(tmp_path):
     assert (tmp_path / "beamline-node.key_secret").stat().st_mode & 0o077 == 0
 
 
-def test_only_listed_workers_get_frames_and_have_results_accepted(tmp_path):
+def test_only_listed_workers_get_frames_and_have_results_accepted(tmp_path, caplog):
     from pipeline.live.security import generate_keys
 
     _, daemon_secret = generate_keys(tmp_path / "daemon", "daemon")
@@ -71,6 +71,11 @@ def test_only_listed_workers_get_frames_and_have_results_accepted(tmp_path):
         time.sleep(1.0)
         assert dispatcher.stats()["workers"] == []  # neither handshake succeeded: no hello arrived
         assert not stranger.poll(200) and not plain.poll(200)  # and no frame went out
+        # the daemon says whom it refused and why, once however often the stranger retries
+        stranger_public = (tmp_path / "elsewhere" / "stranger.key").read_text().split('public-key = "')[1].split('"')[0]
+        refusals = [r.getMessage().split(": ", 1) for r in caplog.records if r.getMessage().startswith("refused a worker from ")]
+        assert [why for _, why in refusals] == [f"its CurveZMQ public key {stranger_public} is not among the keys allowed "
+                                                f"(the daemon's own and workers.authorized_keys {allowed}); it gets no frames"], refusals
 
         trusted.send_multipart(wire.encode_control(wire.HELLO, {"name": "trusted", "n": 2}))
         received = []

@@ -12,11 +12,13 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
 
 from pipeline.config import WorkerSettings
 from pipeline.errors import PipelineError
@@ -62,6 +64,39 @@ def client_keys(settings: WorkerSettings) -> tuple[bytes, bytes, bytes] | None:
     return public, secret, _load(settings.server_public_key, "server_public_key")[0]
 
 
+REFUSAL_REPEAT_S = 60.0  # a refused key is logged again at most this often (a peer retrying must not flood the log)
+MAX_REFUSED_KEYS = 1000  # keys remembered for that; beyond it the memory starts again
+
+
+class RefusalLoggingAuthenticator(ThreadAuthenticator):
+    """pyzmq's authenticator, saying why it refused a worker. Why: libzmq refuses an unknown key silently on both
+    sides (the worker retries for ever, the daemon logs nothing), so a worker whose public key was not copied into
+    `workers.authorized_keys` looked like a network problem."""
+
+    def __init__(self, context: zmq.Context, allowed_from: str) -> None:
+        super().__init__(context)
+        self.allowed_from = allowed_from
+        self._address = "?"
+        self._last_said: dict[bytes, float] = {}
+
+    async def handle_zap_message(self, msg: list[bytes]) -> None:
+        if len(msg) >= 4:  # [version, request id, domain, address, ...]: one request at a time, on this one thread
+            self._address = msg[3].decode(errors="replace")[:64]
+        await super().handle_zap_message(msg)
+
+    async def _authenticate_curve(self, domain: str, client_key: bytes) -> tuple[bool, bytes]:
+        allowed, reason = await super()._authenticate_curve(domain, client_key)
+        if not allowed:
+            now = time.monotonic()
+            if now - self._last_said.get(client_key, -REFUSAL_REPEAT_S) >= REFUSAL_REPEAT_S:
+                if len(self._last_said) >= MAX_REFUSED_KEYS:
+                    self._last_said.clear()
+                self._last_said[client_key] = now
+                log.warning("refused a worker from %s: its CurveZMQ public key %s is not among the keys allowed (%s); "
+                            "it gets no frames", self._address, z85.encode(client_key).decode(), self.allowed_from)
+        return allowed, reason
+
+
 class CurveServer:
     """Authentication for the daemon's worker socket; keeps its authenticator thread."""
 
@@ -76,7 +111,8 @@ class CurveServer:
         # the daemon's own public key, in ZeroMQ's certificate format, so its local workers get in
         (self._allowed / "daemon-itself.key").write_text(f'metadata\ncurve\n    public-key = "{self.public.decode()}"\n')
         allowed = len(zmq.auth.load_certificates(self._allowed))
-        self.authenticator = ThreadAuthenticator(context)
+        where = f"workers.authorized_keys {settings.authorized_keys}" if settings.authorized_keys else "no workers.authorized_keys set"
+        self.authenticator = RefusalLoggingAuthenticator(context, f"the daemon's own and {where}")
         self.authenticator.start()
         self.authenticator.configure_curve(domain="*", location=str(self._allowed))
         log.info("CurveZMQ on: %d public key(s) allowed (the daemon's own included)", allowed)
