@@ -3,6 +3,7 @@ nothing an unlisted peer sends is accepted."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -148,3 +149,52 @@ def test_a_worker_with_a_key_file_holding_no_key_stops_with_one_line(tmp_path, s
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and f"workers.{setting} {placeholder}: holds no CurveZMQ key" in lines[0], done.stderr
     assert time.monotonic() - started < 20
+
+
+def _stderr_until(process: subprocess.Popen, wanted: str, timeout: float) -> str:
+    """The process's stderr lines read until one holds `wanted` (or the timeout): what a user sees on the worker's terminal."""
+    assert process.stderr is not None
+    descriptor = process.stderr.fileno()
+    os.set_blocking(descriptor, False)
+    seen, deadline = b"", time.monotonic() + timeout
+    while wanted.encode() not in seen and time.monotonic() < deadline:
+        try:
+            seen += os.read(descriptor, 65536)
+        except BlockingIOError:
+            time.sleep(0.1)
+    return seen.decode(errors="replace")
+
+
+def test_a_worker_the_daemon_refuses_says_so(tmp_path):
+    """libzmq refuses an unknown key in silence: the worker said "connected" and waited for ever."""
+    from pipeline.live.security import generate_keys
+
+    _, daemon_secret = generate_keys(tmp_path / "daemon", "daemon")
+    daemon_public = tmp_path / "daemon" / "daemon.key"
+    stranger_public, stranger_secret = generate_keys(tmp_path / "elsewhere", "stranger")
+    dispatcher = Dispatcher(WorkerSettings(curve_secret_key=daemon_secret, authorized_keys=tmp_path / "none-yet"),
+                            lambda d, r, e: None).start()
+    models_off = "models:\n  tlm: {enabled: false}\n  sslm: {enabled: false}\n"
+    (tmp_path / "stranger.yaml").write_text(f"workers:\n  curve_secret_key: {stranger_secret}\n  server_public_key: {daemon_public}\n"
+                                            + models_off)
+    (tmp_path / "plain.yaml").write_text(models_off)
+    workers = {name: subprocess.Popen([sys.executable, "-m", "pipeline", "worker", "--connect", dispatcher.endpoint,
+                                       "--config", str(tmp_path / f"{name}.yaml"), "--name", name],
+                                      stderr=subprocess.PIPE) for name in ("stranger", "plain")}
+    try:
+        key = stranger_public.read_text().split('public-key = "')[1].split('"')[0]
+        refused = _stderr_until(workers["stranger"], "refused", 60)
+        assert (f"the daemon at {dispatcher.endpoint} refused this worker's CurveZMQ public key {key} (ZAP status 400): "
+                "the daemon's workers.authorized_keys must hold this worker's public key file") in refused, refused
+        refused += _stderr_until(workers["stranger"], "(not printed)", 3)  # libzmq tries again every 0.1 s or so
+        assert refused.count("refused this worker") == 1, refused  # said once a minute at most
+        mismatch = _stderr_until(workers["plain"], "handshake", 60)
+        assert (f"the handshake with the daemon at {dispatcher.endpoint} failed (ZeroMQ error" in mismatch
+                and "this worker runs without CurveZMQ" in mismatch), mismatch
+        assert dispatcher.stats()["workers"] == []
+        assert all(worker.poll() is None for worker in workers.values())  # still there, for a person to read and stop
+    finally:
+        for worker in workers.values():
+            worker.terminate()
+            worker.wait(timeout=30)
+        dispatcher.stop()

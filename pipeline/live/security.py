@@ -127,6 +127,23 @@ class CurveServer:
         shutil.rmtree(self._allowed, ignore_errors=True)
 
 
+HANDSHAKE_EVENTS = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+
+
+def handshake_failure(event: int, value: int, endpoint: str, public_key: bytes | None) -> str | None:
+    """A worker's one line for a failed handshake with the daemon (a `HANDSHAKE_EVENTS` monitor event), else None.
+    Why: libzmq says nothing on either side, so a worker whose key the daemon does not list just waited, "connected"."""
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        key = f"CurveZMQ public key {public_key.decode()}" if public_key else "connection"
+        return (f"the daemon at {endpoint} refused this worker's {key} (ZAP status {value}): the daemon's "
+                f"workers.authorized_keys must hold this worker's public key file (then restart the daemon)")
+    if event in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+        mine = "with" if public_key else "without"
+        return (f"the handshake with the daemon at {endpoint} failed (ZeroMQ error {value}); this worker runs {mine} CurveZMQ: "
+                f"do both sides use it (workers.curve_secret_key), with the daemon's own public key (workers.server_public_key)?")
+    return None
+
+
 def apply_client(sock: zmq.Socket, settings: WorkerSettings) -> None:
     """A worker's side: its own keys, and the daemon's public key (its own, for local workers)."""
     keys = client_keys(settings)

@@ -13,15 +13,17 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from pipeline.common.devices import resolve_device
 from pipeline.config import Config, WorkerSettings
 from pipeline.live import wire
-from pipeline.live.security import apply_client, client_keys
+from pipeline.live.security import HANDSHAKE_EVENTS, apply_client, client_keys, handshake_failure
 from pipeline.live.wakeup import Wakeup
 from pipeline.models.prediction import FramePredictor
 
@@ -56,11 +58,14 @@ class _Link(threading.Thread):
         sock.setsockopt(zmq.LINGER, 2000)
         sock.setsockopt(zmq.MAXMSGSIZE, self.max_part)
         apply_client(sock, self.settings)
+        monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS)  # a refused handshake is said, not waited on in silence
         sock.connect(self.endpoint)
         sock.send_multipart(wire.encode_control(wire.HELLO, self.hello))
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self.wakeup.fd, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        said_at: dict[str, float] = {}
         last_beat = time.monotonic()
         try:
             while True:
@@ -78,6 +83,8 @@ class _Link(threading.Thread):
                 ready = dict(poller.poll(20))
                 if self.wakeup.fd in ready:
                     self.wakeup.clear()
+                if monitor in ready:
+                    self._say_handshake_failure(recv_monitor_message(monitor), said_at)
                 if sock in ready:
                     parts = wire.received_parts(sock.recv_multipart(copy=False))  # the frame's pixels: no copy
                     if parts and parts[0] == wire.STOP:
@@ -93,8 +100,18 @@ class _Link(threading.Thread):
                     except wire.WireError as error:
                         log.warning("ignored a bad message from the daemon: %s", error)
         finally:
+            sock.disable_monitor()
+            monitor.close(linger=0)
             sock.close()
             self.wakeup.close()
+
+    def _say_handshake_failure(self, event: Mapping[str, Any], said_at: dict[str, float]) -> None:
+        """Log a failed handshake; the same line again at most once a minute while libzmq keeps retrying."""
+        keys = client_keys(self.settings)
+        line = handshake_failure(int(event["event"]), int(event["value"]), self.endpoint, None if keys is None else keys[0])
+        if line is not None and time.monotonic() - said_at.get(line, -60.0) >= 60.0:
+            said_at[line] = time.monotonic()
+            log.error("%s", line)
 
 
 def _by_shape(batch: list[wire.FrameTask]) -> list[list[wire.FrameTask]]:
