@@ -118,6 +118,10 @@ class WorkerSettings(Strict):
     command: list[str] | None = Field(None, min_length=1)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     batch_size: int = Field(4, ge=1)
+    # adaptive batching (pipeline.live.batching): a worker takes as many waiting frames (a bucket: 1, 2, 4, ... up to
+    # batch_size) as its models, by the times they took so far, still finish within this many seconds of the oldest
+    # one's arrival; null: every waiting frame up to batch_size (what suits a CPU, where batches buy nothing)
+    latency_target_s: float | None = Field(None, gt=0)
     credit: int = Field(8, ge=1)  # frames a worker may hold at once
     # where workers on other hosts connect (e.g. tcp://0.0.0.0:5555); null: none, local workers only (they use a
     # socket file in a directory only the daemon's user can open). Beyond loopback only with CurveZMQ or `insecure`
@@ -178,6 +182,10 @@ class ModelSettings(Strict):
     # batch holds, so a frame's masks do not depend on its neighbours or on how many frames were waiting. 1 (frame by
     # frame) suits a CPU; a GPU wants 8-16 (measure with `pipeline bench --device cuda`)
     model_batch: int = Field(1, ge=1, le=64)
+    # how each model call is padded. fixed: to model_batch (a frame's masks never depend on its batch). bucket: only to
+    # the smallest of 1, 2, 4, ... model_batch holding the frames (a lone frame costs a one-frame call; a frame's masks
+    # then depend on its batch's bucket, to float rounding: docs/models.md)
+    batch_padding: Literal["fixed", "bucket"] = "fixed"
     # what runs the models (pipeline.models.backends). auto: onnxruntime on a CPU when it is installed and precision is
     # float32 there (~0.6x torch's time for the SSLM, ~0.8x for the TLM, and a worker without torch), torch on a GPU
     # and where bfloat16 runs; torch is the reference, onnxruntime gives the same masks (tests/test_onnx_backend.py)

@@ -39,3 +39,16 @@ done
 echo "== latency at a 100 Hz detector, one GPU worker"
 "$py" -m pipeline bench --device "$device" --config "$out/batch8.yaml" --rate 100 --frames 500 --workers 1 --baseline-frames 0 \
   --no-progress --json "$out/gpu-100hz.json" | tee "$out/gpu-100hz.txt"
+
+echo "== adaptive batching at a 100 Hz detector, one GPU worker: model calls padded to their bucket, a 50 ms latency target"
+printf 'models:\n  model_batch: 8\n  batch_padding: bucket\nworkers:\n  batch_size: 8\n  latency_target_s: 0.05\n' > "$out/adaptive.yaml"
+"$py" -m pipeline bench --device "$device" --config "$out/adaptive.yaml" --rate 100 --frames 500 --workers 1 --baseline-frames 0 \
+  --no-progress --json "$out/gpu-100hz-adaptive.json" | tee "$out/gpu-100hz-adaptive.txt"
+"$py" - "$out/gpu-100hz-adaptive.json" "$out/gpu-100hz.json" <<'EOF'
+import collections, json, sys
+for label, path in (("adaptive (bucket, 50 ms target)", sys.argv[1]), ("fixed model_batch 8", sys.argv[2])):
+    run = json.load(open(path))["pipeline"]
+    latency = run["latency_ms"]["flush_to_done"]
+    sizes = collections.Counter(int(row.get("batch", 0)) for row in run.get("per_frame", []))
+    print(f"{label}: latency p50 {latency['p50']} ms, p99 {latency['p99']} ms; frames by batch size {dict(sorted(sizes.items()))}")
+EOF

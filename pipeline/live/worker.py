@@ -1,7 +1,8 @@
 """A worker process: connects to the daemon, segments the frames it is sent, sends results back.
 
 Two threads: the I/O thread alone touches the ZeroMQ socket (frames in, results and heartbeats
-out), the main thread runs the models on whatever frames are waiting, up to `batch_size` at once.
+out), the main thread runs the models on whatever frames are waiting, up to `batch_size` at once,
+fewer where `latency_target_s` says a bigger call would end too late (`pipeline.live.batching`).
 The worker asks for no more frames than `credit`, so its memory is bounded by that.
 """
 
@@ -23,6 +24,7 @@ from zmq.utils.monitor import recv_monitor_message
 from pipeline.common.devices import resolve_device
 from pipeline.config import Config, WorkerSettings
 from pipeline.live import wire
+from pipeline.live.batching import BatchSizer
 from pipeline.live.security import HANDSHAKE_EVENTS, apply_client, client_keys, handshake_failure
 from pipeline.live.wakeup import Wakeup
 from pipeline.models.prediction import FramePredictor
@@ -36,7 +38,7 @@ class _Link(threading.Thread):
                  max_part: int) -> None:
         super().__init__(name="worker-link", daemon=True)
         self.endpoint, self.hello, self.settings, self.max_part = endpoint, hello, settings, max_part
-        self.inbox, self.outbox = inbox, outbox
+        self.inbox, self.outbox = inbox, outbox  # the inbox holds (time.monotonic() of arrival, frame)
         self.stopping = threading.Event()  # the daemon said stop, or we are shutting down
         self.busy = 0  # frames taken from the inbox and not yet answered
         self.closed = threading.Event()
@@ -96,7 +98,7 @@ class _Link(threading.Thread):
                         log.info("daemon asked this worker to rejoin; offered %d frame(s)", free)
                         continue
                     try:
-                        self.inbox.put(wire.decode_frame(parts))
+                        self.inbox.put((time.monotonic(), wire.decode_frame(parts)))
                     except wire.WireError as error:
                         log.warning("ignored a bad message from the daemon: %s", error)
         finally:
@@ -137,21 +139,24 @@ def run_worker(endpoint: str, config: Config, device: str = "auto", name: str | 
     if wrap_predictor is not None:
         predictor = wrap_predictor(predictor)
     settings = config.workers
-    inbox: queue.Queue[wire.FrameTask] = queue.Queue()
+    inbox: queue.Queue[tuple[float, wire.FrameTask]] = queue.Queue()
     outbox: queue.Queue[list[wire.Part]] = queue.Queue()
     hello = {"name": name, "pid": os.getpid(), "device": device, "n": settings.credit, "protocol": wire.PROTOCOL}
     link = _Link(endpoint, hello, settings, inbox, outbox, wire.max_part_bytes(config.follow.max_frame_pixels))
     link.start()
     log.info("worker %s on %s connected to %s", name, device, endpoint)
+    sizer = BatchSizer(settings.batch_size, settings.latency_target_s)
     try:
         while not (link.stopping.is_set() and inbox.empty()):
             try:
-                batch = [inbox.get(timeout=0.1)]
+                arrived, first = inbox.get(timeout=0.1)
             except queue.Empty:
                 continue
-            while len(batch) < settings.batch_size:
+            wanted = sizer.choose(1 + inbox.qsize(), time.monotonic() - arrived)
+            batch = [first]
+            while len(batch) < wanted:
                 try:
-                    batch.append(inbox.get_nowait())
+                    batch.append(inbox.get_nowait()[1])
                 except queue.Empty:
                     break
             link.busy = len(batch)
@@ -159,9 +164,12 @@ def run_worker(endpoint: str, config: Config, device: str = "auto", name: str | 
                 frames = np.stack([task.data for task in same_shape])
                 started = time.perf_counter()
                 predictions = predictor.predict_batch(frames)
-                elapsed = (time.perf_counter() - started) / len(same_shape)
+                call_s = time.perf_counter() - started
+                sizer.record(len(same_shape), call_s)
+                log.debug("ran %d frame(s) in %.3f s (%d chosen)", len(same_shape), call_s, wanted)
                 for task, prediction in zip(same_shape, predictions):
-                    prediction.timings.setdefault("worker_total", elapsed)
+                    prediction.timings.setdefault("worker_total", call_s / len(same_shape))
+                    prediction.timings["batch"] = len(same_shape)  # frames in its model call (the store's timings, bench)
                     link.post(wire.encode_result(wire.FrameResult(task.task, task.scan, task.frame, name, prediction)))
             link.busy = 0
     except KeyboardInterrupt:

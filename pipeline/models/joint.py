@@ -23,6 +23,7 @@ from pipeline.common.devices import resolve_device, resolve_precision
 from pipeline.models import preprocess_torch
 from pipeline.models import sslm as sslm_module
 from pipeline.models import tlm as tlm_module
+from pipeline.models.batch_buckets import bucket_for
 from pipeline.models.card import (
     DIPID_SSLM_PEAK_CHANNELS,
     DIPID_TLM,
@@ -106,10 +107,16 @@ class JointPredictor:
         precision: Literal["auto", "float32", "bfloat16"] = "float32",
         model_batch: int = 1,
         preprocess_on_device: bool | None = None,
+        batch_padding: Literal["fixed", "bucket"] = "fixed",
     ) -> None:
         if model_batch < 1:
             raise ValueError(f"model_batch must be >= 1, got {model_batch}")
+        if batch_padding not in ("fixed", "bucket"):
+            raise ValueError(f"batch_padding must be fixed or bucket, got {batch_padding!r}")
         self.model_batch = model_batch  # frames per model call, padded with blank frames (see predict_batch)
+        self.batch_padding = batch_padding
+        self._pinned: torch.Tensor | None = None  # CUDA: the reusable page-locked staging buffer of raw frames
+        self._pinned_free: torch.cuda.Event | None = None  # recorded after its last copy to the GPU was queued
         self.device = resolve_device(device)
         # dead pixels, log scale and significance where the models run (pipeline.models.preprocess_torch): on a GPU the
         # worker's CPU no longer holds each frame back; on a CPU NumPy's version, the reference, is as fast
@@ -133,7 +140,7 @@ class JointPredictor:
         tlm, tlm_weights = load_tlm(settings.tlm) if settings.tlm.enabled else (None, None)
         sslm, sslm_weights = load_sslm(settings.sslm) if settings.sslm.enabled else (None, None)
         return cls(tlm, tlm_weights, sslm, sslm_weights, device=device, precision=settings.precision,
-                   model_batch=settings.model_batch)
+                   model_batch=settings.model_batch, batch_padding=settings.batch_padding)
 
     def provenance(self) -> dict[str, Any]:
         """Per model: enabled, weights path, SHA-256 and effective settings; JSON-serialisable."""
@@ -164,6 +171,9 @@ class JointPredictor:
         must give the same store; with one fixed shape a frame's masks do not depend on its batch.
         On CPU frame by frame (1, the default) costs nothing measurable (the backbone ran at
         ~40 ms/frame alone vs ~47 ms/frame in a batch of 4); a GPU needs batches to be busy.
+        With `batch_padding="bucket"` a call is padded only to its bucket (1, 2, 4, ... model_batch,
+        `pipeline.live.batching`): a lone frame costs a one-frame call, and a frame's masks are the
+        same in any batch of the same bucket, not across buckets.
         """
         frames = as_frame_batch(frames)
         count, shape = frames.shape[0], tuple(frames.shape[1:])
@@ -199,7 +209,7 @@ class JointPredictor:
         if self.preprocess_on_device:
             host = torch.from_numpy(frames if frames.dtype.name in ("int16", "int32", "float32", "float64") else frames.astype(np.float64))
             if self.device.type == "cuda":
-                host = host.pin_memory()  # page-locked: the copy to the GPU runs without a staging copy
+                host = self._staged(host)
             fixed = preprocess_torch.fix_dead_pixels(host.to(self.device, non_blocking=True))
             inputs = preprocess_torch.to_model_input(fixed)
             return inputs, preprocess_torch.to_significance(fixed) if significance else inputs
@@ -209,13 +219,40 @@ class JointPredictor:
             return inputs, inputs
         return inputs, torch.from_numpy(np.stack([to_significance(frame) for frame in fixed_frames])).to(self.device)
 
+    def _staged(self, host: torch.Tensor) -> torch.Tensor:
+        """CUDA only: the frames copied into a page-locked buffer kept between calls, whose copy to the GPU needs
+        no staging copy and runs with non_blocking=True; pinning afresh each call cost an allocation per batch.
+
+        The buffer is rewritten only once the previous call's copy out of it has finished (a CUDA event).
+        """
+        if (self._pinned is None or self._pinned.dtype != host.dtype or self._pinned.shape[1:] != host.shape[1:]
+                or self._pinned.shape[0] < host.shape[0]):
+            if self._pinned_free is not None:
+                self._pinned_free.synchronize()
+            rows = max(host.shape[0], self.model_batch)
+            self._pinned = torch.empty((rows, *host.shape[1:]), dtype=host.dtype, pin_memory=True)
+            self._pinned_free = None
+        elif self._pinned_free is not None:
+            self._pinned_free.synchronize()
+        staged = self._pinned[:host.shape[0]]
+        staged.copy_(host)
+        on_device = staged.to(self.device, non_blocking=True)
+        self._pinned_free = torch.cuda.Event()
+        self._pinned_free.record(torch.cuda.current_stream(self.device))  # the stream the copy was queued on
+        return on_device
+
+    def _call_size(self, real: int) -> int:
+        """How many frames a model call of `real` frames holds once padded (see predict_batch)."""
+        return self.model_batch if self.batch_padding == "fixed" else bucket_for(real, self.model_batch)
+
     def _padded_batches(self, inputs: torch.Tensor) -> Iterator[tuple[torch.Tensor, int]]:
-        """(a batch of exactly `model_batch` frames, how many of them are real) over `inputs`; blank frames pad the last."""
+        """(a padded batch of `_call_size` frames, how many of them are real) over `inputs`, at most `model_batch` real."""
         for first in range(0, inputs.shape[0], self.model_batch):
             batch = inputs[first:first + self.model_batch]
             real = batch.shape[0]
-            if real < self.model_batch:
-                batch = torch.cat([batch, batch.new_zeros((self.model_batch - real, *batch.shape[1:]))])
+            size = self._call_size(real)
+            if real < size:
+                batch = torch.cat([batch, batch.new_zeros((size - real, *batch.shape[1:]))])
             yield batch, real
 
     def _run_tlm(self, inputs: torch.Tensor, shape: tuple[int, ...]) -> list[tuple[np.ndarray, list]]:
