@@ -172,6 +172,9 @@ class SSLMSettings(Strict):
     enabled: bool = True
     weights: Path | None = None  # None: the shipped weights/sslm.safetensors
     peak_channels: list[int] | None = None  # None: from the weights' model card
+    # the SSLM's two inner convolutions in int8 (pipeline.models.onnx_quantize; the onnxruntime backend only): 0.38x its
+    # float32 time on CPUs with AVX-512 VNNI, every `pipeline evaluate` figure within 0.006 (scripts/int8_eval.py)
+    int8: bool = False
 
 
 class ModelSettings(Strict):

@@ -108,3 +108,36 @@ def test_bad_inputs_raise_one_line(made: tuple[OnnxJointPredictor, Path, Quantiz
     assert not (tmp_path / "out.onnx").exists()
     with pytest.raises(ValueError, match="expected at least 1"):
         calibration_inputs("sslm", count=0)
+
+
+def test_the_int8_option_runs_the_int8_graph_through_the_worker_path(made: tuple[OnnxJointPredictor, Path, QuantizedGraph],
+                                                                     tmp_path: Path) -> None:
+    """`models.sslm.int8: true`: the predictor a worker builds (`build_predictor`, its export in a child process, as a
+    worker's) runs the int8 graph, cached beside the float32 one and made from it; its masks are the ones the module's
+    own int8 graph gives."""
+    from pipeline.models.backends import BackendError, build_predictor
+
+    float_predictor, _, graph = made
+    cache = tmp_path / "cache"
+    settings = ModelSettings.model_validate({"precision": "float32", "backend": "onnxruntime", "onnx_cache": str(cache),
+                                             "tlm": {"enabled": False}, "sslm": {"int8": True}})
+    predictor = build_predictor(settings, device="cpu", threads=1)
+    assert isinstance(predictor, OnnxJointPredictor)
+    assert predictor.provenance()["sslm"]["precision"] == "int8"
+    int8_graph = onnx_export.find(settings, "sslm")
+    float_graph = onnx_export.find(ModelSettings.model_validate({**settings.model_dump(mode="json"), "sslm": {"int8": False}}), "sslm")
+    assert int8_graph is not None and float_graph is not None and "-int8-" in int8_graph.path.name
+    assert int8_graph.manifest["int8"]["nodes"] == ["/fast/convs.1/Conv", "/fast/conv3/Conv"]
+    assert int8_graph.manifest["int8"]["float32_graph"] == str(float_graph.path)
+    session = one_thread(graph.path)
+    transform = INPUT_TRANSFORMS[predictor.sslm_input]
+    for index in range(2):
+        counts, _ = synth.training_sample(np.random.default_rng([12345, index]), HELD_OUT_SETTINGS)
+        (prediction,) = predictor.predict_batch(counts[None])
+        (expected,) = session.run(None, {"image": np.ascontiguousarray(transform(counts), dtype=np.float32)})
+        np.testing.assert_array_equal(prediction.ssl_clusters, expected)
+        (reference,) = float_predictor.predict_batch(counts[None])
+        assert not np.array_equal(prediction.ssl_clusters, reference.ssl_clusters)  # int8 indeed, not the float32 graph
+    with pytest.raises(BackendError) as refused:  # torch has no int8 SSLM: one line, not float32 in silence
+        build_predictor(settings.model_copy(update={"backend": "torch"}), device="cpu")
+    assert str(refused.value).startswith("models.sslm.int8 runs on the onnxruntime backend only") and "\n" not in str(refused.value)

@@ -5,6 +5,8 @@
 - `onnxruntime`: `pipeline.models.onnx_predictor.OnnxJointPredictor`, CPU only. A cuda device with it is refused
   with one line (the onnxruntime CPU wheel has no CUDA provider, and on a GPU torch's batched path is the fast one);
   so is `precision: bfloat16` (ONNX Runtime runs the graphs in float32), and so is onnxruntime not installed.
+- `models.sslm.int8`: the SSLM's int8 graph (`pipeline.models.onnx_quantize`), onnxruntime only: where torch is
+  chosen (forced, or by `auto` on a GPU or with bfloat16) it is refused with one line.
 - `auto`: onnxruntime where the frames run on the CPU (device `cpu`, or `auto` on a machine without a CUDA GPU),
   onnxruntime is installed and precision comes out float32 (`auto` is bfloat16 only on CPUs with native bfloat16,
   where torch's bfloat16 is the faster one); torch everywhere else (GPUs).
@@ -61,6 +63,15 @@ def _on_cpu(device: str) -> bool:
 
 def choose_backend(settings: ModelSettings, device: str) -> Backend:
     """The backend `build_predictor` uses for `settings` on `device` (see the module docstring); one-line BackendError."""
+    backend = _choose_backend(settings, device)
+    if backend == "torch" and settings.sslm.enabled and settings.sslm.int8:
+        raise BackendError(f"models.sslm.int8 runs on the onnxruntime backend only, and models.backend {settings.backend} "
+                           f"chose torch on device {device!r} (a GPU, or bfloat16): set models.sslm.int8 false, or run "
+                           "on a CPU with models.backend onnxruntime")
+    return backend
+
+
+def _choose_backend(settings: ModelSettings, device: str) -> Backend:
     if settings.backend == "torch":
         return "torch"
     if settings.backend == "onnxruntime":

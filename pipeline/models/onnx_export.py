@@ -100,7 +100,7 @@ def graph_settings(settings: ModelSettings, kind: Kind) -> dict[str, Any]:
     Taken as a whole, not listed one by one: a setting added later changes the cache key by default.
     """
     section = settings.tlm if kind == "tlm" else settings.sslm
-    return section.model_dump(mode="json", exclude={"enabled", "weights", "peak_channels"})
+    return section.model_dump(mode="json", exclude={"enabled", "weights", "peak_channels", "int8"})  # int8: see graph_name
 
 
 def graph_name(settings: ModelSettings, kind: Kind, sha256: str, caps: Caps | None = None) -> str:
@@ -114,6 +114,10 @@ def graph_name(settings: ModelSettings, kind: Kind, sha256: str, caps: Caps | No
     }
     digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:12]
     stem = f"{kind}-{sha256[:16]}-{digest}"
+    if kind == "sslm" and settings.sslm.int8:  # made from that float32 graph: its stem, and what changes the int8 one
+        from pipeline.models.onnx_quantize import int8_recipe, recipe_key
+
+        return f"{stem}-int8-{recipe_key(int8_recipe(kind))}"
     return stem if caps is None else f"{stem}-caps{caps[0]}x{caps[1]}x{caps[2]}"
 
 
@@ -230,6 +234,8 @@ def _export(settings: ModelSettings, kind: Kind, sha256: str, caps: Caps | None,
         outputs = ["boxes", "scores", "mask_patches"]
         axes = {"image": {0: "height", 1: "width"}, **{name: {0: "detections"} for name in outputs}}
         manifest |= {"reference_caps": list(reference), "caps": list(graph_caps)}
+    elif settings.sslm.int8:
+        return _quantize_sslm(settings, stem)
     else:
         # peak channels are the caller's (config over card), never the graph's: the card is kept as the weights say
         model, loaded = joint.load_sslm(settings.sslm.model_copy(update={"peak_channels": None}))
@@ -252,6 +258,26 @@ def _export(settings: ModelSettings, kind: Kind, sha256: str, caps: Caps | None,
     _write_atomically(stem.with_suffix(".onnx"), write_graph)
     manifest["export_seconds"] = round(time.perf_counter() - started, 2)
     manifest["exported_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    _write_atomically(stem.with_suffix(".json"), lambda temporary: temporary.write_text(json.dumps(manifest, indent=1) + "\n"))
+    EXPORTS += 1
+    return Graph(stem.with_suffix(".onnx"), manifest)
+
+
+def _quantize_sslm(settings: ModelSettings, stem: Path) -> Graph:
+    """The int8 SSLM (`models.sslm.int8`): quantized from the float32 graph of the same weights and settings (exported
+    first if missing), calibrated on training-side frames; its manifest is the float32 one's plus what was quantized."""
+    global EXPORTS
+    from pipeline.models.onnx_quantize import calibration_inputs, int8_recipe, quantize_graph, recipe_key
+
+    recipe = int8_recipe("sslm")
+    source = _ensure(settings.model_copy(update={"sslm": settings.sslm.model_copy(update={"int8": False})}), "sslm", None)
+    calibration = calibration_inputs("sslm", source.manifest["card"].get("input_transform") or "log")
+    quantized = quantize_graph(source.path, stem.with_suffix(".onnx"), calibration, recipe)
+    manifest = {**source.manifest, "int8": {"recipe": dataclasses.asdict(recipe), "recipe_key": recipe_key(recipe),
+                                            "nodes": list(quantized.nodes_quantized),
+                                            "calibration_frames": quantized.calibration_frames,
+                                            "float32_graph": str(source.path), "seconds": quantized.seconds},
+                "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     _write_atomically(stem.with_suffix(".json"), lambda temporary: temporary.write_text(json.dumps(manifest, indent=1) + "\n"))
     EXPORTS += 1
     return Graph(stem.with_suffix(".onnx"), manifest)

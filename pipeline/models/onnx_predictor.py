@@ -157,8 +157,10 @@ class OnnxJointPredictor:
                 return {"enabled": False}
             return {"enabled": True, "weights": str(path), "sha256": sha256, "settings": dict(card)}
 
-        return {"tlm": describe(self.tlm_path, self.tlm_sha256, self.tlm_card),
-                "sslm": describe(self.sslm_path, self.sslm_sha256, self.sslm_card),
+        sslm = describe(self.sslm_path, self.sslm_sha256, self.sslm_card)
+        if self.sslm_path is not None and self.settings.sslm.int8:
+            sslm["precision"] = "int8"  # its two inner convolutions (pipeline.models.onnx_quantize)
+        return {"tlm": describe(self.tlm_path, self.tlm_sha256, self.tlm_card), "sslm": sslm,
                 "device": "cpu", "precision": "float32", "backend": "onnxruntime"}
 
     def predict_batch(self, frames: np.ndarray) -> list[FramePrediction]:

@@ -69,6 +69,14 @@ RECIPES: dict[Kind, Recipe | None] = {
 }
 
 
+def int8_recipe(kind: Kind) -> Recipe:
+    """The measured recipe of `kind`; one-line ValueError for a model that has none (the TLM)."""
+    recipe = RECIPES[kind]
+    if recipe is None:
+        raise ValueError(f"no int8 recipe for the {kind.upper()}: none kept pipeline evaluate's figures within 0.01")
+    return recipe
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantizedGraph:
     """An int8 graph written by `quantize_graph`: where, which nodes became int8, from how many calibration frames."""
