@@ -53,6 +53,10 @@ STOP_READERS_S = 5.0  # at a stop, readers get this long to end their scans befo
 KEEP_FINISHED_SESSIONS = 256  # finished scans still listed by `pipeline status`
 MAX_REMEMBERED_NOT_SCANS = 100_000  # files known to hold no detector frames (a path and three numbers each)
 SPACE_CHECK_INTERVAL_S = 2.0  # how often scans stopped by a shortage (space, descriptors) look again
+# the most a drained stop waits for quick looks still to draw: a backlog (200 small scans finished at once: ~0.3-1 s a
+# picture) or one picture blocked on its raw file used to hold the stop for its whole minute, and the steps after it
+# then pushed it past the minute a supervisor gives (scripts/scan_setup_bench.py, tests/test_stop_pictures.py)
+PICTURES_AT_STOP_S = 20.0
 
 
 class Daemon:
@@ -360,7 +364,11 @@ class Daemon:
         self.sink.stop()
         for thread in self._threads:
             thread.join(timeout=5)
-        self.painter.stop(finish=drain, timeout=max(1.0, deadline - time.monotonic()))
+        undrawn = self.painter.stop(finish=drain, timeout=min(PICTURES_AT_STOP_S, max(1.0, deadline - time.monotonic())))
+        if undrawn:
+            log.warning("%d quick look(s) not drawn: the stop waits for pictures at most %g s (`pipeline quicklook STORE` "
+                        "draws one): %s", len(undrawn), PICTURES_AT_STOP_S, ", ".join(str(store) for store in undrawn[:10])
+                        + (f", ... {len(undrawn) - 10} more" if len(undrawn) > 10 else ""))
         self.local_workers.stop()
         if self.slurm_workers is not None:
             self.slurm_workers.stop()

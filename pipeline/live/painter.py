@@ -7,6 +7,10 @@ has the picture drawn by a long-lived child process (`python -m pipeline.live.pa
 reads the raw frames through HDF5, which never runs in the daemon (see pipeline.live.readers), and
 the interpreter lock stays with the daemon's own threads. A child that takes longer than
 PICTURE_TIMEOUT_S is killed and the next picture gets a new one.
+
+A stop waits for the pictures still to draw only as long as it is given: then the child is killed
+(one blocked on a raw file would otherwise outlive the daemon) and the stores whose pictures were
+not drawn are handed back, to be named in the log (`pipeline quicklook STORE` draws one).
 """
 
 from __future__ import annotations
@@ -31,6 +35,10 @@ class QuickLookPainter:
         self._stores: queue.Queue[Path | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="quicklook", daemon=True)
         self.painted = 0
+        self._artist: _Artist | None = None  # the drawing child, once started (stop kills it when out of time)
+        self._drawing: Path | None = None  # the store whose picture is being drawn now
+        self._abandoned = threading.Event()  # set by a stop that ran out of time: draw nothing more
+        self._skipped: list[Path] = []  # a store taken from the queue just as a stop ran out of time: not drawn
 
     def start(self) -> QuickLookPainter:
         self._thread.start()
@@ -44,39 +52,66 @@ class QuickLookPainter:
         """Nothing queued and nothing being drawn."""
         return self._stores.unfinished_tasks == 0
 
-    def stop(self, finish: bool = True, timeout: float = 60.0) -> None:
-        """With `finish`, draw what is queued first (a drained daemon leaves every picture); else only the one in hand."""
-        if not finish:
-            while True:
-                try:
-                    self._stores.get_nowait()
-                except queue.Empty:
-                    break
-                self._stores.task_done()
+    def stop(self, finish: bool = True, timeout: float = 60.0) -> list[Path]:
+        """With `finish`, draw what is queued first; else only the one in hand. Either way for at most `timeout`
+        seconds: then the drawing child is killed. Returns the stores whose pictures were not drawn."""
+        left = [] if finish else self._take_queued()
         self._stores.put(None)
         if self._thread.is_alive():
             self._thread.join(timeout)
+        if self._thread.is_alive():  # out of time: nothing more is drawn, and the child must not outlive us
+            self._abandoned.set()
+            drawing = self._drawing
+            left += [drawing] if drawing is not None else []
+            left += self._take_queued()
+            self._stores.put(None)
+            for _attempt in range(2):  # twice: a child being started as we looked is closed the second time
+                artist = self._artist
+                if artist is not None:
+                    artist.close()
+                self._thread.join(2.5)
+                if not self._thread.is_alive():
+                    break
+            left += [store for store in self._skipped if store not in left]
+        return left
+
+    def _take_queued(self) -> list[Path]:
+        """Empty the queue (an end marker found in it is dropped): the stores it held."""
+        taken: list[Path] = []
+        while True:
+            try:
+                store = self._stores.get_nowait()
+            except queue.Empty:
+                return taken
+            self._stores.task_done()
+            if store is not None:
+                taken.append(store)
 
     def _loop(self) -> None:
-        artist: _Artist | None = None
-        while (store := self._stores.get()) is not None:
+        while (store := self._stores.get()) is not None and not self._abandoned.is_set():
+            self._drawing = store
             try:
-                artist = artist if artist is not None and artist.alive() else _Artist()
-                picture, error = artist.draw(store)
+                if self._artist is None or not self._artist.alive():
+                    self._artist = _Artist()
+                picture, error = self._artist.draw(store)
                 if picture is not None:
                     log.info("%s: quick look %s", store.stem, picture)
                     self.painted += 1
-                else:
+                elif not self._abandoned.is_set():  # else the stop names it among the pictures not drawn
                     log.warning("%s: no quick look (%s)", store.stem, error)
             except Exception as error:  # a picture must never cost more than itself
                 log.warning("%s: no quick look (%s)", store.stem, str(error).splitlines()[0] if str(error) else type(error).__name__)
-                if artist is not None:
-                    artist.close()
-                artist = None
+                if self._artist is not None:
+                    self._artist.close()
+                self._artist = None
             finally:
+                self._drawing = None
                 self._stores.task_done()
-        if artist is not None:
-            artist.close()
+        if store is not None:  # left by an abandoned stop: taken, never drawn
+            self._skipped.append(store)
+            self._stores.task_done()
+        if self._artist is not None:
+            self._artist.close()
 
 
 class _Artist:
@@ -106,7 +141,10 @@ class _Artist:
 
     def close(self) -> None:
         self.process.kill()
-        self.process.wait(timeout=10)
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # SIGKILL not yet acted on: nothing more to do than leave it to the kernel
+            log.warning("the quick-look process %d did not end within 10 s of SIGKILL", self.process.pid)
 
 
 def _serve() -> None:
