@@ -205,9 +205,14 @@ class VolumeSettings(Strict):
     min_pixels: int = Field(5, ge=1)  # 2D components smaller than this (hot pixels, specks) are not linked
 
 
+MIN_TABLE_REFRESH_S = 0.1  # the least `output.refresh_tables_s` (see there)
+
+
 class OutputSettings(Strict):
     root: Path | None = None  # None: <scan>.zarr beside <scan>.nxs
-    refresh_tables_s: float = Field(2.0, gt=0)  # how often the live peaks/detections tables are rewritten
+    # how often the live peaks/detections tables are rewritten; at least 0.1 s: a reader of a table retries a read that a
+    # rewrite overlapped, and a writer rewriting back to back would leave it no gap to read in
+    refresh_tables_s: float = Field(2.0, ge=MIN_TABLE_REFRESH_S)
     # every file of a store flushed to the disk (and its directory) before it counts as written: survives a power cut,
     # costs a disk round trip per chunk (see pipeline.store.durable)
     fsync: bool = False

@@ -10,6 +10,7 @@ with `use_consolidated=False`.
 from __future__ import annotations
 
 import atexit
+import copy
 import fcntl
 import functools
 import logging
@@ -30,6 +31,7 @@ from zarr.storage import LocalStore, MemoryStore
 import pipeline.store.schema as schema
 from pipeline import __version__
 from pipeline.common.nexus import ScanInfo
+from pipeline.common.volume import VolumeLinker
 from pipeline.errors import PipelineError, one_line, shortage_of
 from pipeline.models.prediction import Detection, FramePrediction
 from pipeline.store.durable import store_for
@@ -151,20 +153,44 @@ class ScanStore:
     """The writer side of one scan's store: zarr-python for its metadata, attributes and tables; tensorstore for
     the chunks and shapes of the per-frame arrays (pipeline.store.frame_arrays)."""
 
-    def __init__(self, path: Path, group: zarr.Group, frame_shape: tuple[int, int], fsync: bool = False) -> None:
+    def __init__(self, path: Path, group: zarr.Group, frame_shape: tuple[int, int], fsync: bool = False,
+                 created: dict[str, Any] | None = None) -> None:
+        """`created`: the nodes of a store just made (`_create`, path -> group or array): what they hold is known, so
+        nothing is read back (each zarr-python lookup is a metadata read through its event loop, and a small scan's
+        store cost the daemon ~80 ms of CPU, docs/performance.md)."""
         self.path = path
         self.group = group
         self.frame_shape = frame_shape
-        self.frames_allocated = int(group[schema.FRAMES_DONE].shape[0])
+        self.expected_frames: int | None = None  # what the scan file says it will have, if anything (ensure_frames)
         self.detections: dict[int, list[Detection]] = {}
         self.lock: StoreLock | None = None
+        self.frame_arrays = FrameArrays(path, PER_FRAME_ARRAYS, fsync)
+        # the tables' groups and columns, found once (a new store's from its creation) and kept: only this writer
+        # changes them, and only through these handles (write_columns). Never the per-frame arrays': tensorstore
+        # resizes those, and zarr-python writes an array's whole metadata (its shape too) when an attribute changes.
+        self._table_nodes: dict[str, Any] = {}
+        # each table's columns as this writer knows them to be in the store: a new store's (empty, from the template),
+        # then each rewrite's; unknown (a resumed store) until the first rewrite
+        self._published: dict[str, dict[str, np.ndarray]] = {}
+        # a new store's nodes' metadata as made (the per-frame arrays' before tensorstore resized them): what `finish`
+        # consolidates, with what changed since
+        self._created: dict[str, Any] | None = None
+        if created is not None:
+            self._created = {name: node.metadata for name, node in created.items()}
+            self._table_nodes = {name: node for name, node in created.items() if _in_table(name)}
+            self._published = _empty_tables()
+            self.frames_allocated = int(created[schema.FRAMES_DONE].shape[0])
+            self.worker_names: list[str] = list(created[schema.FRAMES_WORKER].attrs.get(schema.WORKER_NAMES_ATTR) or [])
+            self.columns: dict[str, np.ndarray] = {name: np.full(self.frames_allocated, fill, dtype=created[name].dtype)
+                                                   for name, fill in COLUMNS.items()}
+            return
+        self.frames_allocated = int(group[schema.FRAMES_DONE].shape[0])
         if schema.FRAMES_WORKER not in group:  # a store made before workers were recorded
             _create_worker_array(group, self.frames_allocated)
-        self.frame_arrays = FrameArrays(path, PER_FRAME_ARRAYS, fsync)
-        self.worker_names: list[str] = list(group[schema.FRAMES_WORKER].attrs.get(schema.WORKER_NAMES_ATTR) or [])
+        self.worker_names = list(group[schema.FRAMES_WORKER].attrs.get(schema.WORKER_NAMES_ATTR) or [])
         # the 1-D per-frame arrays, held here whole (a few bytes a frame) so that a batch writes the chunks it touches
         # from memory: no read back, and tensorstore writes whole chunks without reading them first
-        self.columns: dict[str, np.ndarray] = {name: np.asarray(group[name][:]) for name in COLUMNS}
+        self.columns = {name: np.asarray(group[name][:]) for name in COLUMNS}
 
     # -- creating and resuming -------------------------------------------------------------
 
@@ -184,6 +210,7 @@ class ScanStore:
             lock.release()
             raise
         store.lock = lock
+        store.expected_frames = info.expected_frames
         return store
 
     def close(self) -> None:
@@ -228,15 +255,17 @@ class ScanStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         if not os.access(path.parent, os.W_OK):
             raise PermissionError(f"{path.parent}: output directory is not writable")
-        nodes = dict(_new_store_nodes(frame_shape))  # the template's metadata objects: replaced below, never changed
+        # the template's metadata, each node with its own attributes: the nodes made from them are this writer's handles,
+        # and zarr changes a node's attributes in place (shared, one store's attributes would be written into another's)
+        nodes = {path: replace(meta, attributes=copy.deepcopy(meta.attributes)) for path, meta in _new_store_nodes(frame_shape).items()}
         nodes[schema.FRAMES_AXIS] = replace(nodes[schema.FRAMES_AXIS], attributes={schema.AXIS_NAME_ATTR: info.axis_name or ""})
         target = store_for(path, fsync)
         if isinstance(target, Path):
             target = LocalStore(target)
-        for _node in zarr.create_hierarchy(store=target, nodes=nodes, overwrite=True):
-            pass  # created concurrently, metadata only (no chunk yet)
-        group = zarr.open_group(target, mode="r+", use_consolidated=False)
-        group.update_attributes({
+        # created concurrently, metadata only (no chunk yet); the nodes it hands back are used as they are, not looked up
+        created: dict[str, Any] = dict(zarr.create_hierarchy(store=target, nodes=nodes, overwrite=True))
+        group = created[""]
+        group.update_attributes({  # last, as before: a store whose root says `running` has all its nodes
             Attr.SOFTWARE: schema.SOFTWARE,
             Attr.SOFTWARE_VERSION: __version__,
             Attr.SOURCE_NEXUS: str(info.nexus_path),
@@ -255,7 +284,7 @@ class ScanStore:
             Attr.START_TIME: now_iso(),
             **attrs,
         })
-        return cls(path, group, frame_shape, fsync)  # its empty tables are in the template
+        return cls(path, group, frame_shape, fsync, created)  # its empty tables are in the template
 
     def _load_detections(self) -> None:
         """The detections of frames already done, from their per-frame rows; later frames will be written again."""
@@ -290,9 +319,13 @@ class ScanStore:
     def ensure_frames(self, n: int) -> None:
         """Grow every frame-indexed array to hold `n` frames: by at least half again (at least MIN_GROW_FRAMES, at most
         GROW_FRAMES more), so that a long scan resizes its arrays a few dozen times, not once per batch; `finish` trims
-        to the real count."""
+        to the real count. Never past the frames the scan file expects while it has no more than that: a scan that
+        ends as expected then needs no trim (8 more metadata writes and shard deletions). The claim only ever lowers
+        the growth, so a file claiming millions of frames allocates no more than one claiming none."""
         if n > self.frames_allocated:
             grown = min(self.frames_allocated + GROW_FRAMES, max((3 * self.frames_allocated) // 2, self.frames_allocated + MIN_GROW_FRAMES))
+            if self.expected_frames is not None and self.expected_frames >= n:
+                grown = min(grown, self.expected_frames)
             self._resize_frames(max(n, grown))
 
     def _resize_frames(self, n: int) -> None:
@@ -387,9 +420,17 @@ class ScanStore:
             for d in sorted(self.detections[frame], key=lambda d: d.instance_id)
         ]
         table = np.array(rows, dtype=np.float64).reshape(-1, len(DETECTION_COLUMNS))
-        write_columns(self.group, schema.TLM_DETECTIONS, {name: table[:, i].astype(dtype) for i, (name, dtype) in enumerate(DETECTION_COLUMNS.items())})
+        tables = {schema.TLM_DETECTIONS: {name: table[:, i].astype(dtype) for i, (name, dtype) in enumerate(DETECTION_COLUMNS.items())}}
         if peaks:
-            write_columns(self.group, schema.PEAKS, peaks)
+            tables[schema.PEAKS] = peaks
+        for name, columns in tables.items():
+            # a table the same as the one published (no new rows since: a scan with no peaks, a refresh between peaks)
+            # is not rewritten: a rewrite is four metadata writes at least, and readers would see the same rows
+            if _same_columns(self._published.get(name), columns):
+                continue
+            self._published.pop(name, None)  # unknown until written whole (a full disk may stop it half way)
+            write_columns(self.group, name, columns, self._table_nodes)
+            self._published[name] = {column: np.array(values, copy=True) for column, values in columns.items()}
 
     def record_disk_full(self, error: str) -> bool:
         """Note that writing stopped for want of space; best effort (the note needs a little space too): False if not."""
@@ -415,35 +456,82 @@ class ScanStore:
         self._check_present()
         if frames_total < self.frames_allocated:
             self._resize_frames(frames_total)
-        self.group.update_attributes({
+        attributes = {
             Attr.STATUS: status,
             Attr.END_REASON: reason,
             Attr.END_TIME: now_iso(),
             Attr.FRAMES_TOTAL: frames_total,
             Attr.FRAMES_DONE: self.done_prefix(),
             **(extra or {}),
-        })
+        }
+        consolidated = self._consolidated()
+        if consolidated is not None:  # the ending and the consolidated metadata in one write of the root document
+            self.group.metadata.attributes.update(attributes)
+            zarr.Group(zarr.AsyncGroup(metadata=replace(self.group.metadata, consolidated_metadata=consolidated),
+                                       store_path=self.group.store_path)).update_attributes({})
+            return
+        self.group.update_attributes(attributes)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             zarr.consolidate_metadata(self.path)
 
+    def _consolidated(self) -> Any:
+        """The consolidated metadata of a store this writer made, from what it knows (zarr.consolidate_metadata reads
+        every node's document back: ~30 reads and 7 listings, the largest part of a small scan's end), or None for a
+        resumed store (its nodes are read back, as zarr does). The same documents: the template's nodes, the per-frame
+        arrays at their final length, the attributes this writer gave them, the tables as last written
+        (tests/test_store_consolidated.py compares it with zarr.consolidate_metadata's)."""
+        if self._created is None:
+            return None
+        try:
+            from zarr.core.group import ConsolidatedMetadata, GroupMetadata
 
-def write_columns(root: zarr.Group, group_name: str, columns: dict[str, np.ndarray]) -> None:
+            # in path order: zarr nests the flat listing by runs of siblings, which the order of creation does not keep
+            members = {path: meta for path, meta in sorted(self._created.items()) if path}
+            for name in PER_FRAME_ARRAYS:
+                meta = members[name]
+                members[name] = replace(meta, shape=(self.frames_allocated, *meta.shape[1:]))
+            worker = members[schema.FRAMES_WORKER]
+            members[schema.FRAMES_WORKER] = replace(worker, attributes={**worker.attributes, schema.WORKER_NAMES_ATTR: self.worker_names})
+            members.update((path, node.metadata) for path, node in self._table_nodes.items())
+            for path, meta in members.items():  # as zarr.consolidate_metadata marks groups: their children are listed too
+                if isinstance(meta, GroupMetadata) and meta.consolidated_metadata is None:
+                    members[path] = replace(meta, consolidated_metadata=ConsolidatedMetadata(metadata={}))
+            ConsolidatedMetadata._flat_to_nested(members)
+            return ConsolidatedMetadata(metadata=members)
+        except (AttributeError, TypeError, KeyError) as error:  # another zarr's internals: read back as zarr does
+            log.debug("%s: consolidated metadata read back (%s)", self.path, error)
+            return None
+
+
+def write_columns(root: zarr.Group, group_name: str, columns: dict[str, np.ndarray], handles: dict[str, Any] | None = None) -> None:
     """Published as one generation: the group's `generation` turns odd, the columns are written, then `rows` and the
     next even `generation` are written together (readers retry a read that straddled a rewrite; see StoreReader.table).
-    After a crash mid-rewrite, rows below `rows` are still valid (new rows only ever follow the old ones)."""
-    group = root[group_name]
+    After a crash mid-rewrite, rows below `rows` are still valid (new rows only ever follow the old ones).
+
+    `handles`, kept by the store's one writer between rewrites, holds the group and columns found the first time:
+    looking them up again cost zarr-python a metadata read each (and one more to ask whether a column exists), most
+    of the daemon's CPU per small scan (docs/performance.md). Only this writer changes them, so they stay true."""
+    handles = {} if handles is None else handles
+    group = handles.get(group_name)
+    if group is None:
+        group = handles[group_name] = root[group_name]
     published = int(group.attrs.get(schema.GENERATION_ATTR, 0))
     published += published % 2  # a rewrite that a crash interrupted counts as published
     group.attrs[schema.GENERATION_ATTR] = published + 1
     for name, values in columns.items():
         values = np.asarray(values)
-        if name in group and group[name].dtype == values.dtype:
+        key = f"{group_name}/{name}"
+        array = handles.get(key)
+        if array is None and name in group:
             array = group[name]
-            array.resize(values.shape)
+        if array is not None and array.dtype == values.dtype:
+            if array.shape != values.shape:  # a resize rewrites the column's zarr.json: not for the same shape
+                array.resize(values.shape)
         else:
             array = group.create_array(name, shape=values.shape, dtype=values.dtype, chunks=(max(4096, values.shape[0]),),
                                        dimension_names=schema.ROW_DIMS, overwrite=True)
+        handles[key] = array
         if values.size:
             array[:] = values
     group.update_attributes({schema.ROWS_ATTR: int(next(iter(columns.values())).shape[0]) if columns else 0,
@@ -472,10 +560,35 @@ def _new_store_nodes(frame_shape: tuple[int, int]) -> dict[str, Any]:
     _create_worker_array(group, n)
     for table in schema.TABLES:
         group.require_group(table)
-    write_columns(group, schema.TLM_DETECTIONS, {name: np.zeros(0, dtype) for name, dtype in DETECTION_COLUMNS.items()})
+    # both tables' columns, with no rows (the peaks table's too: its rewrites then resize them, instead of creating each
+    # one, an existence check and a metadata write apiece, the first time a scan's tables are written)
+    for table, columns in _empty_tables().items():
+        write_columns(group, table, columns)
     nodes: dict[str, Any] = {"": group.metadata}
     nodes.update((path, node.metadata) for path, node in group.members(max_depth=None))
     return nodes
+
+
+def _empty_tables() -> dict[str, dict[str, np.ndarray]]:
+    """The columns of both tables with no rows, as a new store holds them."""
+    return {schema.TLM_DETECTIONS: {name: np.zeros(0, dtype) for name, dtype in DETECTION_COLUMNS.items()},
+            schema.PEAKS: VolumeLinker(min_pixels=1).table()}
+
+
+def _same_columns(known: dict[str, np.ndarray] | None, columns: dict[str, np.ndarray]) -> bool:
+    """Whether `columns` are exactly `known` (names, order, dtypes, shapes and bytes: NaN equals NaN)."""
+    if known is None or list(known) != list(columns):
+        return False
+    for name, values in columns.items():
+        values, old = np.asarray(values), known[name]
+        if values.dtype != old.dtype or values.shape != old.shape or values.tobytes() != old.tobytes():
+            return False
+    return True
+
+
+def _in_table(path: str) -> bool:
+    """Whether a node path is a table's group or one of its columns (`peaks`, `peaks/id`; not `tlm/labels`)."""
+    return any(path == table or path.startswith(table + "/") for table in schema.TABLES)
 
 
 def _create_worker_array(group: zarr.Group, n: int) -> None:
