@@ -241,6 +241,8 @@ class Daemon:
         session = ScanSession(path, self.config, self.dispatcher.submit, self.provenance, self.sink.post, self._frame_done,
                               self.painter.paint, resumed_after=self._resume_reasons.pop(path, None), readers=self.readers)
         with self._lock:
+            if self._closing.is_set():  # under the lock: a stop that began meanwhile would never tell this session
+                return
             self._remember_not_scans()  # before old sessions are let go, so none of them is forgotten
             self.sessions[key] = session
             finished = [k for k, s in self.sessions.items() if s.finished.is_set()]
@@ -351,7 +353,9 @@ class Daemon:
             log.info("%d scan(s) still waiting are left for the next start", left_waiting)
         if self.watcher is not None:
             self.watcher.stop()
-        for session in list(self.sessions.values()):
+        with self._lock:  # every session started before `_closing` was set is in here (see _start_session)
+            started = list(self.sessions.values())
+        for session in started:
             session.stop.set()
         self._stop_readers()
         if drain and not self._wait_sessions(deadline, hurry):
