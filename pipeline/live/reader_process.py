@@ -95,6 +95,8 @@ class _Link:
                     frames = [{key: header.get(key) for key in ("index", "axis", "problem")} for header, _ in batch]
                     channel.send(self.sock, {"type": "frames", "replay": bool(first[0].get("replay")), "frames": frames},
                                  [data for _, data in batch])
+                for _sent in batch:
+                    self._outgoing.task_done()
         except OSError:
             os._exit(0)  # the daemon has gone
 
@@ -103,6 +105,10 @@ class _Link:
         if step is not None and step != self._step:
             self._step = step
             self.send({"type": "step", "step": step})
+            # sent before the step begins: a step inside HDF5 may hold the interpreter lock for minutes (a damaged
+            # file's metadata retries), and the sender thread could not send it then: the daemon's deadline would name
+            # the step before it
+            self._outgoing.join()
         elif time.monotonic() - self._last_sent >= ALIVE_EVERY_S:
             self.send({"type": "alive"})
 
