@@ -36,7 +36,9 @@ class Site:
         self.done = done.store_path
         self.live_writer = TruthStoreWriter(root, "live", 20, seed=5, n_peaks=2)
         self.live_writer.write(5)
-        self.live_writer.store.ensure_frames(8)  # room ahead of the done frames, as the daemon's writer makes
+        # room ahead of the done frames, as the daemon's writer makes, here past the 20 the file claims (a file may grow
+        # beyond its claim; within it the writer grows to the claim exactly): the allocated length is neither count
+        self.live_writer.store.ensure_frames(24)
         self.live = self.live_writer.store_path
         mark_failed(root / "failed.zarr", REASON, make_parents=True)
 
