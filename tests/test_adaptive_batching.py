@@ -14,18 +14,14 @@ from typing import Literal
 
 import numpy as np
 import pytest
-import torch
 
 from pipeline.config import ModelSettings, SSLMSettings, TLMSettings, load_config
 from pipeline.live.batching import BatchSizer
 from pipeline.models.batch_buckets import bucket_for, buckets
-from pipeline.models.card import ModelCard, save_weights
 from pipeline.models.joint import JointPredictor
-from pipeline.models.sslm import SSLM
-from pipeline.models.tlm import build_tlm, light_card
 from pipeline.simulator import synth
 from pipeline.simulator.writers import ScanPlan, ScanWriter
-from pipeline.testing.configs import MODELS_OFF, write_config
+from pipeline.testing.configs import MODELS_OFF, write_config, write_untrained_weights
 from pipeline.testing.daemons import wait_for_status
 from pipeline.testing.slow_worker import DELAY_ENV
 
@@ -140,12 +136,7 @@ def test_a_real_worker_runs_a_burst_in_batches_and_slow_frames_alone(tmp_path: P
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Untrained light TLM and SSLM weights, the TLM's threshold low so that it detects plenty."""
-    root = tmp_path_factory.mktemp("weights")
-    torch.manual_seed(0)
-    card = light_card(score_threshold=0.0)
-    save_weights(root / "tlm.safetensors", build_tlm(card).state_dict(), card)
-    save_weights(root / "sslm.safetensors", SSLM().state_dict(), ModelCard(architecture="sslm", peak_channels=[0, 1]))
-    return {"tlm": root / "tlm.safetensors", "sslm": root / "sslm.safetensors"}
+    return write_untrained_weights(tmp_path_factory.mktemp("weights"), score_threshold=0.0, peak_channels=(0, 1))
 
 
 def same(a: object, b: object) -> bool:

@@ -8,22 +8,15 @@ import torch
 from PIL import Image
 
 from pipeline.config import ModelSettings, SSLMSettings, TLMSettings
-from pipeline.models.card import ModelCard, save_weights
 from pipeline.models.joint import JointPredictor
-from pipeline.models.sslm import SSLM
-from pipeline.models.tlm import build_tlm, light_card
 from pipeline.simulator import synth
+from pipeline.testing.configs import write_untrained_weights
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> dict:
     """Untrained light TLM and SSLM weights with cards (a low TLM threshold so it detects plenty)."""
-    root = tmp_path_factory.mktemp("weights")
-    torch.manual_seed(0)
-    card = light_card(score_threshold=0.0)
-    save_weights(root / "tlm.safetensors", build_tlm(card).state_dict(), card)
-    save_weights(root / "sslm.safetensors", SSLM().state_dict(), ModelCard(architecture="sslm", peak_channels=[0, 1]))
-    return {"tlm": root / "tlm.safetensors", "sslm": root / "sslm.safetensors"}
+    return write_untrained_weights(tmp_path_factory.mktemp("weights"), score_threshold=0.0, peak_channels=(0, 1))
 
 
 @pytest.fixture(scope="module")

@@ -42,8 +42,9 @@ def control_endpoint(config: Path) -> str:
     return endpoint
 
 
-def write_untrained_weights(directory: Path) -> dict[str, Path]:
-    """Freshly initialised models in the shipped formats: for tests of the plumbing, not of accuracy."""
+def write_untrained_weights(directory: Path, score_threshold: float = 0.9, peak_channels: tuple[int, ...] = (1, 2)) -> dict[str, Path]:
+    """Freshly initialised models in the shipped formats: for tests of the plumbing, not of accuracy. A low
+    `score_threshold` makes the untrained TLM detect plenty (tests of batching and padding want detections)."""
     import torch
 
     from pipeline.models import sslm, tlm
@@ -51,7 +52,7 @@ def write_untrained_weights(directory: Path) -> dict[str, Path]:
 
     torch.manual_seed(0)
     paths = {"tlm": directory / "tlm.safetensors", "sslm": directory / "sslm.safetensors"}
-    card = tlm.light_card(score_threshold=0.9)
+    card = tlm.light_card(score_threshold=score_threshold)
     save_weights(paths["tlm"], tlm.build_tlm(card).state_dict(), card)
-    save_weights(paths["sslm"], sslm.SSLM().state_dict(), ModelCard(architecture="sslm", peak_channels=[1, 2]))
+    save_weights(paths["sslm"], sslm.SSLM().state_dict(), ModelCard(architecture="sslm", peak_channels=list(peak_channels)))
     return paths
