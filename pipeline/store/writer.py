@@ -35,6 +35,7 @@ from pipeline.common.volume import VolumeLinker
 from pipeline.errors import PipelineError, one_line, shortage_of
 from pipeline.models.prediction import Detection, FramePrediction
 from pipeline.store.durable import store_for
+from pipeline.store.empty_frames import WrittenFrames
 from pipeline.store.frame_arrays import FrameArrays
 from pipeline.store.location import stat_identity
 from pipeline.store.schema import (
@@ -183,6 +184,7 @@ class ScanStore:
             self.worker_names: list[str] = list(created[schema.FRAMES_WORKER].attrs.get(schema.WORKER_NAMES_ATTR) or [])
             self.columns: dict[str, np.ndarray] = {name: np.full(self.frames_allocated, fill, dtype=created[name].dtype)
                                                    for name, fill in COLUMNS.items()}
+            self.written = WrittenFrames(schema.FRAME_ARRAYS)  # a new store: nothing under any frame yet
             return
         self.frames_allocated = int(group[schema.FRAMES_DONE].shape[0])
         if schema.FRAMES_WORKER not in group:  # a store made before workers were recorded
@@ -191,6 +193,9 @@ class ScanStore:
         # the 1-D per-frame arrays, held here whole (a few bytes a frame) so that a batch writes the chunks it touches
         # from memory: no read back, and tensorstore writes whole chunks without reading them first
         self.columns = {name: np.asarray(group[name][:]) for name in COLUMNS}
+        # what an earlier run wrote is not known frame by frame: every frame it allocated (and the rest of the last
+        # shard, which a trim may have left holding frames past the end) is written even when empty
+        self.written = WrittenFrames(schema.FRAME_ARRAYS, -(-self.frames_allocated // FRAME_SHARD) * FRAME_SHARD)
 
     # -- creating and resuming -------------------------------------------------------------
 
@@ -360,12 +365,10 @@ class ScanStore:
         for run in _runs(sorted(predictions)):
             block = slice(run[0], run[-1] + 1)
             frames = [predictions[i] for i in run]
-            writes += [
-                (schema.TLM_LABELS, block, np.stack([p.tlm_labels for p in frames])),
-                (schema.SSL_CLUSTERS, block, np.stack([p.ssl_clusters for p in frames])),
-                (schema.SSL_MASK, block, np.stack([p.ssl_mask for p in frames])),
-                (schema.TLM_BOXES, block, np.stack([self._boxes(i, p) for i, p in zip(run, frames)])),
-            ]
+            writes += self.written.writes(schema.TLM_LABELS, run[0], [p.tlm_labels for p in frames])
+            writes += self.written.writes(schema.SSL_CLUSTERS, run[0], [p.ssl_clusters for p in frames])
+            writes += self.written.writes(schema.SSL_MASK, run[0], [p.ssl_mask for p in frames])
+            writes.append((schema.TLM_BOXES, block, np.stack([self._boxes(i, p) for i, p in zip(run, frames)])))
             worker_column[block] = [self._worker_id((workers or {}).get(i)) for i in run]
         indices = sorted(predictions)
         writes.append(self._column_write(schema.FRAMES_WORKER, slice(indices[0], indices[-1] + 1)))
@@ -396,7 +399,7 @@ class ScanStore:
         self._check_present()
         block = slice(first, first + len(labels))
         self.ensure_frames(block.stop)
-        writes = [(schema.VOLUME_LABELS, block, np.stack(labels))]
+        writes = self.written.writes(schema.VOLUME_LABELS, first, labels)
         if any(value is not None for value in axis_values):
             axis = self.columns[schema.FRAMES_AXIS]
             for offset, value in enumerate(axis_values):
