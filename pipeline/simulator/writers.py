@@ -193,15 +193,13 @@ def _append_frame(dataset: h5py.Dataset, index: int, counts: np.ndarray) -> None
 
 
 def _frames(plan: ScanPlan, scan: RockingScan) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(counts, truth) of each frame to write, synthesised as it is needed or, with `distinct_frames`, once each."""
-    bank: list[tuple[np.ndarray, np.ndarray]] = []
-    for index in range(plan.frames_to_write):
-        if plan.distinct_frames is None:
-            yield scan.frame(index)
-            continue
-        if len(bank) < plan.distinct_frames:
-            bank.append(scan.frame(index))
-        yield bank[index % plan.distinct_frames]
+    """(counts, truth) of each frame to write, synthesised as it is needed or, with `distinct_frames`, all of those
+    at once, here, before the first frame is written: a detector faster than the synthesis (~7 ms a frame) would
+    otherwise write its first frames late and then in a burst, sharing the CPU with whatever reads the file."""
+    if plan.distinct_frames is None:
+        return (scan.frame(index) for index in range(plan.frames_to_write))
+    bank = [scan.frame(index) for index in range(min(plan.distinct_frames, plan.frames_to_write))]
+    return (bank[index % plan.distinct_frames] for index in range(plan.frames_to_write))
 
 
 def _child_setup() -> None:
@@ -272,6 +270,7 @@ def _detector_process(plan: ScanPlan, to_gda: multiprocessing.connection.Connect
     """The Pilatus' own HDF5 writer: ``<scan>.hdf`` in SWMR mode, one flushed frame at a time."""
     _child_setup()
     scan = plan.rocking_scan()
+    frames = _frames(plan, scan)  # with distinct_frames, made now, while GDA makes the .nxs, not once the clock runs
     if _receive(from_gda) is None:  # GDA never created the .nxs
         return
     from_gda.close()
@@ -285,7 +284,7 @@ def _detector_process(plan: ScanPlan, to_gda: multiprocessing.connection.Connect
         data = _frame_dataset(detector, "data")
         handle.swmr_mode = True
         start = time.monotonic()
-        for index, (counts, labels) in enumerate(_frames(plan, scan)):
+        for index, (counts, labels) in enumerate(frames):
             _wait_until(start + index / plan.rate_hz)
             _append_frame(data, index, counts)
             data.flush()
@@ -420,6 +419,7 @@ def _nexus_process(plan: ScanPlan, progress: ctypes.c_int) -> None:
     """DiPID-era file: one SWMR process appends frames and eta inside the .nxs, end_time at the end."""
     _child_setup()
     scan = plan.rocking_scan()
+    frames = _frames(plan, scan)  # with distinct_frames, made before the file appears
     with h5py.File(plan.nxs_path, "w", libver="latest") as handle:
         entry = _nx_group(handle, "entry1", "NXentry")
         entry.create_dataset("scan_command", data=plan.scan_command)
@@ -438,7 +438,7 @@ def _nexus_process(plan: ScanPlan, progress: ctypes.c_int) -> None:
         handle.swmr_mode = True
         start = time.monotonic()
         marked = False
-        for index, (counts, labels) in enumerate(_frames(plan, scan)):
+        for index, (counts, labels) in enumerate(frames):
             _wait_until(start + index / plan.rate_hz)
             if plan.end_marker_lead and index == plan.end_marker_after + 1 and plan.abandon_after is None:
                 end_time[()] = np.bytes_(_now().encode())  # the end marker before the last frames are written
