@@ -11,6 +11,7 @@ a count per mask, null for dense), so an empty frame's answer is a few hundred b
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -190,6 +191,8 @@ def _mask_part(array: np.ndarray, dtype: type[np.generic]) -> tuple[Part, int | 
     frames/s would send 380 MB/s of mostly zeros back over the network. (On one host it saves little CPU: moving the
     dense masks through an ipc socket costs ~0.03 ms a frame.)"""
     array = np.ascontiguousarray(array, dtype=dtype)
+    if array.max(initial=0) == 0:  # the masks are unsigned: an empty one told ~2x faster than by counting
+        return b"", 0
     if np.count_nonzero(array) > array.size * SPARSE_MAX_FRACTION:
         return memoryview(array).cast("B"), None  # type: ignore[arg-type]  # numpy arrays are buffers
     flat = array.reshape(-1)
@@ -211,9 +214,20 @@ def _mask(payload: Part, dtype: str, shape: tuple[int, int], count: Any, what: s
     indices = np.frombuffer(payload, dtype=np.uint32, count=count)
     if count and (int(indices[-1]) >= pixels or bool(np.any(indices[1:] <= indices[:-1]))):
         raise WireError(f"{what}: sparse indices must increase strictly and stay below {pixels}")
+    if count == 0:
+        return _no_pixels(dtype, shape)
     mask = np.zeros(pixels, dtype=dtype)
     mask[indices] = np.frombuffer(payload, dtype=dtype, count=count, offset=4 * count)
     return mask.reshape(shape)
+
+
+@functools.lru_cache(maxsize=8)
+def _no_pixels(dtype: str, shape: tuple[int, int]) -> np.ndarray:
+    """One read-only all-zero mask per type and shape, handed out for every empty mask: most masks of a scan are empty,
+    and a fresh one each time cost the daemon its allocation and the kernel's page clearing (three a frame)."""
+    mask = np.zeros(shape, dtype=dtype)
+    mask.flags.writeable = False
+    return mask
 
 
 def _detections(raw: Any) -> list[Detection]:
