@@ -86,6 +86,39 @@ def test_bench_models_none_measures_the_daemons_own_path(tmp_path: Path, capsys:
         assert int(reader.group[schema.TLM_LABELS][:].max()) == 0  # empty predictions, really
 
 
+def test_bench_models_threshold_measures_the_daemon_with_masks_that_hold_something(tmp_path: Path,
+                                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """The stand-in workers' masks are the pixels above 20 counts: the stores hold exactly those, frame by frame, and
+    the 3D volume links them (with --models none every mask would be empty, the daemon's cheapest case)."""
+    import numpy as np
+
+    from pipeline.store import StoreReader, schema
+    from pipeline.tools.bench.stand_in_worker import THRESHOLD_COUNTS
+
+    frames = 80
+    figures = tmp_path / "bench.json"
+    args = _parse(["--models", "threshold", "--frames", str(frames), "--workers", "1", "--baseline-frames", "0",
+                   "--json", str(figures), "--no-progress", "--keep", str(tmp_path / "kept")])
+    assert run_bench(args) == 0
+    printed = capsys.readouterr().out
+    assert "masks: the workers' stand-in, the pixels above 20 counts" in printed
+    report = json.loads(figures.read_text())
+    assert report["settings"]["models_mode"] == "threshold" and report["finished_file"]["frames_done"] == frames
+    stores = sorted((tmp_path / "kept").rglob("*.zarr"))
+    assert len(stores) == 2  # live and finished file
+    for store in stores:
+        reader = StoreReader(store)
+        assert reader.status == schema.STATUS_COMPLETE and reader.done_frames().tolist() == list(range(frames))
+        with reader.raw_frames() as raw:
+            expected = raw[:frames] > THRESHOLD_COUNTS
+        np.testing.assert_array_equal(reader.group[schema.SSL_MASK][:frames], expected.astype(np.uint8), err_msg=str(store))
+        np.testing.assert_array_equal(reader.group[schema.TLM_LABELS][:frames], expected.astype(np.uint16))
+        with_peaks = expected.reshape(frames, -1).any(axis=1)
+        assert 0 < with_peaks.sum() < frames  # frames with and without: both kinds of write ran
+        volume = reader.group[schema.VOLUME_LABELS][:frames]
+        assert (volume[~with_peaks] == 0).all() and volume[with_peaks].max() > 0
+
+
 @pytest.mark.parametrize("argv", [["--frames", "0"], ["--scale", "1,x"], ["--rate", "-3"], ["--workers", "two"]])
 def test_bad_arguments_give_one_line_and_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as stopped:

@@ -21,7 +21,8 @@ from pipeline.tools.bench.report import format_report
 DEFAULT_FRAMES = 100
 DEFAULT_RATE_HZ = 1000.0  # as fast as the writer can: measures the pipeline, not the detector
 DEFAULT_BASELINE_FRAMES = 20
-MODEL_MODES = ("config", "none")
+MODEL_MODES = ("config", "none", "threshold")
+MODELS_OFF = ("none", "threshold")  # modes whose workers run no model
 FAST_WRITER_FRAMES = 64  # --models none: distinct frames the writer cycles through (a writer at ~1,000 Hz, not ~100)
 
 
@@ -60,10 +61,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.add_argument("--models", choices=MODEL_MODES, default="config",
                         help="config: the config's models (default); none: workers answer every frame at once with an empty "
                              "prediction, through the real sockets, so the daemon's own path (read, dispatch, result, link, "
-                             "write, done) is measured on any machine, live and on a finished file")
+                             "write, done) is measured on any machine, live and on a finished file; threshold: the same, "
+                             "but the masks are the pixels above 20 counts (as many as a frame's peaks), so the daemon's "
+                             "path is measured with masks that hold something (pipeline.tools.bench.stand_in_worker)")
     parser.add_argument("--distinct-frames", type=positive_int, default=None, metavar="K",
                         help="the simulated detector synthesises K frames and writes them over and over, so it can write "
-                             f"faster than its synthesis (~7 ms a frame) (default: {FAST_WRITER_FRAMES} with --models none, "
+                             f"faster than its synthesis (~7 ms a frame) (default: {FAST_WRITER_FRAMES} with --models none or threshold, "
                              "where the writer must outrun the daemon; otherwise every frame synthesised)")
     parser.add_argument("--workers", type=positive_int, default=2, metavar="N", help="local worker processes (default 2)")
     parser.add_argument("--scale", type=worker_counts, default=None, metavar="N,N,...",
@@ -120,8 +123,10 @@ def _load_bench_config(args: argparse.Namespace) -> Any:
             overrides["workers.device"] = args.device
         if args.precision is not None:
             overrides["models.precision"] = args.precision
-        if args.models == "none":
+        if args.models in MODELS_OFF:
             overrides.update({"models.tlm.enabled": False, "models.sslm.enabled": False})
+        if args.models == "threshold":
+            overrides["workers.command"] = [sys.executable, "-m", "pipeline.tools.bench.stand_in_worker"]
         config = config.with_overrides(overrides)
     except ConfigError as error:
         raise BenchError(str(error)) from None
@@ -144,7 +149,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     facts = torch_facts(config.workers.device, config.models.precision)
 
     show_progress = not args.no_progress
-    distinct = args.distinct_frames if args.distinct_frames is not None else (FAST_WRITER_FRAMES if args.models == "none" else None)
+    distinct = args.distinct_frames if args.distinct_frames is not None else (FAST_WRITER_FRAMES if args.models in MODELS_OFF else None)
     if not logging.getLogger().handlers:  # a host that set up logging (a test, the CLI) keeps its own
         from pipeline.logs import setup_logging
 
@@ -174,7 +179,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                                            args.layout, args.seed, show_progress, distinct_frames=distinct)
         report["pipeline"] = main.summary()
         report["pipeline"]["per_frame"] = main.per_frame()
-        if args.models == "none":  # the daemon's ceiling with the writer out of the way: a finished scan, every frame ready
+        if args.models in MODELS_OFF:  # the daemon's ceiling with the writer out of the way: a finished scan, every frame ready
             ready = run_pipeline(config, root / f"finished-w{args.workers}", args.workers, args.frames, args.rate, args.layout,
                                  args.seed, show_progress, finished=True, distinct_frames=distinct)
             report["finished_file"] = {k: v for k, v in ready.summary().items() if k != "memory"}

@@ -27,6 +27,8 @@ def format_report(report: dict[str, Any]) -> str:
     for name in ("tlm", "sslm"):
         model = settings["models"][name]
         lines.append(f"{name}: {model['weights']} (sha256 {model['sha256'][:12]})" if model.get("enabled") else f"{name}: disabled")
+    if settings.get("models_mode") == "threshold":
+        lines.append("masks: the workers' stand-in, the pixels above 20 counts (pipeline.tools.bench.stand_in_worker)")
     lines += ["", f"{'throughput':<44}{'frames/s':>10}"]
     if baseline:
         what = "TLM at 800" if settings["models"]["tlm"].get("enabled") else "no models: read, dead pixels, savez"
