@@ -193,10 +193,11 @@ def _mask_part(array: np.ndarray, dtype: type[np.generic]) -> tuple[Part, int | 
     array = np.ascontiguousarray(array, dtype=dtype)
     if array.max(initial=0) == 0:  # the masks are unsigned: an empty one told ~2x faster than by counting
         return b"", 0
-    if np.count_nonzero(array) > array.size * SPARSE_MAX_FRACTION:
-        return memoryview(array).cast("B"), None  # type: ignore[arg-type]  # numpy arrays are buffers
     flat = array.reshape(-1)
-    indices = np.flatnonzero(flat)
+    set_pixels = flat != 0  # numpy finds the set pixels of a bool array ~5x faster than of a uint8 or uint16 one
+    if np.count_nonzero(set_pixels) > array.size * SPARSE_MAX_FRACTION:
+        return memoryview(array).cast("B"), None  # type: ignore[arg-type]  # numpy arrays are buffers
+    indices = np.flatnonzero(set_pixels)
     return indices.astype(np.uint32).tobytes() + flat[indices].tobytes(), int(indices.size)
 
 
