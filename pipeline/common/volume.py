@@ -8,12 +8,12 @@ masks always give the same ids, whether linked live or offline or resumed half-w
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
 
+from pipeline.common.zeros import shared_zeros
 from pipeline.store.schema import PEAK_COLUMNS
 
 __all__ = ["PEAK_COLUMNS", "VolumeLinker", "volume_components"]
@@ -61,15 +61,6 @@ def volume_components(mask: np.ndarray, min_pixels: int = MIN_PEAK_PIXELS) -> tu
     return np.take(new_ids, labels), int(keep.sum())
 
 
-@functools.lru_cache(maxsize=8)
-def _no_peaks(shape: tuple[int, ...]) -> np.ndarray:
-    """The labels of a frame without peaks: one read-only array per frame shape, not a fresh 4-byte-a-pixel allocation
-    that the kernel clears for every empty frame (at ~1,000 frames/s, a measurable part of the daemon's time)."""
-    labels = np.zeros(shape, dtype=np.uint32)
-    labels.flags.writeable = False
-    return labels
-
-
 class VolumeLinker:
     """Incremental 3D labelling; see the module docstring for the rule."""
 
@@ -89,7 +80,7 @@ class VolumeLinker:
         # the work is done at the masked pixels only (a few thousand of a frame's 95,000): whole-frame gathers and
         # scans cost more than the labelling itself at ~1,000 frames/s (docs/performance.md)
         at = np.flatnonzero(mask)
-        labels = _no_peaks(mask.shape)
+        labels = shared_zeros(mask.shape, "uint32")  # a frame without peaks (pipeline.common.zeros)
         if at.size:  # most frames of a scan hold no peak: no labelling to do
             component_at, count = self._components_at(mask, at)
             if count:

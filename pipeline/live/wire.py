@@ -11,7 +11,6 @@ a count per mask, null for dense), so an empty frame's answer is a few hundred b
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import Any, TypeAlias
 
 import numpy as np
 
+from pipeline.common.zeros import shared_zeros
 from pipeline.models.prediction import Detection, FramePrediction
 
 PROTOCOL = 1
@@ -216,19 +216,10 @@ def _mask(payload: Part, dtype: str, shape: tuple[int, int], count: Any, what: s
     if count and (int(indices[-1]) >= pixels or bool(np.any(indices[1:] <= indices[:-1]))):
         raise WireError(f"{what}: sparse indices must increase strictly and stay below {pixels}")
     if count == 0:
-        return _no_pixels(dtype, shape)
+        return shared_zeros(shape, dtype)  # an empty mask: most are (pipeline.common.zeros)
     mask = np.zeros(pixels, dtype=dtype)
     mask[indices] = np.frombuffer(payload, dtype=dtype, count=count, offset=4 * count)
     return mask.reshape(shape)
-
-
-@functools.lru_cache(maxsize=8)
-def _no_pixels(dtype: str, shape: tuple[int, int]) -> np.ndarray:
-    """One read-only all-zero mask per type and shape, handed out for every empty mask: most masks of a scan are empty,
-    and a fresh one each time cost the daemon its allocation and the kernel's page clearing (three a frame)."""
-    mask = np.zeros(shape, dtype=dtype)
-    mask.flags.writeable = False
-    return mask
 
 
 def _detections(raw: Any) -> list[Detection]:
