@@ -110,3 +110,20 @@ def test_only_runs_of_frames_with_data_or_maybe_data_are_written() -> None:
     unknown = WrittenFrames(["m"], unknown_below=4)  # a resumed store's first frames: not known, so always written
     assert [(block.start, block.stop) for _, block, _ in unknown.writes("m", 2, [empty] * 4)] == [(2, 4)]
     assert has_data(full) and not has_data(empty) and has_data(np.array([0.0, -1.0])) and not has_data(np.zeros(0, np.uint8))
+
+
+def test_a_store_whose_arrays_a_full_disk_left_at_different_lengths_resumes_and_writes(tmp_path: Path) -> None:
+    """A full disk can stop a resize half way: some per-frame arrays grown, others not (each has its own metadata
+    document). The soak met it: the resumed store failed its next write ('index 0 is out of bounds for axis 0 with
+    size 0': the axis column, read back at length 0, was indexed at frame 0). A resumed store grows every array to
+    the longest, and goes on."""
+    first = ScanStore._create(tmp_path / "p.zarr", _info(tmp_path / "p.nxs"), SHAPE, {})
+    first.frame_arrays.resize({"frames/done": 8, "ssl/mask": 8})  # the resize the full disk cut short
+    resumed = ScanStore(first.path, zarr.open_group(first.path, mode="r+", use_consolidated=False), SHAPE)
+    _write(resumed, {i: (_peak(i) if i == 2 else _empty()) for i in range(4)})
+    group = zarr.open_group(first.path, mode="r", use_consolidated=False)
+    for name in (*MASKS, "tlm/boxes", "frames/done", "frames/axis", "frames/worker"):
+        assert group[name].shape[0] == resumed.frames_allocated >= 8, name
+    assert group["frames/done"][:4].all() and not group["frames/done"][4:].any()
+    np.testing.assert_allclose(group["frames/axis"][:4], [0.0, 0.1, 0.2, 0.30000000000000004])
+    np.testing.assert_array_equal(group["ssl/mask"][2], _peak(2).ssl_mask)

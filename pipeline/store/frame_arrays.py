@@ -56,6 +56,10 @@ class FrameArrays:
                                  context=self._context, open=True) for name in (self.names if names is None else names)}
         self._arrays.update({name: _result(future) for name, future in futures.items()})
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each array's shape as this handle knows it (as opened or last resized here)."""
+        return {name: tuple(array.shape) for name, array in self._arrays.items()}
+
     def resize(self, lengths: dict[str, int]) -> None:
         """Give each array a new first dimension, all at once. Growing writes metadata only (the new frames are fill
         until written); shrinking also deletes the shard files wholly beyond the end (a shard the new end cuts keeps

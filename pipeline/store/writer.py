@@ -193,6 +193,13 @@ class ScanStore:
         # the 1-D per-frame arrays, held here whole (a few bytes a frame) so that a batch writes the chunks it touches
         # from memory: no read back, and tensorstore writes whole chunks without reading them first
         self.columns = {name: np.asarray(group[name][:]) for name in COLUMNS}
+        # a full disk (or a kill) can stop a resize half way: each array has its own metadata, so some were grown and
+        # others not; every array is grown to the longest before anything is written (the columns padded with fill)
+        lengths = {name: shape[0] for name, shape in self.frame_arrays.shapes().items()}
+        if len(set(lengths.values())) > 1 or self.frames_allocated != max(lengths.values()):
+            log.warning("%s: its per-frame arrays have different lengths (%s; a resize cut short); growing all to %d",
+                        path, ", ".join(f"{name} {n}" for name, n in sorted(lengths.items())), max(lengths.values()))
+            self._resize_frames(max(lengths.values()))
         # what an earlier run wrote is not known frame by frame: every frame it allocated (and the rest of the last
         # shard, which a trim may have left holding frames past the end) is written even when empty
         self.written = WrittenFrames(schema.FRAME_ARRAYS, -(-self.frames_allocated // FRAME_SHARD) * FRAME_SHARD)
