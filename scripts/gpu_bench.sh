@@ -30,6 +30,9 @@ done
 
 echo "== the daemon's ceiling (models off) and the GPU table: 1, 2, 4 workers, model batches 1 and 8"
 "$py" -m pipeline bench --models none --frames 2000 --workers 2 --no-progress --json "$out/ceiling.json" | tee "$out/ceiling.txt"
+echo "== the daemon's ceiling with masks that hold something (stand-in workers: pixels above 20 counts; what bounds a GPU pool)"
+"$py" -m pipeline bench --models threshold --frames 2000 --workers 4 --baseline-frames 0 --no-progress \
+  --json "$out/ceiling-threshold.json" | tee "$out/ceiling-threshold.txt"
 for batch in 1 8; do
   printf 'models:\n  model_batch: %s\nworkers:\n  batch_size: %s\n' "$batch" "$((batch > 4 ? batch : 4))" > "$out/batch$batch.yaml"
   "$py" -m pipeline bench --device "$device" --config "$out/batch$batch.yaml" --frames 1000 --workers 2 --scale 1,2,4 \
