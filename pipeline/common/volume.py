@@ -86,12 +86,10 @@ class VolumeLinker:
             if count:
                 kept = component_at > 0
                 at, component_at = at[kept], component_at[kept]
-                ids = self._assign(at, component_at, count)
+                ids_at = self._assign(at, component_at, count)[component_at]
                 labels = np.zeros(mask.shape, dtype=np.uint32)
-                labels.reshape(-1)[at] = ids[component_at]
-                self._add(index, at, labels.reshape(-1)[at], raw, mask.shape[-1])
-                self._advance(index, labels, axis_value)
-                return labels
+                labels.reshape(-1)[at] = ids_at
+                self._add(index, at, ids_at, raw, mask.shape[-1])
         self._advance(index, labels, axis_value)
         return labels
 
