@@ -91,3 +91,20 @@ def test_shares_follow_the_scans_holding_or_wanting_places() -> None:
     assert arrived.is_set() and queue.waiting_per_scan() == {"a": 3, "b": 1}
     assert not queue.put("a", 4, timeout=0.1)  # "a" holds more than its half
     assert [queue.get_nowait() for _ in range(5)] == [1, 10, 2, 3, None]  # in turn
+
+
+def test_a_scan_taken_to_be_started_still_counts_as_waiting_until_its_session_is_registered(tmp_path):
+    """`pipeline process` stops the daemon once it is idle: a scan between the queue and its session was counted nowhere,
+    and CI saw the daemon stopped under it ('stopped before its store was opened', exit 1)."""
+    from pipeline.live.daemon import WaitingScans
+
+    scan = tmp_path / "a.nxs"
+    scan.write_bytes(b"")
+    waiting = WaitingScans()
+    waiting.put(scan)
+    assert not waiting.empty()
+    assert waiting.take(timeout=0.1) == scan
+    assert waiting.qsize() == 0 and not waiting.empty()  # in hand: not idle yet
+    waiting.handed_on()
+    assert waiting.empty()
+    assert waiting.take(timeout=0.05) is None and waiting.empty()  # nothing taken: nothing in hand

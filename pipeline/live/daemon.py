@@ -198,7 +198,10 @@ class Daemon:
             elif active < limit + 1:  # the slot beyond the limit is for a live scan only
                 path = self.waiting_scans.take(timeout=0.2, live_only=active >= limit)
                 if path is not None:
-                    self._start_session(path)
+                    try:
+                        self._start_session(path)
+                    finally:
+                        self.waiting_scans.handed_on()
                     continue
             else:
                 self._session_ended.wait(0.1)  # woken as soon as a scan ends, so failing files do not queue up
@@ -389,6 +392,9 @@ class WaitingScans:
     def __init__(self) -> None:
         self._paths: list[Path] = []
         self._ready = threading.Condition()
+        # taken and not yet a registered session: counted as waiting, or `Daemon.wait_idle` could see no scan anywhere
+        # in between and `pipeline process` stop the daemon under a scan it was starting (CI saw it)
+        self._in_hand = 0
 
     def put(self, path: Path) -> None:
         with self._ready:
@@ -411,7 +417,14 @@ class WaitingScans:
             return path in self._paths
 
     def empty(self) -> bool:
-        return self.qsize() == 0
+        """No scan waiting, and none taken but not yet handed on (`handed_on`)."""
+        with self._ready:
+            return not self._paths and self._in_hand == 0
+
+    def handed_on(self) -> None:
+        """The scan last taken is a registered session now (or was dropped): it no longer counts as waiting."""
+        with self._ready:
+            self._in_hand = max(0, self._in_hand - 1)
 
     def take(self, timeout: float, live_only: bool = False) -> Path | None:
         """The next scan to start, or None after `timeout`; with `live_only`, only a live one."""
@@ -423,10 +436,12 @@ class WaitingScans:
             now = time.time()
             live = [(mtime, i) for i, path in enumerate(self._paths) if now - (mtime := _modified(path)) <= LIVE_WINDOW_S]
             if live:
+                self._in_hand += 1
                 return self._paths.pop(max(live)[1])
             if live_only:
                 self._ready.wait(timeout)  # nothing to start: do not spin
                 return None
+            self._in_hand += 1
             return self._paths.pop(0)
 
 
