@@ -4,7 +4,9 @@ Why: `models.backend: auto` picks ONNX Runtime on a CPU because it was measured 
 measurement, repeatable. Both backends run the shipped weights (or a config's) in float32 on the same frames, one
 thread each, frame by frame, alternating which backend goes first; one warm-up frame each is not counted.
 Printed per backend: median ms/frame of preprocessing, TLM, SSLM and the whole `predict_batch` call, the ratio
-onnxruntime/torch, and whether the masks agreed (detections per frame, TLM label and SSLM cluster pixels).
+onnxruntime/torch, and whether the masks agreed (detections per frame, TLM label and SSLM cluster pixels). Then the
+FLOP floor (`pipeline.tools.bench.flop_floor`): each model's GFLOP per frame, the CPU's float32 matrix-product rate
+with the same threads, measured in the same run, and each backend's model time as a multiple of the floor.
 
 Frames: held-out simulator frames (`pipeline evaluate`'s set, seed 12345) by default, `--real` for the shipped
 real Pilatus modules (crowded thaumatin frames).
@@ -42,6 +44,7 @@ def bench(settings: Any, frames: np.ndarray, threads: int = 1, torch_precision: 
     from pipeline.models import onnx_export
     from pipeline.models.joint import JointPredictor
     from pipeline.models.onnx_predictor import OnnxJointPredictor
+    from pipeline.tools.bench import flop_floor
 
     torch.set_num_threads(threads)
     reference = JointPredictor.from_settings(settings.model_copy(update={"precision": torch_precision}), device="cpu")
@@ -69,9 +72,20 @@ def bench(settings: Any, frames: np.ndarray, threads: int = 1, torch_precision: 
     agreement["tlm_pixels_equal"] /= max(agreement["frames"], 1)
     agreement["sslm_pixels_equal"] /= max(agreement["frames"], 1)
     medians = {name: {stage: statistics.median(values) * 1000 for stage, values in stages.items()} for name, stages in times.items()}
+    gflop_per_frame = flop_floor.model_gflops(reference, frames)
+    gflops = flop_floor.matmul_gflops(threads)
+    floor = flop_floor.floor_ms(gflop_per_frame, gflops)
     return {"ms_per_frame": medians, "agreement": agreement, "threads": threads, "frames": len(frames),
-            "torch_precision": reference.precision,
-            "shape": list(frames.shape[1:])}
+            "torch_precision": reference.precision, "shape": list(frames.shape[1:]),
+            "gflop_per_frame": gflop_per_frame, "matmul_gflops": gflops, "floor_ms": floor,
+            "times_floor": {name: times_floor(values, floor) for name, values in medians.items()}}
+
+
+def times_floor(ms_per_frame: dict[str, float], floor: dict[str, float]) -> dict[str, float]:
+    """Each model's time as a multiple of its floor, and both together ("models": the frame's model time)."""
+    ratios = {kind: ms_per_frame[kind] / floor[kind] for kind in floor}
+    ratios["models"] = sum(ms_per_frame[kind] for kind in floor) / sum(floor.values())
+    return ratios
 
 
 def format_bench(result: dict[str, Any]) -> str:
@@ -88,6 +102,14 @@ def format_bench(result: dict[str, Any]) -> str:
     lines.append(f"agreement: same detection count on {agreement['same_detection_count']}/{agreement['frames']} frames, "
                  f"TLM labels {agreement['tlm_pixels_equal']:.6%} of pixels equal, "
                  f"SSLM clusters {agreement['sslm_pixels_equal']:.6%}")
+    floor = result["floor_ms"]
+    lines.append(f"FLOP floor at this CPU's float32 matrix product ({result['matmul_gflops']:.1f} GFLOP/s, "
+                 f"{result['threads']} thread(s)): "
+                 + ", ".join(f"{kind.upper()} {result['gflop_per_frame'][kind]:.2f} GFLOP -> {floor[kind]:.1f} ms" for kind in floor))
+    for name, ratios in result["times_floor"].items():
+        label = f"torch {result['torch_precision']}" if name == "torch" else f"{name} float32"
+        lines.append(f"{label:<20}" + ", ".join(f"{'both models' if kind == 'models' else kind.upper()} {ratio:.2f}x"
+                                                 for kind, ratio in ratios.items()) + " the floor")
     return "\n".join(lines)
 
 

@@ -313,3 +313,42 @@ def test_workers_starting_together_export_once(tmp_path: Path) -> None:
     assert said == ["(cached)", "(exported)"]
     assert len({out.strip().rsplit(" ", 1)[0] for out, _ in outputs}) == 1
     assert sorted(path.suffix for path in (tmp_path / "cache").iterdir()) == [".json", ".lock", ".onnx"]  # no temporary left
+
+
+def test_the_flop_floor_counts_the_models_convolutions_and_onnx_bench_prints_it(cache: Path, predictors) -> None:
+    """The floor's FLOPs are the SSLM's convolutions counted by hand; onnx_bench prints each backend against it."""
+    from pipeline.tools.bench import flop_floor
+
+    reference, _ = predictors
+    frame = held_out_frames(1)[0]
+    assert reference.sslm is not None and reference.tlm is not None
+    convolutions = [reference.sslm.convs[0], reference.sslm.convs[1], reference.sslm.conv3]
+    by_hand = sum(2 * conv.in_channels * conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1] * frame.size
+                  for conv in convolutions) / 1e9
+    counted = flop_floor.model_gflops(reference, frame[None])
+    assert counted["sslm"] == pytest.approx(by_hand, rel=1e-9)
+    # the TLM's ResNet-18 backbone alone is 8.3 GFLOP on a 195 x 487 frame; its FPN, RPN and heads ~9 more
+    assert 12 < counted["tlm"] < 30
+    gflops = flop_floor.matmul_gflops(1)
+    assert 1 < gflops < 10_000
+    assert flop_floor.floor_ms(counted, gflops)["sslm"] == pytest.approx(by_hand / gflops * 1000)
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import onnx_bench
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    result = onnx_bench.bench(settings_with(cache), np.stack(held_out_frames(2)), threads=1)
+    text = onnx_bench.format_bench(result)
+    print(text)
+    assert result["gflop_per_frame"]["sslm"] == pytest.approx(by_hand, rel=1e-9)
+    for name in ("torch", "onnxruntime"):
+        for kind in ("tlm", "sslm"):
+            assert result["times_floor"][name][kind] == pytest.approx(result["ms_per_frame"][name][kind] / result["floor_ms"][kind])
+            assert result["times_floor"][name][kind] > 0.5  # no backend beats the CPU's own matrix product by 2x
+        both = (result["ms_per_frame"][name]["tlm"] + result["ms_per_frame"][name]["sslm"]) / sum(result["floor_ms"].values())
+        assert result["times_floor"][name]["models"] == pytest.approx(both)
+    assert "FLOP floor at this CPU's float32 matrix product" in text
+    assert any(line.startswith("onnxruntime float32") and "both models" in line and line.endswith("x the floor")
+               for line in text.splitlines())
+    assert f"SSLM {by_hand:.2f} GFLOP" in text

@@ -31,7 +31,9 @@ Where each part lives:
 - `pipeline_run`: the daemon's part: `PipelineRun` and `run_pipeline`;
 - `baseline`: DiPID's way: `run_baseline`;
 - `report`: `format_report`, the figures as a table;
-- `errors`: `BenchError`, a problem the user can fix; `progress`: `progress_bar`.
+- `errors`: `BenchError`, a problem the user can fix; `progress`: `progress_bar`;
+- `stand_in_worker`: the `--models threshold` workers; `flop_floor`: the models' FLOPs against the CPU's matrix
+  product rate (`scripts/onnx_bench.py` prints it).
 """
 
 from __future__ import annotations
