@@ -14,6 +14,7 @@ import numpy as np
 import zarr
 
 from pipeline.common.nexus import ScanInfo
+from pipeline.common.zeros import MAX_KEPT, is_shared_zeros, shared_zeros
 from pipeline.models.prediction import Detection, FramePrediction
 from pipeline.store.empty_frames import WrittenFrames, has_data
 from pipeline.store.schema import FRAME_SHARD
@@ -110,6 +111,22 @@ def test_only_runs_of_frames_with_data_or_maybe_data_are_written() -> None:
     unknown = WrittenFrames(["m"], unknown_below=4)  # a resumed store's first frames: not known, so always written
     assert [(block.start, block.stop) for _, block, _ in unknown.writes("m", 2, [empty] * 4)] == [(2, 4)]
     assert has_data(full) and not has_data(empty) and has_data(np.array([0.0, -1.0])) and not has_data(np.zeros(0, np.uint8))
+
+
+def test_the_shared_zeros_are_told_by_identity_never_by_shape_or_flags() -> None:
+    """has_data skips the pixels of the one shared zero array only: a look-alike holding data must never pass as it."""
+    zeros = shared_zeros(SHAPE, "uint16")
+    assert shared_zeros(SHAPE, "uint16") is zeros and is_shared_zeros(zeros) and not has_data(zeros)
+    lookalike = np.zeros(SHAPE, np.uint16)
+    lookalike[3, 4] = 7
+    lookalike.flags.writeable = False  # read-only, same shape and type
+    assert not is_shared_zeros(lookalike) and has_data(lookalike)
+    from_bytes = np.frombuffer(lookalike.tobytes(), np.uint16).reshape(SHAPE)  # read-only over bytes, as the wire decodes
+    assert not is_shared_zeros(from_bytes) and has_data(from_bytes)
+    for width in range(1, MAX_KEPT + 2):  # more shapes than are kept: SHAPE's array is let go
+        shared_zeros((1, width), "uint8")
+    assert not is_shared_zeros(zeros) and not has_data(zeros)  # no longer known: its pixels are looked at
+    assert shared_zeros(SHAPE, "uint16") is not zeros
 
 
 def test_a_store_whose_arrays_a_full_disk_left_at_different_lengths_resumes_and_writes(tmp_path: Path) -> None:

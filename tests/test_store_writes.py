@@ -10,8 +10,9 @@ import zarr
 
 from pipeline.common.nexus import ScanInfo
 from pipeline.models.prediction import Detection, FramePrediction
+from pipeline.store.empty_frames import index_runs
 from pipeline.store.schema import MAX_DETECTIONS_PER_FRAME
-from pipeline.store.writer import ScanStore, _runs
+from pipeline.store.writer import ScanStore
 
 SHAPE = (12, 17)
 
@@ -31,8 +32,8 @@ def _prediction(index: int) -> FramePrediction:
 
 
 def test_runs_split_sorted_indices_at_gaps() -> None:
-    assert _runs([1, 2, 3, 7, 8, 10]) == [[1, 2, 3], [7, 8], [10]]
-    assert _runs([]) == []
+    assert index_runs([1, 2, 3, 7, 8, 10]) == [[1, 2, 3], [7, 8], [10]]
+    assert index_runs([]) == []
 
 
 def test_batched_writes_equal_frame_by_frame_writes(tmp_path: Path) -> None:

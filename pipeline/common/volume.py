@@ -97,8 +97,9 @@ class VolumeLinker:
         """The component (1..count, 0 = too small) of each masked pixel at `at`, as `volume_components` numbers them."""
         # labelled within the masked pixels' bounding box: the same components, numbered the same (raster order is
         # kept), and the labelling, the largest cost of a frame with peaks, scans only that box
-        rows, columns = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-        box = mask[rows[0]:rows[-1] + 1, columns[0]:columns[-1] + 1]
+        width = mask.shape[-1]
+        columns = at % width
+        box = mask[at[0] // width:at[-1] // width + 1, columns.min():columns.max() + 1]  # `at` is in raster order
         components, count = ndimage.label(box, structure=EIGHT_CONNECTED)
         component_at = components[box]  # in the order of `at`: row by row, as np.flatnonzero
         if count == 0 or self.min_pixels <= 1:

@@ -17,28 +17,26 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from pipeline.common.zeros import is_shared_zeros
+
 
 def has_data(frame: np.ndarray) -> bool:
     """Whether any pixel differs from zero (the fill of every mask array)."""
-    if frame.size == 0:
+    if frame.size == 0 or is_shared_zeros(frame):  # most frames: handed the shared zeros by the wire or the linker
         return False
     if frame.dtype.kind == "u":
         return bool(frame.max() > 0)  # numpy's max is ~2-4x faster than any() on unsigned frames
     return bool(frame.any())
 
 
-def _true_runs(flags: Sequence[bool]) -> list[tuple[int, int]]:
-    """[start, stop) of each run of True: [T, T, F, T] -> [(0, 2), (3, 4)]."""
-    runs: list[tuple[int, int]] = []
-    start: int | None = None
-    for offset, flag in enumerate(flags):
-        if flag and start is None:
-            start = offset
-        elif not flag and start is not None:
-            runs.append((start, offset))
-            start = None
-    if start is not None:
-        runs.append((start, len(flags)))
+def index_runs(indices: Sequence[int]) -> list[list[int]]:
+    """Sorted frame indices as runs of neighbours: [1, 2, 3, 7, 8] -> [[1, 2, 3], [7, 8]]."""
+    runs: list[list[int]] = []
+    for index in indices:
+        if runs and index == runs[-1][-1] + 1:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
     return runs
 
 
@@ -59,7 +57,8 @@ class WrittenFrames:
         held = self._grown(name, first + len(frames))
         wanted = [bool(held[first + offset]) or has_data(frame) for offset, frame in enumerate(frames)]
         writes = []
-        for start, stop in _true_runs(wanted):
+        for run in index_runs([offset for offset, want in enumerate(wanted) if want]):
+            start, stop = run[0], run[-1] + 1
             # marked before the write: one that fails half way may have left anything in these chunks
             held[first + start:first + stop] = True
             writes.append((name, slice(first + start, first + stop), np.stack(frames[start:stop])))

@@ -35,7 +35,7 @@ from pipeline.common.volume import VolumeLinker
 from pipeline.errors import PipelineError, one_line, shortage_of
 from pipeline.models.prediction import Detection, FramePrediction
 from pipeline.store.durable import store_for
-from pipeline.store.empty_frames import WrittenFrames
+from pipeline.store.empty_frames import WrittenFrames, index_runs
 from pipeline.store.frame_arrays import FrameArrays
 from pipeline.store.location import stat_identity
 from pipeline.store.schema import (
@@ -369,7 +369,7 @@ class ScanStore:
         known = len(self.worker_names)
         writes: list[tuple[str, slice, np.ndarray]] = []
         worker_column = self.columns[schema.FRAMES_WORKER]
-        for run in _runs(sorted(predictions)):
+        for run in index_runs(sorted(predictions)):
             block = slice(run[0], run[-1] + 1)
             frames = [predictions[i] for i in run]
             writes += self.written.writes(schema.TLM_LABELS, run[0], [p.tlm_labels for p in frames])
@@ -604,17 +604,6 @@ def _in_table(path: str) -> bool:
 def _create_worker_array(group: zarr.Group, n: int) -> None:
     group.create_array(schema.FRAMES_WORKER, shape=(n,), chunks=(schema.DONE_CHUNK,), dtype="uint16", fill_value=0,
                        dimension_names=FRAME_DIMS[:1], attributes={schema.WORKER_NAMES_ATTR: []})
-
-
-def _runs(indices: list[int]) -> list[list[int]]:
-    """Sorted frame indices as runs of neighbours: [1, 2, 3, 7, 8] -> [[1, 2, 3], [7, 8]]."""
-    runs: list[list[int]] = []
-    for index in indices:
-        if runs and index == runs[-1][-1] + 1:
-            runs[-1].append(index)
-        else:
-            runs.append([index])
-    return runs
 
 
 def mark_failed(path: Path, reason: str, source: Path | None = None, start_time: str | None = None,
