@@ -102,3 +102,29 @@ def test_a_blocked_quick_look_holds_the_stop_only_briefly(tmp_path: Path) -> Non
     assert "1 quick look(s) not drawn" in text and str(store) in text, text[-3000:]
     assert not (scans / "blocked.quicklook.png").exists()
     assert store_status(store) == "complete"  # the store itself was finished before, and stays so
+
+
+def test_a_complete_store_without_its_quick_look_gets_it_at_the_next_start_and_is_not_rewritten(tmp_path: Path) -> None:
+    """The stop above leaves a complete store without its picture; the next start draws it, and only it."""
+    import sys
+
+    write_scan(ScanPlan(directory=tmp_path, name="undrawn", layout="gda9", n_frames=4, rate_hz=1000.0, seed=8))
+    config = write_config(tmp_path / "config.yaml", models=MODELS_OFF)
+    command = [sys.executable, "-m", "pipeline", "process", "--config", str(config), "--no-progress", str(tmp_path / "undrawn.nxs")]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    store, picture = tmp_path / "undrawn.zarr", tmp_path / "undrawn.quicklook.png"
+    assert picture.is_file() and store_status(store) == "complete"
+    picture.unlink()  # as a stop that ran out of time for pictures leaves it
+    metadata = {path: path.stat().st_mtime_ns for path in store.rglob("zarr.json")}
+    ended = open_live(store).attrs["end_time"]
+
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "its quick look was never drawn: drawing it" in again.stderr, again.stderr[-2000:]
+    assert picture.is_file() and picture.read_bytes().startswith(b"\x89PNG")
+    assert store_status(store) == "complete" and open_live(store).attrs["end_time"] == ended
+    assert {path: path.stat().st_mtime_ns for path in store.rglob("zarr.json")} == metadata  # not processed again
+
+    third = subprocess.run(command, capture_output=True, text=True, timeout=300)  # with its picture: left alone
+    assert third.returncode == 0 and "never drawn" not in third.stderr, third.stderr[-2000:]

@@ -33,7 +33,7 @@ from pipeline.live.dispatch import Dispatch, Dispatcher
 from pipeline.live.events import ResultArrived, ScanEnded
 from pipeline.live.local_workers import LocalWorkers
 from pipeline.live.metrics import Metrics
-from pipeline.live.painter import QuickLookPainter
+from pipeline.live.painter import QuickLookPainter, picture_missing
 from pipeline.live.readers import ReaderPool
 from pipeline.live.session import FrameDoneHook, ScanSession
 from pipeline.live.shortage import has_passed, raise_descriptor_limit
@@ -148,6 +148,9 @@ class Daemon:
         status = store_status(store, follow_symlinks=False)
         if status in (schema.STATUS_COMPLETE, schema.STATUS_FAILED) and recorded_stat_matches(store, path):
             log.debug("%s: store already %s; skipped", path.name, status)
+            if picture_missing(store, status):  # a stop ran out of time for it (its log named the store)
+                log.info("%s: store complete but its quick look was never drawn: drawing it", path.name)
+                self.painter.paint(store)
             return  # the very file, unchanged; anything less sure is for a reader to look at (the daemon reads no HDF5)
         self.waiting_scans.put(path)
 
@@ -373,8 +376,8 @@ class Daemon:
             thread.join(timeout=5)
         undrawn = self.painter.stop(finish=drain, timeout=min(PICTURES_AT_STOP_S, max(1.0, deadline - time.monotonic())))
         if undrawn:
-            log.warning("%d quick look(s) not drawn: the stop waits for pictures at most %g s (`pipeline quicklook STORE` "
-                        "draws one): %s", len(undrawn), PICTURES_AT_STOP_S, ", ".join(str(store) for store in undrawn[:10])
+            log.warning("%d quick look(s) not drawn: the stop waits for pictures at most %g s (the next start draws them; "
+                        "`pipeline quicklook STORE` draws one now): %s", len(undrawn), PICTURES_AT_STOP_S, ", ".join(str(store) for store in undrawn[:10])
                         + (f", ... {len(undrawn) - 10} more" if len(undrawn) > 10 else ""))
         self.local_workers.stop()
         if self.slurm_workers is not None:

@@ -10,7 +10,8 @@ PICTURE_TIMEOUT_S is killed and the next picture gets a new one.
 
 A stop waits for the pictures still to draw only as long as it is given: then the child is killed
 (one blocked on a raw file would otherwise outlive the daemon) and the stores whose pictures were
-not drawn are handed back, to be named in the log (`pipeline quicklook STORE` draws one).
+not drawn are handed back, to be named in the log; the next start draws the picture of every complete store that has
+none (`ScanSession._already_final`), and `pipeline quicklook STORE` draws one at any time.
 """
 
 from __future__ import annotations
@@ -23,9 +24,17 @@ import sys
 import threading
 from pathlib import Path
 
+from pipeline.store import schema
+from pipeline.store.reader import QUICKLOOK_SUFFIX, beside_store
+
 log = logging.getLogger(__name__)
 
 PICTURE_TIMEOUT_S = 300.0  # a quick look of a 10,000-frame scan takes seconds; minutes mean a blocked raw file
+
+
+def picture_missing(store: Path, status: str | None) -> bool:
+    """A complete store without its quick look (a stop ran out of time for it): one that a start should draw."""
+    return status == schema.STATUS_COMPLETE and not beside_store(store, QUICKLOOK_SUFFIX).exists()
 
 
 class QuickLookPainter:

@@ -25,6 +25,7 @@ from pipeline.errors import one_line, shortage_of
 from pipeline.live import wire
 from pipeline.live.events import FrameContext, ScanEnded, ScanFailed, ScanStalled, SinkEvent
 from pipeline.live.follow import NotADetectorScan, ScanError
+from pipeline.live.painter import picture_missing
 from pipeline.live.readers import ReaderPool, RemoteScan, Shortage
 from pipeline.live.shortage import SPACE, waiting_status
 from pipeline.live.timings import FrameTimings
@@ -188,6 +189,9 @@ class ScanSession:
         if not store_made_from(self.store_path, self.nexus_path, {"start_time": info.start_time, "scan_command": info.scan_command}):
             return False
         log.debug("%s: store already %s; skipped", self.nexus_path.name, status)
+        if self.paint is not None and picture_missing(self.store_path, status):
+            log.info("%s: store complete but its quick look was never drawn: drawing it", self.nexus_path.name)
+            self.paint(self.store_path)
         self.follower.leave()
         self.state.status, self.state.reason = status, "already processed"
         self.finished.set()

@@ -32,7 +32,7 @@ from matplotlib.patheffects import withStroke
 from scipy import ndimage
 
 from pipeline.store import schema
-from pipeline.store.reader import StoreError, StoreReader, read_raw_frame, require_raw_frame
+from pipeline.store.reader import QUICKLOOK_SUFFIX, StoreError, StoreReader, read_raw_frame, require_raw_frame
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -337,7 +337,7 @@ def draw_quicklook(data: QuicklookData, out: Path) -> Path:
 def write_quicklook(store_path: Path, out: Path | None = None) -> Path:
     """Make `<scan>.quicklook.png` beside the store (or at `out`) and return its path."""
     data = quicklook_data(store_path)
-    return draw_quicklook(data, out if out is not None else StoreReader(store_path).output_path(".quicklook.png"))
+    return draw_quicklook(data, out if out is not None else StoreReader(store_path).output_path(QUICKLOOK_SUFFIX))
 
 
 # -- one frame's overlay -------------------------------------------------------------------

@@ -74,6 +74,14 @@ def scan_name(store_path: Path) -> str:
     return Path(store_path).name.removesuffix(".zarr")
 
 
+QUICKLOOK_SUFFIX = ".quicklook.png"
+
+
+def beside_store(store_path: Path, suffix: str) -> Path:
+    """`<scan><suffix>` in the folder that holds the store, e.g. `scan1.quicklook.png` for `.../scan1.zarr`."""
+    return Path(store_path).parent / f"{scan_name(store_path)}{suffix}"
+
+
 @dataclass(frozen=True)
 class FrameDetections:
     """The TLM table rows of one frame."""
@@ -116,7 +124,7 @@ class StoreReader:
 
     def output_path(self, suffix: str) -> Path:
         """`<scan><suffix>` in the folder that holds the store, e.g. `scan1.quicklook.png`."""
-        return self.path.parent / f"{self.name}{suffix}"
+        return beside_store(self.path, suffix)
 
     # -- frames ------------------------------------------------------------------------------
 

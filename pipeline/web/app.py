@@ -31,7 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pipeline.config import LOOPBACK_HOSTS
 from pipeline.errors import one_line
 from pipeline.live.confinement import is_inside
-from pipeline.store.reader import StoreError
+from pipeline.store.reader import QUICKLOOK_SUFFIX, StoreError, beside_store
 from pipeline.web import render
 from pipeline.web.index import StoreIndex
 from pipeline.web.monitor import Monitor
@@ -246,7 +246,7 @@ def api_quicklook(request: Request) -> Response:
     path = state.lookup(scan_id)
     if path is None:
         return not_found(scan_id)
-    picture = path.parent / f"{path.name.removesuffix('.zarr')}.quicklook.png"
+    picture = beside_store(path, QUICKLOOK_SUFFIX)
     if picture.is_symlink() or not picture.is_file() or not is_inside(picture, state.index.roots):
         return error(404, f"{scan_id}: no quick look yet (made when the scan ends, or with `pipeline quicklook`)")
     return FileResponse(picture, media_type="image/png")

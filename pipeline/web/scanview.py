@@ -22,7 +22,7 @@ import zarr
 from pipeline.errors import one_line
 from pipeline.pictures.quicklook import MAX_CURVES, MAX_LABELLED_PEAKS, QuicklookAccumulator, QuicklookData, done_blocks, peak_colour
 from pipeline.store import schema
-from pipeline.store.reader import StoreError, StoreReader
+from pipeline.store.reader import QUICKLOOK_SUFFIX, StoreError, StoreReader
 from pipeline.store.schema import Attr
 from pipeline.web import render
 from pipeline.web.summary import root_attributes
@@ -247,7 +247,7 @@ class ScanView:
                              "peaks_table": {"columns": [], "rows": []}, "quicklook": False})
         attributes = reader.attrs
         done = reader.done_frames()
-        quicklook = reader.output_path(".quicklook.png")
+        quicklook = reader.output_path(QUICKLOOK_SUFFIX)
         return jsonable({
             **(summary or {}),
             "attributes": {name: attributes.get(name) for name in SHOWN_ATTRIBUTES if name in attributes},
