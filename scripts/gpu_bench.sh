@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU figure issue 15 asks for, in one run that fits a lent machine's ~15 minutes (README "Speed", "On a GPU").
 # Run from the repository root on the GPU host, after `pip install -e .` there:  bash scripts/gpu_bench.sh [OUT_DIR]
+# On a lent GPU machine (no package index, 64 MiB sent): `python scripts/device_kit.py prepare` here prints the
+# one device command that installs what is missing and runs this script; `... restore` afterwards.
 # Prints each table and keeps the JSON. Never part of CI: a benchmark, not a test.
 # DEVICE=cpu bash scripts/gpu_bench.sh runs the same steps on a CPU (slowly), to check the script itself.
 set -euo pipefail
