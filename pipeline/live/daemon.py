@@ -376,9 +376,9 @@ class Daemon:
             thread.join(timeout=5)
         undrawn = self.painter.stop(finish=drain, timeout=min(PICTURES_AT_STOP_S, max(1.0, deadline - time.monotonic())))
         if undrawn:
+            named = ", ".join(str(store) for store in undrawn[:10]) + (f", ... {len(undrawn) - 10} more" if len(undrawn) > 10 else "")
             log.warning("%d quick look(s) not drawn: the stop waits for pictures at most %g s (the next start draws them; "
-                        "`pipeline quicklook STORE` draws one now): %s", len(undrawn), PICTURES_AT_STOP_S, ", ".join(str(store) for store in undrawn[:10])
-                        + (f", ... {len(undrawn) - 10} more" if len(undrawn) > 10 else ""))
+                        "`pipeline quicklook STORE` draws one now): %s", len(undrawn), PICTURES_AT_STOP_S, named)
         self.local_workers.stop()
         if self.slurm_workers is not None:
             self.slurm_workers.stop()

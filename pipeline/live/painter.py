@@ -10,8 +10,9 @@ PICTURE_TIMEOUT_S is killed and the next picture gets a new one.
 
 A stop waits for the pictures still to draw only as long as it is given: then the child is killed
 (one blocked on a raw file would otherwise outlive the daemon) and the stores whose pictures were
-not drawn are handed back, to be named in the log; the next start draws the picture of every complete store that has
-none (`ScanSession._already_final`), and `pipeline quicklook STORE` draws one at any time.
+not drawn are handed back, to be named in the log. The next start draws the picture of every complete store that has
+none (`picture_missing`, asked by `Daemon.add_scan` and `ScanSession._already_final`); `pipeline quicklook STORE`
+draws one at any time.
 """
 
 from __future__ import annotations
