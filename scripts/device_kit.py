@@ -10,7 +10,8 @@ So, in three steps:
       into .device-kit (41 MB); weights/tlm.safetensors taken out of the working tree (git still has it). Prints
       the size that will travel and the device command.
   on the device:  the printed command, with carry [".device-kit"]: installs the wheels into /tmp/site, writes
-      weights/tlm.safetensors back as float32 from the float16 copy (`expand`), runs scripts/gpu_bench.sh into $OUT.
+      weights/tlm.safetensors back as float32 from the float16 copy (`expand`), runs scripts/gpu_bench.sh; its
+      printed tables come back in $OUT/gpu_bench.log, its JSON and configs in $OUT/figures.tgz.
   here, after:    python scripts/device_kit.py restore   (git checkout weights/tlm.safetensors)
 
 The figures from the device are speed, not accuracy: weights rounded to float16 have the same shapes, so the same
@@ -44,8 +45,9 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_26_x
              "manylinux2014_x86_64", "manylinux1_x86_64")
 DEVICE_COMMAND = ("python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "
                   ".device-kit/wheels/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 PYTHON=python3 && "
-                  "python3 scripts/device_kit.py expand && set -o pipefail && "
-                  "timeout 570 bash scripts/gpu_bench.sh $OUT/figures 2>&1 | tee $OUT/gpu_bench.log")
+                  "python3 scripts/device_kit.py expand && (set -o pipefail; "
+                  "timeout 560 bash scripts/gpu_bench.sh /tmp/figures 2>&1 | tee $OUT/gpu_bench.log); "
+                  "tar czf $OUT/figures.tgz -C /tmp figures")  # one file: at most 8 come back from $OUT
 
 
 def convert(source: Path, target: Path, dtype: str) -> None:

@@ -10,6 +10,9 @@ out=${1:-gpu-figures}
 mkdir -p "$out"
 py=${PYTHON:-python}
 device=${DEVICE:-cuda}
+# QUICK=1: a few frames per step, to check the whole script on a CPU in minutes (DEVICE=cpu QUICK=1 bash ...)
+if [ "${QUICK:-0}" = 1 ]; then many=200; gpu_frames=24; baseline=4; hz_frames=24; scale=1,2
+else many=2000; gpu_frames=1000; baseline=40; hz_frames=500; scale=1,2,4; fi
 
 echo "== batch invariance on the GPU (a frame alone, in a full padded batch, reordered: the same masks)"
 for batch in 1 8; do
@@ -31,23 +34,23 @@ EOF
 done
 
 echo "== the daemon's ceiling (models off) and the GPU table: 1, 2, 4 workers, model batches 1 and 8"
-"$py" -m pipeline bench --models none --frames 2000 --workers 2 --no-progress --json "$out/ceiling.json" | tee "$out/ceiling.txt"
+"$py" -m pipeline bench --models none --frames "$many" --workers 2 --no-progress --json "$out/ceiling.json" | tee "$out/ceiling.txt"
 echo "== the daemon's ceiling with masks that hold something (stand-in workers: pixels above 20 counts; what bounds a GPU pool)"
-"$py" -m pipeline bench --models threshold --frames 2000 --workers 4 --baseline-frames 0 --no-progress \
+"$py" -m pipeline bench --models threshold --frames "$many" --workers 4 --baseline-frames 0 --no-progress \
   --json "$out/ceiling-threshold.json" | tee "$out/ceiling-threshold.txt"
 for batch in 1 8; do
   printf 'models:\n  model_batch: %s\nworkers:\n  batch_size: %s\n' "$batch" "$((batch > 4 ? batch : 4))" > "$out/batch$batch.yaml"
-  "$py" -m pipeline bench --device "$device" --config "$out/batch$batch.yaml" --frames 1000 --workers 2 --scale 1,2,4 \
-    --baseline-frames 40 --no-progress --json "$out/gpu-batch$batch.json" | tee "$out/gpu-batch$batch.txt"
+  "$py" -m pipeline bench --device "$device" --config "$out/batch$batch.yaml" --frames "$gpu_frames" --workers 2 --scale "$scale" \
+    --baseline-frames "$baseline" --no-progress --json "$out/gpu-batch$batch.json" | tee "$out/gpu-batch$batch.txt"
 done
 
 echo "== latency at a 100 Hz detector, one GPU worker"
-"$py" -m pipeline bench --device "$device" --config "$out/batch8.yaml" --rate 100 --frames 500 --workers 1 --baseline-frames 0 \
+"$py" -m pipeline bench --device "$device" --config "$out/batch8.yaml" --rate 100 --frames "$hz_frames" --workers 1 --baseline-frames 0 \
   --no-progress --json "$out/gpu-100hz.json" | tee "$out/gpu-100hz.txt"
 
 echo "== adaptive batching at a 100 Hz detector, one GPU worker: model calls padded to their bucket, a 50 ms latency target"
 printf 'models:\n  model_batch: 8\n  batch_padding: bucket\nworkers:\n  batch_size: 8\n  latency_target_s: 0.05\n' > "$out/adaptive.yaml"
-"$py" -m pipeline bench --device "$device" --config "$out/adaptive.yaml" --rate 100 --frames 500 --workers 1 --baseline-frames 0 \
+"$py" -m pipeline bench --device "$device" --config "$out/adaptive.yaml" --rate 100 --frames "$hz_frames" --workers 1 --baseline-frames 0 \
   --no-progress --json "$out/gpu-100hz-adaptive.json" | tee "$out/gpu-100hz-adaptive.txt"
 "$py" - "$out/gpu-100hz-adaptive.json" "$out/gpu-100hz.json" <<'EOF'
 import collections, json, sys
