@@ -3,18 +3,16 @@ shapes, types and model card, and the kit's size count is what git would send.""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-import device_kit  # noqa: E402  (a script, not a package)
+from pipeline.testing.scripts import script_module
 
-sys.path.remove(str(REPO / "scripts"))
+REPO = Path(__file__).resolve().parents[1]
+device_kit = script_module("device_kit")
 
 
 def test_float16_and_back_keeps_shapes_types_card_and_integers(tmp_path: Path) -> None:

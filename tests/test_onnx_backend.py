@@ -27,6 +27,7 @@ from pipeline.models.joint import JointPredictor
 from pipeline.models.onnx_predictor import OnnxJointPredictor, paint_patches, resize_bilinear
 from pipeline.models.real_frames import REAL_MODULES, load_frames
 from pipeline.simulator import synth
+from pipeline.testing.scripts import script_module
 
 REPO = Path(__file__).resolve().parents[1]
 # Measured on 8 real modules, 12 held-out frames, a blank frame and a 619 x 487 frame (2026-12-04): detection counts
@@ -333,11 +334,7 @@ def test_the_flop_floor_counts_the_models_convolutions_and_onnx_bench_prints_it(
     assert 1 < gflops < 10_000
     assert flop_floor.floor_ms(counted, gflops)["sslm"] == pytest.approx(by_hand / gflops * 1000)
 
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import onnx_bench
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
+    onnx_bench = script_module("onnx_bench")
     result = onnx_bench.bench(settings_with(cache), np.stack(held_out_frames(2)), threads=1)
     text = onnx_bench.format_bench(result)
     print(text)
