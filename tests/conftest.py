@@ -3,12 +3,15 @@
 The helpers themselves live in `pipeline.testing` (the project's test kit), so that test modules
 never import each other. The ONNX graphs workers export on first use (`models.backend` auto on a
 CPU) go to one cache for the whole run, not the user's ~/.cache: set here, before the test
-processes start, so they and every daemon and worker they start share it (one export per weights file).
+processes start, so they and every daemon and worker they start share it (one export per weights file),
+and deleted when the run ends. A run needs a few GiB of temporary space at its peak (README); with less
+it stops at once with one line saying so, not mid-run with dozens of ENOSPC errors.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,9 +24,31 @@ from pipeline.testing.pictures import BuiltScan, build_processed_scan, make_trut
 
 REPO = Path(__file__).resolve().parents[1]
 
-if "PIPELINE_TEST_CACHE" not in os.environ:  # the first process (pytest's controller): the test processes inherit it
+# the suite held ~1.4 GiB of temporary files at its peak (two test processes, passing tests' files deleted; 2026-12-04):
+# this leaves room to spare
+NEEDED_TEMP_GIB = 3.0
+
+OWNS_TEST_CACHE = "PIPELINE_TEST_CACHE" not in os.environ  # true in the first process (pytest's controller) only
+if OWNS_TEST_CACHE:  # the test processes inherit it
     os.environ["PIPELINE_TEST_CACHE"] = tempfile.mkdtemp(prefix="pipeline-test-cache-")
 os.environ["XDG_CACHE_HOME"] = os.environ["PIPELINE_TEST_CACHE"]
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Refuse to start on a disk too full to finish: the failures it would give name everything but the cause."""
+    if hasattr(session.config, "workerinput"):
+        return
+    temp = Path(tempfile.gettempdir())
+    free_gib = shutil.disk_usage(temp).free / 2**30
+    if free_gib < NEEDED_TEMP_GIB:
+        pytest.exit(f"only {free_gib:.1f} GiB free in {temp}; the tests need about {NEEDED_TEMP_GIB:.0f} GiB there "
+                    "(set TMPDIR to a roomier disk, or free some space)", returncode=1)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The run's model cache goes with the run (each was ~470 MiB, and they once piled up until a disk was full)."""
+    if OWNS_TEST_CACHE and not hasattr(config, "workerinput"):
+        shutil.rmtree(os.environ["PIPELINE_TEST_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
