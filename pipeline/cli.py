@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from pipeline import __version__
 from pipeline.common.argtypes import non_negative_int, one_line_errors, positive_float, positive_int
@@ -133,7 +133,7 @@ def output_root_problem(root: Path) -> str | None:
 # -- worker ----------------------------------------------------------------------------------
 
 
-def cmd_worker(args: argparse.Namespace, wrap_predictor: Callable[[FramePredictor], FramePredictor] | None = None) -> int:
+def cmd_worker(args: argparse.Namespace, wrap_predictor: Callable[[FramePredictor], FramePredictor] | None = None) -> NoReturn:
     from pipeline.live.worker import run_worker
 
     config = _config_from(args)
@@ -141,8 +141,30 @@ def cmd_worker(args: argparse.Namespace, wrap_predictor: Callable[[FramePredicto
     if args.parent:
         _exit_with_parent(args.parent)
     signal.signal(signal.SIGTERM, _interrupt)
-    return run_worker(args.connect, config, device=args.device or config.workers.device, name=args.name, threads=args.threads,
+    code = run_worker(args.connect, config, device=args.device or config.workers.device, name=args.name, threads=args.threads,
                       wrap_predictor=wrap_predictor)
+    _end_worker_now(code)
+
+
+# how long a stopped worker waits for ZeroMQ to deliver what it still owes the daemon (its last results, its goodbye);
+# the sockets' linger (2 s) bounds it as well
+WORKER_DELIVERY_S = 3.0
+
+
+def _end_worker_now(code: int) -> NoReturn:
+    """End a worker without the interpreter's teardown of its modules: with torch and torchvision loaded that takes ~0.9 s
+    (thousands of modules; `python -c "import torch, torchvision"` exits 0.9 s after its last line), and a daemon that
+    stops, `pipeline process` at its end included, waits that long for its workers. The worker holds no file open for
+    writing; what it must not lose is flushed first: the logs, and the messages still queued in ZeroMQ's sockets."""
+    import zmq
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    delivered = threading.Thread(target=zmq.Context.instance().term, name="deliver", daemon=True)  # waits for the sockets' queues
+    delivered.start()
+    delivered.join(timeout=WORKER_DELIVERY_S)  # a socket left open (its thread stuck) would hold `term` for ever
+    os._exit(code)
 
 
 def _interrupt(_signum: int, _frame: Any) -> None:

@@ -370,6 +370,7 @@ class Daemon:
             self._end_unfinished(wait_s=2.0)
         self.stopping.set()
         self.readers.close()
+        self.local_workers.retire()  # before they are told to stop: their exit is no crash to restart them from
         self.dispatcher.stop()
         self.sink.stop()
         for thread in self._threads:

@@ -55,6 +55,7 @@ class LocalWorkers:
         self.slots = [_Slot(index) for index in range(config.workers.local)]
         self._config_file: Path | None = None
         self._lock = threading.Lock()
+        self._retired = False  # the daemon is stopping: a worker that exits now was told to, and is not replaced
 
     @property
     def threads(self) -> int:
@@ -109,6 +110,8 @@ class LocalWorkers:
         """Restart workers that exited; a failed start waits its back-off first."""
         now = time.monotonic()
         with self._lock:
+            if self._retired:
+                return
             for slot in self.slots:
                 process = slot.process
                 if process is not None and process.poll() is None:
@@ -149,8 +152,15 @@ class LocalWorkers:
                  "running": slot.process is not None and slot.process.poll() is None, "failed_starts": slot.failed_starts,
                  "restarts": slot.restarts, "last_error": slot.last_error} for slot in self.slots]
 
+    def retire(self) -> None:
+        """From now on no worker is restarted: called before the dispatcher tells them to stop. A worker that stops in
+        a few ms (cli._end_worker_now) was otherwise seen gone by a `supervise` still running and started again."""
+        with self._lock:
+            self._retired = True
+
     def stop(self) -> None:
         """Wait for the workers (the dispatcher told them to stop), then kill what is left."""
+        self.retire()
         for process in self.processes():
             try:
                 process.wait(timeout=10)

@@ -40,6 +40,7 @@ class _Link(threading.Thread):
         self.endpoint, self.hello, self.settings, self.max_part = endpoint, hello, settings, max_part
         self.inbox, self.outbox = inbox, outbox  # the inbox holds (time.monotonic() of arrival, frame)
         self.stopping = threading.Event()  # the daemon said stop, or we are shutting down
+        self.told_to_stop = False  # the daemon said stop: it closed its socket after saying it, so nothing more reaches it
         self.busy = 0  # frames taken from the inbox and not yet answered
         self.closed = threading.Event()
         self.wakeup = Wakeup()  # a queued result is sent at once, not after the socket's 20 ms poll
@@ -90,6 +91,7 @@ class _Link(threading.Thread):
                 if sock in ready:
                     parts = wire.received_parts(sock.recv_multipart(copy=False))  # the frame's pixels: no copy
                     if parts and parts[0] == wire.STOP:
+                        self.told_to_stop = True
                         self.stopping.set()
                         continue
                     if parts and parts[0] == wire.REJOIN:  # the daemon restarted or dropped us: offer the room we have
@@ -104,7 +106,9 @@ class _Link(threading.Thread):
         finally:
             sock.disable_monitor()
             monitor.close(linger=0)
-            sock.close()
+            # what is still queued is kept for the linger (a worker stopped by a signal: its last results) unless the daemon
+            # is gone: then the worker's end (cli._end_worker_now) would wait the whole linger for a goodbye nobody reads
+            sock.close(linger=0 if self.told_to_stop else None)
             self.wakeup.close()
 
     def _say_handshake_failure(self, event: Mapping[str, Any], said_at: dict[str, float]) -> None:
