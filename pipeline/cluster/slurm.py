@@ -119,8 +119,9 @@ class SlurmWorkers:
         self._sbatch_run = False  # whether sbatch ran at all (else stop has no job to cancel)
         self._failed_jobs = 0  # jobs in a row that ended before their worker started
         self._surplus_since: float | None = None
+        self._retired = False  # the daemon stops: no job is submitted or replaced from now on
         self._demand_at = 0.0
-        self._lock = threading.Lock()  # guards `jobs`, `wanted` and `_unable`; never held while a command runs
+        self._lock = threading.Lock()  # guards `jobs`, `wanted`, `_unable` and `_retired`; never held while a command runs
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="slurm-workers", daemon=True)
@@ -172,8 +173,15 @@ class SlurmWorkers:
         return {"name": self.name, "endpoint": self.endpoint, "wanted": self.wanted, "max_jobs": self.settings.jobs,
                 "logs": str(self.log_dir / f"{self.name}-%j.log"), "jobs": self.status(), "unable": self.unable}
 
+    def retire(self) -> None:
+        """From now on no job is submitted, and one that ends is no loss to replace: called before the dispatcher tells
+        the workers to stop, as they then end their jobs within ms (cli._end_worker_now)."""
+        with self._lock:
+            self._retired = True
+
     def stop(self) -> None:
         """Cancel every job of this daemon (the dispatcher has told their workers to stop already)."""
+        self.retire()
         self._stop.set()
         self._wake.set()
         if self._thread.is_alive():
@@ -289,8 +297,12 @@ class SlurmWorkers:
     def _report(self, job: SlurmJob) -> None:
         """One log line for a job that ended, with its final state."""
         why = f"{job.state}{f', {job.reason}' if job.reason else ''}"
+        with self._lock:
+            retired = self._retired
         if job.cancelled:
             log.info("SLURM worker job %s ended (%s)", job.job_id, why)
+        elif retired and job.started:
+            log.info("SLURM worker job %s ended (%s): its worker stopped with the daemon", job.job_id, why)
         elif job.started:
             log.warning("SLURM worker job %s ended (%s); its frames go to other workers, and a new job is submitted while frames "
                         "wait", job.job_id, why)
@@ -301,6 +313,8 @@ class SlurmWorkers:
     def _scale(self) -> None:
         """Submit jobs up to the number wanted; cancel the surplus once it has lasted idle_s."""
         with self._lock:
+            if self._retired:
+                return
             wanted = self.wanted
             alive = [job for job in self.jobs.values() if not job.ended and not job.cancelled]
         now = time.monotonic()

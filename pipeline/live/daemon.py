@@ -371,6 +371,8 @@ class Daemon:
         self.stopping.set()
         self.readers.close()
         self.local_workers.retire()  # before they are told to stop: their exit is no crash to restart them from
+        if self.slurm_workers is not None:
+            self.slurm_workers.retire()
         self.dispatcher.stop()
         self.sink.stop()
         for thread in self._threads:
