@@ -193,7 +193,16 @@ class StoreReader:
         return int(generation) if isinstance(generation, int) else None
 
     def _table_columns(self, name: str) -> dict[str, np.ndarray]:
-        return {column: array[:] for column, array in self.group[name].arrays()}
+        """Opened by name: listing the table's folder while the writer renames a `zarr.<uuid>.partial` into place
+        made zarr warn (`not recognized as a component`) into the log of whoever reads a live store."""
+        table = self.group[name]
+        columns = {}
+        for column in schema.TABLE_COLUMNS.get(name, ()):
+            try:
+                columns[column] = table[column][:]
+            except KeyError:  # a column this store's version did not write
+                continue
+        return columns
 
     def table_rows(self, name: str) -> int:
         """How many rows of a table are valid (its `rows` attribute, written after the columns): cheap, no column read."""

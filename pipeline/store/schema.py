@@ -58,6 +58,8 @@ PEAK_COLUMNS: Final = (
 )
 DETECTION_COLUMNS: Final = {"frame": "int64", "x0": "float32", "y0": "float32", "x1": "float32", "y1": "float32",
                             "score": "float32", "instance_id": "uint16"}
+TABLE_COLUMNS: Final = {PEAKS: PEAK_COLUMNS, TLM_DETECTIONS: tuple(DETECTION_COLUMNS)}
+"""Each table's columns, in order: readers open them by name (a listing of the folder mid-write meets zarr's temp files)."""
 
 COMPARED_ARRAYS: Final = (TLM_LABELS, SSL_CLUSTERS, SSL_MASK, VOLUME_LABELS, FRAMES_DONE, FRAMES_AXIS)
 """What makes two stores of one scan the same: these arrays and both tables."""
