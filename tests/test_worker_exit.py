@@ -52,7 +52,7 @@ def test_retired_local_workers_that_exit_are_not_started_again(tmp_path: Path) -
     """Real processes that exit at once, as stopped workers now do: `supervise` replaces them until the daemon's
     stop has retired the pool, and not after."""
     config = load_config(write_config(tmp_path / "config.yaml", workers={"local": 2, "command": [sys.executable, "-c", "pass"]}))
-    pool = LocalWorkers(config, endpoint="ipc:///nowhere", joined=lambda pid: True)  # as if each had joined: its exit is a crash
+    pool = LocalWorkers(config, endpoint="ipc:///nowhere", private_folder=tmp_path, joined=lambda pid: True)  # as if each had joined: its exit is a crash
     pool.start()
     try:
         first = [process.pid for process in pool.processes()]

@@ -26,6 +26,7 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.cluster.slurm import SlurmWorkers
+from pipeline.common.run_folder import remove_abandoned
 from pipeline.config import Config
 from pipeline.live.confinement import is_inside, not_regular
 from pipeline.live.control import ControlServer
@@ -77,7 +78,8 @@ class Daemon:
         self.painter = QuickLookPainter()
         self.readers = ReaderPool(config.readers, config.readers.processes or config.daemon.max_active_scans + 1,
                                   log_level=config.daemon.log_level)
-        self.local_workers = LocalWorkers(config, self.dispatcher.local_endpoint, joined=self.dispatcher.joined_pids.__contains__)
+        self.local_workers = LocalWorkers(config, self.dispatcher.local_endpoint, self.dispatcher.folder.path,
+                                          joined=self.dispatcher.joined_pids.__contains__)
         self.slurm_workers = (SlurmWorkers(config, self.dispatcher, lambda: any(not s.finished.is_set() for s in list(self.sessions.values())))
                               if config.workers.slurm else None)
         self._said_unable: str | None = None
@@ -103,6 +105,10 @@ class Daemon:
         before, after = raise_descriptor_limit()
         if after != before:
             log.info("open-file limit raised from %d to %d (a socket per peer, files per scan)", before, after)
+        abandoned = remove_abandoned()
+        if abandoned:
+            log.info("removed %d private folder(s) left in %s by daemons that were killed: %s", len(abandoned), abandoned[0].parent,
+                     ", ".join(folder.name for folder in abandoned[:5]) + (", ..." if len(abandoned) > 5 else ""))
         if self._serve_control:  # first: a taken port stops the start before anything else runs
             self.control = ControlServer(self.config.daemon.control, self.status, self.follow)
             self._threads.append(threading.Thread(target=self.control.serve, args=(self.stopping,), name="control", daemon=True))

@@ -12,20 +12,17 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
-import shutil
-import tempfile
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zmq
 
+from pipeline.common.run_folder import RunFolder
 from pipeline.config import WorkerSettings
 from pipeline.live import wire
 from pipeline.live.fair_queue import FairQueue
@@ -100,14 +97,14 @@ class Dispatcher:
         # no part larger than a frame: a peer sending one is disconnected before its part is kept
         self._socket.setsockopt(zmq.MAXMSGSIZE, wire.max_part_bytes(max_frame_pixels))
         self._socket.setsockopt(zmq.HANDSHAKE_IVL, wire.HANDSHAKE_MS)  # a connection that never speaks ZMTP is closed, not kept
-        self._curve = CurveServer(settings, self.context) if settings.curve_secret_key is not None else None
+        # the daemon's private folder (RunFolder): its local workers' socket, their config, the keys CurveZMQ allows
+        self.folder = RunFolder()
+        self._curve = CurveServer(settings, self.context, self.folder.path) if settings.curve_secret_key is not None else None
         if self._curve is not None:
             self._curve.apply(self._socket)
         # local workers come in through a socket file in a directory only this user can open, so no other
         # local user can take frames or send results; TCP (for workers on other hosts) only when the config binds it
-        self._private = Path(tempfile.mkdtemp(prefix="pipeline-workers-"))
-        os.chmod(self._private, 0o700)
-        self._socket.bind(f"ipc://{self._private / 'workers'}")
+        self._socket.bind(f"ipc://{self.folder.path / 'workers'}")
         self.local_endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         if settings.bind:
             self._socket.bind(settings.bind)
@@ -180,9 +177,9 @@ class Dispatcher:
                 self._send(identity, wire.encode_control(wire.STOP))
             self._socket.close(linger=200)
             self._wakeup.close()
-            shutil.rmtree(self._private, ignore_errors=True)
             if self._curve is not None:
                 self._curve.stop()
+            self.folder.remove()
 
     def _send(self, identity: bytes, parts: Sequence[wire.Part]) -> bool:
         try:

@@ -16,7 +16,6 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -48,9 +47,11 @@ class _Slot:
 class LocalWorkers:
     """`workers.local` worker processes connecting to `endpoint`; `supervise` is called from the daemon's scheduler."""
 
-    def __init__(self, config: Config, endpoint: str, joined: Callable[[int], bool] = lambda pid: False) -> None:
+    def __init__(self, config: Config, endpoint: str, private_folder: Path, joined: Callable[[int], bool] = lambda pid: False) -> None:
+        """`private_folder`: only this user can open it (the daemon's RunFolder); the workers' config is written there."""
         self.config = config
         self.endpoint = endpoint
+        self.private_folder = private_folder
         self.joined = joined  # whether the worker of this pid said hello to the dispatcher: then it started, and its exit is a crash
         self.slots = [_Slot(index) for index in range(config.workers.local)]
         self._config_file: Path | None = None
@@ -64,10 +65,9 @@ class LocalWorkers:
     def start(self) -> None:
         if not self.slots:
             return
-        handle, name = tempfile.mkstemp(prefix="pipeline-worker-", suffix=".json")
-        with os.fdopen(handle, "w") as out:
+        self._config_file = self.private_folder / "worker-config.json"
+        with os.fdopen(os.open(self._config_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
             json.dump(self.config.for_workers(), out)
-        self._config_file = Path(name)
         for slot in self.slots:
             self._spawn(slot)
 

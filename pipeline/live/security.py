@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -100,11 +99,13 @@ class RefusalLoggingAuthenticator(ThreadAuthenticator):
 class CurveServer:
     """Authentication for the daemon's worker socket; keeps its authenticator thread."""
 
-    def __init__(self, settings: WorkerSettings, context: zmq.Context) -> None:
+    def __init__(self, settings: WorkerSettings, context: zmq.Context, private_folder: Path) -> None:
+        """`private_folder`: only this user can open it (the daemon's RunFolder); the allowed keys are copied there."""
         if settings.curve_secret_key is None:
             raise ValueError("CurveServer needs workers.curve_secret_key")
         self.public, self.secret = _keys(settings.curve_secret_key)
-        self._allowed = Path(tempfile.mkdtemp(prefix="pipeline-allowed-keys-"))
+        self._allowed = private_folder / "allowed-keys"
+        self._allowed.mkdir(mode=0o700)
         if settings.authorized_keys is not None:
             for key in sorted(Path(settings.authorized_keys).glob("*.key")):
                 shutil.copy(key, self._allowed / key.name)
