@@ -10,6 +10,7 @@ it stops at once with one line saying so, not mid-run with dozens of ENOSPC erro
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -31,6 +32,9 @@ NEEDED_TEMP_GIB = 3.0
 OWNS_TEST_CACHE = "PIPELINE_TEST_CACHE" not in os.environ  # true in the first process (pytest's controller) only
 if OWNS_TEST_CACHE:  # the test processes inherit it
     os.environ["PIPELINE_TEST_CACHE"] = tempfile.mkdtemp(prefix="pipeline-test-cache-")
+    # the run's model cache goes with the run (each was ~470 MiB, and they once piled up until a disk was full); at
+    # this process's exit, so also after a run that ended in a usage error, before any test
+    atexit.register(shutil.rmtree, os.environ["PIPELINE_TEST_CACHE"], ignore_errors=True)
 os.environ["XDG_CACHE_HOME"] = os.environ["PIPELINE_TEST_CACHE"]
 
 
@@ -43,12 +47,6 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     if free_gib < NEEDED_TEMP_GIB:
         pytest.exit(f"only {free_gib:.1f} GiB free in {temp}; the tests need about {NEEDED_TEMP_GIB:.0f} GiB there "
                     "(set TMPDIR to a roomier disk, or free some space)", returncode=1)
-
-
-def pytest_unconfigure(config: pytest.Config) -> None:
-    """The run's model cache goes with the run (each was ~470 MiB, and they once piled up until a disk was full)."""
-    if OWNS_TEST_CACHE and not hasattr(config, "workerinput"):
-        shutil.rmtree(os.environ["PIPELINE_TEST_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
