@@ -78,7 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if web is not None:
         web.start(daemon.status)
         log.info("live web view at %s", web.url)
-    signals.requested.wait()
+    signals.wait()
     if web is not None:
         web.stop()
     daemon.shutdown(drain=True, hurry=signals.hurry)

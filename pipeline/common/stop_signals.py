@@ -19,6 +19,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 HURRY_S = 15.0  # after a second signal, the most a stop may still take before the process exits at once
+WAKE_S = 0.5  # how often a main thread waiting for a signal wakes to run the handler of one another thread took
 
 
 class StopSignals:
@@ -36,6 +37,13 @@ class StopSignals:
         if hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, lambda *_: log.warning("SIGHUP: config reload is not supported; restart the daemon to apply a new config"))
         return self
+
+    def wait(self) -> None:
+        """Block until the first signal. Never untimed: the kernel may hand the signal to another thread, and CPython
+        runs the Python handler only once the main thread runs again; an untimed `Event.wait()` never returned (CI saw
+        a daemon ignore its SIGTERM; tests/test_signal_to_any_thread.py sends one so)."""
+        while not self.requested.wait(WAKE_S):
+            pass
 
     def _handle(self, signum: int, _frame: Any) -> None:
         name = signal.Signals(signum).name
