@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.testing.configs import MODELS_OFF, write_config
-from pipeline.testing.daemons import start_daemon, wait_for_workers
+from pipeline.testing.daemons import poll, start_daemon, stop_daemon, wait_for_workers
 
 pytestmark = pytest.mark.daemon
 
@@ -60,3 +60,24 @@ def test_a_sigterm_taken_by_another_thread_stops_the_daemon(tmp_path: Path) -> N
     text = log.read_text()
     assert code == 0, text[-2000:]
     assert "SIGTERM: draining frames in flight, then stopping" in text, text[-2000:]
+
+
+def test_sigusr1_prints_every_threads_stack_and_the_daemon_goes_on(tmp_path: Path) -> None:
+    """For a daemon that seems stuck: `kill -USR1 PID` puts each thread's stack in its log (the test kit does it to a
+    daemon that does not stop, before killing it)."""
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    config = write_config(tmp_path / "config.yaml", models=MODELS_OFF)
+    log = tmp_path / "daemon.log"
+    daemon = start_daemon(config, scans, log)
+    try:
+        wait_for_workers(config, 1)
+        daemon.send_signal(signal.SIGUSR1)
+        assert poll(lambda: 'in _scheduler_loop' in log.read_text(), timeout=10), log.read_text()[-3000:]
+        text = log.read_text()
+        assert "Current thread" in text or "Thread 0x" in text
+        assert 'File "' in text and "in wait" in text  # the main thread, waiting for a signal
+        wait_for_workers(config, 1)  # still serving
+    finally:
+        stop_daemon(daemon)
+    assert daemon.returncode == 0

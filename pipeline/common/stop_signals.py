@@ -9,6 +9,7 @@ consistent: a frame is done only once its outputs are written, so the worst is a
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
@@ -32,6 +33,9 @@ class StopSignals:
         self.exit_code = 0  # 128 + the first signal's number (130 for SIGINT, 143 for SIGTERM) once one came
 
     def install(self) -> StopSignals:
+        """Also: SIGUSR1 prints every thread's stack to standard error (the log under systemd), for a daemon that
+        seems stuck; written by the C handler, so it works however stuck the Python threads are."""
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
         signal.signal(signal.SIGINT, self._handle)
         signal.signal(signal.SIGTERM, self._handle)
         if hasattr(signal, "SIGHUP"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -21,13 +22,23 @@ def start_daemon(config: Path, watch: Path, log: Path) -> subprocess.Popen[bytes
 
 
 def stop_daemon(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM (a drained stop), then wait; killed and re-raised if it does not stop within a minute."""
+    """SIGTERM (a drained stop), then wait. One that does not stop within a minute is made to print its threads' stacks
+    (SIGUSR1, see StopSignals.install), killed, and the end of its log raised: what it was stuck on."""
     process.send_signal(signal.SIGTERM)
     try:
         process.wait(timeout=60)
     except subprocess.TimeoutExpired:
+        try:
+            log = Path(os.readlink(f"/proc/{process.pid}/fd/1"))  # where start_daemon sent its output
+        except OSError:
+            log = None
+        process.send_signal(signal.SIGUSR1)
+        time.sleep(1.0)
         process.kill()
-        raise
+        process.wait()
+        tail = log.read_text(errors="replace")[-6000:] if log is not None and log.is_file() else "(no log found)"
+        raise AssertionError(f"the daemon (pid {process.pid}) did not stop within 60 s of SIGTERM; the end of its log, "
+                             f"its threads' stacks last:\n{tail}") from None
 
 
 def wait_for_workers(config: Path, count: int, timeout: float = 120) -> None:
