@@ -119,6 +119,8 @@ class Daemon:
         self.dispatcher.start()
         self.sink.start()
         self.painter.start()
+        if self.watcher is not None:  # before `pipeline status` is answered: a missing watched directory is in the first answer
+            self.watcher.check_roots()
         for thread in self._threads:
             thread.start()
         self.local_workers.start()

@@ -235,7 +235,7 @@ class Watcher:
     def rescan(self) -> None:
         with self._lock:
             pending = set(self._reoffer)  # replaced before this rescan (this rescan's own finds are reported anyway)
-        self._check_roots()
+        self.check_roots()
         self._drop_stale_watches()
         present: set[Path] = set()
         for directory, files in walk_scan_dirs(self.roots, self.settings.recursive):
@@ -262,7 +262,8 @@ class Watcher:
         with self._lock:
             return [f"{root}: {problem}" for root, problem in self._problems.items()]
 
-    def _check_roots(self) -> None:
+    def check_roots(self) -> None:
+        """Note what is wrong with each watched directory (logged once per change); every rescan does it first."""
         problems: dict[Path, str] = {}
         for root in self.roots:
             problem = directory_problem(root)
