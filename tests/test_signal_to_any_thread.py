@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import platform
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,8 @@ def _threads_taking(pid: int, signum: int) -> list[int]:
     return taking
 
 
-def test_a_sigterm_taken_by_another_thread_stops_the_daemon(tmp_path: Path) -> None:
+def _daemon_with_its_worker(tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path, Path]:
+    """`pipeline run` (models off), once its worker joined: the process, its config, its log."""
     scans = tmp_path / "scans"
     scans.mkdir()
     config = write_config(tmp_path / "config.yaml", models=MODELS_OFF)
@@ -49,6 +51,16 @@ def test_a_sigterm_taken_by_another_thread_stops_the_daemon(tmp_path: Path) -> N
     daemon = start_daemon(config, scans, log)
     try:
         wait_for_workers(config, 1)
+    except BaseException:
+        daemon.kill()
+        daemon.wait()
+        raise
+    return daemon, config, log
+
+
+def test_a_sigterm_taken_by_another_thread_stops_the_daemon(tmp_path: Path) -> None:
+    daemon, config, log = _daemon_with_its_worker(tmp_path)
+    try:
         threads = _threads_taking(daemon.pid, signal.SIGTERM)
         assert threads, "no thread of the daemon but its main one takes SIGTERM: the test would prove nothing"
         _tgkill(daemon.pid, threads[-1], signal.SIGTERM)
@@ -65,13 +77,8 @@ def test_a_sigterm_taken_by_another_thread_stops_the_daemon(tmp_path: Path) -> N
 def test_sigusr1_prints_every_threads_stack_and_the_daemon_goes_on(tmp_path: Path) -> None:
     """For a daemon that seems stuck: `kill -USR1 PID` puts each thread's stack in its log (the test kit does it to a
     daemon that does not stop, before killing it)."""
-    scans = tmp_path / "scans"
-    scans.mkdir()
-    config = write_config(tmp_path / "config.yaml", models=MODELS_OFF)
-    log = tmp_path / "daemon.log"
-    daemon = start_daemon(config, scans, log)
+    daemon, config, log = _daemon_with_its_worker(tmp_path)
     try:
-        wait_for_workers(config, 1)
         daemon.send_signal(signal.SIGUSR1)
         assert poll(lambda: 'in _scheduler_loop' in log.read_text(), timeout=10), log.read_text()[-3000:]
         text = log.read_text()
