@@ -159,12 +159,11 @@ class LocalWorkers:
             self._retired = True
 
     def stop(self) -> None:
-        """Wait for the workers (the dispatcher told them to stop), then kill what is left."""
+        """Wait for the workers (the dispatcher told them to stop), then kill what is left. Their config goes with the
+        private folder it is in (its owner, the dispatcher, removes that)."""
         self.retire()
         for process in self.processes():
             try:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 process.kill()
-        if self._config_file is not None:
-            self._config_file.unlink(missing_ok=True)
