@@ -68,11 +68,11 @@ def truth_store(tmp_path_factory, processed_scan) -> Path:
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
+def browser(tmp_path_factory) -> Iterator[Any]:
     """Debian's headless chromium through Selenium, one per test module (pipeline.testing.web.chromium)."""
     from pipeline.testing.web import chromium
 
-    driver = chromium()
+    driver = chromium(tmp_path_factory.mktemp("chromium"))
     try:
         yield driver
     finally:

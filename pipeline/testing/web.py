@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import os
 import resource
 import signal
 import subprocess
@@ -121,8 +122,9 @@ def events(port: int, path: str, until: Callable[[str, Any], bool], timeout: flo
     raise AssertionError(f"not seen within {timeout} s; events: {[n for n, _ in seen]}")
 
 
-def chromium(width: int = 1280, height: int = 1800) -> Any:
-    """A headless Debian chromium under Selenium (nothing downloaded: both binaries are given)."""
+def chromium(scratch: Path, width: int = 1280, height: int = 1800) -> Any:
+    """A headless Debian chromium under Selenium (nothing downloaded: both binaries are given). Its temporary
+    folders (`org.chromium.Chromium.*`, which it leaves behind) go in `scratch`, not the machine's /tmp."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -132,7 +134,8 @@ def chromium(width: int = 1280, height: int = 1800) -> Any:
                      "--hide-scrollbars", "--force-device-scale-factor=1"):
         options.add_argument(argument)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    environment = {**os.environ, "TMPDIR": str(scratch)}
+    return webdriver.Chrome(service=Service(str(CHROMEDRIVER), env=environment), options=options)
 
 
 def wait_in_page(driver: Any, script: str, timeout: float, what: str) -> Any:
