@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from pipeline import __version__
-from pipeline.common.argtypes import non_negative_int, one_line_errors, positive_float, positive_int
+from pipeline.common.argtypes import non_negative_int, one_line_errors, positive_float, positive_int, zmq_endpoint
 from pipeline.common.stop_signals import StopSignals
 from pipeline.config import Config, DaemonSettings, load_config
 from pipeline.errors import PipelineError, UserError, report
@@ -383,7 +383,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     run.add_argument("--workers", type=non_negative_int, metavar="N", help="local worker processes to start (overrides workers.local; "
                                                                            "0: only workers that join with `pipeline worker`)")
     run.add_argument("--device", metavar="DEV", help="where local workers run the models: auto | cpu | cuda | cuda:N (overrides workers.device)")
-    run.add_argument("--control", metavar="ENDPOINT",
+    run.add_argument("--control", type=zmq_endpoint, metavar="ENDPOINT",
                      help="where `pipeline status` reaches this daemon (overrides daemon.control, default "
                           f"{DaemonSettings().control}); give each daemon on one account its own, e.g. ipc://~/.pipeline/i16")
     run.set_defaults(func=cmd_run)
@@ -393,7 +393,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                         "daemon's host), take frames, send back masks. The daemon starts workers.local of these "
                                         "itself; start more by hand, e.g. on a GPU host.")
     _add_config_argument(worker)
-    worker.add_argument("--connect", required=True, metavar="ENDPOINT", help="the daemon's worker endpoint, e.g. tcp://host:5555")
+    worker.add_argument("--connect", type=zmq_endpoint, required=True, metavar="ENDPOINT", help="the daemon's worker endpoint, e.g. tcp://host:5555")
     worker.add_argument("--device", metavar="DEV", help="auto | cpu | cuda | cuda:N (default: workers.device)")
     worker.add_argument("--threads", type=non_negative_int, default=0, metavar="N", help="torch CPU threads (0: torch's default)")
     worker.add_argument("--name", help="name shown in `pipeline status`")
@@ -421,7 +421,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                             description="Ask a running `pipeline run` for its workers, queue, scans and problems. It asks at "
                                         "--endpoint, else daemon.control of --config, else the default; exit 1 when nothing answers.")
     _add_config_argument(status)
-    status.add_argument("--endpoint", help="the daemon's control endpoint (overrides daemon.control)")
+    status.add_argument("--endpoint", type=zmq_endpoint, metavar="ENDPOINT", help="the daemon's control endpoint (overrides daemon.control)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=cmd_status)
 

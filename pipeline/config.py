@@ -2,7 +2,7 @@
 
 Every section is a strict pydantic model (unknown keys are errors). `load_config` turns any
 problem into a `ConfigError` whose message is one line naming the file, the key and the value.
-Relative paths in a config file are resolved against that file's directory.
+Relative paths in a config file are resolved against that file's directory (socket files of `ipc://` endpoints too).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 
+from pipeline.common.endpoints import check_endpoint, resolve_socket_path
 from pipeline.errors import PipelineError
 
 
@@ -99,9 +100,7 @@ class SlurmSettings(Strict):
     @field_validator("endpoint")
     @classmethod
     def _endpoint(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("tcp://", "ipc://")):
-            raise ValueError(f"must be tcp://HOST:PORT (workers.bind as the nodes see it) or ipc://PATH, not {value!r}")
-        return value
+        return None if value is None else check_endpoint(value)
 
     @field_validator("bin_dir", "log_dir")
     @classmethod
@@ -137,6 +136,11 @@ class WorkerSettings(Strict):
     authorized_keys: Path | None = None  # daemon: directory of workers' public `.key` files
     server_public_key: Path | None = None  # remote worker: the daemon's public `.key` file
     slurm: SlurmSettings | None = None  # worker jobs the daemon submits to SLURM; null: none
+
+    @field_validator("bind")
+    @classmethod
+    def _bind(cls, value: str | None) -> str | None:
+        return None if value is None else check_endpoint(value)
 
     @model_validator(mode="after")
     def _no_open_door(self) -> WorkerSettings:
@@ -242,6 +246,11 @@ class DaemonSettings(Strict):
     metrics_address: str = "127.0.0.1"
     audit_log: Path | None = None  # JSON line per frame done (scan, frame, pid): proves none lost or doubled
 
+    @field_validator("control")
+    @classmethod
+    def _control(cls, value: str) -> str:
+        return check_endpoint(value)
+
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 MIN_TOKEN_CHARACTERS = 16
@@ -343,6 +352,9 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     data["output"]["root"] = resolve(data["output"]["root"])
     data["daemon"]["log_file"] = resolve(data["daemon"]["log_file"])
     data["daemon"]["audit_log"] = resolve(data["daemon"]["audit_log"])
+    data["daemon"]["control"] = resolve_socket_path(data["daemon"]["control"], base)
+    if data["workers"]["bind"] is not None:
+        data["workers"]["bind"] = resolve_socket_path(data["workers"]["bind"], base)
     for key in ("curve_secret_key", "authorized_keys", "server_public_key"):
         data["workers"][key] = resolve(data["workers"][key])
         if data["workers"][key] is not None and not data["workers"][key].exists():

@@ -200,3 +200,57 @@ def test_a_second_daemon_on_the_same_control_endpoint_says_how_to_give_it_anothe
     assert f"daemon.control {control_endpoint(config)}: address in use" in second.stderr
     assert "--control" in second.stderr
     assert answer.stdout.startswith(f"daemon pid {third.pid}, ")
+
+
+@pytest.mark.parametrize(("argv", "option", "wanted"), [
+    (["status", "--endpoint", "http://127.0.0.1:8765"], "--endpoint", "not a ZeroMQ endpoint: write tcp://HOST:PORT or ipc://PATH"),
+    (["status", "--endpoint", "tcp://127.0.0.1"], "--endpoint", "no HOST:PORT after tcp://"),
+    (["status", "--endpoint", "tcp://127.0.0.1:70000"], "--endpoint", "the port must be 0-65535"),
+    (["worker", "--connect", "foo"], "--connect", "not a ZeroMQ endpoint"),
+    (["run", "--watch", ".", "--workers", "0", "--control", "tcp://127.0.0.1:99999"], "--control", "the port must be 0-65535"),
+])
+def test_a_bad_endpoint_on_the_command_line_is_one_line(argv: list[str], option: str, wanted: str) -> None:
+    """ZeroMQ raised these as tracebacks, or (a port above 65535) bound port 99999 - 65536 = 34463 without a word."""
+    result = pipeline(*argv)
+    assert_one_line_refusal(result, argv[0], f"argument {option}: {wanted}", f"(got '{argv[-1]}')")
+
+
+def test_a_bad_endpoint_in_the_config_is_one_line_naming_the_key(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "config.yaml", None, workers={"local": 0, "bind": "tcp://127.0.0.1:65536"})
+    assert_one_line_refusal(pipeline("run", "--config", str(config), "--watch", str(tmp_path)), "run",
+                            f"{config}: workers.bind: the port must be 0-65535 (or * for any free one), not '65536'")
+    config = write_config(tmp_path / "config.yaml", None, workers={"local": 0}, daemon={"control": "/tmp/control"})
+    assert_one_line_refusal(pipeline("status", "--config", str(config)), "status",
+                            f"{config}: daemon.control: not a ZeroMQ endpoint")
+
+
+@pytest.mark.daemon
+def test_a_relative_control_socket_in_a_config_is_beside_the_config_whoever_starts_the_daemon(tmp_path: Path) -> None:
+    """Like every path in a config file: the daemon started from / (as systemd starts it) and `pipeline status` started
+    elsewhere mean the same socket file. It was taken from each process's own working directory: the daemon made
+    /ctl/control and status looked for ./ctl/control."""
+    (tmp_path / "ctl").mkdir(mode=0o700)
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "scans").mkdir()
+    config = write_config(tmp_path / "cfg" / "run.yaml", None, workers={"local": 0}, watch={"dirs": ["../scans"]},
+                          daemon={"control": "ipc://../ctl/control"})
+    elsewhere = tmp_path / "a" / "b"  # ../ctl from here is a/ctl; from tmp_path, where status runs, it is outside tmp_path
+    elsewhere.mkdir(parents=True)
+    log = tmp_path / "daemon.log"
+    daemon = subprocess.Popen([sys.executable, "-m", "pipeline", "run", "--config", str(config)], cwd=elsewhere,
+                              stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        answer = None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and daemon.poll() is None:
+            answer = subprocess.run([sys.executable, "-m", "pipeline", "status", "--config", str(config)], cwd=tmp_path,
+                                    capture_output=True, text=True, timeout=60)
+            if answer.returncode == 0:
+                break
+            time.sleep(0.3)
+    finally:
+        stop_daemon(daemon)
+    assert answer is not None and answer.returncode == 0, (answer.stderr if answer else "", log.read_text()[-3000:])
+    assert answer.stdout.startswith(f"daemon pid {daemon.pid}, ")
+    assert f"`pipeline status` asks at ipc://{tmp_path / 'ctl' / 'control'}" in log.read_text()
+    assert not (tmp_path / "a" / "ctl").exists()

@@ -78,9 +78,10 @@ class Broker:
                 raise AssertionError(f"nothing consumes {queue} (exit {process.poll()}):\n{log.read_text()[-3000:]}")
             self._connection.sleep(0.2)
 
-    def go(self, scan: Path) -> None:
-        """`zocalo.go` as a beamline would send it: the repository's recipe, the scan's path as a parameter."""
-        sent = subprocess.run([str(BIN / "zocalo.go"), "-r", "recipe-pipeline", "-s", f"scan={scan}", "--no-dcid"], env=self.env,
+    def go(self, scan: Path, **parameters: str) -> None:
+        """`zocalo.go` as a beamline would send it: the repository's recipe, the scan's path (and `parameters`) as parameters."""
+        given = [argument for name, value in parameters.items() for argument in ("-s", f"{name}={value}")]
+        sent = subprocess.run([str(BIN / "zocalo.go"), "-r", "recipe-pipeline", "-s", f"scan={scan}", *given, "--no-dcid"], env=self.env,
                               capture_output=True, text=True, timeout=60)
         assert sent.returncode == 0 and "Submitted" in sent.stdout, sent.stdout + sent.stderr
 
@@ -233,6 +234,13 @@ def test_a_file_outside_the_watched_directories_is_refused_on_the_error_path(bro
     assert refused is not None and refused["scan"] == str(counters), broker.take(FOLLOWED, 0.5)
     assert refused["reason"].startswith(f"{counters}: skipped by the daemon (not a detector scan"), refused
     assert refused["reason"].endswith(f"; no finished store at {counters.with_suffix('.zarr')}"), refused
+
+    pasted = "http://127.0.0.1:8765"  # the web view's address where the daemon's control endpoint belongs
+    broker.go(counters, control=pasted)
+    refused = broker.take(REFUSED, timeout=60)
+    assert refused == {"scan": str(counters), "reason": f"recipe step parameter control '{pasted}': not a ZeroMQ endpoint: write "
+                                                        "tcp://HOST:PORT or ipc://PATH"}, refused
+    assert broker.counts(SERVICE_QUEUE) == (0, 1)
 
 
 def test_a_killed_service_leaves_the_message_to_be_delivered_again_and_the_scan_is_written_once(broker: Broker, daemon: Daemon,

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.common.argtypes import zmq_endpoint
+from pipeline.common.endpoints import check_endpoint
 from pipeline.errors import PipelineError, UserError, one_line
 from pipeline.live.control import ControlError, expand, query_status, request_follow
 from pipeline.store import schema
@@ -104,6 +106,11 @@ def parse_request(parameters: object, settings: Settings, now: float) -> Request
     if scan is None:
         return "recipe step parameters: no `scan` (the scan file's absolute path)"
     control = _given(parameters.get("control"))
+    if control is not None:
+        try:
+            check_endpoint(control)
+        except ValueError as error:
+            return f"recipe step parameter control {control!r}: {error}"
     config_file = _given(parameters.get("config"))
     if control is None and config_file is not None:
         from pipeline.config import load_config
@@ -307,7 +314,7 @@ def add_parser(sub: Any) -> None:
         "with one line saying why. RabbitMQ is reached as zocalo's configuration says (ZOCALO_CONFIG or --zocalo-config). "
         "Needs `pip install zocalo workflows`."))
     parser.add_argument("--config", type=Path, help="the daemon's YAML config: its daemon.control is asked (default: the packaged defaults)")
-    parser.add_argument("--control", metavar="ENDPOINT", help="the daemon's control endpoint (overrides daemon.control); a "
+    parser.add_argument("--control", type=zmq_endpoint, metavar="ENDPOINT", help="the daemon's control endpoint (overrides daemon.control); a "
                                                               "recipe step's `control` or `config` parameter overrides both")
     parser.add_argument("--zocalo-config", type=Path, metavar="FILE", help="zocalo's configuration file (default: $ZOCALO_CONFIG)")
     parser.add_argument("--environment", "-e", action="append", metavar="NAME",

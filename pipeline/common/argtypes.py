@@ -36,6 +36,18 @@ def positive_float(text: str) -> float:
     return value
 
 
+def zmq_endpoint(text: str) -> str:
+    """A ZeroMQ endpoint (pipeline.common.endpoints); a relative socket file path is taken from the working directory."""
+    from pathlib import Path
+
+    from pipeline.common.endpoints import check_endpoint, resolve_socket_path
+
+    try:
+        return check_endpoint(resolve_socket_path(text, Path.cwd()))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{error} (got {text!r})") from None
+
+
 def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Make `parser` and its sub-commands report a bad argument as one line (argparse adds the usage)."""
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import zmq
 
+from pipeline.common.endpoints import check_endpoint
 from pipeline.errors import PipelineError, one_line
 from pipeline.live.wire import HANDSHAKE_MS
 
@@ -147,6 +148,10 @@ def _refused(endpoint: str) -> bool:
 def _ask(endpoint: str, parts: list[bytes], timeout_s: float) -> dict[str, Any] | None:
     """One request and its JSON answer, or None when nothing answers at `endpoint` within `timeout_s`."""
     endpoint = expand(endpoint)
+    try:
+        check_endpoint(endpoint)
+    except ValueError as error:
+        raise ControlError(f"{endpoint}: {error}") from None
     if _refused(endpoint):
         return None  # nothing listens: ZeroMQ would retry until the timeout
     sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.REQ)
