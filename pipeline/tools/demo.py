@@ -12,9 +12,13 @@ import shutil
 import time
 from pathlib import Path
 
+from pipeline.common.argtypes import positive_float, positive_int
 from pipeline.config import load_config
+from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
+
+DEMO_MARKER = ".pipeline-demo"  # in a folder the demo wrote: the next demo may empty it
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -22,14 +26,30 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                    description="Write simulated scans (one per I16 layout) frame by frame, process them live "
                                                "with the daemon and local workers, and print each scan's status and its "
                                                "masks against the simulation's ground truth: a first run with no beamline.")
-    parser.add_argument("--out", type=Path, default=Path("demo-output"), help="where scans and stores go (default ./demo-output; emptied first)")
-    parser.add_argument("--frames", type=int, default=40, help="frames per scan (default 40)")
-    parser.add_argument("--rate", type=float, default=5.0, help="frames per second the detector writes (default 5)")
-    parser.add_argument("--workers", type=int, default=2, help="local worker processes (default 2)")
+    parser.add_argument("--out", type=Path, default=Path("demo-output"),
+                        help="where scans and stores go (default ./demo-output): a new or empty folder, or one an earlier demo "
+                             "wrote, which is emptied first; any other folder is refused, never emptied")
+    parser.add_argument("--frames", type=positive_int, default=40, help="frames per scan (default 40)")
+    parser.add_argument("--rate", type=positive_float, default=5.0, help="frames per second the detector writes (default 5)")
+    parser.add_argument("--workers", type=positive_int, default=2, help="local worker processes (default 2)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--seed", type=int, default=7, help="the simulation's random seed (default 7)")
     parser.add_argument("--config", type=Path, help="start from this config instead of the packaged defaults")
     parser.set_defaults(func=run_demo)
+
+
+def _empty_demo_folder(out: Path) -> None:
+    """Make `out` an empty folder marked as the demo's; only a folder that is empty or that a demo marked is emptied
+    (`--out .` or `--out ~/data` must never cost a user their files)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / DEMO_MARKER).is_file():
+            raise UserError(f"--out {out}: holds files that no demo wrote (no {DEMO_MARKER} in it); the demo empties its folder "
+                            "first, so give a new or empty one")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("written by `pipeline demo`, which empties this folder at its next run\n")
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -39,11 +59,8 @@ def run_demo(args: argparse.Namespace) -> int:
     from pipeline.store import StoreReader, schema, store_path_for, store_status
     from pipeline.tools.truth import compare_store_to_truth
 
-    if args.frames < 1 or args.rate <= 0 or args.workers < 1:
-        raise ValueError("--frames and --workers must be at least 1 and --rate positive")
     out = args.out.resolve()
-    if out.exists():
-        shutil.rmtree(out)
+    _empty_demo_folder(out)
     scans_dir = out / "scans"
     scans_dir.mkdir(parents=True)
     config = load_config(args.config).with_overrides({
