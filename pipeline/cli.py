@@ -305,7 +305,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"  cannot submit: {slurm['unable']}")
     for scan in status["scans"]:
         reason = f" ({scan['reason']})" if scan["reason"] else ""
-        print(f"  {scan['scan']}: {scan['status']}{reason}, {scan['frames_done']}/{scan['frames_read']} frames done, {scan['fps']} frames/s")
+        progress = f", {scan['frames_done']}/{scan['frames_read']} frames done, {scan['fps']} frames/s" if scan["frames_read"] else ""
+        print(f"  {scan['scan']}: {scan['status']}{reason}{progress}")
     return 0
 
 

@@ -69,6 +69,8 @@ def test_status_follows_a_live_scan(tmp_path, untrained_weights):
         finished = poll_status(config, lambda s: (scan_entry(s, name) or {}).get("status") == "complete", timeout=180,
                                what=f"{name} complete")
         writer.join(timeout=30)
+        time.sleep(2.0)
+        later = status_json(config)
         text = pipeline_status(config)
     finally:
         stop_daemon(daemon)
@@ -80,6 +82,8 @@ def test_status_follows_a_live_scan(tmp_path, untrained_weights):
     assert scan["frames_done"] == N_FRAMES and scan["frames_read"] == N_FRAMES, scan
     assert scan["store"] == str(plan.nxs_path.with_suffix(".zarr")) and scan["reason"] == "finished"
     assert scan["fps"] > 0
+    # the rate of a scan that has ended stops there (it fell for ever: frames over the time since the scan began)
+    assert later is not None and scan_entry(later, name)["fps"] == scan["fps"], (scan, later)
     assert finished["uptime_s"] > ready["uptime_s"]
     assert finished["pid"] == daemon.pid
     [worker] = finished["dispatch"]["workers"]
@@ -102,3 +106,12 @@ def test_status_without_a_daemon_is_one_line_and_exit_1(tmp_path):
         assert result.stdout == ""
         assert result.stderr == (f"no daemon answers at {endpoint} (daemon.control in {config}); is `pipeline run` running with this "
                                  "config? (--endpoint or --config names another daemon)\n")
+
+
+def test_a_resumed_scan_s_rate_is_this_run_s_frames_over_this_run_s_time():
+    """A run resumed at frame 28 that did the last 12 in 6 s: 2 frames/s, not 40 over 6 s, and no lower a minute later."""
+    from pipeline.live.session import SessionState
+
+    state = SessionState(frames_read=40, frames_done=40, started=1000.0, done_before=28, ended=1006.0)
+    assert state.frames_per_second(now=1066.0) == 2.0
+    assert SessionState(frames_done=10, started=1000.0).frames_per_second(now=1004.0) == 2.5  # still running

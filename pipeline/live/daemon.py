@@ -292,6 +292,7 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         with self._lock:
             sessions = list(self.sessions.values())
+        now = time.time()
         return {
             "version": __version__,
             "pid": os.getpid(),
@@ -299,7 +300,7 @@ class Daemon:
             "scans": [
                 {"scan": s.nexus_path.name, "path": s.key, "store": str(s.store_path), "status": s.state.status, "reason": s.state.reason,
                  "frames_read": s.state.frames_read, "frames_done": s.state.frames_done,
-                 "fps": round(s.state.frames_done / max(time.time() - s.state.started, 1e-6), 2)}
+                 "fps": round(s.state.frames_per_second(now), 2)}
                 for s in sessions
             ],
             "waiting_scans": self.waiting_scans.qsize(),

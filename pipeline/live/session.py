@@ -87,6 +87,12 @@ class SessionState:
     status: str = "opening"
     reason: str = ""
     started: float = field(default_factory=time.time)
+    done_before: int = 0  # frames an earlier run had done (the resume point): not this run's work
+    ended: float | None = None  # once the session has ended: its rate stops there, not falling for ever after
+
+    def frames_per_second(self, now: float) -> float:
+        """This run's rate: frames it did over the time it has run (until it ended)."""
+        return max(0, self.frames_done - self.done_before) / max((self.ended or now) - self.started, 1e-6)
 
 
 class ScanSession:
@@ -165,12 +171,12 @@ class ScanSession:
             log.info("%s; not a detector scan: skipped, no store made", error)
             self.not_a_scan = stat_identity(self.nexus_path)
             self.state.status, self.state.reason = "skipped", f"not a detector scan ({error})"
-            self.finished.set()
+            self._end()
         except (ScanError, PermissionError, ValueError) as error:
             if self.stop.is_set() and self.store is None:  # stopped before anything was written: nothing to record
                 log.info("%s: stopped before its store was opened", self.nexus_path.name)
                 self.state.status, self.state.reason = "stopped", "stopped before the scan was opened"
-                self.finished.set()
+                self._end()
             else:
                 self.post(ScanFailed(self, one_line(error)))
         except Exception as error:  # a bug must cost one scan, never the daemon or its drain
@@ -194,7 +200,7 @@ class ScanSession:
             self.paint(self.store_path)
         self.follower.leave()
         self.state.status, self.state.reason = status, "already processed"
-        self.finished.set()
+        self._end()
         return True
 
     def _open_store(self) -> int:
@@ -227,7 +233,7 @@ class ScanSession:
             log.info("%s: resuming at frame %d", self.nexus_path.name, start)
         for index, raw in self.follower.replayed():  # rebuild the running peak sums from what is already done
             self.linker.record(index, self.store.read_volume(index), wire.carried(raw), self.store.read_axis_value(index))
-        self.state.frames_done = start
+        self.state.frames_done = self.state.done_before = start
         self.last_tables = time.monotonic()  # the first rewrite of the tables after refresh_tables_s, not with the first frame
         self.max_index = start - 1
         return start
@@ -360,9 +366,9 @@ class ScanSession:
             self.paint(self.store_path)  # drawn on the painter's thread: the sink goes on writing
         self.state.status, self.state.reason = status, reason
         log.info("%s: %s (%s), %d/%d frames done, %d peaks -> %s", self.nexus_path.name, status, reason, done,
-                 frames_total, len(self.linker.peaks), self.store_path)
+                 max(frames_total, expected or 0), len(self.linker.peaks), self.store_path)
         self._release()  # first: the store's lock is free before the daemon may start this scan again
-        self.finished.set()
+        self._end()
 
     def stall(self, reason: str, wanting: str) -> None:
         """Stop for want of space or descriptors without failing: the store keeps what is done (and, for space, says
@@ -373,7 +379,7 @@ class ScanSession:
         self.stalled = (wanting, reason)
         self.state.status, self.state.reason = waiting_status(wanting), reason
         self._release()  # first: the store's lock is free before the daemon may start this scan again
-        self.finished.set()
+        self._end()
 
     def fail(self, reason: str) -> None:
         log.error("%s", reason)
@@ -384,6 +390,11 @@ class ScanSession:
                         make_parents=root is not None and Path(root).is_dir())
         self.state.status, self.state.reason = schema.STATUS_FAILED, reason
         self._release()  # first: the store's lock is free before the daemon may start this scan again
+        self._end()
+
+    def _end(self) -> None:
+        """The session is over: its rate stops counting, and whoever waits on `finished` goes on."""
+        self.state.ended = time.time()
         self.finished.set()
 
     def _release(self) -> None:
