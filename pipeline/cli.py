@@ -328,7 +328,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
     if not args.name.replace("-", "").replace("_", "").isalnum():
         raise UserError(f"key name {args.name!r}: use letters, digits, '-' and '_' only")
-    public, secret = generate_keys(args.out, args.name)
+    public, secret = generate_keys(args.out, args.name, replace=args.force)
     print(f"public key (share; put workers' keys in the daemon's workers.authorized_keys directory): {public}")
     print(f"secret key (keep private; set as workers.curve_secret_key): {secret}")
     return 0
@@ -433,6 +433,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                    description="Write NAME.key (public: share it) and NAME.key_secret (private, mode 0600).")
     generate.add_argument("name", help="e.g. daemon, or the worker's host name")
     generate.add_argument("--out", type=Path, default=Path("keys"), help="directory for the key files (default ./keys)")
+    generate.add_argument("--force", action="store_true", help="replace a pair of that name already there (workers and daemons "
+                                                                "that hold it are refused from their next start)")
     generate.set_defaults(func=cmd_keys)
 
     chosen = next((module for name, module, _, _ in OTHER_COMMANDS if name == command), None)

@@ -47,6 +47,35 @@ def test_keys_generate_writes_a_loadable_pair(tmp_path):
     assert zmq.auth.load_certificate(tmp_path / "beamline-node.key") == (public, None)
     assert (tmp_path / "beamline-node.key_secret").stat().st_mode & 0o077 == 0
 
+    again = subprocess.run([sys.executable, "-m", "pipeline", "keys", "generate", "beamline-node", "--out", str(tmp_path)],
+                           capture_output=True, text=True, timeout=60)
+    assert (again.returncode, again.stderr) == (2, f"pipeline keys: {tmp_path / 'beamline-node.key'}: exists (workers and daemons "
+                                                   "that hold this pair would be refused with a new one); give --force to replace it\n")
+    assert zmq.auth.load_certificate(tmp_path / "beamline-node.key_secret") == (public, secret)  # the pair in use is kept
+    forced = subprocess.run([sys.executable, "-m", "pipeline", "keys", "generate", "beamline-node", "--out", str(tmp_path), "--force"],
+                            capture_output=True, text=True, timeout=60)
+    assert forced.returncode == 0, forced.stderr
+    new_public, new_secret = zmq.auth.load_certificate(tmp_path / "beamline-node.key_secret")
+    assert new_public != public and len(new_secret) == 40 and zmq.auth.load_certificate(tmp_path / "beamline-node.key") == (new_public, None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["beamline-node.key", "beamline-node.key_secret"]
+
+
+def test_key_files_have_their_modes_whatever_the_umask(tmp_path):
+    """The secret is created 0600 (os.open with that mode, then renamed into place): pyzmq's create_certificates wrote it
+    with the umask's mode and a chmod came after, so under umask 000 others could read it for that while."""
+    import os
+
+    from pipeline.live.security import generate_keys
+
+    for umask in (0o000, 0o077):
+        old_umask = os.umask(umask)
+        try:
+            public, secret = generate_keys(tmp_path / f"umask-{umask:03o}", "daemon")
+        finally:
+            os.umask(old_umask)
+        assert (public.stat().st_mode & 0o777, secret.stat().st_mode & 0o777) == (0o644, 0o600)
+        assert sorted(p.name for p in public.parent.iterdir()) == ["daemon.key", "daemon.key_secret"]
+
 
 def test_only_listed_workers_get_frames_and_have_results_accepted(tmp_path, caplog):
     from pipeline.live.security import generate_keys

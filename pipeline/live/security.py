@@ -10,6 +10,7 @@ nothing it sends reaches the dispatcher.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -20,17 +21,47 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
 from pipeline.config import WorkerSettings
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, UserError
 
 log = logging.getLogger(__name__)
 
 
-def generate_keys(directory: Path, name: str) -> tuple[Path, Path]:
-    """A new key pair: `<name>.key` (public, to share) and `<name>.key_secret` (keep private)."""
+class KeyPairExists(UserError):
+    """`pipeline keys generate` would replace a key pair that may be in use."""
+
+
+def generate_keys(directory: Path, name: str, replace: bool = False) -> tuple[Path, Path]:
+    """A new key pair: `<name>.key` (public, to share) and `<name>.key_secret` (keep private).
+
+    A pair already there is kept unless `replace`: running the deployment step again would otherwise lock out every
+    worker holding the old public key at the daemon's next start. The secret file is 0600 from its first byte
+    (pyzmq's `create_certificates` writes it with the umask's mode, readable by others until a chmod)."""
+    public, secret = directory / f"{name}.key", directory / f"{name}.key_secret"
+    existing = [path for path in (public, secret) if path.exists()]
+    if existing and not replace:
+        raise KeyPairExists(f"{existing[0]}: exists (workers and daemons that hold this pair would be refused with a new one); "
+                            "give --force to replace it")
     directory.mkdir(parents=True, exist_ok=True)
-    public, secret = zmq.auth.create_certificates(directory, name)
-    Path(secret).chmod(0o600)
-    return Path(public), Path(secret)
+    public_key, secret_key = (key.decode("ascii") for key in zmq.curve_keypair())
+    made = f"#   ZeroMQ CURVE {{}} Certificate, made by `pipeline keys generate` {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+    _write_private(secret, made.format("**Secret**") + "#   DO NOT PROVIDE THIS FILE TO OTHER USERS nor change its permissions.\n"
+                   f'\nmetadata\ncurve\n    public-key = "{public_key}"\n    secret-key = "{secret_key}"\n', mode=0o600)
+    _write_private(public, made.format("Public") + f'\nmetadata\ncurve\n    public-key = "{public_key}"\n', mode=0o644)
+    return public, secret
+
+
+def _write_private(path: Path, text: str, mode: int) -> None:
+    """`text` into `path` whole (a temporary file renamed over it) with `mode` from creation on."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.unlink(missing_ok=True)
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        os.fchmod(descriptor, mode)  # the umask may have taken bits the public file needs
+        os.write(descriptor, text.encode("ascii"))
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+    os.replace(temporary, path)
 
 
 class KeyFileError(PipelineError):
