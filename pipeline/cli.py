@@ -23,6 +23,7 @@ from pipeline.errors import PipelineError, UserError, report
 
 if TYPE_CHECKING:
     from pipeline.live.daemon import Daemon
+    from pipeline.live.session import SessionState
     from pipeline.models.prediction import FramePredictor
 
 log = logging.getLogger("pipeline")
@@ -194,8 +195,7 @@ def cmd_process(args: argparse.Namespace) -> int:
 
     scans = [Path(p).resolve() for p in args.scans]
     for scan in scans:
-        if not scan.is_file():
-            raise UserError(f"{scan}: no such scan file")
+        _check_scan_file(scan)
     config = _config_from(args, {
         "output.root": str(Path(args.output_root).resolve()) if args.output_root else None,
         "workers.local": args.workers,
@@ -225,7 +225,7 @@ def cmd_process(args: argparse.Namespace) -> int:
         store = store_path_for(scan, config.output.root, config.watch.dirs)
         status = store_status(store, follow_symlinks=False)  # a planted link's target is not this scan's store
         if status is not None:
-            print(f"{scan.name}: {status} -> {store}")
+            print(f"{scan.name}: {status}{_why_said(scan, store, status, sessions.get(str(store)))} -> {store}")
         else:  # no store could be made or read: what the scan's session said, not a status the store does not hold
             state = sessions.get(str(store))
             reason = state.reason.removeprefix(f"{scan}: ") if state is not None else ""
@@ -239,6 +239,33 @@ def cmd_process(args: argparse.Namespace) -> int:
               "the same command again resumes them", file=sys.stderr)
         return signals.exit_code
     return worst
+
+
+def _check_scan_file(scan: Path) -> None:
+    """A scan file `process` can read, or one line saying what the path is instead (a folder of scans, a store)."""
+    if scan.is_file():
+        return
+    if (scan / "zarr.json").is_file():
+        raise UserError(f"{scan}: a store, not a scan file; give the scan file it was made from (its source_file attribute)")
+    if scan.is_dir():
+        raise UserError(f"{scan}: a folder, not a scan file; give the scan files in it, e.g. {scan}/*.nxs")
+    raise UserError(f"{scan}: {'not a regular file' if scan.exists() else 'no such scan file'}")
+
+
+def _why_said(scan: Path, store: Path, status: str, state: SessionState | None) -> str:
+    """` (why)` after a store's status in the summary: what ended a store that is not complete (also one this run kept,
+    whose reason was only in an earlier run's log), and that a complete one was kept."""
+    from pipeline.store import schema
+    from pipeline.store.reader import read_attributes
+
+    kept = state is None or state.reason == "already processed"  # None: the daemon saw the store final for this very file
+    if status == schema.STATUS_COMPLETE:
+        return " (already complete: kept; --force rebuilds it)" if kept else ""
+    reason = str((read_attributes(store, follow_symlinks=False) or {}).get(schema.Attr.END_REASON) or "")
+    reason = " ".join(reason.removeprefix(f"{scan}: ").split())
+    if kept:
+        return f" (kept from an earlier run{': ' + reason if reason else ''}; --force tries again)"
+    return f" ({reason})" if reason else ""
 
 
 def _frames_not_done(store: Path) -> int:
@@ -404,7 +431,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     process = sub.add_parser("process", help="run existing scan files through the same path as the daemon",
                              description="Process finished (or still growing) scan files through the daemon's own path, with "
                                          "local workers, then print each scan's status and store. Exit 0 when every store is "
-                                         "complete. A store that is already complete is kept unless --force.")
+                                         "complete. A store already complete or failed for this very file is kept (and said so) unless --force.")
     _add_config_argument(process)
     process.add_argument("scans", nargs="+", metavar="SCAN.nxs", help="the scan files")
     process.add_argument("--output-root", metavar="DIR", help="write stores under DIR instead of beside each scan "
@@ -414,7 +441,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                                          "(overrides workers.device)")
     process.add_argument("--idle-timeout", type=positive_float, default=5.0, metavar="S",
                          help="a file with no end marker is taken as ended after this long without a new frame (default 5)")
-    process.add_argument("--force", action="store_true", help="rebuild a store that is already complete")
+    process.add_argument("--force", action="store_true", help="rebuild a store that is already complete or failed")
     process.add_argument("--no-progress", action="store_true", help="no progress bar")
     process.set_defaults(func=cmd_process)
 

@@ -254,3 +254,38 @@ def test_a_relative_control_socket_in_a_config_is_beside_the_config_whoever_star
     assert answer.stdout.startswith(f"daemon pid {daemon.pid}, ")
     assert f"`pipeline status` asks at ipc://{tmp_path / 'ctl' / 'control'}" in log.read_text()
     assert not (tmp_path / "a" / "ctl").exists()
+
+
+def test_process_says_why_in_its_summary_and_that_a_complete_store_was_kept(tmp_path: Path) -> None:
+    """The summary said only `failed -> STORE` (the reason was in one log line, and not at all on a second run), and a
+    worker still starting when the bad file had failed printed `pipeline worker: ...: cannot read config` after it."""
+    config = write_config(tmp_path / "config.yaml", None, models=MODELS_OFF)
+    bad = tmp_path / "bad.nxs"
+    bad.write_text("hello\n")
+    why = "not an HDF5 file (starts with b'hello\\n')"
+    for said in (f"failed ({why})", f"failed (kept from an earlier run: {why}; --force tries again)"):
+        result = pipeline("process", "--config", str(config), str(bad), "--no-progress", "--workers", "1")
+        assert result.returncode == 1, result.stderr[-3000:]
+        assert result.stdout == f"bad.nxs: {said} -> {tmp_path / 'bad.zarr'}\n"
+        assert "pipeline worker:" not in result.stderr, result.stderr[-3000:]
+
+    scan = nexus_file(tmp_path / "good.nxs", np.ones((3, 195, 487), dtype=np.uint32))
+    said = []
+    for _run in range(2):
+        result = pipeline("process", "--config", str(config), str(scan), "--no-progress", "--workers", "1", "--idle-timeout", "2")
+        assert result.returncode == 0, result.stderr[-3000:]
+        said.append(result.stdout)
+    assert said == [f"good.nxs: complete -> {tmp_path / 'good.zarr'}\n",
+                    f"good.nxs: complete (already complete: kept; --force rebuilds it) -> {tmp_path / 'good.zarr'}\n"]
+
+
+def test_process_says_what_a_path_is_when_it_is_not_a_scan_file(tmp_path: Path) -> None:
+    store = tmp_path / "scans" / "scan1.zarr"
+    store.mkdir(parents=True)
+    (store / "zarr.json").write_text("{}")
+    for path, said in ((tmp_path / "scans", "a folder, not a scan file; give the scan files in it, e.g. "
+                                            f"{tmp_path / 'scans'}/*.nxs"),
+                       (store, "a store, not a scan file; give the scan file it was made from (its source_file attribute)"),
+                       (tmp_path / "missing.nxs", "no such scan file")):
+        result = pipeline("process", str(path))
+        assert (result.returncode, result.stderr) == (2, f"pipeline process: {path}: {said}\n")

@@ -157,7 +157,7 @@ def test_process_stopped_by_a_signal_says_what_was_left_and_a_rerun_resumes(tmp_
     assert (group.attrs["status"], group.attrs["end_reason"]) == ("incomplete", "stopped"), dict(group.attrs)
     done = int(group["frames/done"][:].sum())
     assert 3 <= done < 40
-    assert f"interrupted.nxs: incomplete -> {store}" in out
+    assert f"interrupted.nxs: incomplete (stopped) -> {store}" in out
     assert f"interrupted.nxs: incomplete (stopped), {done}/40 frames done, " in err  # of the scan's 40, not of those read
     summary = [line for line in err.splitlines() if line.startswith(f"stopped by {signal_name}")]
     assert summary == [f"stopped by {signal_name}: 0 of 1 scan(s) complete, {40 - done} frame(s) not done; "

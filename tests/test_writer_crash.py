@@ -96,7 +96,7 @@ def _offline(live: Live, nxs_paths: list[Path], root: Path) -> None:
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stdout + result.stderr[-3000:]  # 1: not every scan complete
     for nxs in nxs_paths:
-        assert f"{nxs.name}: incomplete -> {root / _store(nxs).name}" in result.stdout, result.stdout
+        assert f"{nxs.name}: incomplete (" in result.stdout and f") -> {root / _store(nxs).name}\n" in result.stdout, result.stdout
 
 
 def _frames_dataset(plan: ScanPlan) -> tuple[Path, str]:

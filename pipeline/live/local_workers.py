@@ -154,9 +154,16 @@ class LocalWorkers:
 
     def retire(self) -> None:
         """From now on no worker is restarted: called before the dispatcher tells them to stop. A worker that stops in
-        a few ms (cli._end_worker_now) was otherwise seen gone by a `supervise` still running and started again."""
+        a few ms (cli._end_worker_now) was otherwise seen gone by a `supervise` still running and started again.
+
+        A worker still starting (not joined) is ended now: the dispatcher's stop never reaches it, it holds no frame,
+        and it would otherwise hold the stop 10 s and then read its config from the private folder the dispatcher has
+        removed (`pipeline worker: ...: cannot read config`, printed after a `pipeline process` of one bad file)."""
         with self._lock:
             self._retired = True
+            for process in self.processes():
+                if process.poll() is None and not self.joined(process.pid):
+                    process.terminate()
 
     def stop(self) -> None:
         """Wait for the workers (the dispatcher told them to stop), then kill what is left. Their config goes with the
