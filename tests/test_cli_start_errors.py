@@ -185,7 +185,10 @@ def test_a_second_daemon_on_the_same_control_endpoint_says_how_to_give_it_anothe
                              stdout=log.open("w"), stderr=subprocess.STDOUT)
     try:
         wait_for_answer(control_endpoint(config), first, log)
-        second = pipeline("run", "--config", str(config), "--watch", str(watched))
+        private = tmp_path / "second-tmp"  # where the refused daemon makes its private folder (RunFolder: $TMPDIR)
+        private.mkdir()
+        second = subprocess.run([sys.executable, "-m", "pipeline", "run", "--config", str(config), "--watch", str(watched)],
+                                capture_output=True, text=True, timeout=120, env={**os.environ, "TMPDIR": str(private)})
         other = f"tcp://127.0.0.1:{free_port()}"
         third = subprocess.Popen([sys.executable, "-m", "pipeline", "run", "--config", str(config), "--watch", str(watched),
                                   "--control", other], stdout=(tmp_path / "third.log").open("w"), stderr=subprocess.STDOUT)
@@ -198,6 +201,7 @@ def test_a_second_daemon_on_the_same_control_endpoint_says_how_to_give_it_anothe
         stop_daemon(first)
     assert second.returncode == 1
     assert f"daemon.control {control_endpoint(config)}: address in use" in second.stderr
+    assert list(private.iterdir()) == []  # its private folder went with it (the next start called it a killed daemon's)
     assert "--control" in second.stderr
     assert answer.stdout.startswith(f"daemon pid {third.pid}, ")
 

@@ -109,12 +109,16 @@ class Daemon:
         if abandoned:
             log.info("removed %d private folder(s) left in %s by daemons that were killed: %s", len(abandoned), abandoned[0].parent,
                      ", ".join(folder.name for folder in abandoned[:5]) + (", ..." if len(abandoned) > 5 else ""))
-        if self._serve_control:  # first: a taken port stops the start before anything else runs
-            self.control = ControlServer(self.config.daemon.control, self.status, self.follow)
-            self._threads.append(threading.Thread(target=self.control.serve, args=(self.stopping,), name="control", daemon=True))
-        if self.metrics is not None and self.config.daemon.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(self.config.daemon.metrics_port, self.config.daemon.metrics_address)
-            log.info("Prometheus metrics on http://%s:%d/metrics", self.config.daemon.metrics_address, self.metrics_port)
+        try:
+            if self._serve_control:  # first: a taken port stops the start before anything else runs
+                self.control = ControlServer(self.config.daemon.control, self.status, self.follow)
+                self._threads.append(threading.Thread(target=self.control.serve, args=(self.stopping,), name="control", daemon=True))
+            if self.metrics is not None and self.config.daemon.metrics_port is not None:
+                self.metrics_port = self.metrics.serve(self.config.daemon.metrics_port, self.config.daemon.metrics_address)
+                log.info("Prometheus metrics on http://%s:%d/metrics", self.config.daemon.metrics_address, self.metrics_port)
+        except BaseException:  # a refused start leaves nothing behind
+            self.dispatcher.discard()
+            raise
         self.readers.start(count=1)  # the first scan waits for no process start
         self.dispatcher.start()
         self.sink.start()

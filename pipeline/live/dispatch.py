@@ -99,15 +99,20 @@ class Dispatcher:
         self._socket.setsockopt(zmq.HANDSHAKE_IVL, wire.HANDSHAKE_MS)  # a connection that never speaks ZMTP is closed, not kept
         # the daemon's private folder (RunFolder): its local workers' socket, their config, the keys CurveZMQ allows
         self.folder = RunFolder()
-        self._curve = CurveServer(settings, self.context, self.folder.path) if settings.curve_secret_key is not None else None
-        if self._curve is not None:
-            self._curve.apply(self._socket)
-        # local workers come in through a socket file in a directory only this user can open, so no other
-        # local user can take frames or send results; TCP (for workers on other hosts) only when the config binds it
-        self._socket.bind(f"ipc://{self.folder.path / 'workers'}")
-        self.local_endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        if settings.bind:
-            self._socket.bind(settings.bind)
+        self._curve: CurveServer | None = None
+        try:
+            self._curve = CurveServer(settings, self.context, self.folder.path) if settings.curve_secret_key is not None else None
+            if self._curve is not None:
+                self._curve.apply(self._socket)
+            # local workers come in through a socket file in a directory only this user can open, so no other
+            # local user can take frames or send results; TCP (for workers on other hosts) only when the config binds it
+            self._socket.bind(f"ipc://{self.folder.path / 'workers'}")
+            self.local_endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+            if settings.bind:
+                self._socket.bind(settings.bind)
+        except BaseException:
+            self._close(linger_ms=0)
+            raise
         self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT) if settings.bind else self.local_endpoint
         self._thread = threading.Thread(target=self._loop, name="dispatch", daemon=True)
         self._lock = threading.Lock()  # guards the snapshots that `stats` reads
@@ -175,11 +180,21 @@ class Dispatcher:
         finally:
             for identity in list(self.workers):
                 self._send(identity, wire.encode_control(wire.STOP))
-            self._socket.close(linger=200)
-            self._wakeup.close()
-            if self._curve is not None:
-                self._curve.stop()
-            self.folder.remove()
+            self._close(linger_ms=200)
+
+    def discard(self) -> None:
+        """Release what a dispatcher that will never start took (the daemon's start was refused after it was made): its
+        private folder would otherwise be left for the next start to call a killed daemon's."""
+        if not self._thread.is_alive():
+            self._close(linger_ms=0)
+
+    def _close(self, linger_ms: int) -> None:
+        """The socket, the wakeup pipe, CurveZMQ's thread and the private folder: all that construction took."""
+        self._socket.close(linger=linger_ms)
+        self._wakeup.close()
+        if self._curve is not None:
+            self._curve.stop()
+        self.folder.remove()
 
     def _send(self, identity: bytes, parts: Sequence[wire.Part]) -> bool:
         try:
