@@ -31,7 +31,7 @@ log = logging.getLogger("pipeline")
 
 def _add_config_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML config (default: the packaged pipeline.yaml defaults)")
-    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="overrides daemon.log_level")
+    parser.add_argument("--log-level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="overrides daemon.log_level")
 
 
 def _config_from(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> Config:
@@ -235,8 +235,10 @@ def cmd_process(args: argparse.Namespace) -> int:
         complete += status == schema.STATUS_COMPLETE
         not_done += _frames_not_done(store)
     if signals.signal_name is not None:
-        print(f"stopped by {signals.signal_name}: {complete} of {len(scans)} scan(s) complete, {not_done} frame(s) not done; "
-              "the same command again resumes them", file=sys.stderr)
+        left = ("; the same command again resumes them" if complete < len(scans) or not_done
+                else ": nothing was left to do (the stop came as the last frames were written)")
+        print(f"stopped by {signals.signal_name}: {complete} of {len(scans)} scan(s) complete, {not_done} frame(s) not done{left}",
+              file=sys.stderr)
         return signals.exit_code
     return worst
 

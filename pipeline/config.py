@@ -251,6 +251,11 @@ class DaemonSettings(Strict):
     def _control(cls, value: str) -> str:
         return check_endpoint(value)
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_in_any_case(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 MIN_TOKEN_CHARACTERS = 16

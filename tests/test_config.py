@@ -45,6 +45,15 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path):
     assert config.watch.dirs == [tmp_path / "data"]
 
 
+def test_log_levels_are_taken_in_any_case(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("daemon:\n  log_level: debug\n")
+    assert load_config(path).daemon.log_level == "DEBUG"
+    result = subprocess.run([sys.executable, "-m", "pipeline", "status", "--log-level", "warning", "--endpoint", "tcp://127.0.0.1:1"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stderr.startswith("no daemon answers at tcp://127.0.0.1:1"), result.stderr
+
+
 def test_the_command_line_reports_a_bad_config_in_one_line_with_exit_2(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("workers:\n  local: -1\n")

@@ -322,7 +322,7 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S",
                         help=f"a scan not finished after S seconds goes to the error output (default {DEFAULT_TIMEOUT_S:g}; "
                              "a step's timeout_s parameter overrides it)")
-    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default="INFO", help="log level (default INFO)")
+    parser.add_argument("--log-level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"], default="INFO", help="log level (default INFO)")
     parser.set_defaults(func=run_command)
 
 

@@ -255,7 +255,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                      help="look for stores under DIR (repeatable; default: web.roots, else output.root, else watch.dirs)")
     web.add_argument("--host", metavar="HOST", help="address to listen on (default web.host, 127.0.0.1); beyond loopback needs web.token")
     web.add_argument("--port", type=_port, metavar="N", help=f"port (default web.port, else {DEFAULT_PORT}; 0: any free port)")
-    web.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="overrides daemon.log_level")
+    web.add_argument("--log-level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="overrides daemon.log_level")
     web.set_defaults(func=reporting("web", cmd_web))
 
 
