@@ -115,3 +115,35 @@ def test_snippet_runs_on_a_finished_store(index, which, processed_scan, truth_st
         assert namespace["n_peaks"] == 2
     if which == "truth" and hasattr(namespace.get("peaks"), "columns"):
         assert len(namespace["peaks"]) == 2
+
+
+def test_the_guide_s_raw_frame_read_works_while_the_detector_still_writes_the_file(processed_scan, tmp_path):
+    """The guide's first example, marked safe while the scan runs, opened the raw file without swmr=True: h5py refused
+    a file another process holds open for SWMR writing (`file is already open for write`). A copy of the store whose
+    raw file a second process holds open as the detector does."""
+    import shutil
+    import subprocess
+    import sys
+
+    import zarr
+
+    store = tmp_path / "live.zarr"
+    shutil.copytree(processed_scan.store, store)
+    group = zarr.open_group(store, mode="r+", use_consolidated=False)
+    raw_file = tmp_path / "live.nxs"
+    shutil.copyfile(group.attrs["source_file"], raw_file)
+    group.attrs["source_file"] = str(raw_file)
+    detector = subprocess.Popen([sys.executable, "-c", "import h5py, sys\n"
+                                 f"handle = h5py.File({str(raw_file)!r}, 'a', libver='latest')\n"
+                                 "handle.swmr_mode = True\nprint('writing', flush=True)\nsys.stdin.read()\nhandle.close()"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert detector.stdout is not None and detector.stdout.readline() == "writing\n"
+        first = next(snippet for path, snippet in SNIPPETS if path == GUIDE and "h5py" in snippet)
+        namespace: dict = {}
+        with contextlib.redirect_stdout(io.StringIO()):
+            exec(compile("\n".join([f"store = {str(store)!r}", *first.splitlines()[1:]]), "the guide's first example", "exec"), namespace)
+    finally:
+        detector.communicate("", timeout=30)
+    assert detector.returncode == 0
+    assert namespace["raw"].shape == (195, 487)
