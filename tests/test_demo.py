@@ -27,6 +27,11 @@ def test_a_folder_no_demo_wrote_is_refused_and_kept(tmp_path: Path) -> None:
                              "the demo empties its folder first, so give a new or empty one\n")
     assert notes.read_text() == "important" and sorted(p.name for p in notes.parent.iterdir()) == ["my-notes.txt"]
 
+    (notes.parent / "scans").mkdir()  # as demos before the mark left their folder, but with someone's notes beside it
+    (notes.parent / "scans" / "demo-gda9.nxs").write_text("")
+    result = demo("--out", str(notes.parent), "--frames", "2")
+    assert result.returncode == 2 and notes.read_text() == "important", result.stderr
+
     result = demo("--out", str(notes), "--frames", "2")
     assert (result.returncode, result.stderr) == (2, f"pipeline demo: --out {notes}: a file, not a folder\n")
     assert notes.read_text() == "important"
@@ -40,10 +45,8 @@ def test_bad_numbers_are_one_line() -> None:
 
 
 def test_a_tiny_demo_runs_again_in_the_folder_an_earlier_demo_wrote(tmp_path: Path) -> None:
-    out = tmp_path / "demo-output"
-    out.mkdir()
-    (out / DEMO_MARKER).write_text("")
-    (out / "scans").mkdir()
+    out = tmp_path / "demo-output"  # as a demo before the mark (.pipeline-demo) left it: scans/demo-* only
+    (out / "scans").mkdir(parents=True)
     (out / "scans" / "demo-gda9.zarr").mkdir()  # an earlier run's store: the new run must not take it for its own
     result = demo("--out", str(out), "--frames", "3", "--rate", "20", "--workers", "1")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

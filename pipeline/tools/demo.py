@@ -44,12 +44,21 @@ def _empty_demo_folder(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: a file, not a folder")
     if out.is_dir() and any(out.iterdir()):
-        if not (out / DEMO_MARKER).is_file():
+        if not _written_by_a_demo(out):
             raise UserError(f"--out {out}: holds files that no demo wrote (no {DEMO_MARKER} in it); the demo empties its folder "
                             "first, so give a new or empty one")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / DEMO_MARKER).write_text("written by `pipeline demo`, which empties this folder at its next run\n")
+
+
+def _written_by_a_demo(out: Path) -> bool:
+    """Marked by a demo, or as demos before the mark left their folder: only `scans/` with only `demo-*` in it."""
+    if (out / DEMO_MARKER).is_file():
+        return True
+    scans = out / "scans"
+    return [entry.name for entry in out.iterdir()] == ["scans"] and scans.is_dir() and all(
+        entry.name.startswith("demo-") for entry in scans.iterdir())
 
 
 def run_demo(args: argparse.Namespace) -> int:
