@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -185,8 +186,8 @@ def test_a_second_daemon_on_the_same_control_endpoint_says_how_to_give_it_anothe
                              stdout=log.open("w"), stderr=subprocess.STDOUT)
     try:
         wait_for_answer(control_endpoint(config), first, log)
-        private = tmp_path / "second-tmp"  # where the refused daemon makes its private folder (RunFolder: $TMPDIR)
-        private.mkdir()
+        # where the refused daemon makes its private folder (RunFolder: $TMPDIR); short, for the socket file in it
+        private = Path(tempfile.mkdtemp(prefix="second-"))
         second = subprocess.run([sys.executable, "-m", "pipeline", "run", "--config", str(config), "--watch", str(watched)],
                                 capture_output=True, text=True, timeout=120, env={**os.environ, "TMPDIR": str(private)})
         other = f"tcp://127.0.0.1:{free_port()}"
@@ -202,8 +203,33 @@ def test_a_second_daemon_on_the_same_control_endpoint_says_how_to_give_it_anothe
     assert second.returncode == 1
     assert f"daemon.control {control_endpoint(config)}: address in use" in second.stderr
     assert list(private.iterdir()) == []  # its private folder went with it (the next start called it a killed daemon's)
+    private.rmdir()
     assert "--control" in second.stderr
     assert answer.stdout.startswith(f"daemon pid {third.pid}, ")
+
+
+def test_a_temporary_folder_too_deep_for_a_socket_file_or_a_taken_workers_port_is_one_line(tmp_path: Path) -> None:
+    """Both were tracebacks from ZeroMQ's bind; and nothing of the refused start is left behind."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    config = write_config(tmp_path / "config.yaml", None, workers={"local": 0})
+    refused = subprocess.run([sys.executable, "-m", "pipeline", "run", "--config", str(config), "--watch", str(tmp_path)],
+                             capture_output=True, text=True, timeout=120, env={**os.environ, "TMPDIR": str(deep)})
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr[-3000:]
+    assert refused.stderr.startswith(f"pipeline run: the workers' socket file {deep}/pipeline-run-"), refused.stderr
+    assert "a socket file path longer than Linux allows (107 bytes)" in refused.stderr and "set TMPDIR" in refused.stderr
+    assert list(deep.iterdir()) == []
+
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_config(tmp_path / "config.yaml", None, workers={"local": 0, "bind": f"tcp://127.0.0.1:{port}"})
+        refused = pipeline("run", "--config", str(config), "--watch", str(tmp_path))
+    assert refused.returncode == 1 and refused.stderr == (f"pipeline run: workers.bind tcp://127.0.0.1:{port}: address in use "
+                                                          "(another daemon, or another program, listens there)\n"), refused.stderr
 
 
 @pytest.mark.parametrize(("argv", "option", "wanted"), [

@@ -21,9 +21,11 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -293,11 +295,22 @@ def test_every_command_is_a_real_pipeline_subcommand(help_texts: dict[str, str])
             compile(script, argv[1], "exec")
 
 
-def test_configs_load_with_pipeline_config(tmp_path: Path) -> None:
-    objects = filled(load_objects(), generate_keys(tmp_path / "keys", "daemon", "gpu-worker"), secrets.token_urlsafe())
-    daemon = load_mounted_config(objects, find(objects, "Deployment", "pipeline-daemon"), tmp_path / "pods", tmp_path / "data")
-    worker = load_mounted_config(objects, find(objects, "Deployment", "pipeline-gpu-worker"), tmp_path / "pods", tmp_path / "data")
-    web = load_mounted_config(objects, find(objects, "Deployment", "pipeline-web"), tmp_path / "pods", tmp_path / "data")
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A folder with a short path: the daemon pod's control socket (.../pods/pipeline-daemon/run/daemon/control) must
+    fit Linux's 107 bytes, which pytest's tmp_path under xdist does not leave room for (the config refuses it)."""
+    folder = Path(tempfile.mkdtemp(prefix="pd-"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_configs_load_with_pipeline_config(short_tmp: Path) -> None:
+    objects = filled(load_objects(), generate_keys(short_tmp / "keys", "daemon", "gpu-worker"), secrets.token_urlsafe())
+    daemon = load_mounted_config(objects, find(objects, "Deployment", "pipeline-daemon"), short_tmp / "pods", short_tmp / "data")
+    worker = load_mounted_config(objects, find(objects, "Deployment", "pipeline-gpu-worker"), short_tmp / "pods", short_tmp / "data")
+    web = load_mounted_config(objects, find(objects, "Deployment", "pipeline-web"), short_tmp / "pods", short_tmp / "data")
     assert daemon.workers.local == 0 and daemon.workers.bind == "tcp://0.0.0.0:5555"
     assert daemon.watch.mode == "polling"  # GPFS written by other hosts: no inotify events
     assert daemon.workers.curve_secret_key is not None and daemon.workers.curve_secret_key.name == "daemon.key_secret"
@@ -310,10 +323,10 @@ def test_configs_load_with_pipeline_config(tmp_path: Path) -> None:
     assert [str(root) for root in web.web.roots] == [str(d) for d in daemon.watch.dirs]  # rewritten alike
 
 
-def test_placeholder_web_token_refuses_to_start(tmp_path: Path) -> None:
+def test_placeholder_web_token_refuses_to_start(short_tmp: Path) -> None:
     objects = load_objects()  # as shipped: the token is REPLACE-ME
     with pytest.raises(ConfigError, match=r"web\.token: too short"):
-        load_mounted_config(objects, find(objects, "Deployment", "pipeline-web"), tmp_path / "pods", tmp_path / "data")
+        load_mounted_config(objects, find(objects, "Deployment", "pipeline-web"), short_tmp / "pods", short_tmp / "data")
 
 
 def run_daemon_with_shipped_secret(tmp_path: Path) -> subprocess.CompletedProcess[str]:
@@ -328,24 +341,24 @@ def run_daemon_with_shipped_secret(tmp_path: Path) -> subprocess.CompletedProces
     return subprocess.run([str(PIPELINE), "run", "--config", str(config)], capture_output=True, text=True, timeout=120)
 
 
-def test_placeholder_curve_keys_refuse_to_start(tmp_path: Path) -> None:
+def test_placeholder_curve_keys_refuse_to_start(short_tmp: Path) -> None:
     """The daemon given the Secret as shipped exits at once, naming the key file, instead of running with no keys."""
-    done = run_daemon_with_shipped_secret(tmp_path)
+    done = run_daemon_with_shipped_secret(short_tmp)
     assert done.returncode != 0
     assert "/pods/pipeline-daemon/daemon-key/daemon.key_secret" in done.stdout + done.stderr
 
 
-def test_placeholder_curve_keys_are_named_in_one_line(tmp_path: Path) -> None:
-    done = run_daemon_with_shipped_secret(tmp_path)
+def test_placeholder_curve_keys_are_named_in_one_line(short_tmp: Path) -> None:
+    done = run_daemon_with_shipped_secret(short_tmp)
     assert done.returncode != 0
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
-def test_services_match_the_configs_and_containers(tmp_path: Path) -> None:
-    objects = filled(load_objects(), generate_keys(tmp_path / "keys", "daemon", "gpu-worker"), secrets.token_urlsafe())
-    pods = tmp_path / "pods"
-    daemon_config = load_mounted_config(objects, find(objects, "Deployment", "pipeline-daemon"), pods, tmp_path / "data")
-    web_config = load_mounted_config(objects, find(objects, "Deployment", "pipeline-web"), pods, tmp_path / "data")
+def test_services_match_the_configs_and_containers(short_tmp: Path) -> None:
+    objects = filled(load_objects(), generate_keys(short_tmp / "keys", "daemon", "gpu-worker"), secrets.token_urlsafe())
+    pods = short_tmp / "pods"
+    daemon_config = load_mounted_config(objects, find(objects, "Deployment", "pipeline-daemon"), pods, short_tmp / "data")
+    web_config = load_mounted_config(objects, find(objects, "Deployment", "pipeline-web"), pods, short_tmp / "data")
     expected = {
         ("pipeline-daemon", "workers"): int(str(daemon_config.workers.bind).rsplit(":", 1)[1]),
         ("pipeline-daemon", "metrics"): daemon_config.daemon.metrics_port,

@@ -22,8 +22,10 @@ from typing import Any
 import numpy as np
 import zmq
 
+from pipeline.common.endpoints import check_endpoint
 from pipeline.common.run_folder import RunFolder
 from pipeline.config import WorkerSettings
+from pipeline.errors import PipelineError, one_line
 from pipeline.live import wire
 from pipeline.live.fair_queue import FairQueue
 from pipeline.live.security import CurveServer
@@ -106,10 +108,20 @@ class Dispatcher:
                 self._curve.apply(self._socket)
             # local workers come in through a socket file in a directory only this user can open, so no other
             # local user can take frames or send results; TCP (for workers on other hosts) only when the config binds it
-            self._socket.bind(f"ipc://{self.folder.path / 'workers'}")
+            local = f"ipc://{self.folder.path / 'workers'}"
+            try:
+                check_endpoint(local)
+            except ValueError as error:
+                raise PipelineError(f"the workers' socket file {local.removeprefix('ipc://')}: {error}; set TMPDIR to a shorter "
+                                    "folder (the daemon's private folder is made there)") from None
+            self._socket.bind(local)
             self.local_endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
             if settings.bind:
-                self._socket.bind(settings.bind)
+                try:
+                    self._socket.bind(settings.bind)
+                except zmq.ZMQError as error:
+                    why = "address in use (another daemon, or another program, listens there)" if error.errno == zmq.EADDRINUSE else one_line(error)
+                    raise PipelineError(f"workers.bind {settings.bind}: {why}") from None
         except BaseException:
             self._close(linger_ms=0)
             raise
