@@ -171,6 +171,10 @@ def test_unreadable_files_fail_with_one_line_each_and_the_next_scan_completes(li
         nexus_file(directory / "two_d.nxs", np.ones((195, 487), dtype=np.int32)): ["rank 2", "expected 3"],
         nexus_file(directory / "huge_frames.nxs", shape=(2, 4096, 4096), dtype=np.int32):
             ["4096 x 4096 pixels", "more than follow.max_frame_pixels (8,388,608)"],
+        # a line detector's frames: few pixels, but a side longer than a worker takes (wire.MAX_SIDE). Ten of them, more
+        # than workers.credit: the worker dropped each one unanswered, and every other scan stalled behind them
+        nexus_file(directory / "line_frames.nxs", np.ones((10, 1, 10000), dtype=np.int32)):
+            ["1 x 10000 pixels", "a side longer than 8192"],
         nexus_file(directory / "lost_link.nxs", link="lost_link-pilatus3_100k-files/lost_link.hdf"):
             ["target file did not appear within 2 s", str(directory / "lost_link-pilatus3_100k-files" / "lost_link.hdf")],
     }

@@ -58,6 +58,7 @@ from pipeline.common.nexus import (
 from pipeline.common.shared_datasets import NoSuchDataset, NotADataset, acquire_dataset, release_dataset
 from pipeline.config import FollowSettings
 from pipeline.errors import PipelineError, one_line, shortage_of
+from pipeline.live import wire
 from pipeline.live.confinement import NotRegular, dataset_outside, external_link_target, links_outside, read_head
 
 log = logging.getLogger(__name__)
@@ -398,6 +399,10 @@ class ScanFollower:
         if height < 1 or width < 1 or height * width > self.settings.max_frame_pixels:
             raise ScanError(f"{source}:{dataset}: frames of {height} x {width} pixels, more than follow.max_frame_pixels "
                             f"({self.settings.max_frame_pixels:,})" if height * width else f"{source}:{dataset}: frames of {height} x {width} pixels")
+        unsendable = wire.frame_shape_problem(height, width)
+        if unsendable is not None:
+            raise ScanError(f"{source}:{dataset}: frames of {height} x {width} pixels: {unsendable} (a line detector's frames "
+                            "are not segmented)")
         too_big = chunk_problem(data, int(self.settings.max_chunk_mib * 2**20))
         if too_big is not None:
             raise ScanError(f"{source}:{dataset}: {too_big}")

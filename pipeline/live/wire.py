@@ -26,7 +26,7 @@ Part: TypeAlias = bytes | memoryview
 """A message part: bytes, or a view of the message's own memory (array parts sent and received without a copy)."""
 ZERO_COPY_BYTES = 64 * 1024  # parts at least this long travel as views of their memory (pyzmq's own copy threshold)
 MAX_HEADER_BYTES = 64 * 1024
-MAX_SIDE = 8192  # no detector we serve has a side longer than this
+MAX_SIDE = 8192  # no area detector has a side longer than this (an Eiger2 16M: 4148 x 4362)
 MAX_DETECTIONS = 1000
 MAX_PARTS = 5  # a result, the longest message kind: kind, header, three arrays
 SPARSE_MAX_FRACTION = 0.1  # a result's mask with at most this fraction of its pixels set travels as those pixels alone
@@ -116,12 +116,22 @@ def _field(header: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> 
     return value
 
 
+def frame_shape_problem(height: int, width: int) -> str | None:
+    """Why a worker would refuse frames of this shape, or None. The follower asks before it reads a frame, so a frame the
+    wire cannot carry fails its scan in one line, not in a worker that can only drop it (it stayed in flight for ever,
+    and `workers.credit` of them stalled every scan)."""
+    if 0 < height <= MAX_SIDE and 0 < width <= MAX_SIDE:
+        return None
+    return f"a side longer than {MAX_SIDE}, the longest a worker takes" if max(height, width) > MAX_SIDE else "an empty side"
+
+
 def _shape(header: dict[str, Any]) -> tuple[int, int]:
     shape = header.get("shape")
     if (
         not isinstance(shape, list)
         or len(shape) != 2
-        or not all(isinstance(n, int) and not isinstance(n, bool) and 0 < n <= MAX_SIDE for n in shape)
+        or not all(isinstance(n, int) and not isinstance(n, bool) for n in shape)
+        or frame_shape_problem(shape[0], shape[1]) is not None
     ):
         raise WireError(f"header field 'shape' must be two sides in 1..{MAX_SIDE}: {shape!r}"[:200])
     return shape[0], shape[1]

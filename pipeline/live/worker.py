@@ -103,6 +103,8 @@ class _Link(threading.Thread):
                         self.inbox.put((time.monotonic(), wire.decode_frame(parts)))
                     except wire.WireError as error:
                         log.warning("ignored a bad message from the daemon: %s", error)
+                        if parts and parts[0] == wire.FRAME:  # its room is free again: credit must not leak away
+                            sock.send_multipart(wire.encode_control(wire.CREDIT, {"n": 1}))
         finally:
             sock.disable_monitor()
             monitor.close(linger=0)
