@@ -12,6 +12,7 @@ hard link or a second path to the same file shares too, and a new file at an old
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,17 +40,22 @@ _LOCK = threading.Lock()
 _OPEN: dict[tuple[Identity | None, str], _Shared] = {}
 
 
-def acquire_dataset(path: Path, name: str) -> h5py.Dataset:
+def acquire_dataset(path: Path, name: str, check: Callable[[h5py.File], None] | None = None) -> h5py.Dataset:
     """The process's one object for dataset `name` in the file at `path`, opened (SWMR where it can, no lock)
-    if nobody holds it yet; give it back with `release_dataset`."""
+    if nobody holds it yet; give it back with `release_dataset`. `check` sees the open file before `name` is looked up
+    (and so before HDF5 follows any link on the way to it): it raises to refuse the file."""
     with _LOCK:
         identity = file_identity(path)  # the same file by (device, inode), whatever path opened it
         shared = None if identity is None else _OPEN.get((identity, name))
         if shared is not None and shared.handle.id.valid:
+            if check is not None:
+                check(shared.handle)  # another holder's check may have allowed other roots
             shared.users += 1
             return shared.dataset
         handle = open_hdf5(path)
         try:
+            if check is not None:
+                check(handle)
             node = handle.get(name)
             if node is None:
                 raise NoSuchDataset(f"no dataset {name}")

@@ -7,6 +7,12 @@ An HDF5 file can make its reader open other files: an external link (absolute, o
 is checked before a frame is read, and anything that leads outside the roots fails the scan with
 one line naming the link and where it leads.
 
+HDF5 looks for the file a link or a virtual source names in several places (`hdf5_search`): beside
+the file that names it, under prefixes from the environment, and last in the process's working
+directory, where an absolute name that does not exist is tried by its bare name too. Each check
+follows that order, and the reader processes work in a removed folder (`leave_working_directory`),
+so the last place holds nothing now and nothing later.
+
 Only regular files are opened: a FIFO (or a device) behind a scan file, an external link, a virtual
 dataset's source or external raw storage would block its reader for ever. And the walk over a
 file's links is bounded in count and depth, so a crafted file cannot hold its reader for minutes.
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -74,6 +81,56 @@ def external_link_target(filename: str, holder: Path) -> Path:
     return holder.parent / target.parent.name / target.name
 
 
+_PREFIX_VARIABLES = {"link": "HDF5_EXT_PREFIX", "virtual": "HDF5_VDS_PREFIX"}
+
+
+def hdf5_search(name: str, holder: Path, kind: str) -> list[Path]:
+    """Where HDF5 looks for the file an external link (`kind` "link") or a virtual dataset's source ("virtual") names,
+    in its order (H5F_prefix_open_file): an absolute name as it is; then, for a relative name or by the bare name of an
+    absolute one that is not there, under each prefix in HDF5_EXT_PREFIX / HDF5_VDS_PREFIX, beside `holder` (the file
+    that names it), and in the working directory. HDF5 opens the first file it can."""
+    path = Path(name)
+    places = []
+    if path.is_absolute():
+        places.append(path)
+        path = Path(path.name)
+    for prefix in filter(None, os.environ.get(_PREFIX_VARIABLES[kind], "").split(":")):
+        places.append(Path(prefix.replace("${ORIGIN}", str(holder.parent))) / path)
+    places.append(holder.parent / path)
+    try:
+        places.append(Path(os.getcwd()) / path)
+    except OSError:  # a removed working directory (leave_working_directory): nothing can be found there
+        pass
+    return places
+
+
+def _found_outside(name: str, holder: Path, roots: Sequence[Path], kind: str) -> str | None:
+    """Why the file HDF5 would open for `name` must not be read (outside `roots`, or not a regular file), or None (inside,
+    or nothing anywhere HDF5 looks, yet). A directory is passed over, as HDF5 fails to open it and looks on."""
+    for place in hdf5_search(name, holder, kind):
+        try:
+            mode = os.stat(place).st_mode
+        except OSError:
+            continue
+        if stat.S_ISDIR(mode):
+            continue
+        if not stat.S_ISREG(mode):
+            return f"{_kind(mode)} at {place}, not a regular file; only regular files are read"
+        if not is_inside(place, roots):
+            return f"found as {place}, outside the allowed roots"
+        return None
+    return None
+
+
+def leave_working_directory() -> None:
+    """Work in a folder that is then removed. HDF5 looks for a link's file in the working directory last; a reader started
+    where an operator stood (another visit's folder) or by systemd would read what lies there. A removed folder holds
+    nothing, and nobody can put anything in it later."""
+    folder = tempfile.mkdtemp(prefix="pipeline-nowhere-")
+    os.chdir(folder)
+    os.rmdir(folder)
+
+
 def links_outside(handle: h5py.File, holder: Path, roots: Sequence[Path], max_links: int = 20_000,
                   max_depth: int = 32, alive: Callable[[], None] | None = None) -> str | None:
     """The first external link in `handle` whose file lies outside `roots` or is not a regular file, or the limit a
@@ -91,11 +148,13 @@ def links_outside(handle: h5py.File, holder: Path, roots: Sequence[Path], max_li
         elif name.count("/") + 1 > max_depth:
             found.append(f"{holder}:/{name}: groups nested deeper than {max_depth} (follow.max_group_depth); refused unread")
         elif isinstance(link, h5py.ExternalLink):
-            target = external_link_target(link.filename, holder)
+            target = external_link_target(link.filename, holder)  # where the follower itself looks for a detector file
             if not is_inside(target, roots):
                 found.append(f"{holder}:/{name}: external link to {link.filename}:{link.path} leads outside the allowed roots")
             elif (why := not_regular(target)) is not None:
                 found.append(f"{holder}:/{name}: external link to {link.filename}: {why.split(': ', 1)[1]}")
+            elif (why := _found_outside(link.filename, holder, roots, "link")) is not None:  # where HDF5 looks
+                found.append(f"{holder}:/{name}: external link to {link.filename}:{link.path}: {why}")
         return True if found else None  # anything but None ends HDF5's walk at once
 
     handle.visititems_links(visit)
@@ -114,6 +173,8 @@ def dataset_outside(data: h5py.Dataset, holder: Path, roots: Sequence[Path]) -> 
                 return f"{holder}:{data.name}: virtual dataset over {name}:{source.dset_name}, outside the allowed roots"
             if (why := not_regular(target)) is not None:
                 return f"{holder}:{data.name}: virtual dataset over {name}: {why.split(': ', 1)[1]}"
+            if (why := _found_outside(name, holder, roots, "virtual")) is not None:
+                return f"{holder}:{data.name}: virtual dataset over {name}:{source.dset_name}: {why}"
     plist = data.id.get_create_plist()
     for index in range(plist.get_external_count()):
         raw = plist.get_external(index)[0]

@@ -330,10 +330,7 @@ class ScanFollower:
         handle = open_hdf5(self.nexus_path)
         try:
             self.progress("checking the scan file's links")
-            outside = links_outside(handle, self.nexus_path, self.roots, self.settings.max_links, self.settings.max_group_depth,
-                                    alive=lambda: self.progress(None))
-            if outside is not None:
-                raise ScanError(outside)  # before anything follows a link
+            self._check_links(handle, self.nexus_path)  # before anything follows a link
             self.progress("finding the detector's frames")
             entry, data_path, link = self._find_detector(handle)
             if not isinstance(link, h5py.ExternalLink):
@@ -346,6 +343,13 @@ class ScanFollower:
             raise
         self._identities[self.nexus_path] = handle_identity(handle)
         return handle, entry, data_path, link
+
+    def _check_links(self, handle: h5py.File, path: Path) -> None:
+        """ScanError when a link in the file at `path` leads outside the allowed roots (pipeline.live.confinement)."""
+        outside = links_outside(handle, path, self.roots, self.settings.max_links, self.settings.max_group_depth,
+                                alive=lambda: self.progress(None))
+        if outside is not None:
+            raise ScanError(outside)
 
     def _find_detector(self, nexus: h5py.File) -> tuple[str, str, object]:
         """The detector's frames: `<entry>/instrument/<name>/data` or `<entry>/<name>/data` for each configured name
@@ -377,7 +381,9 @@ class ScanFollower:
         check_signature(path)
         check_truncated(path)
         try:
-            data = acquire_dataset(path, dataset)  # shared with any other scan that reads it (see pipeline.common.shared_datasets)
+            # shared with any other scan that reads it (see pipeline.common.shared_datasets); the detector file's own links
+            # are checked before HDF5 follows one of them to the frames
+            data = acquire_dataset(path, dataset, check=lambda handle: self._check_links(handle, path))
         except NoSuchDataset:
             raise _NotYet(f"no dataset {dataset} (the external link's target)") from None
         except NotADataset as wrong:

@@ -137,7 +137,7 @@ class _Artist:
     def draw(self, store: Path) -> tuple[str | None, str | None]:
         """(the picture's path, None), or (None, why not)."""
         assert self.process.stdin is not None and self.process.stdout is not None
-        self.process.stdin.write(json.dumps(str(store)) + "\n")
+        self.process.stdin.write(json.dumps(str(store.absolute())) + "\n")  # the artist works in no folder of ours
         self.process.stdin.flush()
         answer: list[str] = []
         reading = threading.Thread(target=lambda: answer.append(self.process.stdout.readline() if self.process.stdout else ""), daemon=True)
@@ -159,8 +159,10 @@ class _Artist:
 
 def _serve() -> None:
     """The child's loop: draw each store named on standard input, answer on standard output."""
+    from pipeline.live.confinement import leave_working_directory
     from pipeline.pictures.quicklook import write_quicklook  # matplotlib, h5py: here, never in the daemon
 
+    leave_working_directory()  # HDF5 finds no file by a relative name in the daemon's working directory (confinement)
     for line in sys.stdin:
         store = Path(json.loads(line))
         try:

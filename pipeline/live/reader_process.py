@@ -30,6 +30,7 @@ import numpy as np
 from pipeline.config import FollowSettings
 from pipeline.errors import one_line, shortage_of
 from pipeline.live import channel
+from pipeline.live.confinement import leave_working_directory
 from pipeline.live.follow import NotADetectorScan, ScanError, ScanFollower
 from pipeline.live.lifeline import die_with_parent
 
@@ -183,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.parent is not None:
         die_with_parent(args.parent)
+    leave_working_directory()  # no file HDF5 finds by a relative name in the daemon's working directory (confinement)
     sock = socket.socket(fileno=args.fd)
     link = _Link(sock)
     handler = _ToDaemon(link)

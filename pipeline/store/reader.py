@@ -246,7 +246,12 @@ class StoreReader:
         With `roots` (a server that shows stores to others: anyone can plant a store, and a store names
         its raw file), pixels come only from files under them: the raw file, the file an external link
         led to, and any virtual source or external storage behind the dataset are checked before a pixel is read."""
-        from pipeline.live.confinement import dataset_outside, is_inside
+        from pipeline.live.confinement import dataset_outside, is_inside, links_outside
+
+        def check_links(handle: h5py.File) -> None:  # before HDF5 follows a link of the raw file to the frames
+            problem = None if roots is None else links_outside(handle, path, roots)
+            if problem is not None:
+                raise StoreError(problem)
 
         path = self.source_path()
         if roots is not None and not is_inside(path, roots):
@@ -255,7 +260,8 @@ class StoreReader:
         if not dataset_name:
             raise StoreError(f"{self.path}: the store does not name its raw dataset (attribute {Attr.SOURCE_DATASET})")
         try:
-            dataset = acquire_dataset(path, str(dataset_name))  # the daemon's follower may hold it: share, never open twice
+            # the daemon's follower may hold it: share, never open twice
+            dataset = acquire_dataset(path, str(dataset_name), check=check_links)
         except OSError as error:
             raise StoreError(f"{path}: cannot read the raw file ({one_line(error)})") from None
         except LookupError:

@@ -15,10 +15,10 @@ from pipeline.store import schema, store_status
 from pipeline.testing.configs import control_endpoint
 
 
-def start_daemon(config: Path, watch: Path, log: Path) -> subprocess.Popen[bytes]:
-    """`pipeline run --config CONFIG --watch WATCH`, its output in `log`."""
+def start_daemon(config: Path, watch: Path, log: Path, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+    """`pipeline run --config CONFIG --watch WATCH` (started in `cwd`, where the operator stood), its output in `log`."""
     return subprocess.Popen([sys.executable, "-m", "pipeline", "run", "--config", str(config), "--watch", str(watch)],
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=cwd)
 
 
 def stop_daemon(process: subprocess.Popen[bytes]) -> None:
