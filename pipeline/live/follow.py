@@ -60,6 +60,7 @@ from pipeline.config import FollowSettings
 from pipeline.errors import PipelineError, one_line, shortage_of
 from pipeline.live import wire
 from pipeline.live.confinement import NotRegular, dataset_outside, external_link_target, links_outside, read_head
+from pipeline.live.written_rows import VirtualRows, row_complete, virtual_rows
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +212,7 @@ class ScanFollower:
         # costs ~120 us, a third of a poll's look (docs/performance.md); None: not there (until the file is reopened)
         self._nexus_datasets: dict[str, h5py.Dataset | None] = {}
         self._reader: BoundedFrameReader | None = None
+        self._virtual: VirtualRows | None = None  # a virtual dataset's rows, judged by their sources
         self._identities: dict[Path, tuple[int, int] | None] = {}  # the files we opened, to notice them replaced
         self._largest_size = 0  # the detector file's largest size seen; a smaller one later means it was truncated
         self.holes: list[tuple[int, int]] = []  # byte ranges (start, end) a truncation cut out of the detector file
@@ -295,6 +297,7 @@ class ScanFollower:
         outside = dataset_outside(self._frames, source_file, self.roots)
         if outside is not None:
             raise ScanError(outside)
+        self._virtual = virtual_rows(self._frames, Path(self._frames.file.filename))
         self._keys = self._file[keys_path] if layout == "gda9" else None
         self.progress("reading the scan's metadata")
         command = scan_command_of(self._file, entry)
@@ -464,14 +467,13 @@ class ScanFollower:
         return None
 
     def _ready_indices(self, n_rows: int, settled: bool, start: int) -> Iterable[int]:
-        """Rows from `start` on (at most READY_WINDOW of them: a file can claim millions) that are complete frames:
+        """Rows from `start` on (at most READY_WINDOW of them: a file can claim millions) that may be complete frames:
         a non-zero key; without keys, every row but the newest, and the newest once the dataset has held still
-        `settle_s` and its chunk is written (end marker or not)."""
+        `settle_s` (`_ready_runs` then asks the storage, `_row_complete`)."""
         stop = min(n_rows, start + READY_WINDOW)
         if self._keys is not None:
             return (start + int(i) for i in np.flatnonzero(self._read_keys(start, stop)))
-        complete = n_rows if settled and n_rows and self._row_written(n_rows - 1) else n_rows - 1
-        return range(start, min(max(complete, 0), stop))
+        return range(start, min(n_rows if settled else max(n_rows - 1, 0), stop))
 
     def _read_keys(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         assert self._keys is not None
@@ -504,19 +506,12 @@ class ScanFollower:
             return f"{marker}: {handed_on} of {expected if expected is not None else '?'} frames within end_grace_s {self.settings.end_grace_s:g} s"
         return None
 
-    def _row_written(self, index: int) -> bool:
-        """False when the storage shows that row `index` was never written (its chunk is not on disk: reading it
-        gives the fill value); True when it was, or when the storage cannot tell (contiguous or virtual data,
-        several frames per chunk, chunks allocated before they are written)."""
-        data = self._frames
-        try:
-            if data.is_virtual or data.chunks is None or data.chunks[0] != 1:
-                return True
-            if data.id.get_create_plist().get_alloc_time() == h5py.h5d.ALLOC_TIME_EARLY:
-                return True
-            return data.id.get_chunk_info_by_coord((index,) + (0,) * (data.ndim - 1)).byte_offset is not None
-        except H5_ERRORS:
-            return True
+    def _row_complete(self, index: int, final: bool) -> bool:
+        """Whether row `index` holds its frame, not the fill value of a row never written (pipeline.live.written_rows);
+        `final`: no row will be added any more (the end marker, or the idle timeout's last look)."""
+        if self._virtual is not None:
+            return self._virtual.row_complete(index, final)
+        return row_complete(self._frames, index, final)
 
     def _axis_values(self, start: int, stop: int) -> np.ndarray:
         """The scan axis at frames `start` to `stop` - 1 (NaN where unknown), in one read: one per poll, not per frame."""
@@ -607,14 +602,14 @@ class ScanFollower:
         for index in run:
             yield index, self._read(index)
 
-    def _ready_runs(self, n_rows: int, settled: bool, start: int, sent: set[int]) -> list[range]:
+    def _ready_runs(self, n_rows: int, settled: bool, start: int, sent: set[int], final: bool) -> list[range]:
         """The complete frames not yet handed on, as runs of neighbours of at most READ_BLOCK frames (each run is one
-        read); without keys, up to the first row the storage shows was never written (a file claiming frames it has not)."""
+        read); without keys, up to the first row not known to hold its frame (`_row_complete`)."""
         runs: list[range] = []
         for index in self._ready_indices(n_rows, settled, start):
             if index in sent:
                 continue
-            if self._keys is None and not self._row_written(index):
+            if self._keys is None and not self._row_complete(index, final):
                 break
             if runs and runs[-1].stop == index and len(runs[-1]) < READ_BLOCK:
                 runs[-1] = range(runs[-1].start, index + 1)
@@ -648,7 +643,10 @@ class ScanFollower:
                     last_rows, last_change = n_rows, now
                 settled = now - last_change >= self.settings.settle_s
                 progressed = False
-                runs = self._ready_runs(n_rows, settled, next_index, sent)
+                # at the end (or the idle timeout's last look) a newest row whose storage cannot tell is read: no writer
+                # grows the dataset any more to show that it is written
+                final = ended is not None or now - last_progress >= self.settings.idle_timeout_s
+                runs = self._ready_runs(n_rows, settled, next_index, sent, final)
                 axis = self._axis_values(runs[0].start, runs[-1].stop) if runs else np.zeros(0)
                 self._note_truncation()
                 for run in runs:
@@ -724,6 +722,9 @@ class ScanFollower:
         return 0 if self._data is None else int(self._frames.shape[0])
 
     def close(self) -> None:
+        if self._virtual is not None:
+            self._virtual.close()
+            self._virtual = None
         if self._source is not None and self._source is not self._nexus and self._data is not None:
             release_dataset(self._data)  # the detector file: shared, closed by its last user
         try:
