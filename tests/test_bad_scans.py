@@ -211,6 +211,49 @@ def test_unreadable_files_fail_with_one_line_each_and_the_next_scan_completes(li
     assert len(live.log.lines("no_detector.nxs: following")) == 1
 
 
+def _gda9_scan(directory: Path, name: str, finished: np.ndarray) -> Path:
+    """A finished GDA 9 scan of 3 good frames whose scan_finished is `finished`."""
+    detector = directory / f"{name}-pilatus3_100k-files" / f"{name}.hdf"
+    detector.parent.mkdir()
+    with h5py.File(detector, "w") as handle:
+        handle.create_dataset("entry/instrument/detector/data", data=np.ones((3, 195, 487), np.int32), chunks=(1, 195, 487))
+
+    def write(temporary: Path) -> None:
+        with h5py.File(temporary, "w") as handle:
+            entry = handle.create_group("entry")
+            entry.create_group("instrument/pil3_100k")["data"] = h5py.ExternalLink(
+                str(detector.relative_to(directory)), "/entry/instrument/detector/data")
+            scan = entry.create_group("diamond_scan")
+            scan["keys/uniqueKeys"] = np.arange(1, 4, dtype=np.int32)
+            scan["scan_finished"] = finished
+            scan["scan_shape"] = np.array([3], np.int32)
+            entry["scan_command"] = "scan eta 10 10.5 0.25 pil3_100k 1"
+            entry["start_time"] = f"2026-12-05T00:00:{time.time_ns() % 60:02d}"
+
+    return appear(directory / f"{name}.nxs", write)
+
+
+def test_a_malformed_gda9_end_marker_is_said_once_and_the_good_frames_are_processed(live):
+    """Audit R4: an empty, text or NaN scan_finished failed the scan before its first frame was read, with a message
+    naming no field (`IndexError: index 0 is out of bounds`, `invalid literal for int()`)."""
+    directory = live.watched / "end_markers"
+    directory.mkdir()
+    malformed = {
+        _gda9_scan(directory, "fin_empty", np.zeros(0, np.int32)): "is (0,) int32, not one number",
+        _gda9_scan(directory, "fin_text", np.array([b"true"])): "is [b'true'], not one number",
+        _gda9_scan(directory, "fin_nan", np.array([np.nan])): "is [nan], not one number",
+    }
+    half = _gda9_scan(directory, "fin_half", np.array([0.5]))  # a number, not zero: finished
+    wait_for_status([path.with_suffix(".zarr") for path in [*malformed, half]], timeout=60)
+    for path, words in malformed.items():
+        attrs = attrs_of(path.with_suffix(".zarr"))
+        assert (attrs.get("status"), attrs.get("end_reason")) == ("incomplete", "idle_timeout"), (path.name, attrs)
+        assert done_frames(path.with_suffix(".zarr")) == 3
+        lines = [line for line in live.log.problems(path.name) if "scan_finished" in line]
+        assert lines == [f"{path}: entry/diamond_scan/scan_finished {words}; the scan's end is judged without it"], lines
+    assert_complete(half.with_suffix(".zarr"), 3)
+
+
 def test_nan_and_all_zero_frames_are_processed_counted_and_an_abandoned_scan_ends_incomplete(live):
     directory = live.watched / "odd-frames"
     directory.mkdir()

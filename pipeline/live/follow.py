@@ -213,6 +213,7 @@ class ScanFollower:
         self._nexus_datasets: dict[str, h5py.Dataset | None] = {}
         self._reader: BoundedFrameReader | None = None
         self._virtual: VirtualRows | None = None  # a virtual dataset's rows, judged by their sources
+        self._said_bad_marker = False  # a malformed scan_finished is said once, not once a poll
         self._identities: dict[Path, tuple[int, int] | None] = {}  # the files we opened, to notice them replaced
         self._largest_size = 0  # the detector file's largest size seen; a smaller one later means it was truncated
         self.holes: list[tuple[int, int]] = []  # byte ranges (start, end) a truncation cut out of the detector file
@@ -456,14 +457,27 @@ class ScanFollower:
         finished = self._nexus_dataset(f"{entry}/diamond_scan/scan_finished")
         if isinstance(finished, h5py.Dataset):
             finished.refresh()
-            if int(np.ravel(finished[()])[0]) != 0:
-                return "finished"
-            return None
+            flag = self._finished_flag(finished)
+            if flag is not None:
+                return "finished" if flag else None
         end_time = self._nexus_dataset(f"{entry}/end_time")
         if isinstance(end_time, h5py.Dataset):
             end_time.refresh()
             if read_text(end_time).strip("\x00 "):
                 return "end_time"
+        return None
+
+    def _finished_flag(self, finished: h5py.Dataset) -> bool | None:
+        """GDA 9's scan_finished as True/False, or None (said once) when it is not one finite number: a malformed marker
+        must not fail a scan whose frames are good; its end is then judged by end_time, or the idle timeout."""
+        value = np.ravel(finished[()]) if finished.size <= 16 else np.zeros(0)  # a marker is one number: read no more
+        if value.size == 1 and value.dtype.kind in "biuf" and np.isfinite(value[0]):
+            return bool(value[0] != 0)
+        if not self._said_bad_marker:
+            self._said_bad_marker = True
+            shown = repr(value.tolist())[:80] if value.size else f"{finished.shape} {finished.dtype}"
+            log.warning("%s: %s is %s, not one number; the scan's end is judged without it", self.nexus_path,
+                        finished.name.lstrip("/"), shown)
         return None
 
     def _ready_indices(self, n_rows: int, settled: bool, start: int) -> Iterable[int]:
