@@ -93,8 +93,24 @@ VIRTUAL_SOURCES_LATER = _HEADER + textwrap.dedent("""
         end(handle)
 """)
 
+PREALLOCATED = _HEADER + textwrap.dedent("""
+    n = 6
+    with h5py.File(path + ".part", "w", libver="latest") as handle:
+        e, group = entry(handle, n)
+        group.create_dataset("data", shape=(n, 195, 487), dtype="i4")  # contiguous: every row there from the start
+    os.replace(path + ".part", path)
+    with h5py.File(path, "a", libver="latest") as handle:
+        handle.swmr_mode = True
+        data = handle["entry1/pil3_100k/data"]
+        for index in range(n):
+            time.sleep(1.5)  # the follower is there well before the last frame (its reader takes seconds to start)
+            data[index] = frame()
+            data.flush()
+        end(handle)
+""")
 
-def _follow_while_written(tmp_path: Path, writer: str, name: str) -> tuple[Path, str]:
+
+def _follow_while_written(tmp_path: Path, writer: str, name: str, expect_rc: int = 0) -> tuple[Path, str]:
     """Start the writer process, then `pipeline process` on its file while it writes; the store and what process said."""
     scans = tmp_path / "scans"
     scans.mkdir()
@@ -111,7 +127,7 @@ def _follow_while_written(tmp_path: Path, writer: str, name: str) -> tuple[Path,
     finally:
         if writing.poll() is None:
             writing.kill()
-    assert following.returncode == 0, following.stderr[-3000:]
+    assert following.returncode == expect_rc, following.stderr[-3000:]
     return scan.with_suffix(".zarr"), following.stderr
 
 
@@ -121,6 +137,26 @@ def test_rows_not_yet_written_are_read_once_their_frames_are_there(tmp_path: Pat
     attrs = read_attributes(store)
     assert attrs.get("bad_frames", {}) == {}, (attrs.get("bad_frames"), said[-2000:])  # no frame read as zeros
     assert attrs[schema.Attr.STATUS] == schema.STATUS_COMPLETE, attrs
+    assert open_live(store)["frames/done"][:].tolist() == [1] * 6
+
+
+def test_a_contiguous_dataset_filled_live_fails_in_one_line_saying_how_to_process_it_once_written(tmp_path: Path) -> None:
+    """Audit F10: HDF5 cannot refresh a contiguous dataset once its SWMR writer has allocated it ("invalid dataset size,
+    likely file corruption", for any new object of it too, until the file is opened again). The scan failed with that
+    line, naming no dataset and suggesting damage. Its rows were also read as frames while unwritten (all there from
+    the start). Now one line names the dataset and says what to do; the same command on the written file completes it."""
+    store, said = _follow_while_written(tmp_path, PREALLOCATED, "preallocated", expect_rc=1)
+    scan = tmp_path / "scans" / "preallocated.nxs"
+    reason = read_attributes(store)[schema.Attr.END_REASON]
+    assert reason == (f"{scan}:/entry1/pil3_100k/data: a contiguous dataset being filled cannot be followed live (Unable to "
+                      f"refresh dataset (invalid dataset size, likely file corruption)); once the scan is written: "
+                      f"pipeline process --force {scan}"), reason
+    assert open_live(store)["frames/done"][:].sum() == 0  # no unwritten row was taken for a frame
+    again = subprocess.run([sys.executable, "-m", "pipeline", "process", "--config", str(tmp_path / "config.yaml"),
+                            "--no-progress", "--force", str(scan)], capture_output=True, text=True, timeout=180)
+    assert again.returncode == 0, again.stderr[-3000:]
+    attrs = read_attributes(store)
+    assert (attrs[schema.Attr.STATUS], attrs.get("bad_frames", {})) == (schema.STATUS_COMPLETE, {}), attrs
     assert open_live(store)["frames/done"][:].tolist() == [1] * 6
 
 

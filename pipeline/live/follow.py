@@ -467,6 +467,23 @@ class ScanFollower:
                 return "end_time"
         return None
 
+    def _refresh_frames(self) -> None:
+        """Refresh the detector dataset, or fail the scan in one line naming it. A contiguous dataset made at its full
+        size and filled under SWMR cannot be refreshed once its writer allocates it (HDF5 says "invalid dataset size,
+        likely file corruption", to this dataset object and to any new one, until the file is opened again): the file
+        is sound, and the line says how to process it once written."""
+        contiguous = self._frames.chunks is None  # asked first: a failed refresh leaves the object unusable
+        try:
+            self._frames.refresh()
+        except H5_ERRORS as error:
+            if shortage_of(error) is not None:
+                raise
+            why = one_line(error, H5_MESSAGE_LIMIT)
+            if contiguous:
+                raise ScanError(f"{self._opened.source_file}:{self._opened.dataset}: a contiguous dataset being filled cannot "
+                                f"be followed live ({why}); once the scan is written: pipeline process --force {self.nexus_path}") from None
+            raise ScanError(f"{self._opened.source_file}:{self._opened.dataset}: HDF5 cannot refresh the frames ({why})") from None
+
     def _finished_flag(self, finished: h5py.Dataset) -> bool | None:
         """GDA 9's scan_finished as True/False, or None (said once) when it is not one finite number: a malformed marker
         must not fail a scan whose frames are good; its end is then judged by end_time, or the idle timeout."""
@@ -650,7 +667,7 @@ class ScanFollower:
                         raise _Replaced(gone)
                     last_check = time.monotonic()
                 ended = self._end_marker()
-                self._frames.refresh()
+                self._refresh_frames()
                 n_rows = self._frames.shape[0]
                 now = time.monotonic()
                 if n_rows != last_rows:

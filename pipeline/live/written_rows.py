@@ -4,7 +4,8 @@ written (zeros, read as a frame of no counts and marked done: the frame is then 
 Three layouts hide it. A chunk of one frame shows it (no chunk on disk, no frame). A chunk of several frames, a
 contiguous dataset, or chunks allocated before they are written do not: a detector that grows the dataset before it
 writes the frame (areaDetector's NDFileHDF5 with NumFramesChunks > 1) leaves its newest row unwritten for the exposure,
-so that row counts only once a later row exists or the scan has ended. And a virtual dataset (an Eiger's or an Odin
+so that row counts only once a later row exists or the scan has ended; a dataset made at the scan's full size has every
+row from the start, so its rows count only at the end. And a virtual dataset (an Eiger's or an Odin
 detector's, over files its writer processes fill) reads its fill value wherever its source file does not exist yet or
 does not hold the row yet: each row is judged by its source (`VirtualRows`).
 """
@@ -41,12 +42,14 @@ def storage_shows_written(data: h5py.Dataset, index: int) -> bool | None:
 
 def row_complete(data: h5py.Dataset, index: int, final: bool) -> bool:
     """Whether row `index` of a (non-virtual) dataset of `data.shape[0]` rows holds its frame: shown by the storage, or,
-    where the storage cannot tell, once a later row exists (a writer grows the dataset for the next frame only after it
-    wrote this one) or `final` (the scan has ended: its writer grows nothing more)."""
+    where the storage cannot tell, once a later row exists in a dataset that grows (a writer grows it for the next frame
+    only after it wrote this one), or `final` (the scan has ended: its writer writes nothing more). A dataset made at its
+    full size (pre-allocated, contiguous) has every row from the start: only the end tells."""
     shown = storage_shows_written(data, index)
     if shown is not None:
         return shown
-    return index < data.shape[0] - 1 or final
+    grows = data.maxshape[0] is None or data.maxshape[0] > data.shape[0]
+    return (grows and index < data.shape[0] - 1) or final
 
 
 @dataclass(frozen=True)
