@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from pipeline import __version__
 from pipeline.common.argtypes import non_negative_int, one_line_errors, positive_float, positive_int, zmq_endpoint
+from pipeline.common.file_names import name_problem
 from pipeline.common.stop_signals import StopSignals
 from pipeline.config import Config, DaemonSettings, load_config
 from pipeline.errors import PipelineError, UserError, report
@@ -245,6 +246,9 @@ def cmd_process(args: argparse.Namespace) -> int:
 
 def _check_scan_file(scan: Path) -> None:
     """A scan file `process` can read, or one line saying what the path is instead (a folder of scans, a store)."""
+    unusable = name_problem(scan)
+    if unusable is not None:
+        raise UserError(unusable)
     if scan.is_file():
         return
     if (scan / "zarr.json").is_file():

@@ -6,6 +6,8 @@ import logging
 import logging.handlers
 from pathlib import Path
 
+from pipeline.common.file_names import shown
+
 FORMAT = "%(asctime)s %(levelname)-7s %(processName)s %(name)s: %(message)s"
 
 
@@ -14,6 +16,16 @@ FORMAT = "%(asctime)s %(levelname)-7s %(processName)s %(name)s: %(message)s"
 # nothing to a user. A filter on that logger itself drops them at the source, whatever handlers torch sets up on import
 # (torch resets its loggers' levels and handlers then, not their filters)
 QUIET_BELOW_WARNING = ("torch._subclasses.fake_tensor",)
+
+
+class OneLineFormatter(logging.Formatter):
+    """Each record's message on one line, with control characters escaped (pipeline.common.file_names.shown): names in
+    it come from files anyone can write, and a newline there forged log lines, a terminal escape cleared the screen.
+    A traceback after it keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        record.message = shown(record.message)
+        return super().formatMessage(record)
 
 
 def _warnings_and_worse(record: logging.LogRecord) -> bool:
@@ -30,7 +42,10 @@ def setup_logging(level: str = "INFO", log_file: Path | None = None) -> None:
         logger = logging.getLogger(name)
         if _warnings_and_worse not in logger.filters:
             logger.addFilter(_warnings_and_worse)
-    logging.basicConfig(level=getattr(logging, level), format=FORMAT, datefmt="%H:%M:%S", handlers=handlers, force=True)
+    formatter = OneLineFormatter(FORMAT, datefmt="%H:%M:%S")
+    for handler in handlers:
+        handler.setFormatter(formatter)
+    logging.basicConfig(level=getattr(logging, level), handlers=handlers, force=True)
     for noisy in ("h5py", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("watchdog").setLevel(logging.CRITICAL)  # its shutdown races log errors that mean nothing

@@ -284,6 +284,61 @@ def test_nan_and_all_zero_frames_are_processed_counted_and_an_abandoned_scan_end
     assert group["frames/done"][:].tolist() == [1, 1, 1]
 
 
+def test_names_that_cannot_be_shown_or_stored_are_refused_in_one_escaped_line_and_temporary_files_are_left_alone(live):
+    """Audit F8, R5, R7: a newline in a scan file's name wrote forged lines into the log (and cut the store's reason at
+    it); a terminal escape in one cleared the screen of whoever tailed the log; a name that is not UTF-8 failed with a
+    26-line traceback (tensorstore cannot take it); a detector group whose name is not UTF-8 failed with `internal error
+    SystemError: FastRLock`; and a writer's temporary `.NAME.nxs`, renamed away, was an ERROR each time."""
+    directory = live.watched / "names"
+    directory.mkdir()
+    good = nexus_file(live.staging / "good_named.nxs", np.ones((2, 195, 487), dtype=np.int32))
+    forged = "evil\nERROR   MainProcess pipeline.live.session: other.nxs is FORGED.nxs"
+    names = {forged: "evil\\nERROR", "esc\x1b[2J\x1b[31mred.nxs": "esc\\x1b[2J"}
+    for name in names:
+        os.link(good, directory / name)
+    latin = os.path.join(os.fsencode(directory), b"name_\xff\xfe_latin.nxs")
+    os.link(good, latin)
+
+    def group_not_utf8(temporary: Path) -> None:
+        with h5py.File(temporary, "w") as handle:
+            entry = handle.create_group("entry1")
+            entry["scan_command"] = "scan eta 10 10.25 0.25 pil3_100k 1"
+            entry["end_time"] = "2024-01-01T00:00:00"
+            detector = entry.create_group("instrument").create_group(b"det\xff\xfe")
+            detector.attrs["NX_class"] = "NXdetector"
+            detector.create_dataset("data", data=np.ones((2, 195, 487), np.int32), chunks=(1, 195, 487))
+
+    odd_group = appear(directory / "odd_group.nxs", group_not_utf8)
+
+    def write_then_rename(final: Path) -> Path:  # as atomic writers do: a hidden name first
+        hidden = final.with_name(f".{final.name}")
+        with h5py.File(hidden, "w") as handle:
+            entry = handle.create_group("entry1")
+            entry["scan_command"] = "scan eta 10 10.25 0.25 pil3_100k 1"
+            entry["end_time"] = "2024-01-01T00:00:00"
+            entry.create_group("pil3_100k").create_dataset("data", data=np.ones((2, 195, 487), np.int32), chunks=(1, 195, 487))
+        time.sleep(3.0)  # rescans (1 s) see the hidden file
+        os.rename(hidden, final)
+        return final
+
+    renamed = write_then_rename(directory / "renamed.nxs")
+    wait_for_status([odd_group.with_suffix(".zarr"), renamed.with_suffix(".zarr")], timeout=60)
+    assert_complete(renamed.with_suffix(".zarr"), 2)
+    assert live.log.problems(".renamed.nxs") == []  # a hidden file is a writer's, not a scan
+    reason = attrs_of(odd_group.with_suffix(".zarr"))["end_reason"]
+    assert reason == f"{odd_group}: entry1/instrument holds a name that is not UTF-8 (b'det\\xff\\xfe'); refused", reason
+    assert live.log.problems("odd_group.nxs") == [reason]
+    wait_until(lambda: len([m for m in live.log.problems("names/") if "cannot be used" in m]) >= 3, 30, "the names refused")
+    shown = {name: [m for m in live.log.problems("names/") if escaped in m] for name, escaped in names.items()}
+    for lines in shown.values():
+        assert len(lines) == 1 and "control characters" in lines[0] and "rename it" in lines[0], lines
+        assert "\n" not in lines[0] and "\x1b" not in lines[0], lines
+    latin_lines = [m for m in live.log.problems("names/") if "name_\\udcff\\udcfe_latin.nxs" in m]
+    assert len(latin_lines) == 1 and "not UTF-8" in latin_lines[0], latin_lines
+    assert sorted(p.name for p in directory.iterdir() if p.name.endswith(".zarr")) == ["odd_group.zarr", "renamed.zarr"]
+    assert not any("Traceback" in m or "internal error" in m for m in live.log.problems("names/"))
+
+
 def test_files_deleted_or_replaced_while_being_read(live):
     directory = live.watched / "vanishing"
     directory.mkdir()

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import h5py
 
+from pipeline.common.file_names import shown
+
 
 class NotRegular(OSError):
     """A path that names something other than a regular file (a FIFO, a device, a directory, a socket)."""
@@ -138,27 +140,44 @@ def links_outside(handle: h5py.File, holder: Path, roots: Sequence[Path], max_li
     found: list[str] = []
     seen = 0
 
-    def visit(name: str, link: object) -> bool | None:
+    links = handle.id.links
+
+    def visit(raw: bytes) -> bool | None:  # the low-level walk: h5py's own fails on a name that is not UTF-8
         nonlocal seen
         seen += 1
         if alive is not None and seen % 1000 == 0:
             alive()  # a long walk is progress, not a blocked reader
+        parent, _, leaf = raw.rpartition(b"/")
         if seen > max_links:
             found.append(f"{holder}: more than {max_links:,} links (follow.max_links); refused unread")
-        elif name.count("/") + 1 > max_depth:
-            found.append(f"{holder}:/{name}: groups nested deeper than {max_depth} (follow.max_group_depth); refused unread")
-        elif isinstance(link, h5py.ExternalLink):
-            target = external_link_target(link.filename, holder)  # where the follower itself looks for a detector file
+        elif raw.count(b"/") + 1 > max_depth:
+            found.append(f"{holder}:/{shown(raw.decode(errors='replace'))}: groups nested deeper than {max_depth} "
+                         "(follow.max_group_depth); refused unread")
+        elif not _is_utf8(raw):
+            where = shown(parent.decode(errors="replace")) or "the root group"
+            found.append(f"{holder}: {where} holds a name that is not UTF-8 ({leaf!r}); refused")
+        elif links.get_info(raw).type == h5py.h5l.TYPE_EXTERNAL:
+            name = raw.decode()
+            filename, path = (part.decode(errors="replace") for part in links.get_val(raw))
+            target = external_link_target(filename, holder)  # where the follower itself looks for a detector file
             if not is_inside(target, roots):
-                found.append(f"{holder}:/{name}: external link to {link.filename}:{link.path} leads outside the allowed roots")
+                found.append(f"{holder}:/{name}: external link to {filename}:{path} leads outside the allowed roots")
             elif (why := not_regular(target)) is not None:
-                found.append(f"{holder}:/{name}: external link to {link.filename}: {why.split(': ', 1)[1]}")
-            elif (why := _found_outside(link.filename, holder, roots, "link")) is not None:  # where HDF5 looks
-                found.append(f"{holder}:/{name}: external link to {link.filename}:{link.path}: {why}")
+                found.append(f"{holder}:/{name}: external link to {filename}: {why.split(': ', 1)[1]}")
+            elif (why := _found_outside(filename, holder, roots, "link")) is not None:  # where HDF5 looks
+                found.append(f"{holder}:/{name}: external link to {filename}:{path}: {why}")
         return True if found else None  # anything but None ends HDF5's walk at once
 
-    handle.visititems_links(visit)
+    links.visit(visit)
     return found[0] if found else None
+
+
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def dataset_outside(data: h5py.Dataset, holder: Path, roots: Sequence[Path]) -> str | None:

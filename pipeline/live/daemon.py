@@ -26,6 +26,7 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.cluster.slurm import SlurmWorkers
+from pipeline.common.file_names import name_problem, shown
 from pipeline.common.run_folder import remove_abandoned
 from pipeline.config import Config
 from pipeline.live.confinement import is_inside, not_regular
@@ -53,6 +54,7 @@ LIVE_WINDOW_S = 5.0  # a scan file modified this recently is being written: it g
 STOP_READERS_S = 5.0  # at a stop, readers get this long to end their scans before they are killed
 KEEP_FINISHED_SESSIONS = 256  # finished scans still listed by `pipeline status`
 MAX_REMEMBERED_NOT_SCANS = 100_000  # files known to hold no detector frames (a path and three numbers each)
+MAX_REMEMBERED_NAMES = 10_000  # unusable file names already said (each is said once)
 SPACE_CHECK_INTERVAL_S = 2.0  # how often scans stopped by a shortage (space, descriptors) look again
 # the most a drained stop waits for quick looks still to draw: a backlog (200 small scans finished at once: ~0.3-1 s a
 # picture) or one picture blocked on its raw file used to hold the stop for its whole minute, and the steps after it
@@ -67,6 +69,7 @@ class Daemon:
         self.started = time.time()
         self.sessions: dict[str, ScanSession] = {}
         self._not_scans: dict[str, list[int]] = {}  # path -> stat identity of files that are no detector scans
+        self._unusable_names: set[str] = set()  # paths whose names cannot be used (pipeline.common.file_names), said once
         self.waiting_scans = WaitingScans()
         self.stopping = threading.Event()
         self._closing = threading.Event()  # set by shutdown: no new scan starts
@@ -151,6 +154,13 @@ class Daemon:
     def add_scan(self, path: Path) -> None:
         """Queue a scan unless its store, made from this very file, is already complete or failed
         (rerun those with `pipeline process --force`); a replaced file gets a fresh store."""
+        unusable = name_problem(path)
+        if unusable is not None:
+            if str(path) not in self._unusable_names:  # said once, not at every rescan
+                if len(self._unusable_names) < MAX_REMEMBERED_NAMES:
+                    self._unusable_names.add(str(path))
+                log.warning("%s", unusable)
+            return
         with self._lock:
             self._remember_not_scans()
         if self._not_scans.get(str(path)) == stat_identity(path) is not None:
@@ -180,6 +190,8 @@ class Daemon:
             why = f"outside the watched directories ({', '.join(map(str, roots))}); nothing outside them is read"
         elif not any(fnmatch.fnmatch(path.name, pattern) for pattern in self.config.watch.patterns):
             why = f"the name matches no watch.patterns ({', '.join(self.config.watch.patterns)})"
+        elif (unusable := name_problem(path)) is not None:
+            why = unusable.split(": ", 1)[1]
         elif not path.exists():
             why = "no such file"
         elif (kind := not_regular(path)) is not None:
@@ -190,8 +202,8 @@ class Daemon:
             if self._not_scans.get(str(path)) == stat_identity(path) is not None:
                 why = "not a detector scan (looked at before, unchanged since)"
         if why is not None:
-            log.warning("follow request refused: %s: %s", path, why)
-            return {"accepted": False, "reason": f"{path}: {why}"}
+            log.warning("follow request refused: %s: %s", shown(str(path)), why)
+            return {"accepted": False, "reason": f"{shown(str(path))}: {why}"}
         store = store_path_for(path, self.config.output.root, self.config.watch.dirs)
         final = store_status(store, follow_symlinks=False) in (schema.STATUS_COMPLETE, schema.STATUS_FAILED) and recorded_stat_matches(store, path)
         with self._lock:

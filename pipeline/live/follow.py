@@ -368,7 +368,7 @@ class ScanFollower:
             instrument = nexus.get(f"{entry}/instrument")
             if not isinstance(instrument, h5py.Group):
                 continue
-            for name in sorted(instrument):
+            for name in sorted(self._names_in(instrument)):
                 group = instrument.get(name)
                 if isinstance(group, h5py.Group) and _nx_class(group) == "NXdetector":
                     link = _link_at(nexus, f"{entry}/instrument/{name}/data")
@@ -376,6 +376,16 @@ class ScanFollower:
                         return entry, f"{entry}/instrument/{name}/data", link
         names = ", ".join(f"[instrument/]{name}/data" for name in self.settings.detectors)
         raise _NoDetector(f"no detector dataset (none of {names} in {' or '.join(self.settings.entries)}, and no NXdetector group with data)")
+
+    def _names_in(self, group: h5py.Group) -> list[str]:
+        """The names in `group`; ScanError naming one that is not UTF-8 (h5py gives it as bytes, which no lookup takes)."""
+        names = []
+        for raw in group.id:
+            try:
+                names.append(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise ScanError(f"{self.nexus_path}: {group.name.lstrip('/')} holds a name that is not UTF-8 ({raw!r}); refused") from None
+        return names
 
     def _resolve_link_target(self, filename: str) -> Path:
         """Relative targets are relative to the NeXus file; absolute beamline paths fall back to it too."""

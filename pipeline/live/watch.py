@@ -102,12 +102,18 @@ def walk_scan_dirs(roots: list[Path], recursive: bool) -> Iterator[tuple[Path, l
             yield Path(directory), sorted(files)
 
 
+def is_scan_name(name: str, patterns: list[str]) -> bool:
+    """Whether a file of this name is a scan to follow: it matches a pattern, and is not hidden. A writer that renames its
+    file into place writes `.NAME.nxs` first (`*.nxs` matches it: fnmatch is not the shell); that file vanishes, renamed."""
+    return not name.startswith(".") and any(fnmatch.fnmatch(name, pattern) for pattern in patterns)
+
+
 def find_scans(roots: list[Path], patterns: list[str], recursive: bool) -> Iterator[Path]:
     """Every file under `roots` whose name matches a pattern, without leaving the roots through links."""
     resolved_roots = [root.resolve() for root in roots]
     for directory, files in walk_scan_dirs(roots, recursive):
         for name in files:
-            if any(fnmatch.fnmatch(name, pattern) for pattern in patterns):
+            if is_scan_name(name, patterns):
                 path = directory / name
                 if is_inside(path, resolved_roots):
                     yield path
@@ -162,7 +168,7 @@ class Watcher:
     # -- reporting files --------------------------------------------------------------------
 
     def _matches(self, path: Path) -> bool:
-        return any(fnmatch.fnmatch(path.name, p) for p in self.settings.patterns)
+        return is_scan_name(path.name, self.settings.patterns)
 
     def offer(self, path: Path) -> None:
         """Report `path` unless it was reported before as this same file (same device and inode, not deleted since)."""
