@@ -63,6 +63,8 @@ class FollowSettings(Strict):
     end_grace_s: float = Field(10.0, ge=0)
     # a frame read never decompresses more than this: chunked datasets whose chunk holds more are refused (see pipeline.common.chunks)
     max_chunk_mib: float = Field(32.0, gt=0)
+    # frames stored in more chunks (tiles) than this are refused: each costs a chunk-index lookup (2 x 2 tiles: 43 s a frame)
+    max_chunks_per_frame: int = Field(4096, gt=0)
 
     @model_validator(mode="before")
     @classmethod

@@ -93,6 +93,43 @@ def assert_complete(store: Path, n_frames: int) -> None:
     assert open_live(store)["frames/done"][:].tolist() == [1] * n_frames
 
 
+def _filtered_file(path: Path, chunks: tuple[int, int, int] = (1, 195, 487), compression: int | None = None) -> Path:
+    """A finished scan of 2 frames stored in chunks of `chunks`; with `compression`, a filter this installation lacks
+    (its chunks written raw, as the filter would have left them)."""
+    frames = np.ones((2, 195, 487), dtype=np.int32)
+
+    def write(temporary: Path) -> None:
+        with h5py.File(temporary, "w") as handle:
+            entry = handle.create_group("entry1")
+            entry["scan_command"] = "scan eta 10 10.25 0.25 pil3_100k 1"
+            entry["end_time"] = "2024-01-01T00:00:00"
+            group = entry.create_group("pil3_100k")
+            if compression is None:
+                group.create_dataset("data", data=frames, chunks=chunks)
+                return
+            data = group.create_dataset("data", shape=frames.shape, dtype=frames.dtype, chunks=chunks,
+                                        compression=compression, allow_unknown_filter=True)
+            for index in range(len(frames)):
+                data.id.write_direct_chunk((index, 0, 0), frames[index].tobytes())
+
+    return appear(path, write)
+
+
+def _self_virtual(path: Path) -> Path:
+    """A scan whose frames are a virtual dataset over itself: reading it crashed the reader process."""
+
+    def write(temporary: Path) -> None:
+        with h5py.File(temporary, "w", libver="latest") as handle:
+            entry = handle.create_group("entry1")
+            entry["scan_command"] = "scan eta 10 10.5 0.25 pil3_100k 1"
+            entry["end_time"] = "2024-01-01T00:00:00"
+            layout = h5py.VirtualLayout(shape=(3, 195, 487), dtype="int32")
+            layout[:] = h5py.VirtualSource(".", "/entry1/pil3_100k/data", shape=(3, 195, 487))
+            entry.create_group("pil3_100k").create_virtual_dataset("data", layout, fillvalue=0)
+
+    return appear(path, write)
+
+
 def start_scan(directory: Path, name: str, seed: int, n_frames: int = 4, layout: str = "nexus", **options) -> tuple[ScanPlan, ScanWriter]:
     plan = ScanPlan(directory=directory, name=name, layout=layout, n_frames=n_frames, rate_hz=options.pop("rate_hz", 20.0), seed=seed, **options)
     return plan, ScanWriter(plan).start()
@@ -175,6 +212,12 @@ def test_unreadable_files_fail_with_one_line_each_and_the_next_scan_completes(li
         # than workers.credit: the worker dropped each one unanswered, and every other scan stalled behind them
         nexus_file(directory / "line_frames.nxs", np.ones((10, 1, 10000), dtype=np.int32)):
             ["1 x 10000 pixels", "a side longer than 8192"],
+        _filtered_file(directory / "tiny_tiles.nxs", chunks=(1, 4, 4)): ["5,978 chunks each (chunks of 1 x 4 x 4)",
+                                                                          "more than follow.max_chunks_per_frame (4,096)"],
+        _filtered_file(directory / "lzo.nxs", compression=305): [  # LZO: in no package this project installs
+            "frame 0 unreadable", "compressed with HDF5 filter 305, which is not installed here"],
+        _self_virtual(directory / "self_virtual.nxs"): ["a virtual dataset over /entry1/pil3_100k/data, a virtual dataset "
+                                                        "of the same file"],
         nexus_file(directory / "lost_link.nxs", link="lost_link-pilatus3_100k-files/lost_link.hdf"):
             ["target file did not appear within 2 s", str(directory / "lost_link-pilatus3_100k-files" / "lost_link.hdf")],
     }
@@ -265,8 +308,12 @@ def test_nan_and_all_zero_frames_are_processed_counted_and_an_abandoned_scan_end
     frames[3] = 0.0  # nothing recorded
     odd = nexus_file(directory / "odd.nxs", frames)
     zeros = nexus_file(directory / "zeros.nxs", np.zeros((4, 195, 487), dtype=np.int32))
+    huge = np.ones((3, 195, 487))  # float64; frame 1 beyond float32 (audit F1: it reached the models as inf, unflagged)
+    huge[1, :5] = 1e308
+    beyond = nexus_file(directory / "beyond_float32.nxs", huge)
     abandoned_writer.join(timeout=60)
-    stores = [odd.with_suffix(".zarr"), zeros.with_suffix(".zarr"), abandoned.nxs_path.with_suffix(".zarr")]
+    stores = [odd.with_suffix(".zarr"), zeros.with_suffix(".zarr"), abandoned.nxs_path.with_suffix(".zarr"),
+              beyond.with_suffix(".zarr")]
     wait_for_status(stores, timeout=60)
 
     assert_complete(odd.with_suffix(".zarr"), 8)  # a few bad frames do not fail the scan
@@ -277,6 +324,9 @@ def test_nan_and_all_zero_frames_are_processed_counted_and_an_abandoned_scan_end
     assert_complete(zeros.with_suffix(".zarr"), 4)
     assert attrs_of(zeros.with_suffix(".zarr"))["bad_frames"] == {"all_zero": [0, 1, 2, 3]}
     assert len(live.log.problems("zeros.nxs")) == 1
+    assert_complete(beyond.with_suffix(".zarr"), 3)
+    assert attrs_of(beyond.with_suffix(".zarr"))["bad_frames"] == {"inf": [1]}
+    assert [line for line in live.log.problems("beyond_float32.nxs") if "1 frame(s) with infinite pixels (1)" in line]
 
     group = open_live(abandoned.nxs_path.with_suffix(".zarr"))
     assert (group.attrs["status"], group.attrs["end_reason"]) == ("incomplete", "idle_timeout")

@@ -42,6 +42,10 @@ _HEADER = textwrap.dedent("""
         group = e.create_group("pil3_100k")
         group.attrs["NX_class"] = "NXdetector"
         return e, group
+    def follower_there():  # its store appears once it has opened the file: from then on, the frames come live
+        deadline = time.monotonic() + 120
+        while not os.path.exists(os.path.splitext(path)[0] + ".zarr") and time.monotonic() < deadline:
+            time.sleep(0.05)
     def end(handle):
         handle["entry1/end_time"][()] = np.bytes_(time.strftime("%Y-%m-%dT%H:%M:%S").encode())
         handle.flush()
@@ -54,6 +58,7 @@ GROWS_BEFORE_WRITING = _HEADER + textwrap.dedent("""
         data = group.create_dataset("data", shape=(0, 195, 487), maxshape=(None, 195, 487), dtype="i4",
                                     chunks=(frames_a_chunk, 195, 487))
     os.replace(path + ".part", path)
+    follower_there()
     with h5py.File(path, "a", libver="latest") as handle:
         handle.swmr_mode = True
         data = handle["entry1/pil3_100k/data"]
@@ -75,7 +80,8 @@ VIRTUAL_SOURCES_LATER = _HEADER + textwrap.dedent("""
         e, group = entry(handle, n)
         group.create_virtual_dataset("data", layout, fillvalue=0)
     os.replace(path + ".part", path)
-    time.sleep(2.0)  # the detector starts after the scan file is there
+    follower_there()
+    time.sleep(1.0)  # the detector starts after the scan file is there
     sources = [h5py.File(os.path.join(folder, f"odin_{process:06d}.h5"), "w", libver="latest") for process in range(2)]
     datasets = [source.create_dataset("data", shape=(0, 195, 487), maxshape=(None, 195, 487), dtype="i4",
                                       chunks=(1, 195, 487)) for source in sources]
@@ -99,12 +105,54 @@ PREALLOCATED = _HEADER + textwrap.dedent("""
         e, group = entry(handle, n)
         group.create_dataset("data", shape=(n, 195, 487), dtype="i4")  # contiguous: every row there from the start
     os.replace(path + ".part", path)
+    follower_there()
     with h5py.File(path, "a", libver="latest") as handle:
         handle.swmr_mode = True
         data = handle["entry1/pil3_100k/data"]
         for index in range(n):
-            time.sleep(1.5)  # the follower is there well before the last frame (its reader takes seconds to start)
+            time.sleep(0.6)
             data[index] = frame()
+            data.flush()
+        end(handle)
+""")
+
+END_TIME_ADDED_LAST = _HEADER + textwrap.dedent("""
+    n = 4
+    with h5py.File(path + ".part", "w", libver="latest") as handle:
+        e = handle.create_group("entry1")
+        e["scan_command"] = f"scan eta 10 {10 + 0.25 * (n - 1):g} 0.25 pil3_100k 1"
+        e.create_group("pil3_100k").create_dataset("data", shape=(0, 195, 487), maxshape=(None, 195, 487), dtype="i4",
+                                                   chunks=(1, 195, 487))
+    os.replace(path + ".part", path)
+    follower_there()
+    with h5py.File(path, "a", libver="latest") as handle:
+        handle.swmr_mode = True
+        data = handle["entry1/pil3_100k/data"]
+        for index in range(n):
+            time.sleep(1.0)
+            data.resize(index + 1, axis=0)
+            data[index] = frame()
+            data.flush()
+    with h5py.File(path, "a", locking=False) as handle:  # as GDA 8 adds it to its .nxs: a new object, at the end
+        handle["entry1"]["end_time"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+""")
+
+RESHAPED = _HEADER + textwrap.dedent("""
+    n = 6
+    with h5py.File(path + ".part", "w", libver="latest") as handle:
+        e, group = entry(handle, n)
+        group.create_dataset("data", shape=(0, 195, 487), maxshape=(None, None, None), dtype="i4", chunks=(1, 195, 487))
+    os.replace(path + ".part", path)
+    follower_there()
+    with h5py.File(path, "a", libver="latest") as handle:
+        handle.swmr_mode = True
+        data = handle["entry1/pil3_100k/data"]
+        for index in range(n):
+            time.sleep(0.8)
+            if index == 3:  # a region of interest changed mid-scan
+                data.resize((3, 200, 487))
+            data.resize(index + 1, axis=0)
+            data[index] = (rng.poisson(5.0, data.shape[1:]) + 1).astype("i4")
             data.flush()
         end(handle)
 """)
@@ -158,6 +206,28 @@ def test_a_contiguous_dataset_filled_live_fails_in_one_line_saying_how_to_proces
     attrs = read_attributes(store)
     assert (attrs[schema.Attr.STATUS], attrs.get("bad_frames", {})) == (schema.STATUS_COMPLETE, {}), attrs
     assert open_live(store)["frames/done"][:].tolist() == [1] * 6
+
+
+def test_an_end_time_added_as_a_new_object_after_the_frames_ends_the_scan(tmp_path: Path) -> None:
+    """Audit F6: with the frames in the scan file itself, an end_time its writer adds at the end (reopening the file) was
+    never seen: the scan waited the idle timeout (30 s by default) and ended `incomplete` with every frame done."""
+    started = time.monotonic()
+    store, said = _follow_while_written(tmp_path, END_TIME_ADDED_LAST, "end_added")
+    attrs = read_attributes(store)
+    assert (attrs[schema.Attr.STATUS], attrs[schema.Attr.END_REASON]) == (schema.STATUS_COMPLETE, "end_time"), said[-2000:]
+    assert time.monotonic() - started < 20  # the idle timeout here: 20 s
+    assert open_live(store)["frames/done"][:].tolist() == [1] * 4
+
+
+def test_a_frame_shape_that_changes_mid_scan_fails_the_scan_in_one_line(tmp_path: Path) -> None:
+    """Audit F7: rows 195 -> 200 from frame 3 on were cropped to 195 without a word (the store kept 195 x 487)."""
+    store, said = _follow_while_written(tmp_path, RESHAPED, "reshaped", expect_rc=1)
+    scan = tmp_path / "scans" / "reshaped.nxs"
+    attrs = read_attributes(store)
+    assert attrs[schema.Attr.STATUS] == schema.STATUS_FAILED, attrs
+    assert attrs[schema.Attr.END_REASON] == (f"{scan}:/entry1/pil3_100k/data: frames now of 200 x 487 pixels, were 195 x "
+                                             "487: a frame shape that changes mid-scan is refused"), attrs
+    assert open_live(store)["frames/done"][:].sum() <= 3  # none of the 200-row frames
 
 
 def _virtual_file(path: Path, sources: dict[str, int], build: object) -> h5py.Dataset:

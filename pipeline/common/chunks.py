@@ -58,14 +58,20 @@ def chunk_bytes(dataset: h5py.Dataset) -> int:
     return int(np.prod(shape, dtype=np.int64)) * dataset.dtype.itemsize
 
 
-def chunk_problem(dataset: h5py.Dataset, max_chunk_bytes: int) -> str | None:
-    """Why reading one frame would cost more than `max_chunk_bytes` of decompressed chunk, or None: too big a chunk, or a
-    deflate stage that cannot be bounded. A contiguous dataset is read frame by frame, so only chunked ones are limited."""
+def chunk_problem(dataset: h5py.Dataset, max_chunk_bytes: int, max_chunks_per_frame: int = 4096) -> str | None:
+    """Why reading one frame would cost more than `max_chunk_bytes` of decompressed chunk, or None: too big a chunk, a
+    deflate stage that cannot be bounded, or a frame in more than `max_chunks_per_frame` tiles (each costs a lookup in
+    the chunk index: a 195 x 487 frame in 4 x 4 tiles took 1.3 s to read, in 2 x 2 tiles 43 s, so a readable scan was
+    killed as "damaged" by the reader's deadline). A contiguous dataset is read frame by frame: only chunked ones are limited."""
     if dataset.chunks is None:
         return None
     unbounded = _pipeline_problem(_filters(dataset))
     if unbounded is not None:
         return unbounded
+    tiles = -(-dataset.shape[1] // dataset.chunks[1]) * -(-dataset.shape[2] // dataset.chunks[2]) if dataset.ndim == 3 else 1
+    if tiles > max_chunks_per_frame:
+        return (f"frames stored in {tiles:,} chunks each (chunks of {' x '.join(map(str, dataset.chunks))}), more than "
+                f"follow.max_chunks_per_frame ({max_chunks_per_frame:,}): each frame would take seconds to read")
     size = chunk_bytes(dataset)
     if size <= max_chunk_bytes:
         return None
@@ -98,6 +104,15 @@ def fletcher32(data: bytes | memoryview) -> int:
 def _fold(total: int) -> int:
     """An exact fletcher sum as HDF5's 16-bit folds leave it."""
     return (total - 1) % 65535 + 1 if total else 0
+
+
+def missing_filters(dataset: h5py.Dataset) -> str | None:
+    """The dataset's filters this process cannot decode, named ("szip (HDF5 filter 4)"), or None: said with an unreadable
+    frame, whose HDF5 error ("filter returned failure during read") names none. (hdf5plugin's filters, bitshuffle and
+    LZ4 among them, are there once hdfmap has been imported: it imports hdf5plugin.)"""
+    missing = [f"{_NAMES[code]} (HDF5 filter {code})" if code in _NAMES else f"HDF5 filter {code}"
+               for code, _ in _filters(dataset) if not h5py.h5z.filter_avail(code)]
+    return ", ".join(missing) or None
 
 
 def _name(code: int) -> str:

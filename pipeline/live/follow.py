@@ -40,7 +40,7 @@ from typing import TypeVar
 import h5py
 import numpy as np
 
-from pipeline.common.chunks import BoundedFrameReader, ChunkRefused, chunk_problem
+from pipeline.common.chunks import BoundedFrameReader, ChunkRefused, chunk_problem, missing_filters
 from pipeline.common.detector import DEAD_PIXEL
 from pipeline.common.nexus import (
     H5_ERRORS,
@@ -159,9 +159,12 @@ def check_truncated(path: Path) -> None:
 
 
 def inspect_frame(data: np.ndarray) -> tuple[np.ndarray, str | None]:
-    """A frame with non-finite pixels made dead pixels, and what was wrong with it, if anything."""
+    """A frame with non-finite pixels made dead pixels, and what was wrong with it, if anything. Floats are looked at as
+    the workers get them (float32): a float64 count beyond float32's range is infinite there."""
     problem = None
     if data.dtype.kind == "f":
+        with np.errstate(over="ignore"):
+            data = wire.carried(data)
         bad = ~np.isfinite(data)
         if bad.any():
             problem = "nan" if np.isnan(data).any() else "inf"
@@ -412,6 +415,12 @@ class ScanFollower:
             raise ScanError(f"{source}:{dataset}: dtype {data.dtype} is not a number type (expected integer or float counts)")
         if data.ndim != 3:
             raise ScanError(f"{source}:{dataset}: rank {data.ndim} (shape {data.shape}), expected 3 (frame, rows, columns)")
+        if data.is_virtual:
+            for mapping in data.virtual_sources():
+                inner = data.file.get(mapping.dset_name) if mapping.file_name == "." else None
+                if isinstance(inner, h5py.Dataset) and inner.is_virtual:  # itself, or another: a loop crashes HDF5's read
+                    raise ScanError(f"{source}:{dataset}: a virtual dataset over {mapping.dset_name}, a virtual dataset of the "
+                                    "same file (one over itself crashed its reader); refused")
         height, width = int(data.shape[1]), int(data.shape[2])
         wanted = self.settings.frame_shape
         if wanted is not None and (height, width) != tuple(wanted):
@@ -423,7 +432,7 @@ class ScanFollower:
         if unsendable is not None:
             raise ScanError(f"{source}:{dataset}: frames of {height} x {width} pixels: {unsendable} (a line detector's frames "
                             "are not segmented)")
-        too_big = chunk_problem(data, int(self.settings.max_chunk_mib * 2**20))
+        too_big = chunk_problem(data, int(self.settings.max_chunk_mib * 2**20), self.settings.max_chunks_per_frame)
         if too_big is not None:
             raise ScanError(f"{source}:{dataset}: {too_big}")
         self._reader = BoundedFrameReader(data)
@@ -444,7 +453,8 @@ class ScanFollower:
     def _reopen_nexus(self) -> None:
         """Close and reopen the NeXus file (not the detector file) so new objects become visible."""
         if self._source is self._nexus:
-            return  # frames live in it: SWMR refresh already sees all we need
+            self._reopen_for_end_marker()
+            return
         keys_path = None if self._keys is None else self._keys.name
         self._nexus_datasets.clear()
         self._file.close()
@@ -453,6 +463,29 @@ class ScanFollower:
             self._keys = self._file[keys_path]
         if handle_identity(self._nexus) != self._identities.get(self.nexus_path):  # replaced between check and reopen
             raise _Replaced(f"{self.nexus_path}: scan file replaced by a new file of the same name while being read")
+
+    def _reopen_for_end_marker(self) -> None:
+        """Frames in the NeXus file itself: SWMR refresh shows them, but not an end_time its writer adds as a new object at
+        the end (it reopens the file to do so): such a scan waited the idle timeout and ended `incomplete`. So while the
+        file has no end marker object, it is opened again, frames and all."""
+        entry = self._opened.entry
+        markers = (f"{entry}/diamond_scan/scan_finished", f"{entry}/end_time")
+        if any(self._nexus_dataset(path) is not None for path in markers):
+            return  # the marker is there (pre-created and filled later, as SWMR writers do): refresh shows its value
+        dataset = self._frames.name
+        if self._virtual is not None:
+            self._virtual.close()
+        self._nexus_datasets.clear()
+        self._file.close()
+        self._nexus = self._source = open_hdf5(self.nexus_path)
+        if handle_identity(self._nexus) != self._identities.get(self.nexus_path):  # replaced between check and reopen
+            raise _Replaced(f"{self.nexus_path}: scan file replaced by a new file of the same name while being read")
+        found = self._nexus.get(dataset)
+        if not isinstance(found, h5py.Dataset):
+            raise ScanError(f"{self.nexus_path}:{dataset}: the frames' dataset vanished while being read")
+        self._data = found
+        self._reader = BoundedFrameReader(found)
+        self._virtual = virtual_rows(found, self.nexus_path) if self._virtual is not None else None
 
     def _nexus_dataset(self, path: str) -> h5py.Dataset | None:
         """The NeXus file's dataset at `path`, or None; looked up once per opening of the file (objects added to it
@@ -625,7 +658,10 @@ class ScanFollower:
             if span is not None and self._in_hole(*span):  # compressed bytes cut out by a truncation: lost, not broken
                 log.warning("%s: frame %d lies where the file was cut (truncated while being read)", self._opened.source_file, index)
                 return np.zeros(self._frames.shape[1:], dtype=self._frames.dtype)
-            raise ScanError(f"{self._opened.source_file}:{self._opened.dataset}: frame {index} unreadable ({one_line(error, H5_MESSAGE_LIMIT)})") from None
+            missing = missing_filters(self._frames)
+            lacking = f"; compressed with {missing}, which is not installed here" if missing else ""
+            raise ScanError(f"{self._opened.source_file}:{self._opened.dataset}: frame {index} unreadable "
+                            f"({one_line(error, H5_MESSAGE_LIMIT)}){lacking}") from None
 
     def _read_run(self, run: range) -> Iterator[tuple[int, np.ndarray]]:
         """(index, frame) of each frame of `run`: one HDF5 read for them all where HDF5 decodes the chunks; frame by
@@ -678,6 +714,10 @@ class ScanFollower:
                     last_check = time.monotonic()
                 ended = self._end_marker()
                 self._refresh_frames()
+                if tuple(self._frames.shape[1:]) != self._opened.frame_shape:  # a writer that grows the frames: never cropped
+                    raise ScanError(f"{self._opened.source_file}:{self._opened.dataset}: frames now of "
+                                    f"{' x '.join(map(str, self._frames.shape[1:]))} pixels, were "
+                                    f"{' x '.join(map(str, self._opened.frame_shape))}: a frame shape that changes mid-scan is refused")
                 n_rows = self._frames.shape[0]
                 now = time.monotonic()
                 if n_rows != last_rows:
