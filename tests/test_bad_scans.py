@@ -297,6 +297,42 @@ def test_a_malformed_gda9_end_marker_is_said_once_and_the_good_frames_are_proces
     assert_complete(half.with_suffix(".zarr"), 3)
 
 
+def test_oversized_text_and_axis_metadata_are_cut_or_passed_over_and_the_frames_processed(live):
+    """Audit F2, F3: a 20 MB scan_command (or start_time) failed a good scan as "its reader sent a broken message"; an
+    NXdata axis declaring 400 M values (a 1 MB file) took the reader to 2 GB until its deadline killed it as "damaged"."""
+    directory = live.watched / "metadata"
+    directory.mkdir()
+    frames = np.ones((3, 195, 487), dtype=np.int32)
+
+    def long_text(temporary: Path) -> None:
+        with h5py.File(temporary, "w") as handle:
+            entry = handle.create_group("entry1")
+            entry["scan_command"] = "scan eta 10 10.5 0.25 pil3_100k 1 " + "x" * 5_000_000
+            entry["end_time"] = "2024-01-01T00:00:00"
+            entry.create_group("pil3_100k").create_dataset("data", data=frames, chunks=(1, 195, 487))
+
+    def huge_axis(temporary: Path) -> None:
+        with h5py.File(temporary, "w") as handle:
+            entry = handle.create_group("entry1")
+            entry["scan_command"] = "scan eta 10 10.5 0.25 pil3_100k 1"
+            entry["end_time"] = "2024-01-01T00:00:00"
+            entry.create_group("pil3_100k").create_dataset("data", data=frames, chunks=(1, 195, 487))
+            plot = entry.create_group("plot")
+            plot.attrs.update({"NX_class": "NXdata", "signal": "data", "axes": ["eta", ".", "."]})
+            plot.create_dataset("eta", shape=(400_000_000,), dtype="f4", chunks=(1 << 20,))  # never written
+            plot["data"] = h5py.SoftLink("/entry1/pil3_100k/data")
+            entry.attrs["default"] = "plot"
+
+    texts = appear(directory / "long_command.nxs", long_text)
+    axis = appear(directory / "huge_axis.nxs", huge_axis)
+    wait_for_status([texts.with_suffix(".zarr"), axis.with_suffix(".zarr")], timeout=60)
+    assert_complete(texts.with_suffix(".zarr"), 3)
+    assert_complete(axis.with_suffix(".zarr"), 3)
+    said = [line for line in live.log.problems("long_command.nxs") if "scan_command" in line]
+    assert said == [f"{texts}:/entry1/scan_command holds 5,000,034 characters of text; only the first 4,096 are kept"], said
+    assert not any("reader" in line for line in live.log.problems("huge_axis.nxs")), live.log.problems("huge_axis.nxs")
+
+
 def test_nan_and_all_zero_frames_are_processed_counted_and_an_abandoned_scan_ends_incomplete(live):
     directory = live.watched / "odd-frames"
     directory.mkdir()

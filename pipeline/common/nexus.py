@@ -17,6 +17,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+log = logging.getLogger(__name__)
 # hdfmap warns about every file without NeXus defaults (the simulator's, GDA 8's); what we chose is logged by the follower
 logging.getLogger("hdfmap").setLevel(logging.ERROR)
 
@@ -56,12 +57,28 @@ def open_hdf5(path: Path) -> h5py.File:
         return h5py.File(path, "r", locking=False)
 
 
+MAX_TEXT_CHARACTERS = 4096  # of a NeXus text field kept: a 20 MB scan_command failed a good scan (its message too big)
+
+
 def read_text(node: h5py.Dataset) -> str:
-    """A NeXus string dataset (scalar or one-element, bytes or str) as text."""
-    value = node[()]
-    if isinstance(value, np.ndarray):
-        value = value.reshape(-1)[0] if value.size else b""
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+    """A NeXus string dataset (scalar or one-element, bytes or str) as text, at most MAX_TEXT_CHARACTERS of it. Longer
+    text (only a crafted or broken file has it) is cut, said once per field: it names the scan, it is never parsed whole."""
+    if node.ndim and node.size:
+        value = node[(0,) * node.ndim]  # the first element: a list of texts is not read whole
+    else:
+        value = node[()] if not node.ndim else b""
+    text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+    if len(text) > MAX_TEXT_CHARACTERS:
+        field = (node.file.filename, node.name)
+        if field not in _SAID_LONG and len(_SAID_LONG) < 10_000:
+            _SAID_LONG.add(field)
+            log.warning("%s:%s holds %s characters of text; only the first %s are kept", *field, f"{len(text):,}",
+                        f"{MAX_TEXT_CHARACTERS:,}")
+        text = text[:MAX_TEXT_CHARACTERS]
+    return text
+
+
+_SAID_LONG: set[tuple[str, str]] = set()  # text fields already said to be too long (each is said once)
 
 
 def file_identity(path: Path) -> Identity | None:
@@ -231,8 +248,13 @@ def expected_frames(nexus: h5py.File, entry: str, command: str | None) -> tuple[
     return (points, "scan command") if points is not None else (None, None)
 
 
+MAX_AXIS_POINTS = 1_000_000  # a scan axis has a value a point: a longer 1-D dataset is not one (and is never read whole)
+
+
 def _is_axis(node: object) -> bool:
-    return isinstance(node, h5py.Dataset) and node.ndim == 1 and node.dtype.kind in "fiu"
+    """A 1-D numeric dataset of at most MAX_AXIS_POINTS values. An axis is read whole to see whether it moves: one that
+    declared 400 M values (1.1 MB on disk, never written) took a reader to 2 GB until its deadline killed it."""
+    return isinstance(node, h5py.Dataset) and node.ndim == 1 and node.dtype.kind in "fiu" and node.size <= MAX_AXIS_POINTS
 
 
 # A field "varies" only against the scan: over the whole scan it must move by more than this fraction of the scan's
