@@ -99,8 +99,14 @@ def test_the_card_picks_the_sslm_input_and_an_unknown_one_is_one_line(tmp_path) 
         settings = ModelSettings(precision="float32", tlm=tlm_off, sslm=SSLMSettings(weights=path))
         predicted = JointPredictor.from_settings(settings).predict_image(frame)
         with torch.inference_mode():
-            expected = model(torch.from_numpy(prepare_input(frame))[None, None]).argmax(dim=1)[0].numpy()
-        assert np.array_equal(predicted.ssl_clusters, expected.astype(np.uint8)), transform
+            logits = model(torch.from_numpy(prepare_input(frame))[None, None])[0].numpy()
+        # the predictor runs the same weights folded and channels-last: where two random-weight channels tie to float
+        # rounding, either may win (a CI run's thread count changed which), so a pixel that differs must be such a tie
+        differ = predicted.ssl_clusters != logits.argmax(axis=0)
+        rows, columns = np.nonzero(differ)
+        chosen = logits[predicted.ssl_clusters[rows, columns], rows, columns]
+        assert np.all(logits.max(axis=0)[rows, columns] - chosen <= 1e-4 * np.abs(chosen).clip(1.0)), transform
+        assert differ.mean() < 0.001, (transform, int(differ.sum()))
     bad = tmp_path / "sslm-odd.safetensors"
     save_weights(bad, model.state_dict(), ModelCard(architecture="sslm", peak_channels=[0], input_transform="sqrt"))
     with pytest.raises(WeightsError, match=r"sslm-odd.safetensors: unknown SSLM input_transform 'sqrt'") as error:

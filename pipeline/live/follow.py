@@ -162,6 +162,8 @@ def inspect_frame(data: np.ndarray) -> tuple[np.ndarray, str | None]:
     """A frame with non-finite pixels made dead pixels, and what was wrong with it, if anything. Floats are looked at as
     the workers get them (float32): a float64 count beyond float32's range is infinite there."""
     problem = None
+    if data.dtype.kind == "u" and data.dtype.itemsize >= 2:
+        data = _gaps_dead(data)
     if data.dtype.kind == "f":
         with np.errstate(over="ignore"):
             data = wire.carried(data)
@@ -172,6 +174,19 @@ def inspect_frame(data: np.ndarray) -> tuple[np.ndarray, str | None]:
     if problem is None and not _any_counts(data):
         problem = "all_zero"
     return data, problem
+
+
+def _gaps_dead(data: np.ndarray) -> np.ndarray:
+    """An unsigned frame with its type's largest value made dead pixels. A Dectris Eiger marks the gaps between its
+    modules and its masked pixels so (4294967295 in 32-bit frames, 65535 in 16-bit ones): as counts, they reached the
+    models as lines of 2 billion counts. Frames without such a pixel are returned as they are."""
+    largest = np.iinfo(data.dtype).max
+    masked = data == largest
+    if not masked.any():
+        return data
+    counts = np.minimum(data, np.iinfo(np.int32).max).astype(np.int32)  # room for the dead pixels' negative value
+    counts[masked] = DEAD_PIXEL
+    return counts
 
 
 def _any_counts(data: np.ndarray) -> bool:
