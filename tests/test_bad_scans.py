@@ -496,6 +496,23 @@ def test_same_scan_name_in_two_directories_and_a_link_out_of_the_watched_directo
     assert not (links / "escape.zarr").exists() and not outside_plan.nxs_path.with_suffix(".zarr").exists()
 
 
+def test_a_scan_with_several_names_in_the_watched_directories_is_processed_once(live):
+    """Audit F11: a scan reached through a symbolic link (a beamline's `latest.nxs`) or a hard link was processed once
+    per name, in full: three stores, three times the workers' load."""
+    directory = live.watched / "aliases"
+    (directory / "sub").mkdir(parents=True)
+    scan = nexus_file(directory / "a.nxs", np.ones((3, 195, 487), dtype=np.int32))
+    (directory / "sub" / "latest.nxs").symlink_to(Path("..") / "a.nxs")
+    os.link(scan, directory / "hard.nxs")
+    wait_for_status([scan.with_suffix(".zarr")], timeout=60)
+    time.sleep(2.5)  # two more rescans: the other names stay unfollowed, and are said once
+    assert_complete(scan.with_suffix(".zarr"), 3)
+    assert sorted(p.name for p in directory.rglob("*.zarr")) == ["a.zarr"]
+    assert live.log.lines(f"{directory / 'sub' / 'latest.nxs'}: the same file as {scan}; followed once") != []
+    assert len(live.log.lines(f"{directory / 'hard.nxs'}: the same file as {scan}")) == 1
+    assert live.log.lines("latest.nxs: following") == [] and live.log.lines("hard.nxs: following") == []
+
+
 def test_a_burst_of_two_thousand_junk_files_with_one_good_scan(live):
     from pipeline.live.control import query_status
 

@@ -41,7 +41,7 @@ from pipeline.live.session import FrameDoneHook, ScanSession
 from pipeline.live.shortage import has_passed, raise_descriptor_limit
 from pipeline.live.sink import Sink
 from pipeline.live.timings import FrameTimings
-from pipeline.live.watch import Watcher, find_scans
+from pipeline.live.watch import Watcher, find_scans, is_scan_name
 from pipeline.live.wire import FrameResult
 from pipeline.store import schema
 from pipeline.store.location import recorded_stat_matches, stat_identity, store_path_for
@@ -70,6 +70,8 @@ class Daemon:
         self.sessions: dict[str, ScanSession] = {}
         self._not_scans: dict[str, list[int]] = {}  # path -> stat identity of files that are no detector scans
         self._unusable_names: set[str] = set()  # paths whose names cannot be used (pipeline.common.file_names), said once
+        self._names_of_files: dict[tuple[int, int], str] = {}  # (device, inode) of each file offered -> its first name
+        self._aliases_said: set[str] = set()  # other names of followed files, said once
         self.waiting_scans = WaitingScans()
         self.stopping = threading.Event()
         self._closing = threading.Event()  # set by shutdown: no new scan starts
@@ -77,7 +79,7 @@ class Daemon:
         self.sink = Sink(on_scan_finished=self._session_ended.set)
         self.dispatcher = Dispatcher(config.workers, self._on_result, max_queued=max(16, config.workers.credit * 2),
                                      may_send=self.sink.may_send, max_frame_pixels=config.follow.max_frame_pixels)
-        self.watcher = Watcher(config.watch, self.add_scan) if watch else None
+        self.watcher = Watcher(config.watch, self._found_by_watcher) if watch else None
         self.painter = QuickLookPainter()
         self.readers = ReaderPool(config.readers, config.readers.processes or config.daemon.max_active_scans + 1,
                                   log_level=config.daemon.log_level)
@@ -150,6 +152,42 @@ class Daemon:
         return self.local_workers.processes()
 
     # -- scans ----------------------------------------------------------------------------
+
+    def _found_by_watcher(self, path: Path) -> None:
+        """A file the watcher found: followed, unless it is another name of a file followed by its own (a link such as
+        `latest.nxs -> scan_1234.nxs`, or a hard link): each name was processed in full, doubling the workers' load."""
+        first = self._first_name_of(path) if name_problem(path) is None else None
+        if first is None:
+            self.add_scan(path)
+        elif str(path) not in self._aliases_said and len(self._aliases_said) < MAX_REMEMBERED_NAMES:
+            self._aliases_said.add(str(path))
+            log.info("%s: the same file as %s; followed once, by that name", path, first)
+
+    def _first_name_of(self, path: Path) -> Path | None:
+        """The name under which the file at `path` is followed when that is not `path`: a symbolic link's target inside
+        the watched directories (the watcher finds it there too), or the first name seen of a file with several."""
+        if path.is_symlink():
+            target = Path(os.path.realpath(path))
+            watched = is_inside(target, list(self.config.watch.dirs)) and is_scan_name(target.name, self.config.watch.patterns)
+            return target if watched and target != path else None
+        try:
+            status = os.stat(path)
+        except OSError:
+            return None
+        with self._lock:  # every file's first name, as a hard link may come after the file was offered
+            if len(self._names_of_files) >= MAX_REMEMBERED_NOT_SCANS:
+                self._names_of_files.clear()
+            first = self._names_of_files.setdefault((status.st_dev, status.st_ino), str(path))
+        if first == str(path) or status.st_nlink < 2:
+            return None
+        try:
+            same = os.path.samefile(first, path)
+        except OSError:  # the first name is gone
+            same = False
+        if not same:  # the first name is gone or names another file now: this one is followed
+            with self._lock:
+                self._names_of_files[(status.st_dev, status.st_ino)] = str(path)
+        return Path(first) if same else None
 
     def add_scan(self, path: Path) -> None:
         """Queue a scan unless its store, made from this very file, is already complete or failed
