@@ -331,3 +331,25 @@ def test_a_chunk_whose_deflate_stream_is_broken_is_an_error_naming_the_chunk(tmp
         with pytest.raises(ChunkCorrupt, match=r"^chunk at \(1, 0, 0\): its deflate stream is broken \("):
             BoundedFrameReader(data).read(1)
         np.testing.assert_array_equal(BoundedFrameReader(data).read(0), _frames(2)[0])
+
+
+def test_a_scaleoffset_element_count_patched_in_the_file_is_refused_at_open(tmp_path: Path) -> None:
+    """HDF5's scaleoffset (and nbit) decoder takes a chunk's element count from the filter's stored parameters: patched
+    to 64 Mi in a 1 MB file, it crashed the reading process (a segfault). It must equal the chunk's, or the dataset is
+    refused before a frame is read."""
+    path = tmp_path / "patched.h5"
+    frames = np.random.default_rng(5).poisson(3.0, (2, *FRAME_SHAPE)).astype("int32")
+    with h5py.File(path, "w") as handle:
+        handle.create_dataset("data", data=frames, chunks=(1, *FRAME_SHAPE), scaleoffset=0)
+        values = handle["data"].id.get_create_plist().get_filter(0)[2]
+    with h5py.File(path, "r") as handle:
+        assert chunk_problem(handle["data"], 32 * 2**20) is None  # as written: fine
+    raw = bytearray(path.read_bytes())
+    where = raw.find(struct.pack("<3I", *values[:3]))
+    assert where > 0 and raw.count(struct.pack("<3I", *values[:3])) == 1
+    raw[where + 8:where + 12] = struct.pack("<I", 64 * 2**20)
+    path.write_bytes(bytes(raw))
+    with h5py.File(path, "r") as handle:
+        problem = chunk_problem(handle["data"], 32 * 2**20)
+    assert problem == (f"scaleoffset filter claims {64 * 2**20} elements a chunk, its chunks hold 94,965: refused (HDF5's "
+                       "decoder trusts the count: a crafted one crashed the reader)"), problem

@@ -65,9 +65,16 @@ def chunk_problem(dataset: h5py.Dataset, max_chunk_bytes: int, max_chunks_per_fr
     killed as "damaged" by the reader's deadline). A contiguous dataset is read frame by frame: only chunked ones are limited."""
     if dataset.chunks is None:
         return None
-    unbounded = _pipeline_problem(_filters(dataset))
+    filters = _filters(dataset)
+    unbounded = _pipeline_problem(filters)
     if unbounded is not None:
         return unbounded
+    elements = int(np.prod(dataset.chunks, dtype=np.int64))
+    for code, values in filters:  # scaleoffset and nbit keep a chunk's element count in their parameters (the third)
+        if code in (h5py.h5z.FILTER_SCALEOFFSET, h5py.h5z.FILTER_NBIT) and (len(values) < 3 or values[2] != elements):
+            claimed = values[2] if len(values) >= 3 else "no count"
+            return (f"{_name(code)} filter claims {claimed} elements a chunk, its chunks hold {elements:,}: refused (HDF5's "
+                    "decoder trusts the count: a crafted one crashed the reader)")
     tiles = -(-dataset.shape[1] // dataset.chunks[1]) * -(-dataset.shape[2] // dataset.chunks[2]) if dataset.ndim == 3 else 1
     if tiles > max_chunks_per_frame:
         return (f"frames stored in {tiles:,} chunks each (chunks of {' x '.join(map(str, dataset.chunks))}), more than "
