@@ -468,6 +468,10 @@ def test_a_finished_scan_replaced_by_a_new_file_of_the_same_name_is_processed_in
     writer.join(timeout=60)
     wait_until(lambda: attrs_of(store).get("frames_total") == 6, 60, "the new file processed")  # seconds under load
     assert_complete(store, 6)
+    asides = sorted(directory.glob("again.zarr.replaced-*"))  # the first scan's results kept (audit F4), not deleted
+    assert len(asides) == 1, asides
+    kept = open_live(asides[0])
+    assert kept.attrs["status"] == "complete" and kept["frames/done"][:].tolist() == [1] * 4
 
 
 def test_same_scan_name_in_two_directories_and_a_link_out_of_the_watched_directories(live, tmp_path):

@@ -235,9 +235,12 @@ class ScanStore:
     def _create_or_resume(cls, path: Path, info: ScanInfo, frame_shape: tuple[int, int], attrs: dict[str, Any],
                           fsync: bool = False) -> ScanStore:
         if path.exists():
+            results = 0  # frames done in a store being replaced: kept, moved aside, when there are any
             try:
                 group = zarr.open_group(store_for(path, fsync), mode="r+", use_consolidated=False)
                 recorded = group.attrs.get(Attr.SOURCE_START_TIME)
+                if schema.FRAMES_DONE in group:
+                    results = int(np.count_nonzero(group[schema.FRAMES_DONE][:]))
                 if group.attrs.get(Attr.SOURCE_FILE) == str(info.source_file) and schema.FRAMES_DONE in group:
                     if recorded and info.start_time and recorded != info.start_time:
                         log.warning("%s: made from an earlier file %s (start_time %s, now %s); replacing it with a fresh store",
@@ -259,7 +262,12 @@ class ScanStore:
                 os.rename(path, aside)
                 log.warning("%s: unreadable store (%s); moved aside to %s, making a fresh one", path, one_line(error), aside.name)
                 return cls._create(path, info, frame_shape, attrs, fsync)
-            shutil.rmtree(path)
+            if results:  # the earlier scan's results are not ours to delete: a renamed-over scan's were lost so
+                aside = path.with_name(f"{path.name}.replaced-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}")
+                os.rename(path, aside)
+                log.warning("%s: the earlier store (%d frame(s) done) moved aside to %s", path, results, aside.name)
+            else:
+                shutil.rmtree(path)
         return cls._create(path, info, frame_shape, attrs, fsync)
 
     @classmethod
