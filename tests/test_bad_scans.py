@@ -115,6 +115,19 @@ def _filtered_file(path: Path, chunks: tuple[int, int, int] = (1, 195, 487), com
     return appear(path, write)
 
 
+def _linked_to_itself(path: Path) -> Path:
+    """A scan whose frames are an external link to the same path in the same file (audit R7: it was called missing)."""
+
+    def write(temporary: Path) -> None:
+        with h5py.File(temporary, "w") as handle:
+            entry = handle.create_group("entry1")
+            entry["scan_command"] = "scan eta 10 10.5 0.25 pil3_100k 1"
+            entry["end_time"] = "2024-01-01T00:00:00"
+            entry.create_group("pil3_100k")["data"] = h5py.ExternalLink(path.name, "/entry1/pil3_100k/data")
+
+    return appear(path, write)
+
+
 def _self_virtual(path: Path) -> Path:
     """A scan whose frames are a virtual dataset over itself: reading it crashed the reader process."""
 
@@ -218,6 +231,7 @@ def test_unreadable_files_fail_with_one_line_each_and_the_next_scan_completes(li
             "frame 0 unreadable", "compressed with HDF5 filter 305, which is not installed here"],
         _self_virtual(directory / "self_virtual.nxs"): ["a virtual dataset over /entry1/pil3_100k/data, a virtual dataset "
                                                         "of the same file"],
+        _linked_to_itself(directory / "link_self.nxs"): ["entry1/pil3_100k/data: an external link to itself", "refused"],
         nexus_file(directory / "lost_link.nxs", link="lost_link-pilatus3_100k-files/lost_link.hdf"):
             ["target file did not appear within 2 s", str(directory / "lost_link-pilatus3_100k-files" / "lost_link.hdf")],
     }

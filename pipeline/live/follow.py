@@ -203,6 +203,13 @@ def _link_at(nexus: h5py.File, path: str) -> object | None:
         return None
 
 
+def _same_file(one: Path, other: Path) -> bool:
+    try:
+        return os.path.samefile(one, other)
+    except OSError:
+        return False
+
+
 def _nx_class(group: h5py.Group) -> str:
     value = group.attrs.get("NX_class", "")
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
@@ -303,6 +310,8 @@ class ScanFollower:
         if isinstance(link, h5py.ExternalLink):
             layout = "gda9" if keys_path in self._file else "gda8"
             source_file = self._resolve_link_target(link.filename)
+            if link.path.strip("/") == data_path.strip("/") and _same_file(source_file, self.nexus_path):
+                raise ScanError(f"{self.nexus_path}:{data_path}: an external link to itself ({link.filename}:{link.path}); refused")
             self.progress("opening the detector file")
             self._source, self._data = self._wait(
                 source_file, self.settings.link_timeout_s, lambda: self._open_target(source_file, link.path),
