@@ -353,3 +353,35 @@ def test_a_scaleoffset_element_count_patched_in_the_file_is_refused_at_open(tmp_
         problem = chunk_problem(handle["data"], 32 * 2**20)
     assert problem == (f"scaleoffset filter claims {64 * 2**20} elements a chunk, its chunks hold 94,965: refused (HDF5's "
                        "decoder trusts the count: a crafted one crashed the reader)"), problem
+
+
+@pytest.mark.parametrize("claimed", [2**30, 0])
+def test_a_bitshuffle_chunk_whose_header_lies_about_its_size_is_refused_not_a_crash(tmp_path: Path, claimed: int) -> None:
+    """hdf5plugin's filters are there in a reader once hdfmap has imported it (for the scan axis). Its bitshuffle filter
+    allocates and decodes what a chunk's header says: a header claiming 1 GiB over a 2 KB chunk made the reading
+    process die of a segfault. The header is checked against the chunk's size before HDF5 reads it."""
+    path = tmp_path / "bitshuffled.h5"
+    probe = textwrap.dedent(f"""
+        import struct
+        import h5py, hdf5plugin, numpy as np
+        from pipeline.common.chunks import BoundedFrameReader, ChunkRefused
+        frames = np.arange(3 * 195 * 487, dtype=np.int32).reshape(3, 195, 487) % 50
+        with h5py.File({str(path)!r}, "w") as handle:
+            data = handle.create_dataset("data", data=frames, chunks=(1, 195, 487), **hdf5plugin.Bitshuffle(cname="lz4"))
+            _, raw = data.id.read_direct_chunk((1, 0, 0))
+            data.id.write_direct_chunk((1, 0, 0), struct.pack(">Q", {claimed}) + raw[8:])
+        with h5py.File({str(path)!r}, "r") as handle:
+            reader = BoundedFrameReader(handle["data"])
+            print("FRAME0", bool(np.array_equal(reader.read(0), frames[0])), bool(np.array_equal(reader.read(2), frames[2])))
+            try:
+                reader.read(1)
+                print("READ1")
+            except ChunkRefused as error:
+                print("REFUSED", error)
+    """)
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])  # was -11: a segfault
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines() if " " in line)
+    assert lines["FRAME0"] == "True True", result.stdout
+    assert lines["REFUSED"] == (f"chunk at (1, 0, 0): its bitshuffle header claims {claimed:,} bytes in blocks of 8,192, the "
+                                "chunk holds 379,860: refused (the plugin trusts it: a crafted one crashed the reader)"), result.stdout

@@ -16,7 +16,8 @@ is bounded here, in one of two ways:
   what follows it, so such a dataset is refused at open (`chunk_problem`).
 
 Datasets without deflate are read by HDF5 itself, after the declared chunk size has been checked
-against the cap (`chunk_problem`); their plugin compressors (LZ4, bitshuffle) are bounded only by it.
+against the cap (`chunk_problem`); their plugin compressors are bounded only by it, but a bitshuffle or LZ4 chunk's
+header (the size it decodes to, which the plugin trusts) is checked first (`_check_header`).
 """
 
 from __future__ import annotations
@@ -120,6 +121,29 @@ def missing_filters(dataset: h5py.Dataset) -> str | None:
     missing = [f"{_NAMES[code]} (HDF5 filter {code})" if code in _NAMES else f"HDF5 filter {code}"
                for code, _ in _filters(dataset) if not h5py.h5z.filter_avail(code)]
     return ", ".join(missing) or None
+
+
+BITSHUFFLE, LZ4 = 32008, 32004
+_HEADED = (BITSHUFFLE, LZ4)  # hdf5plugin's filters (there once hdfmap imports it) whose chunks begin with their size
+
+
+def _outermost(codes: list[int]) -> int | None:
+    """The filter undone first on read (the last written), past a trailing fletcher32."""
+    outer = list(codes)
+    while outer and outer[-1] == FLETCHER32:
+        outer.pop()
+    return outer[-1] if outer else None
+
+
+def _check_header(payload: bytes | memoryview, bound: int, code: int, offset: tuple[int, ...]) -> None:
+    """A bitshuffle or LZ4 chunk's header (its decoded size, big-endian 8 bytes, then its block size, 4) within what the
+    stage can have been given: the plugin allocates and decodes what the header says (a crafted size crashed the reader)."""
+    if len(payload) < 12:
+        raise ChunkRefused(f"chunk at {offset}: {len(payload)} byte(s), too short for its {_name(code)} header: refused")
+    size, block = int.from_bytes(payload[:8], "big"), int.from_bytes(payload[8:12], "big")
+    if not 0 < size <= bound or not 0 < block <= size:
+        raise ChunkRefused(f"chunk at {offset}: its {_name(code)} header claims {size:,} bytes in blocks of {block:,}, the "
+                           f"chunk holds {bound:,}: refused (the plugin trusts it: a crafted one crashed the reader)")
 
 
 def _name(code: int) -> str:
@@ -229,7 +253,7 @@ class BoundedFrameReader:
         self._problem = _pipeline_problem(self._filters)
         codes = [code for code, _ in self._filters]
         self._here = DEFLATE in codes and set(codes) <= _DECODED_HERE
-        self._measures = DEFLATE in codes and not self._here and self._problem is None
+        self._measures = (DEFLATE in codes and not self._here and self._problem is None) or _outermost(codes) in _HEADED
 
     @property
     def decodes_itself(self) -> bool:
@@ -357,7 +381,9 @@ class BoundedFrameReader:
                 continue
             if code == DEFLATE and _inflates_past(payload, bound, offset):
                 raise self._too_much(offset, stages, stage, len(raw))
-            break  # what the deflate stage wrote is for HDF5 to decode
+            if code in _HEADED:
+                _check_header(payload, bound, code, offset)
+            break  # what the outermost stage wrote is for HDF5 to decode
         if len(self._measured) >= _MEASURED_KEYS:
             self._measured.clear()
         self._measured.add(key)
