@@ -46,6 +46,12 @@ _HEADER = textwrap.dedent("""
         deadline = time.monotonic() + 120
         while not os.path.exists(os.path.splitext(path)[0] + ".zarr") and time.monotonic() < deadline:
             time.sleep(0.05)
+    def published():  # the file made under its .part name appears, and is reopened for SWMR once a follower has it
+        os.replace(path + ".part", path)
+        follower_there()
+        handle = h5py.File(path, "a", libver="latest")
+        handle.swmr_mode = True
+        return handle
     def end(handle):
         handle["entry1/end_time"][()] = np.bytes_(time.strftime("%Y-%m-%dT%H:%M:%S").encode())
         handle.flush()
@@ -57,10 +63,7 @@ GROWS_BEFORE_WRITING = _HEADER + textwrap.dedent("""
         e, group = entry(handle, n)
         data = group.create_dataset("data", shape=(0, 195, 487), maxshape=(None, 195, 487), dtype="i4",
                                     chunks=(frames_a_chunk, 195, 487))
-    os.replace(path + ".part", path)
-    follower_there()
-    with h5py.File(path, "a", libver="latest") as handle:
-        handle.swmr_mode = True
+    with published() as handle:
         data = handle["entry1/pil3_100k/data"]
         for index in range(n):
             data.resize(index + 1, axis=0)  # the row exists for the whole exposure before the frame is in it
@@ -104,10 +107,7 @@ PREALLOCATED = _HEADER + textwrap.dedent("""
     with h5py.File(path + ".part", "w", libver="latest") as handle:
         e, group = entry(handle, n)
         group.create_dataset("data", shape=(n, 195, 487), dtype="i4")  # contiguous: every row there from the start
-    os.replace(path + ".part", path)
-    follower_there()
-    with h5py.File(path, "a", libver="latest") as handle:
-        handle.swmr_mode = True
+    with published() as handle:
         data = handle["entry1/pil3_100k/data"]
         for index in range(n):
             time.sleep(0.6)
@@ -123,10 +123,7 @@ END_TIME_ADDED_LAST = _HEADER + textwrap.dedent("""
         e["scan_command"] = f"scan eta 10 {10 + 0.25 * (n - 1):g} 0.25 pil3_100k 1"
         e.create_group("pil3_100k").create_dataset("data", shape=(0, 195, 487), maxshape=(None, 195, 487), dtype="i4",
                                                    chunks=(1, 195, 487))
-    os.replace(path + ".part", path)
-    follower_there()
-    with h5py.File(path, "a", libver="latest") as handle:
-        handle.swmr_mode = True
+    with published() as handle:
         data = handle["entry1/pil3_100k/data"]
         for index in range(n):
             time.sleep(1.0)
@@ -142,10 +139,7 @@ RESHAPED = _HEADER + textwrap.dedent("""
     with h5py.File(path + ".part", "w", libver="latest") as handle:
         e, group = entry(handle, n)
         group.create_dataset("data", shape=(0, 195, 487), maxshape=(None, None, None), dtype="i4", chunks=(1, 195, 487))
-    os.replace(path + ".part", path)
-    follower_there()
-    with h5py.File(path, "a", libver="latest") as handle:
-        handle.swmr_mode = True
+    with published() as handle:
         data = handle["entry1/pil3_100k/data"]
         for index in range(n):
             time.sleep(0.8)
