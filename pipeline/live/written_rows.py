@@ -125,11 +125,12 @@ class VirtualRows:
         source = self._source(mapping)
         if source is None:
             return False
-        try:
-            if source.file.swmr_mode:
-                source.refresh()  # a source file still being written: its current length
-        except H5_ERRORS:
-            return False
+        if row >= source.shape[0] - 1:  # refreshed only for rows it did not hold at the last look, not once a row
+            try:
+                if source.file.swmr_mode:
+                    source.refresh()  # a source file still being written: its current length
+            except H5_ERRORS:
+                return False
         return row < source.shape[0] and row_complete(source, row, final)
 
     def _source(self, mapping: _Mapping) -> h5py.Dataset | None:
