@@ -142,7 +142,7 @@ def links_outside(handle: h5py.File, holder: Path, roots: Sequence[Path], max_li
 
     links = handle.id.links
 
-    def visit(raw: bytes) -> bool | None:  # the low-level walk: h5py's own fails on a name that is not UTF-8
+    def visit(raw: bytes, info: h5py.h5l.LinkInfo) -> bool | None:  # the low-level walk: h5py's own fails on names not UTF-8
         nonlocal seen
         seen += 1
         if alive is not None and seen % 1000 == 0:
@@ -156,7 +156,7 @@ def links_outside(handle: h5py.File, holder: Path, roots: Sequence[Path], max_li
         elif not _is_utf8(raw):
             where = shown(parent.decode(errors="replace")) or "the root group"
             found.append(f"{holder}: {where} holds a name that is not UTF-8 ({leaf!r}); refused")
-        elif links.get_info(raw).type == h5py.h5l.TYPE_EXTERNAL:
+        elif info.type == h5py.h5l.TYPE_EXTERNAL:
             name = raw.decode()
             filename, path = (part.decode(errors="replace") for part in links.get_val(raw))
             target = external_link_target(filename, holder)  # where the follower itself looks for a detector file
@@ -168,7 +168,7 @@ def links_outside(handle: h5py.File, holder: Path, roots: Sequence[Path], max_li
                 found.append(f"{holder}:/{name}: external link to {filename}:{path}: {why}")
         return True if found else None  # anything but None ends HDF5's walk at once
 
-    links.visit(visit)
+    links.visit(visit, info=True)
     return found[0] if found else None
 
 
