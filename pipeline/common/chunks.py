@@ -158,10 +158,7 @@ def _filters(dataset: h5py.Dataset) -> list[Filter]:
 def _deflate_measured(codes: list[int]) -> bool:
     """True when the pipeline's only deflate is written last but for fletcher32: undone first on read (after the
     checksum), so its output can be measured before HDF5 decodes the rest."""
-    outer = list(codes)
-    while outer and outer[-1] == FLETCHER32:
-        outer.pop()
-    return bool(outer) and outer[-1] == DEFLATE and codes.count(DEFLATE) == 1
+    return _outermost(codes) == DEFLATE and codes.count(DEFLATE) == 1
 
 
 def _pipeline_problem(filters: list[Filter]) -> str | None:
