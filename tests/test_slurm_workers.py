@@ -58,7 +58,7 @@ def _on_path(program: str) -> bool:
     return shutil.which(program) is not None
 
 
-def _config(tmp_path: Path, slurm: dict[str, Any], local: int = 0, **workers: Any) -> Path:
+def _config(tmp_path: Path, slurm: dict[str, Any], local: int = 0, web: dict[str, Any] | None = None, **workers: Any) -> Path:
     return write_config(tmp_path / "config.yaml", models=MODELS_OFF,
                         workers={"local": local, "credit": 2, "batch_size": 1, "timeout_s": 10.0, **workers,
                                  "command": [sys.executable, "-m", "pipeline.testing.slow_worker"],
@@ -66,7 +66,7 @@ def _config(tmp_path: Path, slurm: dict[str, Any], local: int = 0, **workers: An
                                            "log_dir": str(tmp_path / "slurm"), **slurm}},
                         daemon={"audit_log": str(tmp_path / "audit.jsonl")},
                         # the jobs' copy of the config leaves the web token out (dumped as `**********`, it would not load)
-                        web={"token": "a-token-of-20-chars"} if not local else {})
+                        web=web or ({"token": "a-token-of-20-chars"} if not local else {}))
 
 
 def _status(config: Path) -> dict[str, Any]:
@@ -298,3 +298,47 @@ def test_no_sbatch_is_one_line_naming_where_it_was_looked_for(tmp_path: Path) ->
     assert workers.unable == f"cannot submit SLURM worker jobs to partition pipeline: sbatch not found in {empty}"
     assert workers.status() == [] and workers.processes() == []
     assert not (tmp_path / "slurm" / f"{workers.name}.json").exists()  # its files are gone with it
+
+
+def test_jobs_follow_the_frames_waiting_from_none_to_the_most_and_back_and_the_web_page_lists_them(
+        slurm: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, browser: Any) -> None:
+    """No scan: no job. 40 frames waiting with credit 2: the most jobs (3; the node's 2 CPUs run two, the third waits for
+    resources). The scan done: every job cancelled after idle_s. The daemon's own web page lists the jobs as squeue has them."""
+    from pipeline.testing.web import wait_in_page
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    web_port = free_port()
+    config = _config(tmp_path, {"jobs": 3}, web={"port": web_port, "token": "a-token-of-20-chars", "poll_interval_s": 0.5})
+    daemon = _start(config, scans, tmp_path / "daemon.log", 0.5, monkeypatch)
+    plan = ScanPlan(directory=scans, name="backlog", layout="nexus", n_frames=40, rate_hz=1000.0, seed=75)
+    store = plan.nxs_path.with_suffix(".zarr")
+    try:
+        wait_until(lambda: query_status(control_endpoint(config), timeout_s=2.0) is not None, 60, "the daemon answering")
+        time.sleep(3.0)  # several rounds of the SLURM thread (poll_s 0.5) with nothing to do
+        idle = _status(config)["slurm_workers"]
+        name = idle["name"]
+        assert (idle["wanted"], idle["jobs"], _squeue(f"--name={name}", "--format=%i")) == (0, [], []), idle
+        write_scan(plan)
+        wait_until(lambda: len(_jobs(config)) == 3, 60, "three jobs submitted for 40 frames waiting")
+        busy = _status(config)["slurm_workers"]
+        assert busy["wanted"] == 3 and busy["max_jobs"] == 3, busy
+        browser.get(f"http://127.0.0.1:{web_port}/?token=a-token-of-20-chars")
+        shown = wait_in_page(browser, "(document.getElementById('daemon') || {}).textContent.includes(' RUNNING on ') && "
+                                      "document.getElementById('daemon').textContent", 30, "the SLURM jobs on the front page")
+        running = [job["job_id"] for job in _jobs(config) if job["state"] == "RUNNING"]
+        wait_for_status([store], timeout=120)
+        wait_until(lambda: all(job["state"] == "CANCELLED" for job in _jobs(config)), 30, "every job cancelled once nothing waits")
+        after = _status(config)["slurm_workers"]
+        assert not _squeue(f"--name={name}", "--states=PENDING,RUNNING,CONFIGURING", "--format=%i")
+    finally:
+        stop_daemon(daemon)
+    log = (tmp_path / "daemon.log").read_text()
+    assert daemon.returncode == 0, log[-3000:]
+    submitted = re.findall(r"SLURM worker job (\d+) submitted", log)
+    assert len(submitted) == 3, submitted  # no more than workers.slurm.jobs, and no replacement: none ended on its own
+    assert running and all(f"job {job_id} RUNNING on " in shown for job_id in running[:1]), (running, shown)
+    assert "; SLURM job " in shown, shown
+    assert after["wanted"] == 0 and len(after["jobs"]) == 3, after
+    assert "not needed for 3 s (workers.slurm.idle_s)" in log
+    _frames_done_once(tmp_path, daemon, plan)
