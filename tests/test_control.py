@@ -157,9 +157,19 @@ def test_follow_takes_only_a_regular_scan_file_inside_the_watched_directories_an
                 (_ask(endpoint, [b"follow", path.encode()]) or [b"{}"])[0])
             assert answer == {"accepted": False, "reason": reason}, path
             assert time.monotonic() - started < 3.0, f"{path}: answered only after {time.monotonic() - started:.1f} s"
-        for parts in ([b"follow"], [b"follow", str(scan).encode(), b"more"], [b"follow", b""]):
+        for parts in ([b"follow"], [b"follow", str(scan).encode(), b"/out", b"more"], [b"follow", b""]):
             reply = _ask(endpoint, parts)
             assert reply is not None and ("error" in json.loads(reply[0]) or not json.loads(reply[0])["accepted"]), parts
+        elsewhere, a_file = tmp_path / "out", watched / "notes.txt"
+        root_refusals = {
+            "more": "'more': not an absolute path; send the output root's absolute path",
+            str(elsewhere): f"{scan}: output root {elsewhere} is outside the watched directories and output.root ({watched}); no store is "
+                          "written elsewhere",
+            str(a_file): f"{scan}: output root {a_file} is not a folder",
+        }
+        for root, reason in root_refusals.items():
+            assert request_follow(endpoint, scan, timeout_s=5.0, output_root=root) == {"accepted": False, "reason": reason}, root
+        assert not elsewhere.exists()
 
         store = str(scan.with_suffix(".zarr"))
         followed = {"accepted": True, "scan": str(scan), "store": store, "queued": True, "pid": daemon.pid}
@@ -167,6 +177,8 @@ def test_follow_takes_only_a_regular_scan_file_inside_the_watched_directories_an
         wait_until(lambda: [s["path"] for s in query_status(endpoint, timeout_s=3.0)["scans"]] == [str(scan)], 30, "the scan followed")
         for _ in range(2):  # asked again while it is followed: nothing more is queued
             assert request_follow(endpoint, scan, timeout_s=5.0) == followed
+        # another output root asked for a scan followed already: it keeps its store, and the answer says where that is
+        assert request_follow(endpoint, scan, timeout_s=5.0, output_root=watched / "processing") == followed
         status = query_status(endpoint, timeout_s=3.0)
         assert status is not None and status["waiting_scans"] == 0 and [s["path"] for s in status["scans"]] == [str(scan)], status
     finally:  # no worker: the scan's frames would never be done, so the second SIGTERM stops without waiting for them

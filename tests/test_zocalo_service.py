@@ -211,6 +211,33 @@ def test_a_recipe_makes_the_daemon_follow_a_scan_it_had_not_noticed(broker: Brok
     assert broker.take(REFUSED, timeout=0.5) is None
 
 
+def test_a_recipe_names_the_output_root_and_one_outside_where_the_daemon_writes_is_refused(broker: Broker, daemon: Daemon,
+                                                                                           service: Any, tmp_path: Path) -> None:
+    """GDA's recipe may name where the store goes (a visit's processing folder): the daemon takes a folder inside its
+    watched directories (or output.root), where it writes stores anyway, and refuses any other with one line."""
+    service()
+    scan = _finished_scan(daemon.scans / "sample2" / "rooted.nxs", frames=3)
+    processing = daemon.scans / "processing"
+    broker.go(scan, output_root=str(processing))
+    followed = broker.take(FOLLOWED, timeout=90)
+    store = processing / "sample2" / "rooted.zarr"  # the scan's folder under the watched directory, kept under the root
+    assert followed is not None, f"refused: {broker.take(REFUSED, 0.5)}\n{daemon.log.read_text()[-3000:]}"
+    assert (followed["store"], followed["status"]) == (str(store), "complete"), followed
+    assert open_live(store)["frames/done"][:].tolist() == [1] * 3 and not scan.with_suffix(".zarr").exists()
+
+    elsewhere = tmp_path / "elsewhere"
+    other = _finished_scan(daemon.scans / "unrooted.nxs", frames=3)
+    broker.go(other, output_root=str(elsewhere))
+    refused = broker.take(REFUSED, timeout=60)
+    assert refused == {"scan": str(other), "reason": f"{other}: output root {elsewhere} is outside the watched directories and "
+                                                     f"output.root ({daemon.scans}); no store is written elsewhere"}, refused
+    assert not elsewhere.exists() and not other.with_suffix(".zarr").exists()
+    broker.go(other, output_root="processing")
+    refused = broker.take(REFUSED, timeout=60)
+    assert refused == {"scan": str(other), "reason": "recipe step parameter output_root 'processing': not an absolute path"}, refused
+    assert broker.counts(SERVICE_QUEUE) == (0, 1) and broker.take(FOLLOWED, timeout=0.5) is None
+
+
 def test_a_file_outside_the_watched_directories_is_refused_on_the_error_path(broker: Broker, daemon: Daemon, service: Any,
                                                                              tmp_path: Path) -> None:
     service()

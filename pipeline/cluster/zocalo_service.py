@@ -73,6 +73,7 @@ class Request:
     scan: Path
     control: str
     deadline: float
+    output_root: Path | None = None  # where the daemon is asked to put the store (else where it puts stores)
     answer: dict[str, Any] | None = None  # the daemon's `accepted` answer, once it gave one
     marker: str | None = None  # the store's status and times just after the daemon took the scan
     next_ask: float = 0.0
@@ -97,7 +98,8 @@ def _given(value: object) -> str | None:
 def parse_request(parameters: object, settings: Settings, now: float) -> Request | str:
     """The request a recipe step's parameters make, or one line saying what is wrong with them.
 
-    `scan` (required): the scan file's absolute path. `control`: the daemon's control endpoint; else `config`: a
+    `scan` (required): the scan file's absolute path. `output_root`: a folder the store goes under (the daemon takes
+    one inside its watched directories or output.root). `control`: the daemon's control endpoint; else `config`: a
     pipeline config file whose `daemon.control` names it; else the service's own. `timeout_s`: how long the scan may
     take before the step goes to the error output."""
     if not isinstance(parameters, dict):
@@ -105,6 +107,9 @@ def parse_request(parameters: object, settings: Settings, now: float) -> Request
     scan = _given(parameters.get("scan"))
     if scan is None:
         return "recipe step parameters: no `scan` (the scan file's absolute path)"
+    output_root = _given(parameters.get("output_root"))
+    if output_root is not None and not os.path.isabs(output_root):
+        return f"recipe step parameter output_root {output_root!r}: not an absolute path"
     control = _given(parameters.get("control"))
     if control is not None:
         try:
@@ -127,7 +132,8 @@ def parse_request(parameters: object, settings: Settings, now: float) -> Request
             timeout_s = math.nan
         if not timeout_s > 0 or math.isinf(timeout_s):
             return f"recipe step parameter timeout_s {given!r}: give a positive number of seconds"
-    return Request(Path(scan), control or settings.control, deadline=now + timeout_s, payload={"scan": scan})
+    return Request(Path(scan), control or settings.control, deadline=now + timeout_s,
+                   output_root=None if output_root is None else Path(output_root), payload={"scan": scan})
 
 
 def _marker(store: Path) -> str | None:
@@ -157,7 +163,7 @@ def step(request: Request, now: float, daemon_status: Callable[[str], dict[str, 
         if now > request.deadline:
             return _refused(request, f"{request.scan}: no daemon answered at {expand(request.control)} before the timeout")
         try:
-            answer = request_follow(request.control, request.scan, ASK_TIMEOUT_S)
+            answer = request_follow(request.control, request.scan, ASK_TIMEOUT_S, output_root=request.output_root)
         except ControlError as error:
             if not request.said_unanswered:
                 log.warning("%s: %s; asking again every %g s", request.scan, error, RETRY_S)

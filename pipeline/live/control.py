@@ -3,8 +3,8 @@ GDA) asks it to follow a scan now.
 
 The daemon binds it when it starts, so a port that another process holds is an error then (one
 line naming the endpoint), not a `pipeline status` that talks to someone else. Each request is
-read whole (every part); anything but a one-part `status` or a two-part `follow` + absolute path
-gets a JSON refusal, so no message shape can leave the socket in a state where it stops answering.
+read whole (every part); anything but a one-part `status` or a `follow` + absolute scan path
+(+ optionally an absolute output root) gets a JSON refusal, so no message shape can leave the socket in a state where it stops answering.
 `query_status` is the client that `pipeline status`, the soak and the tests use; `request_follow`
 the one that `pipeline.cluster.zocalo_service` uses. Whether the daemon takes a scan to follow (a
 regular file inside its watched directories) is the daemon's to decide: this module only carries
@@ -44,7 +44,7 @@ class ControlServer:
     """A REP socket bound at construction; `serve` answers on the calling thread until `stopping` is set."""
 
     def __init__(self, endpoint: str, status: Callable[[], dict[str, Any]],
-                 follow: Callable[[Path], dict[str, Any]] | None = None) -> None:
+                 follow: Callable[[Path, Path | None], dict[str, Any]] | None = None) -> None:
         endpoint = expand(endpoint)
         if endpoint.startswith("ipc://"):
             _private_directory(Path(endpoint.removeprefix("ipc://")).parent, endpoint)
@@ -80,29 +80,31 @@ class ControlServer:
         try:
             if request == [STATUS_REQUEST]:
                 reply = json.dumps(self.status())
-            elif len(request) == 2 and request[0] == FOLLOW_REQUEST:
+            elif len(request) in (2, 3) and request[0] == FOLLOW_REQUEST:
                 what = "follow"
-                reply = json.dumps(self._follow(request[1]))
+                reply = json.dumps(self._follow(*request[1:]))
             else:
                 self.refused += 1
                 reply = json.dumps({"error": f"unknown request of {len(request)} part(s); send one part: {STATUS_REQUEST.decode()}, "
-                                             f"or two: {FOLLOW_REQUEST.decode()} and an absolute scan path"})
+                                             f"or two or three: {FOLLOW_REQUEST.decode()}, an absolute scan path and optionally "
+                                             "an absolute output root"})
         except Exception as error:  # a status that cannot be made must not end the control thread
             log.exception("%s request failed", what)
             reply = json.dumps({"error": f"{what} failed ({type(error).__name__})"})
         self._sock.send(reply.encode())
 
-    def _follow(self, raw: bytes) -> dict[str, Any]:
-        """The daemon's answer to `follow PATH`, or a refusal of a path no file system can hold."""
-        path = os.fsdecode(raw)  # any bytes a file name can hold; shown with escapes in a refusal
+    def _follow(self, raw: bytes, raw_output_root: bytes | None = None) -> dict[str, Any]:
+        """The daemon's answer to `follow PATH [OUTPUT_ROOT]`, or a refusal of a path no file system can hold."""
         if self.follow is None:
             self.refused += 1
             return {"accepted": False, "reason": "this daemon takes no follow requests"}
-        if "\0" in path or not os.path.isabs(path):
-            self.refused += 1
-            why = "a NUL byte in the path" if "\0" in path else "not an absolute path; send the scan file's absolute path"
-            return {"accepted": False, "reason": f"{path!r}: {why}"}
-        return self.follow(Path(path))
+        paths = [os.fsdecode(part) for part in (raw, raw_output_root) if part is not None]  # any bytes a name can hold
+        for path, what in zip(paths, ("the scan file's", "the output root's")):
+            if "\0" in path or not os.path.isabs(path):
+                self.refused += 1
+                why = "a NUL byte in the path" if "\0" in path else f"not an absolute path; send {what} absolute path"
+                return {"accepted": False, "reason": f"{path!r}: {why}"}
+        return self.follow(Path(paths[0]), Path(paths[1]) if len(paths) == 2 else None)
 
 
 def expand(endpoint: str) -> str:
@@ -173,15 +175,18 @@ def query_status(endpoint: str, timeout_s: float = 2.0) -> dict[str, Any] | None
     return None if answer is None or "error" in answer else answer
 
 
-def request_follow(endpoint: str, path: Path | str, timeout_s: float = 5.0) -> dict[str, Any]:
-    """Ask the daemon at `endpoint` to follow the scan file `path` now (GDA's trigger, without waiting for the watcher).
+def request_follow(endpoint: str, path: Path | str, timeout_s: float = 5.0, output_root: Path | str | None = None) -> dict[str, Any]:
+    """Ask the daemon at `endpoint` to follow the scan file `path` now (GDA's trigger, without waiting for the watcher),
+    its store under `output_root` if given (a folder the daemon may write in: inside its watched directories or
+    `output.root`), else where the daemon puts stores.
 
     Its answer: `{"accepted": true, "store": ..., "queued": ...}` (`queued` false when the store is already final for
     this very file: nothing more will be written), or `{"accepted": false, "reason": "<one line>"}`. ControlError when
     nothing answers within `timeout_s` (no daemon there, or one too busy): the caller may ask again later."""
-    if len(os.fsencode(path)) > MAX_REQUEST_BYTES:
+    parts = [os.fsencode(part) for part in (path, output_root) if part is not None]
+    if sum(map(len, parts)) > MAX_REQUEST_BYTES:
         return {"accepted": False, "reason": f"{str(path)[:80]}...: a path longer than {MAX_REQUEST_BYTES} bytes"}
-    answer = _ask(endpoint, [FOLLOW_REQUEST, os.fsencode(path)], timeout_s)
+    answer = _ask(endpoint, [FOLLOW_REQUEST, *parts], timeout_s)
     if answer is None:
         raise ControlError(f"no daemon answers at {expand(endpoint)} within {timeout_s:g} s")
     if "error" in answer:  # a daemon of a version without follow, or one whose follow failed

@@ -73,6 +73,7 @@ class Daemon:
         self._names_of_files: dict[tuple[int, int], str] = {}  # (device, inode) of each file offered -> its first name
         self._aliases_said: set[str] = set()  # other names of followed files, said once
         self.waiting_scans = WaitingScans()
+        self._output_roots: dict[str, Path] = {}  # scan path -> the output root its follow request named (oldest first)
         self.stopping = threading.Event()
         self._closing = threading.Event()  # set by shutdown: no new scan starts
         self._session_ended = threading.Event()
@@ -204,7 +205,7 @@ class Daemon:
         if self._not_scans.get(str(path)) == stat_identity(path) is not None:
             log.debug("%s: not a detector scan (unchanged since); skipped", path.name)
             return
-        store = store_path_for(path, self.config.output.root, self.config.watch.dirs)
+        store = self._store_path(path)
         status = store_status(store, follow_symlinks=False)
         if status in (schema.STATUS_COMPLETE, schema.STATUS_FAILED) and recorded_stat_matches(store, path):
             log.debug("%s: store already %s; skipped", path.name, status)
@@ -214,16 +215,28 @@ class Daemon:
             return  # the very file, unchanged; anything less sure is for a reader to look at (the daemon reads no HDF5)
         self.waiting_scans.put(path)
 
-    def follow(self, path: Path) -> dict[str, Any]:
+    def _store_path(self, path: Path) -> Path:
+        """Where this scan's store goes: under the output root its follow request named, else as configured."""
+        return store_path_for(path, self._output_roots.get(str(path), self.config.output.root), self.config.watch.dirs)
+
+    def follow(self, path: Path, output_root: Path | None = None) -> dict[str, Any]:
         """Follow `path` now, as asked over the control socket (the Zocalo service: GDA's trigger, no wait for the watcher).
-        Only a regular file inside the watched directories whose name matches watch.patterns is taken; otherwise the
+        Only a regular file inside the watched directories whose name matches watch.patterns is taken, and an output root
+        only inside the watched directories or output.root (where this daemon writes stores anyway); otherwise the
         answer is one line naming the path and the reason. `queued` is false when the store is already complete or failed
-        for this very file (nothing more will be written); asking again while the scan is followed queues nothing more."""
+        for this very file (nothing more will be written); asking again while the scan is followed queues nothing more,
+        and `store` says where it is written (a scan followed already keeps its store, whatever output root is asked)."""
         path = Path(os.path.abspath(path))  # as the watcher names it, `..` taken out; links are resolved by the checks
         roots = list(self.config.watch.dirs)
+        writable = [*roots, *([self.config.output.root] if self.config.output.root is not None else [])]
         why = None
         if self._closing.is_set():
             why = "the daemon is stopping"
+        elif output_root is not None and not is_inside(output_root, writable):
+            why = (f"output root {shown(str(output_root))} is outside the watched directories and output.root "
+                   f"({', '.join(map(str, writable))}); no store is written elsewhere")
+        elif output_root is not None and output_root.exists() and not output_root.is_dir():
+            why = f"output root {shown(str(output_root))} is not a folder"
         elif not is_inside(path, roots):
             why = f"outside the watched directories ({', '.join(map(str, roots))}); nothing outside them is read"
         elif not any(fnmatch.fnmatch(path.name, pattern) for pattern in self.config.watch.patterns):
@@ -242,16 +255,22 @@ class Daemon:
         if why is not None:
             log.warning("follow request refused: %s: %s", shown(str(path)), why)
             return {"accepted": False, "reason": f"{shown(str(path))}: {why}"}
-        store = store_path_for(path, self.config.output.root, self.config.watch.dirs)
-        final = store_status(store, follow_symlinks=False) in (schema.STATUS_COMPLETE, schema.STATUS_FAILED) and recorded_stat_matches(store, path)
         with self._lock:
             session = self.sessions.get(str(path))
+            following = (session is not None and not session.finished.is_set()) or path in self.waiting_scans
+            if output_root is not None and not following:
+                self._output_roots[str(path)] = Path(os.path.abspath(output_root))
+                while len(self._output_roots) > MAX_REMEMBERED_NAMES:
+                    del self._output_roots[next(iter(self._output_roots))]
+        store = session.store_path if following and session is not None and not session.finished.is_set() else self._store_path(path)
+        final = store_status(store, follow_symlinks=False) in (schema.STATUS_COMPLETE, schema.STATUS_FAILED) and recorded_stat_matches(store, path)
         if self.watcher is not None:
             self.watcher.mark_seen(path)  # its own later look at the file must not queue it a second time
-        following = (session is not None and not session.finished.is_set()) or path in self.waiting_scans
         if not final and not following:
             self.add_scan(path)
         log.info("%s: follow request: %s", path, "store already final" if final else "followed already" if following else "queued")
+        if following and output_root is not None and not is_inside(store, [output_root]):
+            log.warning("%s: followed already, into %s: the output root %s asked for now is not used", path, store, shown(str(output_root)))
         return {"accepted": True, "scan": str(path), "store": str(store), "queued": not final, "pid": os.getpid()}
 
     def _scheduler_loop(self) -> None:
@@ -307,7 +326,8 @@ class Daemon:
             retry.start()
             return
         session = ScanSession(path, self.config, self.dispatcher.submit, self.provenance, self.sink.post, self._frame_done,
-                              self.painter.paint, resumed_after=self._resume_reasons.pop(path, None), readers=self.readers)
+                              self.painter.paint, resumed_after=self._resume_reasons.pop(path, None), readers=self.readers,
+                              store_path=self._store_path(path))
         with self._lock:
             if self._closing.is_set():  # under the lock: a stop that began meanwhile would never tell this session
                 return

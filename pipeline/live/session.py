@@ -99,7 +99,7 @@ class ScanSession:
     def __init__(self, nexus_path: Path, config: Config, submit: Callable[..., bool], provenance: dict[str, Any],
                  post: Callable[[SinkEvent], None], on_frame_done: FrameDoneHook | None = None,
                  paint: Callable[[Path], None] | None = None, resumed_after: str | None = None,
-                 readers: ReaderPool | None = None) -> None:
+                 readers: ReaderPool | None = None, store_path: Path | None = None) -> None:
         self.nexus_path = nexus_path
         self.resumed_after = resumed_after  # why the last session of this scan stopped (a full disk, no descriptors), if it did
         self.stalled: tuple[str, str] | None = None  # (wanting, reason) once a shortage stopped it: the daemon retries the scan
@@ -110,7 +110,7 @@ class ScanSession:
         self.post = post  # hands an event to the sink thread
         self.on_frame_done = on_frame_done
         self.paint = paint  # takes a finished store whose quick-look picture is to be drawn
-        self.store_path = store_path_for(nexus_path, config.output.root, config.watch.dirs)
+        self.store_path = store_path or store_path_for(nexus_path, config.output.root, config.watch.dirs)  # given: a follow request's root
         self.store_unusable = False  # no store can be made there: the failure is only logged
         self.stop = threading.Event()
         self.finished = threading.Event()
