@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import argparse
 import re
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from pydantic import BaseModel
 
@@ -140,3 +142,19 @@ def test_every_command_is_in_the_summary_table() -> None:
     top = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     assert [name for name in top.choices if f"`pipeline {name}" not in table] == []
     assert "`pipeline --version`" in table
+
+
+def config_examples(text: str) -> list[str]:
+    """The pipeline configs a document shows: indented or fenced YAML blocks whose first key is a config section."""
+    blocks = re.findall(r"```yaml\n(.*?)```", text, flags=re.S)
+    blocks += [textwrap.dedent(block) for block in re.findall(r"\n\n((?: {4}[^\n]*\n)+)", text)]
+    sections = tuple(f"{name}:" for name in Config.model_fields)
+    return [block for block in blocks if block.lstrip().startswith(sections)]
+
+
+@pytest.mark.parametrize("document, shown", [("README.md", 2), ("docs/cluster.md", 1)])  # SLURM's and Kubernetes', SLURM's
+def test_the_cluster_configs_a_facility_copies_are_valid_configs(document: str, shown: int) -> None:
+    examples = config_examples((REPO / document).read_text())
+    assert len(examples) >= shown, examples
+    for example in examples:
+        Config.model_validate(yaml.safe_load(example))  # a misspelt or moved key fails here, as the daemon would at start
