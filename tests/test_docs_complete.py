@@ -158,3 +158,13 @@ def test_the_cluster_configs_a_facility_copies_are_valid_configs(document: str, 
     assert len(examples) >= shown, examples
     for example in examples:
         Config.model_validate(yaml.safe_load(example))  # a misspelt or moved key fails here, as the daemon would at start
+
+
+def test_the_readme_s_zocalo_configuration_is_one_zocalo_loads_and_activates() -> None:
+    import zocalo.configuration
+
+    text = (REPO / "README.md").read_text()
+    (example,) = [textwrap.dedent(block) for block in re.findall(r"\n\n((?: {4}[^\n]*\n)+)", text) if block.lstrip().startswith("version:")]
+    configuration = zocalo.configuration.from_string(example)
+    configuration.activate_environment("default")  # every plugin it names is one zocalo has, with the fields it needs
+    assert configuration.storage["zocalo.recipe_directory"] and configuration.active_environments == ("default",)
