@@ -18,6 +18,7 @@ from pipeline.live import wire
 from pipeline.live.dispatch import Dispatcher
 from pipeline.live.security import apply_client
 from pipeline.models.prediction import FramePrediction
+from pipeline.testing.configs import write_config
 
 
 def _client(endpoint: str, secret_file=None, server_public=None) -> zmq.Socket:
@@ -227,3 +228,25 @@ def test_a_worker_the_daemon_refuses_says_so(tmp_path):
             worker.terminate()
             worker.wait(timeout=30)
         dispatcher.stop()
+
+
+@pytest.mark.parametrize("command", ["run", "worker"])
+def test_a_secret_key_others_can_read_is_refused_in_one_line(tmp_path, command):
+    """On the shared file system the nodes read, a secret key copied with the umask's mode (0644) is anyone's: the daemon
+    and a worker refuse it at start, as ssh refuses such a private key, naming the file and the chmod."""
+    from pipeline.live.security import generate_keys
+
+    public, secret = generate_keys(tmp_path / "keys", "daemon")
+    secret.chmod(0o644)
+    watched = tmp_path / "scans"
+    watched.mkdir()
+    config = write_config(tmp_path / "config.yaml", None, workers={"local": 0, "curve_secret_key": str(secret),
+                                                                   "server_public_key": str(public)},
+                          models={"tlm": {"enabled": False}, "sslm": {"enabled": False}})
+    argv = ["--watch", str(watched)] if command == "run" else ["--connect", "tcp://127.0.0.1:9"]
+    done = subprocess.run([sys.executable, "-m", "pipeline", command, "--config", str(config), *argv], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    assert (f"workers.curve_secret_key {secret}: readable by others (mode 0644): a secret key must be its owner's alone; "
+            f"chmod 600 {secret}") in done.stderr, done.stderr

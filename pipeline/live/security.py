@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import stat
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
 from pipeline.config import WorkerSettings
-from pipeline.errors import PipelineError, UserError
+from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,9 @@ def _write_private(path: Path, text: str, mode: int) -> None:
     os.replace(temporary, path)
 
 
-class KeyFileError(PipelineError):
-    """A CurveZMQ key file that cannot be used: named in one line at start-up, before any socket is made."""
+class KeyFileError(UserError):
+    """A CurveZMQ key file that cannot be used: named in one line at start-up, before any socket is made; a bad value of
+    the config (exit code 2), as a key the config names."""
 
 
 def _load(key_file: Path, setting: str) -> tuple[bytes, bytes | None]:
@@ -76,10 +78,28 @@ def _load(key_file: Path, setting: str) -> tuple[bytes, bytes | None]:
         raise KeyFileError(f"workers.{setting} {key_file}: {why} (make key pairs with `pipeline keys generate NAME`)") from None
 
 
+def _check_private(secret_file: Path) -> None:
+    """Refuse a secret key that others may read or change, as ssh refuses such a private key: copied to the shared file
+    system with the umask's mode (0644), it lets anyone who can read it pose as the daemon or a worker. A file root
+    owns is taken as root made it (a Kubernetes Secret volume, configuration management): its mode was root's choice."""
+    try:
+        info = os.stat(secret_file)
+    except OSError:
+        return  # gone since it was read: the socket that uses it fails instead
+    if info.st_uid == 0 and os.getuid() != 0:
+        return
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o077:
+        open_to = "readable" if mode & 0o044 else "writable" if mode & 0o022 else "open"
+        raise KeyFileError(f"workers.curve_secret_key {secret_file}: {open_to} by others (mode {mode:04o}): a secret key must be "
+                           f"its owner's alone; chmod 600 {secret_file}")
+
+
 def _keys(secret_file: Path) -> tuple[bytes, bytes]:
     public, secret = _load(secret_file, "curve_secret_key")
     if secret is None:
         raise KeyFileError(f"workers.curve_secret_key {secret_file}: holds no secret key (use the .key_secret file)")
+    _check_private(secret_file)
     return public, secret
 
 
