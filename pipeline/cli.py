@@ -144,7 +144,7 @@ def cmd_worker(args: argparse.Namespace, wrap_predictor: Callable[[FramePredicto
         _exit_with_parent(args.parent)
     signal.signal(signal.SIGTERM, _interrupt)
     code = run_worker(args.connect, config, device=args.device or config.workers.device, name=args.name, threads=args.threads,
-                      wrap_predictor=wrap_predictor)
+                      wrap_predictor=wrap_predictor, leave_after_s=args.leave_after)
     _end_worker_now(code)
 
 
@@ -431,6 +431,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     worker.add_argument("--device", metavar="DEV", help="auto | cpu | cuda | cuda:N (default: workers.device)")
     worker.add_argument("--threads", type=non_negative_int, default=0, metavar="N", help="torch CPU threads (0: torch's default)")
     worker.add_argument("--name", help="name shown in `pipeline status`")
+    worker.add_argument("--leave-after", type=positive_float, metavar="S",
+                        help="end (exit code 3) when no daemon has been reachable for S seconds: what a batch job's worker "
+                             "wants, so that a daemon killed or down frees its node (default: wait for the daemon for ever)")
     worker.add_argument("--parent", type=int, default=0, help=argparse.SUPPRESS)
     worker.set_defaults(func=cmd_worker)
 

@@ -4,6 +4,12 @@ Two threads: the I/O thread alone touches the ZeroMQ socket (frames in, results 
 out), the main thread runs the models on whatever frames are waiting, up to `batch_size` at once,
 fewer where `latency_target_s` says a bigger call would end too late (`pipeline.live.batching`).
 The worker asks for no more frames than `credit`, so its memory is bounded by that.
+
+A worker waits for a daemon that is away (restarted, its host rebooting) and rejoins it, unless told to leave after
+a time (`leave_after_s`, what a SLURM job's worker is given): a batch job whose daemon was killed or whose daemon's
+host is down must not hold its node, and its GPU, until its time limit. Whether the daemon is there is what libzmq
+says of the connection (a handshake done, a disconnect), with ZMTP heartbeats so that a peer gone silent without a
+word, a host that lost power, is noticed as well.
 """
 
 from __future__ import annotations
@@ -31,13 +37,19 @@ from pipeline.models.prediction import FramePredictor
 
 log = logging.getLogger(__name__)
 
+ABANDONED_EXIT = 3  # the worker's exit code when it gave up on a daemon that was unreachable for --leave-after
+LINK_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED  # the daemon linked (a handshake done), or lost
+
 class _Link(threading.Thread):
     """The socket's thread: moves frames into `inbox` and results from `outbox` onto the wire."""
 
     def __init__(self, endpoint: str, hello: dict, settings: WorkerSettings, inbox: queue.Queue, outbox: queue.Queue,
-                 max_part: int) -> None:
+                 max_part: int, leave_after_s: float | None = None) -> None:
         super().__init__(name="worker-link", daemon=True)
         self.endpoint, self.hello, self.settings, self.max_part = endpoint, hello, settings, max_part
+        self.leave_after_s = leave_after_s  # None: wait for the daemon for ever (to rejoin it when it is back)
+        self.unreachable_since: float | None = time.monotonic()  # no daemon linked since then; None while one is
+        self.abandoned = False  # the daemon was unreachable for leave_after_s: the worker ends
         self.inbox, self.outbox = inbox, outbox  # the inbox holds (time.monotonic() of arrival, frame)
         self.stopping = threading.Event()  # the daemon said stop, or we are shutting down
         self.told_to_stop = False  # the daemon said stop: it closed its socket after saying it, so nothing more reaches it
@@ -61,7 +73,11 @@ class _Link(threading.Thread):
         sock.setsockopt(zmq.LINGER, 2000)
         sock.setsockopt(zmq.MAXMSGSIZE, self.max_part)
         apply_client(sock, self.settings)
-        monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS)  # a refused handshake is said, not waited on in silence
+        # ZMTP PINGs: a daemon whose host went silent (no FIN, no RST) is dropped after timeout_s, not waited on for ever
+        sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(self.settings.heartbeat_s * 1000)))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(self.settings.timeout_s * 1000)))
+        # a refused handshake is said, not waited on in silence; a link made or lost tells whether the daemon is there
+        monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS | LINK_EVENTS)
         sock.connect(self.endpoint)
         sock.send_multipart(wire.encode_control(wire.HELLO, self.hello))
         poller = zmq.Poller()
@@ -87,7 +103,9 @@ class _Link(threading.Thread):
                 if self.wakeup.fd in ready:
                     self.wakeup.clear()
                 if monitor in ready:
-                    self._say_handshake_failure(recv_monitor_message(monitor), said_at)
+                    self._link_event(recv_monitor_message(monitor), said_at)
+                if self._gone_too_long():
+                    return
                 if sock in ready:
                     parts = wire.received_parts(sock.recv_multipart(copy=False))  # the frame's pixels: no copy
                     if parts and parts[0] == wire.STOP:
@@ -110,8 +128,33 @@ class _Link(threading.Thread):
             monitor.close(linger=0)
             # what is still queued is kept for the linger (a worker stopped by a signal: its last results) unless the daemon
             # is gone: then the worker's end (cli._end_worker_now) would wait the whole linger for a goodbye nobody reads
-            sock.close(linger=0 if self.told_to_stop else None)
+            sock.close(linger=0 if self.told_to_stop or self.abandoned else None)
             self.wakeup.close()
+
+    def _link_event(self, event: Mapping[str, Any], said_at: dict[str, float]) -> None:
+        """Note a link to the daemon made or lost; say a failed handshake."""
+        kind = int(event["event"])
+        if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.unreachable_since = None
+        elif kind == zmq.EVENT_DISCONNECTED:
+            if self.unreachable_since is None:
+                self.unreachable_since = time.monotonic()
+                if self.leave_after_s is not None:
+                    log.warning("lost the daemon at %s; this worker ends if it is not back within %g s", self.endpoint, self.leave_after_s)
+        else:
+            self._say_handshake_failure(event, said_at)
+
+    def _gone_too_long(self) -> bool:
+        """Whether the daemon has been unreachable for leave_after_s: then the worker gives up (and says so)."""
+        if self.leave_after_s is None or self.unreachable_since is None or self.told_to_stop:
+            return False
+        if time.monotonic() - self.unreachable_since < self.leave_after_s:
+            return False
+        log.error("no daemon reachable at %s for %g s (--leave-after): this worker ends, %d frame(s) it held unanswered (the daemon "
+                  "sends them to other workers)", self.endpoint, self.leave_after_s, self.inbox.qsize() + self.busy)
+        self.abandoned = True
+        self.stopping.set()
+        return True
 
     def _say_handshake_failure(self, event: Mapping[str, Any], said_at: dict[str, float]) -> None:
         """Log a failed handshake; the same line again at most once a minute while libzmq keeps retrying."""
@@ -131,8 +174,9 @@ def _by_shape(batch: list[wire.FrameTask]) -> list[list[wire.FrameTask]]:
 
 
 def run_worker(endpoint: str, config: Config, device: str = "auto", name: str | None = None, threads: int = 0,
-               wrap_predictor: Callable[[FramePredictor], FramePredictor] | None = None) -> int:
-    """Serve frames until the daemon says stop (or goes away for good); returns an exit code.
+               wrap_predictor: Callable[[FramePredictor], FramePredictor] | None = None, leave_after_s: float | None = None) -> int:
+    """Serve frames until the daemon says stop, or (with `leave_after_s`) has been unreachable that long: then exit
+    code 3.
 
     `wrap_predictor` lets a caller put something around the joint predictor (the test kit's slow worker does)."""
     from pipeline.models.backends import build_predictor, choose_backend
@@ -148,12 +192,12 @@ def run_worker(endpoint: str, config: Config, device: str = "auto", name: str | 
     inbox: queue.Queue[tuple[float, wire.FrameTask]] = queue.Queue()
     outbox: queue.Queue[list[wire.Part]] = queue.Queue()
     hello = {"name": name, "pid": os.getpid(), "device": device, "n": settings.credit, "protocol": wire.PROTOCOL}
-    link = _Link(endpoint, hello, settings, inbox, outbox, wire.max_part_bytes(config.follow.max_frame_pixels))
+    link = _Link(endpoint, hello, settings, inbox, outbox, wire.max_part_bytes(config.follow.max_frame_pixels), leave_after_s)
     link.start()
     log.info("worker %s on %s connected to %s", name, device, endpoint)
     sizer = BatchSizer(settings.batch_size, settings.latency_target_s)
     try:
-        while not (link.stopping.is_set() and inbox.empty()):
+        while not (link.stopping.is_set() and inbox.empty()) and not link.abandoned:
             try:
                 arrived, first = inbox.get(timeout=0.1)
             except queue.Empty:
@@ -183,4 +227,4 @@ def run_worker(endpoint: str, config: Config, device: str = "auto", name: str | 
     finally:
         link.close()
         link.join(timeout=5)
-    return 0
+    return ABANDONED_EXIT if link.abandoned else 0
