@@ -90,6 +90,10 @@ class SlurmSettings(Strict):
     # jobs beyond what the frames waiting need (all of them once no scan is active and nothing waits) are cancelled
     # after this long
     idle_s: float = Field(300.0, gt=0)
+    # a job's worker ends when the daemon has been unreachable this long (`pipeline worker --leave-after`): a daemon
+    # killed, or its host down, leaves no job holding a node (and its GPU) until the time limit. A daemon restarted
+    # sooner keeps them: they rejoin it
+    orphan_s: float = Field(300.0, gt=0)
     # what jobs connect to. null: the daemon's own socket file (jobs on this host only); for other nodes workers.bind's
     # address as the nodes see it, e.g. tcp://beamline-host:5555 (CurveZMQ: the nodes read the key files)
     endpoint: str | None = None

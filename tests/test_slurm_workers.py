@@ -342,3 +342,39 @@ def test_jobs_follow_the_frames_waiting_from_none_to_the_most_and_back_and_the_w
     assert after["wanted"] == 0 and len(after["jobs"]) == 3, after
     assert "not needed for 3 s (workers.slurm.idle_s)" in log
     _frames_done_once(tmp_path, daemon, plan)
+
+
+def test_a_daemon_killed_with_kill_9_leaves_no_job_holding_the_node(slurm: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nobody cancels the jobs of a daemon killed with kill -9. The next daemon started on the same host cancels them at
+    once; were there none, each job's worker would end once the daemon had been unreachable for orphan_s (its script
+    says `--leave-after`; tests/test_worker_leave_after.py has a worker do so), here 600 s: not what ends the job."""
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    config = _config(tmp_path, {"orphan_s": 600.0})
+    killed = _start(config, scans, tmp_path / "killed.log", 0.5, monkeypatch)
+    plan = ScanPlan(directory=scans, name="orphaned", layout="gda9", n_frames=200, rate_hz=5.0, seed=76)
+    writer = ScanWriter(plan).start()
+    successor, name = None, "none"
+    try:
+        wait_until(lambda: done_count(plan.nxs_path.with_suffix(".zarr")) >= 2, 90, "2 frames done by a SLURM job")
+        (job_id,) = _jobs_of(config)
+        name = _status(config)["slurm_workers"]["name"]
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(timeout=30)
+        time.sleep(2.0)
+        assert _job_state(job_id) == "RUNNING"  # its worker waits for the daemon to come back
+        gone_at = time.monotonic()
+        successor = _start(config, tmp_path / "elsewhere", tmp_path / "successor.log", 0.5, monkeypatch)
+        wait_until(lambda: _job_state(job_id) not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING"), 60, f"job {job_id} ended")
+        took = time.monotonic() - gone_at
+        state = _job_state(job_id)
+    finally:
+        writer.kill()
+        if successor is not None:
+            stop_daemon(successor)
+        subprocess.run(["scancel", f"--name={name}"], timeout=30)
+    script = (tmp_path / "slurm" / f"{name}.sh").read_text()  # left behind by the killed daemon
+    assert " --leave-after 600 " in script, script
+    log = (tmp_path / "successor.log").read_text()
+    assert f"cancelled SLURM worker jobs {job_id}: their daemon (pid {killed.pid} on this host) is gone" in log, log[-3000:]
+    assert state == "CANCELLED" and took < 40, (state, took)

@@ -218,6 +218,7 @@ class SlurmWorkers:
     # -- the SLURM thread -------------------------------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        self._cancel_orphans()
         while not self._stop.is_set():
             try:
                 self._refresh()
@@ -227,6 +228,31 @@ class SlurmWorkers:
                 log.exception("SLURM worker jobs: unexpected error")
             self._wake.wait(self.settings.poll_s)
             self._wake.clear()
+
+    def _cancel_orphans(self) -> None:
+        """Cancel the worker jobs that daemons of this host and user which are gone (killed with kill -9, crashed) left:
+        no other daemon would ever cancel them, and their workers wait for a daemon until workers.slurm.orphan_s. A job
+        named for a process that still runs is left alone (another daemon of this host, or its process id taken again)."""
+        prefix = self.name.rsplit("-", 1)[0] + "-"  # pipeline-worker-<host>-
+        try:
+            out = self._run("squeue", ["--noheader", f"--user={_user()}", "--states=PENDING,RUNNING,CONFIGURING,SUSPENDED,REQUEUED",
+                                       "--format=%i|%j"])
+        except SlurmError as error:
+            log.debug("could not look for the jobs of daemons that are gone (%s)", error)
+            return
+        orphans: dict[str, list[str]] = {}
+        for line in out.splitlines():
+            job_id, _, name = line.strip().partition("|")
+            pid = name.removeprefix(prefix)
+            if name.startswith(prefix) and pid.isdigit() and name != self.name and not _process_exists(int(pid)):
+                orphans.setdefault(pid, []).append(job_id)
+        for pid, job_ids in orphans.items():
+            try:
+                self._run("scancel", job_ids)
+            except SlurmError as error:
+                log.warning("could not cancel the SLURM worker jobs %s of a daemon that is gone (pid %s): %s", ", ".join(job_ids), pid, error)
+                continue
+            log.warning("cancelled SLURM worker jobs %s: their daemon (pid %s on this host) is gone", ", ".join(job_ids), pid)
 
     def _refresh(self) -> None:
         """Ask squeue about this daemon's jobs: their states, and which ended."""
@@ -394,7 +420,8 @@ class SlurmWorkers:
         """The batch script: exec the worker, so scancel's SIGTERM reaches it (it finishes its batch and says bye)."""
         program = self.config.workers.command or [sys.executable, "-m", "pipeline", "worker"]
         options = ["--connect", self.endpoint, "--config", str(self.config_file), "--device", self.config.workers.device,
-                   "--threads", str(self.settings.cpus_per_job), "--log-level", self.config.daemon.log_level]
+                   "--threads", str(self.settings.cpus_per_job), "--log-level", self.config.daemon.log_level,
+                   "--leave-after", f"{self.settings.orphan_s:g}"]
         command = " ".join(shlex.quote(part) for part in [*program, *options])
         return (f"#!/bin/sh\n# A worker job of the pipeline daemon {self.name} (pid {os.getpid()} on {socket.gethostname()}), "
                 "written by pipeline.cluster.slurm.\n"
@@ -444,6 +471,16 @@ def _user() -> str:
         return pwd.getpwuid(os.getuid()).pw_name
     except (ImportError, KeyError):
         return str(os.getuid())
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's: it exists
+    return True
 
 
 def _tail(path: Path, limit: int = 8192) -> str:
