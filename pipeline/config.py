@@ -220,6 +220,10 @@ MIN_TABLE_REFRESH_S = 0.1  # the least `output.refresh_tables_s` (see there)
 
 class OutputSettings(Strict):
     root: Path | None = None  # None: <scan>.zarr beside <scan>.nxs
+    # folders a follow request (the Zocalo service's `output_root`) may name as where a scan's store goes instead, e.g.
+    # the visit's processing folder; a scan's store is looked for under each too, so that a restarted daemon finds it
+    # there and makes no second one. Empty: follow requests name none
+    requested_roots: list[Path] = Field(default_factory=list)
     # how often the live peaks/detections tables are rewritten; at least 0.1 s: a reader of a table retries a read that a
     # rewrite overlapped, and a writer rewriting back to back would leave it no gap to read in
     refresh_tables_s: float = Field(2.0, ge=MIN_TABLE_REFRESH_S)
@@ -361,6 +365,7 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     data["follow"]["allowed_roots"] = [resolve(Path(p)) for p in data["follow"]["allowed_roots"]]
     data["web"]["roots"] = [resolve(Path(p)) for p in data["web"]["roots"]]
     data["output"]["root"] = resolve(data["output"]["root"])
+    data["output"]["requested_roots"] = [resolve(Path(p)) for p in data["output"]["requested_roots"]]
     data["daemon"]["log_file"] = resolve(data["daemon"]["log_file"])
     data["daemon"]["audit_log"] = resolve(data["daemon"]["audit_log"])
     data["daemon"]["control"] = resolve_socket_path(data["daemon"]["control"], base)

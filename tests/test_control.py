@@ -21,7 +21,7 @@ import pytest
 import zmq
 
 from pipeline.live.control import query_status
-from pipeline.testing.configs import control_endpoint, write_config
+from pipeline.testing.configs import MODELS_OFF, control_endpoint, write_config
 from pipeline.testing.daemons import start_daemon, stop_daemon, wait_for_workers, wait_until
 
 pytestmark = pytest.mark.daemon
@@ -128,7 +128,8 @@ def test_follow_takes_only_a_regular_scan_file_inside_the_watched_directories_an
     watched.mkdir()
     # the daemon would not find anything by itself for 10 minutes; no worker: a followed scan stays `running`
     config = write_config(tmp_path / "config.yaml", None, workers={"local": 0},
-                          watch={"mode": "polling", "poll_interval_s": 600.0, "rescan_interval_s": 600.0, "resume_existing": False})
+                          watch={"mode": "polling", "poll_interval_s": 600.0, "rescan_interval_s": 600.0, "resume_existing": False},
+                          output={"requested_roots": [str(watched / "processing"), str(watched / "notes.txt")]})
     endpoint = control_endpoint(config)
     outside = nexus_file(tmp_path / "outside.nxs", shape=(3, 4, 5), dtype="int32")
     scan = nexus_file(watched / "scan.nxs", shape=(3, 4, 5), dtype="int32")
@@ -163,8 +164,10 @@ def test_follow_takes_only_a_regular_scan_file_inside_the_watched_directories_an
         elsewhere, a_file = tmp_path / "out", watched / "notes.txt"
         root_refusals = {
             "more": "'more': not an absolute path; send the output root's absolute path",
-            str(elsewhere): f"{scan}: output root {elsewhere} is outside the watched directories and output.root ({watched}); no store is "
-                          "written elsewhere",
+            str(elsewhere): f"{scan}: output root {elsewhere} is not one of output.requested_roots ({watched / 'processing'}, "
+                            f"{a_file}); no store is written elsewhere",
+            str(watched / "processing" / ".."): f"{scan}: output root {watched} is not one of output.requested_roots "
+                                                f"({watched / 'processing'}, {a_file}); no store is written elsewhere",
             str(a_file): f"{scan}: output root {a_file} is not a folder",
         }
         for root, reason in root_refusals.items():
@@ -188,3 +191,40 @@ def test_follow_takes_only_a_regular_scan_file_inside_the_watched_directories_an
         daemon.wait(timeout=60)
     with pytest.raises(ControlError, match="no daemon answers at"):  # the daemon has stopped: nothing listens there now
         request_follow(endpoint, scan, timeout_s=1.0)
+
+
+@pytest.mark.daemon
+def test_a_store_under_a_requested_output_root_is_found_again_by_a_restarted_daemon(tmp_path: Path) -> None:
+    """A follow request put a scan's store under the visit's processing folder. The next daemon, looking at every scan
+    whose store is missing or not complete (watch.resume_existing), finds it there: it makes no second store beside the
+    scan, and processes nothing again."""
+    from pipeline.live.control import request_follow
+    from pipeline.store import open_live, store_status
+    from pipeline.testing.files import nexus_file
+
+    watched = tmp_path / "scans"
+    processing = watched / "processing"
+    (watched / "sample").mkdir(parents=True)
+    scan = watched / "sample" / "1234.nxs"  # written once the first daemon has looked (it polls every 10 minutes)
+    config = write_config(tmp_path / "config.yaml", None, models=MODELS_OFF, output={"requested_roots": [str(processing)]},
+                          watch={"mode": "polling", "poll_interval_s": 600.0, "rescan_interval_s": 600.0})
+    endpoint = control_endpoint(config)
+    store = processing / "sample" / "1234.zarr"
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    for log in logs:
+        daemon = start_daemon(config, watched, log)
+        try:
+            wait_for_workers(config, 1)
+            if log == logs[0]:
+                nexus_file(scan, shape=(3, 32, 32), dtype="int32")
+                assert request_follow(endpoint, scan, timeout_s=5.0, output_root=processing)["store"] == str(store)
+                wait_until(lambda: store_status(store) == "complete", 60, "the store complete under the output root")
+                ended = open_live(store).attrs["end_time"]
+            else:
+                time.sleep(3.0)  # its first look at the watched directory, and any scan it would queue, done by now
+                status = query_status(endpoint, timeout_s=3.0)
+        finally:
+            stop_daemon(daemon)
+    assert not scan.with_suffix(".zarr").exists()
+    assert status is not None and status["scans"] == [] and status["waiting_scans"] == 0, status
+    assert open_live(store).attrs["end_time"] == ended and "following" not in logs[1].read_text()

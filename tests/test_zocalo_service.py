@@ -138,7 +138,7 @@ class Daemon:
         self.audit = directory / "audit.jsonl"
         self.config = write_config(directory / "config.yaml", None, models=MODELS_OFF,
                                    watch={"mode": "polling", "poll_interval_s": 600.0, "rescan_interval_s": 600.0, "resume_existing": False},
-                                   daemon={"audit_log": str(self.audit)})
+                                   daemon={"audit_log": str(self.audit)}, output={"requested_roots": [str(self.scans / "processing")]})
         self.log = directory / "daemon.log"
         self.process = start_daemon(self.config, self.scans, self.log)
 
@@ -213,8 +213,8 @@ def test_a_recipe_makes_the_daemon_follow_a_scan_it_had_not_noticed(broker: Brok
 
 def test_a_recipe_names_the_output_root_and_one_outside_where_the_daemon_writes_is_refused(broker: Broker, daemon: Daemon,
                                                                                            service: Any, tmp_path: Path) -> None:
-    """GDA's recipe may name where the store goes (a visit's processing folder): the daemon takes a folder inside its
-    watched directories (or output.root), where it writes stores anyway, and refuses any other with one line."""
+    """GDA's recipe may name where the store goes (a visit's processing folder): the daemon takes one its config lists
+    (output.requested_roots) and refuses any other with one line."""
     service()
     scan = _finished_scan(daemon.scans / "sample2" / "rooted.nxs", frames=3)
     processing = daemon.scans / "processing"
@@ -229,8 +229,8 @@ def test_a_recipe_names_the_output_root_and_one_outside_where_the_daemon_writes_
     other = _finished_scan(daemon.scans / "unrooted.nxs", frames=3)
     broker.go(other, output_root=str(elsewhere))
     refused = broker.take(REFUSED, timeout=60)
-    assert refused == {"scan": str(other), "reason": f"{other}: output root {elsewhere} is outside the watched directories and "
-                                                     f"output.root ({daemon.scans}); no store is written elsewhere"}, refused
+    assert refused == {"scan": str(other), "reason": f"{other}: output root {elsewhere} is not one of output.requested_roots "
+                                                     f"({processing}); no store is written elsewhere"}, refused
     assert not elsewhere.exists() and not other.with_suffix(".zarr").exists()
     broker.go(other, output_root="processing")
     refused = broker.take(REFUSED, timeout=60)

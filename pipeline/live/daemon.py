@@ -216,25 +216,36 @@ class Daemon:
         self.waiting_scans.put(path)
 
     def _store_path(self, path: Path) -> Path:
-        """Where this scan's store goes: under the output root its follow request named, else as configured."""
-        return store_path_for(path, self._output_roots.get(str(path), self.config.output.root), self.config.watch.dirs)
+        """Where this scan's store goes: under the output root its follow request named; else where a store of it is
+        already (as configured, else under one of output.requested_roots: a follow request of an earlier run); else as
+        configured."""
+        if (requested := self._output_roots.get(str(path))) is not None:
+            return store_path_for(path, requested, self.config.watch.dirs)
+        configured = store_path_for(path, self.config.output.root, self.config.watch.dirs)
+        if not os.path.lexists(configured):
+            for root in self.config.output.requested_roots:
+                if os.path.lexists(elsewhere := store_path_for(path, root, self.config.watch.dirs)):
+                    return elsewhere
+        return configured
 
     def follow(self, path: Path, output_root: Path | None = None) -> dict[str, Any]:
         """Follow `path` now, as asked over the control socket (the Zocalo service: GDA's trigger, no wait for the watcher).
         Only a regular file inside the watched directories whose name matches watch.patterns is taken, and an output root
-        only inside the watched directories or output.root (where this daemon writes stores anyway); otherwise the
+        only if output.requested_roots lists it (where a restarted daemon looks for the store too); otherwise the
         answer is one line naming the path and the reason. `queued` is false when the store is already complete or failed
         for this very file (nothing more will be written); asking again while the scan is followed queues nothing more,
         and `store` says where it is written (a scan followed already keeps its store, whatever output root is asked)."""
         path = Path(os.path.abspath(path))  # as the watcher names it, `..` taken out; links are resolved by the checks
         roots = list(self.config.watch.dirs)
-        writable = [*roots, *([self.config.output.root] if self.config.output.root is not None else [])]
+        requested_roots = [Path(os.path.abspath(root)) for root in self.config.output.requested_roots]
+        if output_root is not None:
+            output_root = Path(os.path.abspath(output_root))
         why = None
         if self._closing.is_set():
             why = "the daemon is stopping"
-        elif output_root is not None and not is_inside(output_root, writable):
-            why = (f"output root {shown(str(output_root))} is outside the watched directories and output.root "
-                   f"({', '.join(map(str, writable))}); no store is written elsewhere")
+        elif output_root is not None and output_root not in requested_roots:
+            why = (f"output root {shown(str(output_root))} is not one of output.requested_roots "
+                   f"({', '.join(map(str, requested_roots)) or 'none set'}); no store is written elsewhere")
         elif output_root is not None and output_root.exists() and not output_root.is_dir():
             why = f"output root {shown(str(output_root))} is not a folder"
         elif not is_inside(path, roots):
@@ -259,7 +270,7 @@ class Daemon:
             session = self.sessions.get(str(path))
             following = (session is not None and not session.finished.is_set()) or path in self.waiting_scans
             if output_root is not None and not following:
-                self._output_roots[str(path)] = Path(os.path.abspath(output_root))
+                self._output_roots[str(path)] = output_root
                 while len(self._output_roots) > MAX_REMEMBERED_NAMES:
                     del self._output_roots[next(iter(self._output_roots))]
         store = session.store_path if following and session is not None and not session.finished.is_set() else self._store_path(path)
