@@ -278,7 +278,7 @@ class WebSettings(Strict):
     # asked of every request (a cookie, `Authorization: Bearer`, or `?token=` once); required beyond loopback
     # (a secret: stores record it as "**********", logs never show it)
     token: SecretStr | None = Field(None, validate_default=True)
-    roots: list[Path] = Field(default_factory=list)  # where stores are looked for; empty: output.root if set, else watch.dirs
+    roots: list[Path] = Field(default_factory=list)  # where stores are looked for; empty: output.root if set, else watch.dirs, + output.requested_roots
     poll_interval_s: float = Field(1.0, gt=0)  # how often stores are looked at for changes
 
     @field_validator("token")

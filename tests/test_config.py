@@ -80,3 +80,14 @@ def test_an_unknown_key_says_the_closest_known_one_and_the_file(tmp_path, text, 
     with pytest.raises(ConfigError) as error:
         load_config(path)
     assert str(error.value) == f"{path}: {message}"
+
+
+def test_the_web_view_looks_for_stores_where_follow_requests_may_put_them_too(tmp_path):
+    from pipeline.web.server import options_from
+
+    visit = tmp_path / "visit"
+    inside, outside = visit / "processing", tmp_path / "processing-elsewhere"
+    config = Config.model_validate({"watch": {"dirs": [str(visit)]}, "output": {"requested_roots": [str(inside), str(outside)]}})
+    assert options_from(config).roots == [visit, outside]  # one inside the visit is listed once, through the visit
+    config = Config.model_validate({**config.model_dump(mode="json"), "web": {"roots": [str(visit)]}})
+    assert options_from(config).roots == [visit]  # web.roots, when set, is the whole answer

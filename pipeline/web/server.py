@@ -2,7 +2,7 @@
 
 The socket is bound when the server is made, so a port that is taken is one line at start (not a
 thread that dies later), and port 0 gives a free port whose number is known at once. Which stores:
-`--root` (or `web.roots`), else `output.root`, else the watched directories; raw pixels only from
+`--root` (or `web.roots`), else `output.root`, else the watched directories (and `output.requested_roots`); raw pixels only from
 those and the config's watched directories and `follow.allowed_roots`. It needs no daemon: with one
 answering at `daemon.control` (or in the same process), its scans' progress shows too.
 """
@@ -59,6 +59,8 @@ def options_from(config: Config, default_port: int = DEFAULT_PORT) -> WebOptions
     """The web view's options from a validated config; a UserError naming the problem when there is nothing to serve."""
     web = config.web
     roots = list(web.roots) or ([config.output.root] if config.output.root is not None else list(config.watch.dirs))
+    if not web.roots:  # where follow requests may put stores too, unless inside a root already (listed once, not twice)
+        roots += [root for root in config.output.requested_roots if not any(root == r or r in root.parents for r in roots)]
     if not roots:
         raise UserError("nothing to serve: give --root DIR, or set web.roots (or watch.dirs or output.root) in the config")
     for root in roots:  # one not made yet (a visit's folder before its first scan) is waited for, and said on the page
