@@ -268,12 +268,13 @@ class Daemon:
             return {"accepted": False, "reason": f"{shown(str(path))}: {why}"}
         with self._lock:
             session = self.sessions.get(str(path))
-            following = (session is not None and not session.finished.is_set()) or path in self.waiting_scans
+            active = session if session is not None and not session.finished.is_set() else None
+            following = active is not None or path in self.waiting_scans
             if output_root is not None and not following:
                 self._output_roots[str(path)] = output_root
                 while len(self._output_roots) > MAX_REMEMBERED_NAMES:
                     del self._output_roots[next(iter(self._output_roots))]
-        store = session.store_path if following and session is not None and not session.finished.is_set() else self._store_path(path)
+        store = active.store_path if active is not None else self._store_path(path)
         final = store_status(store, follow_symlinks=False) in (schema.STATUS_COMPLETE, schema.STATUS_FAILED) and recorded_stat_matches(store, path)
         if self.watcher is not None:
             self.watcher.mark_seen(path)  # its own later look at the file must not queue it a second time

@@ -27,6 +27,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from pipeline.config import LOOPBACK_HOSTS, Config, load_config
 from pipeline.errors import PipelineError, UserError, reporting
+from pipeline.live.confinement import is_inside
 from pipeline.web.app import WebState, build_app
 from pipeline.web.index import StoreIndex
 from pipeline.web.monitor import Monitor
@@ -60,7 +61,7 @@ def options_from(config: Config, default_port: int = DEFAULT_PORT) -> WebOptions
     web = config.web
     roots = list(web.roots) or ([config.output.root] if config.output.root is not None else list(config.watch.dirs))
     if not web.roots:  # where follow requests may put stores too, unless inside a root already (listed once, not twice)
-        roots += [root for root in config.output.requested_roots if not any(root == r or r in root.parents for r in roots)]
+        roots += [root for root in config.output.requested_roots if not is_inside(root, roots)]
     if not roots:
         raise UserError("nothing to serve: give --root DIR, or set web.roots (or watch.dirs or output.root) in the config")
     for root in roots:  # one not made yet (a visit's folder before its first scan) is waited for, and said on the page
